@@ -1,0 +1,37 @@
+"""Redis key naming, in one place so every service and tool agrees.
+
+Keys are ``{prefix}profile:{user}``, ``{prefix}recs:{user}``, ``{prefix}item:{item}``; the prefix
+is the ``RECSTREAM_KEY_PREFIX`` setting (empty by default, as DESIGN.md specifies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds Redis keys under one prefix (a namespace)."""
+
+    prefix: str = ""
+
+    def profile(self, user_id: str) -> str:
+        return f"{self.prefix}profile:{user_id}"
+
+    def seen(self, user_id: str) -> str:
+        """Set of event ids already folded into the user's profile (idempotency)."""
+        return f"{self.prefix}seen:{user_id}"
+
+    def recs(self, user_id: str) -> str:
+        return f"{self.prefix}recs:{user_id}"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}item:{item_id}"
+
+    def catalog(self) -> str:
+        """Set of every item id in the catalog."""
+        return f"{self.prefix}catalog:items"
+
+    def catalog_meta(self) -> str:
+        """Hash describing the loaded catalog (dataset name, sha256, item count)."""
+        return f"{self.prefix}catalog:meta"

@@ -1,0 +1,58 @@
+"""Settings shared by every service.
+
+Each service has one frozen settings object deriving from :class:`CommonSettings`; these classes
+are the only code that reads the environment. Every variable carries the ``RECSTREAM_`` prefix,
+e.g. ``RECSTREAM_KAFKA_BOOTSTRAP``. Secrets are :class:`pydantic.SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RECSTREAM_"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+class CommonSettings(BaseSettings):
+    """Addresses, topic names and key prefixes that all services agree on."""
+
+    model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore"
+    )
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL; may carry a password, so it is kept secret.",
+    )
+    key_prefix: str = Field("", description="Prefix of every Redis key recstream writes.")
+    topic_clickstream: str = "clickstream"
+    topic_dlq: str = "clickstream.dlq"
+    topic_profiles_changed: str = "profiles.changed"
+    topic_recommendations: str = "recommendations"
+    topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
+
+    def topics(self) -> list[str]:
+        """Every topic the pipeline uses, in data-flow order."""
+        return [
+            self.topic_clickstream,
+            self.topic_dlq,
+            self.topic_profiles_changed,
+            self.topic_recommendations,
+        ]
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced, for logs and status output."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"

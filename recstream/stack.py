@@ -1,0 +1,390 @@
+"""The real local stack: Apache Kafka (KRaft, single node) and Redis, run as plain processes.
+
+`recstream stack up` assembles the Kafka broker from Maven Central artifacts (the committed
+`deploy/kafka/pom.xml`, resolved into a cache folder outside the repository and reused), formats its
+storage once, starts it on the system JDK, starts `redis-server` with persistence off, creates the
+pipeline's topics and waits until both answer. What `up` started is recorded in a state file so
+`down` stops exactly that and nothing else; a broker or Redis that was already answering is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlparse
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from recstream.errors import StackError
+from recstream.settings import ENV_PREFIX, REPO_ROOT, CommonSettings, redact_url
+
+POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
+MIN_JAVA = 17
+
+Say = Callable[[str], None]
+
+
+class StackSettings(CommonSettings):
+    """Where the stack keeps its files and how long it waits."""
+
+    model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore"
+    )
+
+    stack_dir: Path = Field(
+        Path.home() / ".cache" / "recstream", description="Kafka jars, data and logs."
+    )
+    kafka_heap: str = Field("768m", description="Broker JVM heap (-Xmx).")
+    start_timeout_s: float = Field(90.0, gt=0, description="How long `up` waits for readiness.")
+
+
+@dataclass
+class Proc:
+    """A process `up` started: its pid and the log it writes."""
+
+    name: str
+    pid: int
+    log: str
+    address: str
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A zombie (exited, not yet reaped) counts as gone.
+        stat = Path(f"/proc/{self.pid}/stat")
+        return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
+
+
+@dataclass
+class StackState:
+    """The state file: which processes `up` started."""
+
+    path: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> StackState:
+        if not path.exists():
+            return cls(path)
+        raw = json.loads(path.read_text())
+        return cls(path, {name: Proc(**p) for name, p in raw.items()})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({n: p.__dict__ for n, p in self.procs.items()}, indent=2))
+
+
+class Stack:
+    """Provisions, starts, stops and reports the local Kafka broker and Redis server."""
+
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self.dir = self.settings.stack_dir
+        self.kafka_libs = self.dir / "kafka" / "libs"
+        self.kafka_data = self.dir / "kafka" / "data"
+        self.logs = self.dir / "logs"
+        self.state = StackState.load(self.dir / "stack.json")
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def kafka_hostport(self) -> tuple[str, int]:
+        first = self.settings.kafka_bootstrap.split(",")[0]
+        host, _, port = first.rpartition(":")
+        return host or "127.0.0.1", int(port or 9092)
+
+    @property
+    def redis_hostport(self) -> tuple[str, int]:
+        url = urlparse(self.settings.redis_url.get_secret_value())
+        return url.hostname or "127.0.0.1", url.port or 6379
+
+    # -- public verbs ------------------------------------------------------------------------------
+    def up(self, say: Say = print) -> None:
+        """Start whatever is not already answering, create the topics, wait until ready."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if self.redis_ready():
+            say(f"redis: reusing {redact_url(self.settings.redis_url.get_secret_value())}")
+        else:
+            self._start_redis()
+            say(f"redis: started on {self._fmt(self.redis_hostport)}")
+        if self.kafka_ready():
+            say(f"kafka: reusing {self.settings.kafka_bootstrap}")
+        else:
+            self._start_kafka(say)
+            say(f"kafka: started on {self.settings.kafka_bootstrap}")
+        self._wait(self.redis_ready, "redis", self.state.procs.get("redis"))
+        self._wait(self.kafka_ready, "kafka", self.state.procs.get("kafka"))
+        created = self.create_topics(self.settings.topics(), self.settings.topic_partitions)
+        if created:
+            say(f"topics: created {', '.join(created)}")
+        say(f"stack ready; logs under {self.logs}")
+
+    def down(self, say: Say = print) -> None:
+        """Stop the processes `up` started (Kafka first, so it can flush), nothing else."""
+        for name in ("kafka", "redis"):
+            proc = self.state.procs.pop(name, None)
+            if proc is None:
+                continue
+            if proc.alive():
+                _terminate(proc.pid, grace_s=30.0)
+                say(f"{name}: stopped (pid {proc.pid})")
+            else:
+                say(f"{name}: was not running")
+        self.state.save()
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """What runs, who started it, where it logs."""
+        out: dict[str, dict[str, object]] = {}
+        checks = {"kafka": self.kafka_ready, "redis": self.redis_ready}
+        addresses = {
+            "kafka": self.settings.kafka_bootstrap,
+            "redis": redact_url(self.settings.redis_url.get_secret_value()),
+        }
+        for name, ready in checks.items():
+            proc = self.state.procs.get(name)
+            out[name] = {
+                "address": addresses[name],
+                "ready": ready(),
+                "started_by_stack": bool(proc and proc.alive()),
+                "pid": proc.pid if proc else None,
+                "log": proc.log if proc else str(self.logs / f"{name}.log"),
+            }
+        return out
+
+    # -- readiness ---------------------------------------------------------------------------------
+    def redis_ready(self) -> bool:
+        import redis
+
+        try:
+            client = redis.Redis.from_url(
+                self.settings.redis_url.get_secret_value(), socket_connect_timeout=1.0
+            )
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
+
+    def kafka_ready(self) -> bool:
+        if not _port_open(*self.kafka_hostport):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 0})
+        try:
+            meta = admin.list_topics(timeout=3.0)
+        except Exception:  # noqa: BLE001 - KafkaException or a transport error: both mean "not ready"
+            return False
+        return bool(meta.brokers)
+
+    def create_topics(self, topics: list[str], partitions: int) -> list[str]:
+        """Create the topics that do not exist yet; return the names created."""
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        existing = set(admin.list_topics(timeout=10.0).topics)
+        missing = [t for t in topics if t not in existing]
+        if not missing:
+            return []
+        futures = admin.create_topics(
+            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=30.0)
+            except Exception as exc:  # noqa: BLE001 - a concurrent creator is fine, others are not
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise StackError(f"cannot create topic {name!r}: {exc}") from exc
+        return missing
+
+    # -- starting ------------------------------------------------------------------------------------
+    def _start_redis(self) -> None:
+        host, port = self.redis_hostport
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise StackError(
+                f"Redis at {host}:{port} does not answer, and `stack up` only starts a local one"
+            )
+        if _port_open(host, port):
+            raise StackError(f"port {port} is taken by something that is not Redis")
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server not found: install it (Debian: apt-get install redis-server)")
+        log = self.logs / "redis.log"
+        cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+               "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+        self.state.procs["redis"] = self._spawn("redis", cmd, log, f"{host}:{port}")
+
+    def _start_kafka(self, say: Say) -> None:
+        host, port = self.kafka_hostport
+        if _port_open(host, port):
+            raise StackError(f"port {port} is taken by something that is not a Kafka broker")
+        controller_port = port + 1
+        if _port_open(host, controller_port):
+            raise StackError(f"controller port {controller_port} is taken")
+        java = _java()
+        self._provision(say)
+        props = self._write_properties(host, port, controller_port)
+        classpath = f"{self.kafka_libs}/*"
+        if not (self.kafka_data / "meta.properties").exists():
+            cluster_id = _kafka_cluster_id()
+            fmt = subprocess.run(
+                [java, "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+                 "--standalone"],
+                capture_output=True, text=True, check=False,
+            )
+            if fmt.returncode != 0:
+                raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
+        log = self.logs / "kafka.log"
+        cmd = [java, f"-Xmx{self.settings.kafka_heap}", "-Xms256m", "-XX:+UseG1GC",
+               "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+               "-cp", classpath, "kafka.Kafka", str(props)]
+        self.state.procs["kafka"] = self._spawn("kafka", cmd, log, f"{host}:{port}")
+
+    def _provision(self, say: Say) -> None:
+        marker = self.kafka_libs / ".pom.sha"
+        pom_id = _sha256_text(POM.read_text())
+        if marker.exists() and marker.read_text() == pom_id:
+            return
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise StackError("Maven (mvn) not found: it resolves the Kafka broker from Maven Central")
+        say("kafka: resolving the broker from Maven Central (first run only)...")
+        if self.kafka_libs.exists():
+            shutil.rmtree(self.kafka_libs)
+        res = subprocess.run(
+            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+             f"-DoutputDirectory={self.kafka_libs}", "-DincludeScope=runtime"],
+            capture_output=True, text=True, check=False,
+        )
+        if res.returncode != 0:
+            raise StackError(f"mvn could not resolve Kafka:\n{res.stdout[-4000:]}{res.stderr[-4000:]}")
+        # The broker's tree carries slf4j 1.7 beside the 2.x we ask for; keep only 2.x on the path.
+        for jar in self.kafka_libs.glob("slf4j-api-1.*.jar"):
+            jar.unlink()
+        marker.write_text(pom_id)
+
+    def _write_properties(self, host: str, port: int, controller_port: int) -> Path:
+        self.kafka_data.mkdir(parents=True, exist_ok=True)
+        props = self.dir / "kafka" / "server.properties"
+        lines = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"{host}:{controller_port}",
+            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.kafka_data),
+            "num.partitions": str(self.settings.topic_partitions),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "log.retention.hours": "168",
+        }
+        props.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        return props
+
+    def _spawn(self, name: str, cmd: list[str], log: Path, address: str) -> Proc:
+        with log.open("ab") as out:
+            popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        proc = Proc(name=name, pid=popen.pid, log=str(log), address=address)
+        self.state.procs[name] = proc
+        self.state.save()
+        return proc
+
+    def _wait(self, ready: Callable[[], bool], name: str, proc: Proc | None) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        delay = 0.1
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if proc is not None and not proc.alive():
+                tail = Path(proc.log).read_text(errors="replace")[-3000:]
+                raise StackError(f"{name} exited during start-up; end of {proc.log}:\n{tail}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        raise StackError(f"{name} not ready after {self.settings.start_timeout_s:.0f}s")
+
+    @staticmethod
+    def _fmt(hostport: tuple[str, int]) -> str:
+        return f"{hostport[0]}:{hostport[1]}"
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError(f"java not found: Kafka 4 needs a JDK {MIN_JAVA}+ on PATH")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    try:
+        quoted = out.split('"')[1]
+        major = int(quoted.split(".")[0])
+    except (IndexError, ValueError) as exc:
+        raise StackError(f"cannot read the Java version from: {out!r}") from exc
+    if major < MIN_JAVA:
+        raise StackError(f"Java {major} found; Kafka 4 needs Java {MIN_JAVA} or newer")
+    return java
+
+
+def _kafka_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _terminate(pid: int, grace_s: float) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after the grace period."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return

@@ -1,0 +1,76 @@
+"""Fixtures shared by all tests.
+
+Integration tests run against the real Kafka and Redis that `recstream stack up` starts. When either
+is missing the tests fail with a message saying so: never a silent skip. Each test gets its own
+topics, consumer groups and Redis key prefix, so tests cannot see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from recstream.settings import CommonSettings
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Unique names for one test: topics, a group id and a Redis key prefix."""
+
+    token: str
+    settings: CommonSettings
+
+    def group(self, name: str = "g") -> str:
+        return f"test-{self.token}-{name}"
+
+
+@pytest.fixture(scope="session")
+def stack_ready() -> CommonSettings:
+    """The configured Kafka and Redis, verified to answer; fails loudly when they do not."""
+    from recstream.stack import Stack
+
+    stack = Stack()
+    missing = [name for name, ok in (("kafka", stack.kafka_ready()), ("redis", stack.redis_ready()))
+               if not ok]
+    if missing:
+        pytest.fail(
+            f"integration tests need the real stack, but {', '.join(missing)} did not answer: "
+            "run `recstream stack up` first",
+            pytrace=False,
+        )
+    return stack.settings
+
+
+@pytest.fixture
+def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """Fresh topics (same partition count as the stack's) and a Redis prefix for one test."""
+    import redis
+    from confluent_kafka.admin import AdminClient
+
+    from recstream.stack import Stack
+
+    token = uuid.uuid4().hex[:10]
+    partitions = getattr(request, "param", stack_ready.topic_partitions)
+    settings = stack_ready.model_copy(
+        update={
+            "key_prefix": f"test:{token}:",
+            "topic_clickstream": f"clickstream-{token}",
+            "topic_dlq": f"clickstream.dlq-{token}",
+            "topic_profiles_changed": f"profiles.changed-{token}",
+            "topic_recommendations": f"recommendations-{token}",
+            "topic_partitions": partitions,
+        }
+    )
+    Stack().create_topics(settings.topics(), partitions)
+    yield Namespace(token=token, settings=settings)
+    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(settings.topics())
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        keys = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
