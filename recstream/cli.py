@@ -39,7 +39,7 @@ def stack() -> None:
 
 @stack.command("up")
 def stack_up() -> None:
-    """Provision Kafka from Maven Central, start Kafka and Redis, create the topics, wait until ready.
+    """Provision Kafka from Maven Central, start Kafka and Redis, create topics, wait for both.
 
     A broker or Redis already answering on the configured address is reused.
     """
@@ -79,9 +79,12 @@ def serve() -> None:
 
 def _register() -> None:
     """Attach the commands that each package defines next to its code."""
+    from consumers.cli import register as register_consumers
+    from inference.cli import register as register_inference
     from streams.cli import register as register_streams
 
-    register_streams(main, serve)
+    for register in (register_streams, register_inference, register_consumers):
+        register(main, serve)
 
 
 _register()

@@ -190,7 +190,7 @@ class Stack:
         admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 0})
         try:
             meta = admin.list_topics(timeout=3.0)
-        except Exception:  # noqa: BLE001 - KafkaException or a transport error: both mean "not ready"
+        except Exception:  # KafkaException or a transport error: both mean "not ready"
             return False
         return bool(meta.brokers)
 
@@ -209,12 +209,12 @@ class Stack:
         for name, fut in futures.items():
             try:
                 fut.result(timeout=30.0)
-            except Exception as exc:  # noqa: BLE001 - a concurrent creator is fine, others are not
+            except Exception as exc:  # a concurrent creator is fine, others are not
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise StackError(f"cannot create topic {name!r}: {exc}") from exc
         return missing
 
-    # -- starting ------------------------------------------------------------------------------------
+    # -- starting ----------------------------------------------------------------------------
     def _start_redis(self) -> None:
         host, port = self.redis_hostport
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -225,10 +225,25 @@ class Stack:
             raise StackError(f"port {port} is taken by something that is not Redis")
         binary = shutil.which("redis-server")
         if binary is None:
-            raise StackError("redis-server not found: install it (Debian: apt-get install redis-server)")
+            raise StackError(
+                "redis-server not found: install it (Debian: apt-get install redis-server)"
+            )
         log = self.logs / "redis.log"
-        cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-               "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+        cmd = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
         self.state.procs["redis"] = self._spawn("redis", cmd, log, f"{host}:{port}")
 
     def _start_kafka(self, say: Say) -> None:
@@ -245,17 +260,38 @@ class Stack:
         if not (self.kafka_data / "meta.properties").exists():
             cluster_id = _kafka_cluster_id()
             fmt = subprocess.run(
-                [java, "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
-                 "--standalone"],
-                capture_output=True, text=True, check=False,
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(props),
+                    "--standalone",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if fmt.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
         log = self.logs / "kafka.log"
-        cmd = [java, f"-Xmx{self.settings.kafka_heap}", "-Xms256m", "-XX:+UseG1GC",
-               "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-               "-cp", classpath, "kafka.Kafka", str(props)]
+        cmd = [
+            java,
+            f"-Xmx{self.settings.kafka_heap}",
+            "-Xms256m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(props),
+        ]
         self.state.procs["kafka"] = self._spawn("kafka", cmd, log, f"{host}:{port}")
 
     def _provision(self, say: Say) -> None:
@@ -265,17 +301,31 @@ class Stack:
             return
         mvn = shutil.which("mvn")
         if mvn is None:
-            raise StackError("Maven (mvn) not found: it resolves the Kafka broker from Maven Central")
+            raise StackError(
+                "Maven (mvn) not found: it resolves the Kafka broker from Maven Central"
+            )
         say("kafka: resolving the broker from Maven Central (first run only)...")
         if self.kafka_libs.exists():
             shutil.rmtree(self.kafka_libs)
         res = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-             f"-DoutputDirectory={self.kafka_libs}", "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(POM),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={self.kafka_libs}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if res.returncode != 0:
-            raise StackError(f"mvn could not resolve Kafka:\n{res.stdout[-4000:]}{res.stderr[-4000:]}")
+            raise StackError(
+                f"mvn could not resolve Kafka:\n{res.stdout[-4000:]}{res.stderr[-4000:]}"
+            )
         # The broker's tree carries slf4j 1.7 beside the 2.x we ask for; keep only 2.x on the path.
         for jar in self.kafka_libs.glob("slf4j-api-1.*.jar"):
             jar.unlink()
@@ -310,8 +360,11 @@ class Stack:
 
     def _spawn(self, name: str, cmd: list[str], log: Path, address: str) -> Proc:
         with log.open("ab") as out:
-            popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            popen = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         proc = Proc(name=name, pid=popen.pid, log=str(log), address=address)

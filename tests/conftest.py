@@ -33,8 +33,11 @@ def stack_ready() -> CommonSettings:
     from recstream.stack import Stack
 
     stack = Stack()
-    missing = [name for name, ok in (("kafka", stack.kafka_ready()), ("redis", stack.redis_ready()))
-               if not ok]
+    missing = [
+        name
+        for name, ok in (("kafka", stack.kafka_ready()), ("redis", stack.redis_ready()))
+        if not ok
+    ]
     if missing:
         pytest.fail(
             f"integration tests need the real stack, but {', '.join(missing)} did not answer: "

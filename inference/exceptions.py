@@ -1,0 +1,15 @@
+"""Errors of the inference package."""
+
+from recstream.errors import RecstreamError
+
+
+class InferenceError(RecstreamError):
+    """Base class of the inference package's errors."""
+
+
+class DatasetError(InferenceError):
+    """A dataset is missing or malformed."""
+
+
+class ArtifactError(InferenceError):
+    """A model artifact is missing, incomplete or fails its integrity check."""
