@@ -1,0 +1,80 @@
+"""Shared settings, key naming and the stack's pure helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recstream.keys import Keys
+from recstream.settings import CommonSettings, redact_url
+from recstream.stack import Stack, StackSettings, _kafka_cluster_id
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:hunter2@cache:6379/0", "redis://***@cache:6379/0"),
+        ("redis://app:hunter2@cache:6379/0", "redis://app:***@cache:6379/0"),
+        ("rediss://u:p@w@host:1/2", "rediss://u:***@host:1/2"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_settings_read_prefixed_env_and_keep_secrets_out_of_repr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RECSTREAM_REDIS_URL", "redis://:s3cret@example:6379/1")
+    monkeypatch.setenv("RECSTREAM_TOPIC_CLICKSTREAM", "clicks-v2")
+    monkeypatch.setenv("RECSTREAM_TOPIC_PARTITIONS", "8")
+    settings = CommonSettings()
+    assert settings.topic_clickstream == "clicks-v2"
+    assert settings.topic_partitions == 8
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.model_dump())
+    assert settings.topics()[0] == "clicks-v2"
+
+
+def test_settings_are_frozen() -> None:
+    settings = CommonSettings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.key_prefix = "x"  # type: ignore[misc]  # assignment must fail at run time
+
+
+def test_keys_apply_prefix() -> None:
+    keys = Keys("ns1:")
+    assert keys.profile("42") == "ns1:profile:42"
+    assert keys.recs("42") == "ns1:recs:42"
+    assert keys.item("7") == "ns1:item:7"
+    assert Keys().profile("42") == "profile:42"
+
+
+def test_cluster_id_is_22_url_safe_chars() -> None:
+    ids = {_kafka_cluster_id() for _ in range(20)}
+    assert len(ids) == 20
+    for cid in ids:
+        assert len(cid) == 22
+        assert set(cid) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def test_broker_properties_follow_settings(tmp_path: Path) -> None:
+    stack = Stack(StackSettings(stack_dir=tmp_path, topic_partitions=3))
+    props = stack._write_properties("127.0.0.1", 19092, 19093).read_text()
+    lines = dict(line.split("=", 1) for line in props.splitlines())
+    assert lines["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert lines["controller.quorum.bootstrap.servers"] == "127.0.0.1:19093"
+    assert lines["num.partitions"] == "3"
+    assert lines["log.dirs"] == str(tmp_path / "kafka" / "data")
+
+
+def test_status_of_an_unstarted_stack_reports_down(tmp_path: Path) -> None:
+    settings = StackSettings(
+        stack_dir=tmp_path, kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0"
+    )
+    status = Stack(settings).status()
+    assert status["kafka"]["ready"] is False
+    assert status["redis"]["ready"] is False
+    assert status["kafka"]["started_by_stack"] is False
