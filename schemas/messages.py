@@ -1,0 +1,111 @@
+"""Messages downstream of the clickstream: profile changes, recommendations, stored profiles.
+
+``ProfileChanged`` (topic ``profiles.changed``, key = user_id) tells the regeneration consumer
+that a profile moved enough to matter. ``Recommendations`` (topic ``recommendations`` and Redis
+``recs:{user}``, key = user_id) is the public output contract of DESIGN.md. ``Profile`` is the
+decoded view of what the stream processor keeps in Redis. ``Envelope`` carries Kafka metadata
+beside a payload, never inside it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import Id
+
+T = TypeVar("T")
+
+
+class _Frozen(BaseModel):
+    model_config: ClassVar[ConfigDict] = ConfigDict(
+        frozen=True, extra="forbid", allow_inf_nan=False
+    )
+
+
+class ProfileChanges(_Frozen):
+    """What changed in one update of a profile."""
+
+    new_items: list[Id] = Field(
+        default_factory=list, description="Items the user had never interacted with before."
+    )
+    affinity_shift: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0,
+        description="Total-variation distance between the normalised category affinities now "
+        "and at the last emitted change (0 = same mix, 1 = disjoint).",
+    )
+    events: Annotated[int, Field(ge=1)] = Field(description="Events folded by this update.")
+
+
+class ProfileChanged(_Frozen):
+    """A profile changed meaningfully: a new item, or an affinity shift above the threshold."""
+
+    schema_version: Literal[1] = 1
+    user_id: Id
+    profile_version: Annotated[int, Field(ge=1)]
+    changes: ProfileChanges
+    event_id: Id = Field(description="The triggering event (the newest one folded).")
+    trigger_ts: AwareDatetime = Field(description="The triggering event's ts.")
+
+
+class ScoredItem(_Frozen):
+    item_id: Id
+    score: float
+
+
+class ModelRef(_Frozen):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    version: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Recommendations(_Frozen):
+    """One user's ordered recommendations (topic ``recommendations`` and Redis ``recs:{user}``)."""
+
+    schema_version: Literal[1] = 1
+    user_id: Id
+    items: list[ScoredItem] = Field(description="Best first.")
+    profile_version: Annotated[int, Field(ge=0)]
+    model: ModelRef
+    variant: Annotated[str, Field(min_length=1, max_length=64)]
+    source: Literal["model", "fallback"]
+    generated_at: AwareDatetime
+    trigger_ts: AwareDatetime = Field(description="Time of the event that caused this list.")
+
+
+class Profile(_Frozen):
+    """A user's profile as folded by the stream processor, decayed to ``reference_ts``.
+
+    Weights are expressed at the reference time T (the newest event ts folded): an interaction of
+    weight w at time t contributes ``w * 2 ** (-(T - t) / half_life_s)``.
+    """
+
+    schema_version: Literal[1] = 1
+    user_id: Id
+    version: Annotated[int, Field(ge=0)] = Field(description="+1 on every change.")
+    event_count: Annotated[int, Field(ge=0)] = Field(description="Distinct events folded.")
+    last_event_ts: AwareDatetime = Field(description="Newest event ts folded (= reference time).")
+    half_life_s: Annotated[float, Field(gt=0)]
+    recent_items: list[Id] = Field(description="Distinct items, newest interaction first.")
+    item_weights: dict[str, float] = Field(description="Decayed interaction weight per item.")
+    category_affinities: dict[str, float] = Field(
+        description="Decayed weight per catalog category (an item's weight split over its "
+        "categories)."
+    )
+
+    def top_categories(self, n: int = 3) -> list[str]:
+        ranked = sorted(self.category_affinities.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [name for name, _ in ranked[:n]]
+
+
+class Envelope(_Frozen, Generic[T]):
+    """A Kafka record's metadata beside its payload (``value``)."""
+
+    topic: str
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: datetime | None = None
+    value: T
