@@ -1,0 +1,565 @@
+"""A pool of warmed-up recommender worker processes behind a bounded, batching request queue.
+
+Callers submit one user's history at a time and get a :class:`concurrent.futures.Future` back (or
+await :meth:`WorkerPool.recommend`); model code never runs in the caller's thread, so neither a
+Kafka poll loop nor an event loop ever executes torch. One I/O thread in the parent owns every
+worker pipe and does all the bookkeeping:
+
+- **Dynamic batching**: when a worker is idle, queued requests go to it as one batch, up to
+  ``max_batch_size``; a partial batch waits at most ``max_wait_ms`` for company.
+- **Bounded queue**: :meth:`WorkerPool.submit` raises :class:`PoolSaturatedError` when
+  ``queue_size`` requests are waiting, so callers apply backpressure instead of growing memory.
+- **Timeouts and failures**: a request not answered within ``request_timeout_s``, or whose batch
+  raised in the model, is answered by the fallback recommender (popularity, in the parent) with
+  ``source="fallback"``.
+- **Crashes**: a worker that dies is noticed through its process sentinel, replaced, and the
+  requests it held are queued again at the front (up to ``max_attempts``), so none is lost.
+- **Validation**: every returned item must be in the catalog; others are dropped and counted.
+
+Workers are ``spawn``-ed (safe with torch and CUDA): one per GPU when CUDA is present, otherwise the
+``workers`` setting, with torch threads sized so workers * threads <= CPU cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from inference.exceptions import InferenceError
+from inference.worker import Recommender, worker_main
+
+__all__ = [
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolResult",
+    "PoolSaturatedError",
+    "PoolStartError",
+    "WorkerPool",
+]
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = Gauge("recs_pool_queue_depth", "Requests waiting for a worker.")
+INFLIGHT = Gauge("recs_pool_inflight_requests", "Requests being computed by a worker.")
+WORKERS_READY = Gauge("recs_pool_workers_ready", "Workers warmed up and taking work.")
+BATCH_SIZE = Histogram(
+    "recs_pool_batch_size",
+    "Requests per batch sent to a worker.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+LATENCY = Histogram(
+    "recs_pool_request_latency_seconds",
+    "Submit to answer, per request (model or fallback).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+FALLBACKS = Counter(
+    "recs_pool_fallbacks_total", "Requests answered by the fallback recommender.", ["reason"]
+)
+REJECTED_ITEMS = Counter(
+    "recs_pool_rejected_items_total", "Items a model returned that are not in the catalog."
+)
+RESTARTS = Counter("recs_pool_worker_restarts_total", "Workers replaced after they died.")
+RETRIES = Counter("recs_pool_retried_requests_total", "Requests re-queued after a worker died.")
+
+
+class PoolSaturatedError(InferenceError):
+    """The request queue is full; retry later (callers should pause their input)."""
+
+
+class PoolClosedError(InferenceError):
+    """The pool is shut down or shutting down."""
+
+
+class PoolStartError(InferenceError):
+    """Workers did not become ready."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How the pool runs; the regeneration service fills it from its settings."""
+
+    workers: int | None = 1  # None: one per CUDA device, else 1
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    queue_size: int = 256
+    request_timeout_s: float = 2.0
+    max_attempts: int = 3
+    start_timeout_s: float = 180.0
+    threads_per_worker: int | None = None  # None: CPU cores // workers
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """One request's answer: catalog items best first, and where they came from."""
+
+    items: list[tuple[str, float]]
+    source: Literal["model", "fallback"]
+    model_name: str
+    model_version: str
+    latency_s: float
+    reason: str | None = None  # why a fallback was used
+
+
+@dataclass(eq=False)
+class _Request:
+    history: list[str]
+    k: int
+    future: Future[PoolResult]
+    submitted: float
+    deadline: float
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Worker:
+    slot: int
+    process: BaseProcess
+    conn: Connection
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    ready: bool = False
+    alive: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    batch: tuple[int, list[_Request]] | None = None
+    pings: dict[int, Future[dict[str, Any]]] = field(default_factory=dict)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.send_lock:
+            self.conn.send(message)
+
+
+def _settle(future: Future[Any], value: Any) -> bool:
+    """Set a future's result unless it is already settled (timeouts race with late answers)."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        return False
+    return True
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+class WorkerPool:
+    """Worker processes serving ``recommend(histories, k)`` from a bounded batching queue."""
+
+    def __init__(
+        self,
+        loader: Callable[[], Recommender],
+        fallback: Recommender,
+        catalog: Iterable[str] | None,
+        config: PoolConfig | None = None,
+        warmup_history: list[str] | None = None,
+    ) -> None:
+        self.config = config or PoolConfig()
+        self._loader = loader
+        self._fallback = fallback
+        self._fallback_name = str(getattr(fallback, "name", "fallback"))
+        self._fallback_version = str(getattr(fallback, "version", "1"))
+        self._catalog = frozenset(catalog) if catalog is not None else None
+        self._warmup = warmup_history or []
+        gpus = _cuda_devices() if self.config.workers is None else 0
+        self._gpus = gpus
+        self._n_workers = self.config.workers or max(gpus, 1)
+        cores = os.cpu_count() or 1
+        self._threads = self.config.threads_per_worker or max(1, cores // self._n_workers)
+        self._ctx = mp.get_context("spawn")
+        self._queue: deque[_Request] = deque()
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._woken = False
+        self._batch_ids = itertools.count(1)
+        self._ping_ids = itertools.count(1)
+        self._stopping = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start_failures: list[str] = []
+        self.model_name = "unknown"
+        self.model_version = "unknown"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> WorkerPool:
+        """Start every worker and return once all are warmed up (or raise PoolStartError)."""
+        self._workers = [self._spawn(slot) for slot in range(self._n_workers)]
+        deadline = time.monotonic() + self.config.start_timeout_s
+        for worker in self._workers:
+            self._await_ready(worker, deadline)
+        first = self._workers[0].info
+        self.model_name = str(first.get("model", "unknown"))
+        self.model_version = str(first.get("version", "unknown"))
+        WORKERS_READY.set(len(self._workers))
+        self._thread = threading.Thread(target=self._run, name="pool-io", daemon=True)
+        self._thread.start()
+        log.info(
+            "pool ready: %d worker(s) × %d thread(s), model %s %s",
+            len(self._workers),
+            self._threads,
+            self.model_name,
+            self.model_version,
+        )
+        return self
+
+    def _spawn(self, slot: int) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        device = slot if self._gpus else None
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(child, self._loader, self._threads, self._warmup, device),
+            name=f"recstream-pool-{slot}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        return _Worker(slot=slot, process=process, conn=parent)
+
+    def _await_ready(self, worker: _Worker, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if not worker.conn.poll(max(remaining, 0.0)):
+            self._kill_all()
+            raise PoolStartError(f"worker {worker.slot} not ready in time")
+        try:
+            kind, payload = worker.conn.recv()
+        except EOFError:
+            self._kill_all()
+            raise PoolStartError(f"worker {worker.slot} exited while starting") from None
+        if kind != "ready":
+            self._kill_all()
+            raise PoolStartError(f"worker {worker.slot} failed to start:\n{payload}")
+        worker.ready = True
+        worker.info = payload
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, finish queued and in-flight ones, then stop the workers.
+
+        Requests still unanswered after ``timeout`` get the fallback answer.
+        """
+        if self._closed:
+            return
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            leftovers = list(self._queue)
+            self._queue.clear()
+        for worker in self._workers:
+            if worker.batch is not None:
+                leftovers.extend(worker.batch[1])
+        for req in leftovers:
+            self._answer_fallback(req, "shutdown")
+        for worker in self._workers:
+            if worker.alive:
+                with contextlib.suppress(OSError):  # already gone
+                    worker.send(("stop",))
+        for worker in self._workers:
+            worker.process.join(5.0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5.0)
+        self._closed = True
+        WORKERS_READY.set(0)
+
+    def _kill_all(self) -> None:
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+            worker.process.join(5.0)
+
+    def __enter__(self) -> WorkerPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the public surface ----------------------------------------------------------------
+
+    def submit(self, history: list[str], k: int = 10) -> Future[PoolResult]:
+        """Queue one history (item ids, oldest → newest); raises PoolSaturatedError when full."""
+        if self._stopping:
+            raise PoolClosedError("the pool is shutting down")
+        now = time.monotonic()
+        req = _Request(
+            history=list(history),
+            k=k,
+            future=Future(),
+            submitted=now,
+            deadline=now + self.config.request_timeout_s,
+        )
+        with self._lock:
+            if len(self._queue) >= self.config.queue_size:
+                raise PoolSaturatedError(f"{len(self._queue)} requests already queued")
+            self._queue.append(req)
+            QUEUE_DEPTH.set(len(self._queue))
+        self._wake()
+        return req.future
+
+    async def recommend(self, history: list[str], k: int = 10) -> PoolResult:
+        """Awaitable :meth:`submit` for asyncio callers (the model runs in a worker process)."""
+        return await asyncio.wrap_future(self.submit(history, k))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.batch[1]) for w in self._workers if w.batch is not None)
+
+    @property
+    def capacity(self) -> int:
+        """Queue slots still free; callers pause their input when this reaches zero."""
+        return max(self.config.queue_size - len(self._queue), 0)
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.alive and w.process.pid is not None]
+
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Ask every live worker to compute on its device; ``ok`` only if all answered."""
+        pending: list[tuple[_Worker, Future[dict[str, Any]]]] = []
+        for worker in list(self._workers):
+            if not (worker.alive and worker.ready):
+                continue
+            token = next(self._ping_ids)
+            fut: Future[dict[str, Any]] = Future()
+            worker.pings[token] = fut
+            try:
+                worker.send(("ping", token))
+            except OSError:
+                continue
+            pending.append((worker, fut))
+        answers: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        for worker, fut in pending:
+            try:
+                info = fut.result(max(deadline - time.monotonic(), 0.0))
+                answers.append({"slot": worker.slot, "ok": True, **info})
+            except TimeoutError:
+                answers.append({"slot": worker.slot, "ok": False, "error": "timeout"})
+        ok = len(answers) == self._n_workers and all(a["ok"] for a in answers)
+        return {
+            "ok": ok and not self._stopping,
+            "workers": answers,
+            "queued": self.queued,
+            "inflight": self.inflight,
+            "model": {"name": self.model_name, "version": self.model_version},
+        }
+
+    # -- the I/O thread ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(OSError):  # closed during shutdown
+                self._wake_w.send_bytes(b"!")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                idle = not self._queue
+            if self._stopping and idle and all(w.batch is None for w in self._workers):
+                return
+            timeout = self._next_timeout()
+            watched: list[Any] = [self._wake_r]
+            by_handle: dict[Any, _Worker] = {}
+            for worker in self._workers:
+                if worker.alive:
+                    watched += [worker.conn, worker.process.sentinel]
+                    by_handle[worker.conn] = worker
+                    by_handle[worker.process.sentinel] = worker
+            for ready in wait(watched, timeout):
+                if ready is self._wake_r:
+                    self._woken = False
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                    continue
+                worker = by_handle[ready]
+                if not worker.alive:
+                    continue
+                if ready is worker.conn:
+                    self._receive(worker)
+                else:
+                    self._replace(worker)
+            self._expire()
+            self._dispatch()
+            QUEUE_DEPTH.set(len(self._queue))
+            INFLIGHT.set(self.inflight)
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        horizon = now + 0.5
+        with self._lock:
+            if self._queue:
+                oldest = self._queue[0]
+                horizon = min(horizon, oldest.submitted + self.config.max_wait_ms / 1000.0)
+                horizon = min(horizon, *(r.deadline for r in self._queue))
+        for worker in self._workers:
+            if worker.batch is not None:
+                horizon = min(horizon, *(r.deadline for r in worker.batch[1]))
+        return max(horizon - now, 0.0)
+
+    def _receive(self, worker: _Worker) -> None:
+        while worker.alive and worker.conn.poll():
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                self._replace(worker)
+                return
+            kind = message[0]
+            if kind == "pong":
+                fut = worker.pings.pop(message[1], None)
+                if fut is not None:
+                    _settle(fut, message[2])
+            elif kind == "ready":  # a replacement finished warming up
+                worker.ready = True
+                worker.info = message[1]
+                WORKERS_READY.set(sum(w.ready for w in self._workers))
+            elif kind == "failed":
+                log.error("replacement worker %d failed to start:\n%s", worker.slot, message[1])
+                worker.alive = False
+                WORKERS_READY.set(sum(w.ready for w in self._workers))
+            elif kind in ("result", "error"):
+                self._complete(worker, message)
+
+    def _complete(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        if worker.batch is None or worker.batch[0] != message[1]:
+            return
+        requests = worker.batch[1]
+        worker.batch = None
+        if message[0] == "error":
+            log.error("model raised on a batch of %d:\n%s", len(requests), message[2])
+            for req in requests:
+                self._answer_fallback(req, "model_error")
+            return
+        now = time.monotonic()
+        for req, ranked in zip(requests, message[2], strict=True):
+            if req.future.done():  # timed out already and got the fallback
+                continue
+            items = self._validate(ranked, req)
+            latency = now - req.submitted
+            if _settle(
+                req.future,
+                PoolResult(items, "model", self.model_name, self.model_version, latency),
+            ):
+                LATENCY.observe(latency)
+
+    def _validate(self, ranked: list[tuple[str, float]], req: _Request) -> list[tuple[str, float]]:
+        seen = set(req.history)
+        out: list[tuple[str, float]] = []
+        rejected = 0
+        for item, score in ranked:
+            if self._catalog is not None and item not in self._catalog:
+                rejected += 1
+                continue
+            if item in seen:
+                continue
+            seen.add(item)
+            out.append((str(item), float(score)))
+            if len(out) == req.k:
+                break
+        if rejected:
+            REJECTED_ITEMS.inc(rejected)
+        return out
+
+    def _answer_fallback(self, req: _Request, reason: str) -> None:
+        if req.future.done():
+            return
+        ranked = self._fallback.recommend([req.history], req.k)[0]
+        items = self._validate(ranked, req)
+        latency = time.monotonic() - req.submitted
+        result = PoolResult(
+            items, "fallback", self._fallback_name, self._fallback_version, latency, reason
+        )
+        if _settle(req.future, result):
+            FALLBACKS.labels(reason).inc()
+            LATENCY.observe(latency)
+
+    def _replace(self, worker: _Worker) -> None:
+        """A worker died: requeue what it held (front of the queue) and start a successor."""
+        worker.alive = False
+        worker.ready = False
+        worker.process.join(1.0)
+        log.warning("worker %d (pid %s) died", worker.slot, worker.process.pid)
+        held = worker.batch[1] if worker.batch is not None else []
+        worker.batch = None
+        retry = []
+        for req in held:
+            if req.future.done():
+                continue
+            req.attempts += 1
+            if req.attempts >= self.config.max_attempts:
+                self._answer_fallback(req, "worker_crash")
+            else:
+                retry.append(req)
+        if retry:
+            RETRIES.inc(len(retry))
+            with self._lock:
+                self._queue.extendleft(reversed(retry))
+        for fut in worker.pings.values():
+            _settle(fut, {"error": "worker died"})
+        worker.conn.close()
+        WORKERS_READY.set(sum(w.ready for w in self._workers))
+        if self._stopping:
+            return
+        RESTARTS.inc()
+        self._workers[self._workers.index(worker)] = self._spawn(worker.slot)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expired: list[_Request] = []
+        with self._lock:
+            if any(r.deadline <= now or r.future.done() for r in self._queue):
+                keep: deque[_Request] = deque()
+                for r in self._queue:
+                    if r.future.done():
+                        continue
+                    (expired if r.deadline <= now else keep).append(r)
+                self._queue = keep
+        for worker in self._workers:
+            if worker.batch is not None:
+                expired.extend(r for r in worker.batch[1] if r.deadline <= now)
+        for req in expired:
+            self._answer_fallback(req, "timeout")
+
+    def _dispatch(self) -> None:
+        idle = [w for w in self._workers if w.alive and w.ready and w.batch is None]
+        if not idle:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for worker in idle:
+                if not self._queue:
+                    return
+                partial = len(self._queue) < self.config.max_batch_size
+                waited = now - self._queue[0].submitted
+                if partial and waited < self.config.max_wait_ms / 1000.0 and not self._stopping:
+                    return
+                batch: list[_Request] = []
+                while self._queue and len(batch) < self.config.max_batch_size:
+                    batch.append(self._queue.popleft())
+                batch_id = next(self._batch_ids)
+                worker.batch = (batch_id, batch)
+                BATCH_SIZE.observe(len(batch))
+                k = max(r.k for r in batch)
+                try:
+                    worker.send(("batch", batch_id, [r.history for r in batch], k))
+                except OSError:  # died between checks: its sentinel fires next round
+                    continue

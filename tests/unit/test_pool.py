@@ -1,0 +1,121 @@
+"""The worker pool: batching, validation, timeouts, failures, crashes and backpressure."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from inference.pool import REJECTED_ITEMS, PoolConfig, PoolSaturatedError, WorkerPool
+from inference.worker import PopularityRecommender
+from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo
+
+FALLBACK = PopularityRecommender({item: 100 - n for n, item in enumerate(CATALOG)})
+
+
+def _pool(config: PoolConfig, delay_s: float = 0.0, fail: bool = False) -> WorkerPool:
+    loader = functools.partial(make_echo, delay_s=delay_s, fail=fail)
+    return WorkerPool(loader, FALLBACK, CATALOG, config).start()
+
+
+@pytest.fixture(scope="module")
+def fast_pool() -> Iterator[WorkerPool]:
+    pool = _pool(PoolConfig(workers=1, max_batch_size=8, max_wait_ms=20), fail=True)
+    yield pool
+    pool.close()
+
+
+def test_answers_match_the_model_and_drop_items_outside_the_catalog(
+    fast_pool: WorkerPool,
+) -> None:
+    before = REJECTED_ITEMS._value.get()
+    histories = [CATALOG[:n] for n in range(1, 21)]
+    futures = [fast_pool.submit(h, k=5) for h in histories]
+    results = [f.result(10) for f in futures]
+    for history, result in zip(histories, results, strict=True):
+        assert result.source == "model"
+        assert result.model_name == "echo"
+        assert result.model_version == "7"
+        assert result.items == expected(history, 5)
+        assert BOGUS not in [item for item, _ in result.items]
+    assert REJECTED_ITEMS._value.get() - before == len(histories)
+
+
+def test_concurrent_requests_are_batched(fast_pool: WorkerPool) -> None:
+    from inference.pool import BATCH_SIZE
+
+    def batches() -> tuple[float, float]:
+        samples = {s.name: s.value for s in next(iter(BATCH_SIZE.collect())).samples}
+        return samples["recs_pool_batch_size_count"], samples["recs_pool_batch_size_sum"]
+
+    count0, sum0 = batches()
+    futures = [fast_pool.submit([f"i{n}"], k=3) for n in range(16)]
+    for f in futures:
+        f.result(10)
+    count1, sum1 = batches()
+    assert sum1 - sum0 == 16
+    assert count1 - count0 < 16  # at least one batch carried several requests
+
+
+def test_a_model_error_yields_a_fallback_not_nothing(fast_pool: WorkerPool) -> None:
+    result = fast_pool.submit(["i1", "boom"], k=4).result(10)
+    assert result.source == "fallback"
+    assert result.reason == "model_error"
+    assert result.items == FALLBACK.recommend([["i1", "boom"]], 4)[0]
+
+
+def test_health_check_touches_the_device(fast_pool: WorkerPool) -> None:
+    health = fast_pool.health(timeout=10)
+    assert health["ok"] is True
+    assert health["workers"][0]["device"] in ("cpu", "cuda")
+    assert health["workers"][0]["pid"] in fast_pool.worker_pids()
+
+
+def test_timeout_answers_with_the_fallback() -> None:
+    pool = _pool(PoolConfig(workers=1, request_timeout_s=0.2), delay_s=1.5)
+    try:
+        result = pool.submit(["i3"], k=3).result(10)
+        assert result.source == "fallback"
+        assert result.reason == "timeout"
+        assert result.items == [("i0", 1.0), ("i1", 0.99), ("i2", 0.98)]
+    finally:
+        pool.close(timeout=5)
+
+
+def test_full_queue_refuses_instead_of_growing() -> None:
+    pool = _pool(
+        PoolConfig(workers=1, queue_size=3, max_batch_size=1, request_timeout_s=30), delay_s=0.5
+    )
+    try:
+        first = pool.submit(["i1"])
+        while pool.inflight == 0:  # readiness: the first request reached the worker
+            time.sleep(0.005)
+        held = [pool.submit(["i2"]) for _ in range(3)]
+        with pytest.raises(PoolSaturatedError):
+            pool.submit(["i3"])
+        assert pool.capacity == 0
+        assert all(f.result(10).source == "model" for f in [first, *held])
+    finally:
+        pool.close(timeout=5)
+
+
+def test_a_killed_worker_loses_no_request() -> None:
+    config = PoolConfig(workers=1, max_batch_size=4, request_timeout_s=60)
+    pool = _pool(config, delay_s=0.3)
+    try:
+        histories = [CATALOG[:n] for n in range(1, 13)]
+        futures = [pool.submit(h, k=4) for h in histories]
+        while pool.inflight == 0:
+            time.sleep(0.005)
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        results = [f.result(60) for f in futures]
+        assert [r.source for r in results] == ["model"] * len(histories)
+        assert [r.items for r in results] == [expected(h, 4) for h in histories]
+        assert pool.worker_pids() and victim not in pool.worker_pids()
+    finally:
+        pool.close(timeout=5)
