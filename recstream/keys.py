@@ -18,6 +18,18 @@ class Keys:
     def profile(self, user_id: str) -> str:
         return f"{self.prefix}profile:{user_id}"
 
+    def profile_items(self, user_id: str) -> str:
+        """Hash item -> decayed interaction weight (scaled to the profile's base time)."""
+        return f"{self.prefix}profile:{user_id}:items"
+
+    def profile_categories(self, user_id: str) -> str:
+        """Hash category -> decayed affinity (scaled to the profile's base time)."""
+        return f"{self.prefix}profile:{user_id}:cats"
+
+    def profile_recent(self, user_id: str) -> str:
+        """Sorted set item -> newest interaction ts (epoch seconds), bounded."""
+        return f"{self.prefix}profile:{user_id}:recent"
+
     def seen(self, user_id: str) -> str:
         """Set of event ids already folded into the user's profile (idempotency)."""
         return f"{self.prefix}seen:{user_id}"

@@ -2,8 +2,186 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+
+
+def _settings(**overrides: Any) -> Any:
+    """StreamsSettings from the environment, with the flags that were given on top."""
+    from streams.settings import StreamsSettings
+
+    return StreamsSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@click.command("streams")
+@click.option(
+    "--app-id",
+    "streams_app_id",
+    help="Faust app id and consumer group. "
+    "[env RECSTREAM_STREAMS_APP_ID; default recstream-streams]",
+)
+@click.option(
+    "--batch-size",
+    "streams_batch_size",
+    type=int,
+    help="Max events per fold. [env RECSTREAM_STREAMS_BATCH_SIZE; default 2000]",
+)
+@click.option(
+    "--batch-within",
+    "streams_batch_within_s",
+    type=float,
+    help="Max seconds to fill a batch. [env RECSTREAM_STREAMS_BATCH_WITHIN_S; 0.05]",
+)
+@click.option(
+    "--metrics-port",
+    "streams_metrics_port",
+    type=int,
+    help="Prometheus /metrics port, 0 = off. [env RECSTREAM_STREAMS_METRICS_PORT]",
+)
+@click.option(
+    "--web-port",
+    "streams_web_port",
+    type=int,
+    help="Faust web port, 0 = off. [env RECSTREAM_STREAMS_WEB_PORT]",
+)
+@click.option(
+    "--loglevel",
+    "streams_loglevel",
+    help="Log level. [env RECSTREAM_STREAMS_LOGLEVEL; default info]",
+)
+def serve_streams(**flags: Any) -> None:
+    """Run the Faust worker that folds `clickstream` into Redis profiles.
+
+    Every other setting (topics, Redis URL, key prefix, half-life, weights, thresholds) comes
+    from RECSTREAM_* environment variables; see streams/settings.py. Stops cleanly on SIGTERM.
+    """
+    from faust import Worker
+
+    from streams.app import build_app
+
+    settings = _settings(**flags)
+    app, _ = build_app(settings)
+    Worker(app, loglevel=settings.streams_loglevel).execute_from_commandline()
+
+
+@click.group("catalog")
+def catalog() -> None:
+    """Item metadata in Redis."""
+
+
+@catalog.command("load")
+@click.option(
+    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
+)
+def catalog_load(dataset: str) -> None:
+    """Load item titles, categories and years into Redis `item:{id}` hashes."""
+    import redis
+
+    from inference.datasets import load_dataset
+    from recstream.keys import Keys
+    from streams.catalog import load_catalog
+
+    settings = _settings()
+    data = load_dataset(dataset, settings.data_dir)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        count = load_catalog(client, Keys(settings.key_prefix), data)
+    finally:
+        client.close()
+    click.echo(f"loaded {count} items of {data.name}")
+
+
+def _rate(text: str) -> float | None:
+    if text == "max":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise click.BadParameter("must be > 0 or 'max'")
+    return value
+
+
+@click.command("replay-dataset")
+@click.option(
+    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option(
+    "--rate",
+    default="max",
+    show_default=True,
+    help="Events per second, or 'max' for as fast as Kafka takes them.",
+)
+@click.option("--topic", help="Target topic. [env RECSTREAM_TOPIC_CLICKSTREAM]")
+def replay_dataset(dataset: str, limit: int | None, rate: str, topic: str | None) -> None:
+    """Produce a dataset's interactions to `clickstream` in time order.
+
+    Each rating becomes a view, a click and a dwell of rating x 24 s, stamped with the rating's
+    time; event ids are deterministic, so a second run is a replay that changes no profile.
+    """
+    from tqdm import tqdm
+
+    from inference.datasets import load_dataset
+    from streams.replay import count_events, produce, replay_records
+
+    pace = _rate(rate)
+    settings = _settings(topic_clickstream=topic)
+    data = load_dataset(dataset, settings.data_dir)
+    total = count_events(data, limit)
+    with tqdm(total=total, unit="ev", desc=f"replay {data.name}") as bar:
+        sent = produce(
+            settings.kafka_bootstrap,
+            settings.topic_clickstream,
+            replay_records(data, limit),
+            rate=pace,
+            progress=bar.update,
+        )
+    click.echo(f"produced {sent} events to {settings.topic_clickstream}")
+
+
+@click.group("profile")
+def profile() -> None:
+    """User profiles kept by the stream processor."""
+
+
+@profile.command("show")
+@click.argument("user")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@click.option("--top", default=10, show_default=True, help="Items and categories to list.")
+def profile_show(user: str, as_json: bool, top: int) -> None:
+    """Print USER's profile as stored in Redis (weights decayed to its newest event)."""
+    import redis
+
+    from recstream.keys import Keys
+    from streams.exceptions import StreamsError
+    from streams.profile import read_profile
+
+    settings = _settings()
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        found = read_profile(client, Keys(settings.key_prefix), user)
+    finally:
+        client.close()
+    if found is None:
+        raise StreamsError(f"no profile for user {user!r}")
+    if as_json:
+        click.echo(found.model_dump_json(indent=2))
+        return
+    click.echo(
+        f"user {found.user_id}  version {found.version}  events {found.event_count}  "
+        f"last event {found.last_event_ts.isoformat()}"
+    )
+    click.echo("recent: " + ", ".join(found.recent_items[:top]))
+    click.echo("items:")
+    for item, weight in sorted(found.item_weights.items(), key=lambda kv: -kv[1])[:top]:
+        click.echo(f"  {item:>12}  {weight:10.4f}")
+    click.echo("categories:")
+    for cat, weight in sorted(found.category_affinities.items(), key=lambda kv: -kv[1])[:top]:
+        click.echo(f"  {cat:>12}  {weight:10.4f}")
 
 
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
+    serve.add_command(serve_streams)
+    for command in (catalog, replay_dataset, profile):
+        main.add_command(command)

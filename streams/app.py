@@ -1,0 +1,224 @@
+"""The Faust app: one agent folds ``clickstream`` into Redis profiles, batch by batch.
+
+Per batch (``stream.take_events(streams_batch_size, within=streams_batch_within_s)``):
+
+1. every record is validated from its raw bytes (:func:`schemas.parse_event`); a bad one goes to
+   ``clickstream.dlq`` with its original key and bytes and headers ``dlq.reason``,
+   ``dlq.detail``, ``dlq.source.topic``, ``dlq.source.partition``, ``dlq.source.offset``;
+   a record whose key is not its ``user_id`` is dead-lettered too (``key_mismatch``), since
+   per-user order relies on the key;
+2. the valid events, grouped by user, are folded by one EVALSHA of ``streams/fold.lua``;
+3. a ``ProfileChanged`` goes to ``profiles.changed`` for each user with a new item or a category
+   mix shift of at least ``profile_shift_threshold``;
+4. only when the sends are acknowledged by Kafka are the batch's offsets acked, so a crash replays
+   the batch and the seen-set makes the replay a no-op.
+
+Records of one user share a partition (key = user_id) and a partition is consumed in order, so the
+agent works with any number of partitions and worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import faust
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas import ProfileChanged, ProfileChanges, Reason, ValidationFailed, parse_event
+from streams import metrics
+from streams.exceptions import StoreUnavailable
+from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, to_datetime
+from streams.settings import StreamsSettings
+
+log = logging.getLogger(__name__)
+
+BatchHook = Callable[[int, Sequence[float], Sequence[Folded]], None]
+"""Called after each batch with (records, per-event latencies in seconds, per-user results)."""
+
+
+class ProfileFolder:
+    """Validates, dead-letters, folds and announces one batch of clickstream records."""
+
+    def __init__(
+        self,
+        settings: StreamsSettings,
+        redis: Redis,
+        send_dlq: Callable[..., Awaitable[Any]],
+        send_changed: Callable[..., Awaitable[Any]],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.script = FoldScript(redis, settings.key_prefix, FoldParams.from_settings(settings))
+        self.weights = Weights.from_settings(settings)
+        self.max_future = timedelta(seconds=settings.event_max_future_s)
+        self._send_dlq = send_dlq
+        self._send_changed = send_changed
+        self.hooks: list[BatchHook] = []
+
+    async def handle(self, records: Sequence[Any]) -> None:
+        """Process one batch of Faust events; returns once every effect is durable."""
+        started = time.monotonic()
+        pending: list[Any] = []
+        valid: list[tuple[str, str, str, float, float]] = []
+        weight_of = self.weights.of
+        topic = ""
+        for record in records:
+            message = record.message
+            topic = message.topic
+            try:
+                event = parse_event(message.value, max_future=self.max_future)
+                if message.key != event.user_id.encode():
+                    raise ValidationFailed(
+                        Reason.KEY_MISMATCH, "record key must equal the event's user_id"
+                    )
+            except ValidationFailed as failure:
+                pending.append(await self._dead_letter(message, failure))
+                continue
+            valid.append(
+                (
+                    event.user_id,
+                    event.event_id,
+                    event.item_id,
+                    event.ts.timestamp(),
+                    weight_of(event),
+                )
+            )
+        metrics.EVENTS_IN.labels(topic).inc(len(records))
+        folded = await self._fold(group_by_user(valid))
+        for result in folded:
+            if result.emit:
+                pending.append(await self._announce(result))
+        if pending:
+            await asyncio.gather(*pending)
+        done = time.monotonic()
+        latencies = [done - (r.message.time_in or started) for r in records]
+        for latency in latencies:
+            metrics.FOLD_SECONDS.observe(latency)
+        metrics.BATCH_SIZE.observe(len(records))
+        for hook in self.hooks:
+            hook(len(records), latencies, folded)
+
+    async def _dead_letter(self, message: Any, failure: ValidationFailed) -> Any:
+        metrics.DEAD_LETTERED.labels(failure.reason.value).inc()
+        headers = [
+            ("dlq.reason", failure.reason.value.encode()),
+            ("dlq.detail", failure.detail.encode("utf-8", "replace")[:512]),
+            ("dlq.source.topic", message.topic.encode()),
+            ("dlq.source.partition", str(message.partition).encode()),
+            ("dlq.source.offset", str(message.offset).encode()),
+        ]
+        return await self._send_dlq(key=message.key, value=message.value, headers=headers)
+
+    async def _announce(self, result: Folded) -> Any:
+        change = ProfileChanged(
+            user_id=result.user_id,
+            profile_version=result.version,
+            changes=ProfileChanges(
+                new_items=list(result.new_items),
+                affinity_shift=min(result.shift, 1.0),
+                events=result.folded,
+            ),
+            event_id=result.trigger_event_id,
+            trigger_ts=to_datetime(result.trigger_ts),
+        )
+        metrics.PROFILE_CHANGES.inc()
+        return await self._send_changed(
+            key=result.user_id.encode(), value=orjson.dumps(change.model_dump(mode="json"))
+        )
+
+    async def _fold(self, groups: dict[str, list[tuple[str, str, float, float]]]) -> list[Folded]:
+        """Run the fold script, retrying while Redis is briefly unreachable."""
+        deadline = time.monotonic() + self.settings.streams_redis_retry_s
+        delay = 0.1
+        while True:
+            try:
+                results = await self.script.run(groups)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"Redis unreachable for {self.settings.streams_redis_retry_s:.0f}s: {exc}"
+                    ) from exc
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        for result in results:
+            metrics.FOLDED.inc(result.folded)
+            if result.duplicates:
+                metrics.IGNORED.labels("duplicate").inc(result.duplicates)
+            if result.late:
+                metrics.IGNORED.labels("too_late").inc(result.late)
+        return results
+
+
+def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
+    """The Faust app with its fold agent, configured from ``settings``."""
+    datadir = settings.streams_datadir / settings.streams_app_id
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.streams_app_id,
+        broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=settings.streams_web_port > 0,
+        web_port=settings.streams_web_port or 6066,
+        topic_disable_leader=True,
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=settings.streams_batch_size,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=max(4096, 2 * settings.streams_batch_size),
+        producer_linger_ms=5,
+        datadir=str(datadir),
+    )
+
+    def raw_topic(name: str) -> faust.TopicT:
+        return app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
+
+    source = raw_topic(settings.topic_clickstream)
+    dlq = raw_topic(settings.topic_dlq)
+    changed = raw_topic(settings.topic_profiles_changed)
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+
+    async def send_dlq(**kwargs: Any) -> Any:
+        return await dlq.send(**kwargs)
+
+    async def send_changed(**kwargs: Any) -> Any:
+        return await changed.send(**kwargs)
+
+    folder = ProfileFolder(settings, redis, send_dlq, send_changed)
+
+    @app.agent(source, name="fold-profiles")
+    async def fold_profiles(stream: Any) -> None:
+        # Any: faust's StreamT stub lacks take_events (faust-streaming 0.15 has it on Stream).
+        async for records in stream.take_events(
+            settings.streams_batch_size, within=settings.streams_batch_within_s
+        ):
+            await folder.handle(records)
+
+    @app.task  # type: ignore[untyped-decorator]  # faust's decorator is untyped
+    async def warm_up() -> None:
+        await folder.script.load()
+        if settings.streams_metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.streams_metrics_port)
+            log.info("metrics on :%d/metrics", settings.streams_metrics_port)
+
+    @app.on_before_shutdown.connect
+    async def close_redis(sender: Any, /, *_: Any, signal: Any, **__: Any) -> None:
+        await redis.aclose()
+
+    return app, folder

@@ -1,0 +1,19 @@
+"""Errors of the streams package."""
+
+from recstream.errors import RecstreamError
+
+
+class StreamsError(RecstreamError):
+    """Base class of the streams package's errors."""
+
+
+class StoreUnavailable(StreamsError):  # noqa: N818 - reads as a state, like "TimeoutError"
+    """Redis stayed unreachable past the retry budget; the worker stops instead of spinning."""
+
+
+class CatalogError(StreamsError):
+    """The catalog could not be loaded into Redis."""
+
+
+class ReplayError(StreamsError):
+    """A dataset could not be replayed into Kafka."""

@@ -1,0 +1,177 @@
+-- Fold a batch of clickstream events into per-user profiles, atomically (one EVALSHA per batch).
+--
+-- ARGV: prefix, half_life_s, recent_max, retention_s, rebase_after_s, shift_threshold, n_users,
+--       then per user: user_id, n_events, n_events x (event_id, item_id, ts, weight).
+-- Weights are stored scaled to the profile's base time B: an event (w, t) adds w * 2^((t-B)/h).
+-- Read at the reference time T (newest ts folded) a stored value s means s * 2^(-(T-B)/h), i.e.
+-- the sum of w * 2^(-(T-t)/h): the same whatever order the events arrived in. When T runs more
+-- than rebase_after_s past B, every stored value is rescaled and B moves to T (no overflow).
+--
+-- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
+-- trigger_ts, new_item...}; numbers that are not integers travel as strings.
+local prefix = ARGV[1]
+local h = tonumber(ARGV[2])
+local recent_max = tonumber(ARGV[3])
+local retention = tonumber(ARGV[4])
+local rebase_after = tonumber(ARGV[5])
+local threshold = tonumber(ARGV[6])
+local n_users = tonumber(ARGV[7])
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local categories_of = {}
+local function categories(item)
+  local cats = categories_of[item]
+  if cats == nil then
+    cats = {}
+    local text = redis.call('HGET', prefix .. 'item:' .. item, 'categories')
+    if text then
+      for cat in string.gmatch(text, '[^|]+') do
+        cats[#cats + 1] = cat
+      end
+    end
+    categories_of[item] = cats
+  end
+  return cats
+end
+
+local function rescale(key, factor)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
+    return
+  end
+  local args = {}
+  for j = 1, #flat, 2 do
+    args[#args + 1] = flat[j]
+    args[#args + 1] = fmt(tonumber(flat[j + 1]) * factor)
+  end
+  redis.call('HSET', key, unpack(args))
+end
+
+local function mix(key)
+  local flat = redis.call('HGETALL', key)
+  local total = 0
+  local out = {}
+  for j = 1, #flat, 2 do
+    local v = tonumber(flat[j + 1])
+    if v > 0 then
+      out[flat[j]] = v
+      total = total + v
+    end
+  end
+  if total > 0 then
+    for k, v in pairs(out) do
+      out[k] = v / total
+    end
+  end
+  return out
+end
+
+local results = {}
+local i = 8
+for _ = 1, n_users do
+  local user = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local first = i + 2
+  i = first + 4 * n
+
+  local pkey = prefix .. 'profile:' .. user
+  local ikey = pkey .. ':items'
+  local ckey = pkey .. ':cats'
+  local rkey = pkey .. ':recent'
+  local skey = prefix .. 'seen:' .. user
+
+  local state = redis.call('HMGET', pkey, 'version', 'events', 'ref_ts', 'base_ts', 'emitted_mix')
+  local version = tonumber(state[1]) or 0
+  local count = tonumber(state[2]) or 0
+  local ref = tonumber(state[3])
+  local base = tonumber(state[4])
+
+  local newest = ref
+  for e = first, i - 1, 4 do
+    local ts = tonumber(ARGV[e + 2])
+    if newest == nil or ts > newest then
+      newest = ts
+    end
+  end
+  if base == nil then
+    base = newest
+  elseif newest - base > rebase_after then
+    local factor = 2 ^ (-(newest - base) / h)
+    rescale(ikey, factor)
+    rescale(ckey, factor)
+    base = newest
+  end
+  local cutoff = newest - retention
+
+  local folded, duplicates, late = 0, 0, 0
+  local new_items = {}
+  local trigger_id, trigger_ts = nil, nil
+  for e = first, i - 1, 4 do
+    local event_id, item = ARGV[e], ARGV[e + 1]
+    local ts, weight = tonumber(ARGV[e + 2]), tonumber(ARGV[e + 3])
+    if ts < cutoff then
+      late = late + 1
+    elseif redis.call('ZADD', skey, 'NX', ts, event_id) == 0 then
+      duplicates = duplicates + 1
+    else
+      folded = folded + 1
+      local scaled = weight * 2 ^ ((ts - base) / h)
+      if redis.call('HEXISTS', ikey, item) == 0 then
+        new_items[#new_items + 1] = item
+      end
+      redis.call('HINCRBYFLOAT', ikey, item, fmt(scaled))
+      local cats = categories(item)
+      for _, cat in ipairs(cats) do
+        redis.call('HINCRBYFLOAT', ckey, cat, fmt(scaled / #cats))
+      end
+      redis.call('ZADD', rkey, 'GT', ts, item)
+      if trigger_ts == nil or ts >= trigger_ts then
+        trigger_id, trigger_ts = event_id, ts
+      end
+    end
+  end
+
+  local emit, shift = 0, 0
+  if folded > 0 then
+    redis.call('ZREMRANGEBYRANK', rkey, 0, -(recent_max + 1))
+    redis.call('ZREMRANGEBYSCORE', skey, '-inf', '(' .. fmt(cutoff))
+    version = version + 1
+    local now_mix = mix(ckey)
+    local before = {}
+    if state[5] then
+      before = cjson.decode(state[5])
+    end
+    local distance = 0
+    for k, v in pairs(now_mix) do
+      distance = distance + math.abs(v - (before[k] or 0))
+    end
+    for k, v in pairs(before) do
+      if now_mix[k] == nil then
+        distance = distance + math.abs(v)
+      end
+    end
+    shift = distance / 2
+    local fields = {
+      'version', version, 'events', count + folded, 'ref_ts', fmt(newest),
+      'base_ts', fmt(base), 'half_life_s', fmt(h),
+    }
+    if #new_items > 0 or shift >= threshold then
+      emit = 1
+      fields[#fields + 1] = 'emitted_mix'
+      fields[#fields + 1] = cjson.encode(now_mix)
+    end
+    redis.call('HSET', pkey, unpack(fields))
+  end
+  local row = {
+    user, version, folded, duplicates, late, emit, fmt(shift), trigger_id or '',
+    fmt(trigger_ts or 0),
+  }
+  for _, item in ipairs(new_items) do
+    row[#row + 1] = item
+  end
+  results[#results + 1] = row
+end
+return results

@@ -1,0 +1,244 @@
+"""Folding clickstream events into per-user profiles: weights, the Redis script, a reference.
+
+Weights (settings): a view counts ``weight_view`` (1), a click ``weight_click`` (2), a dwell
+``weight_dwell_max`` (4) scaled linearly by ``min(dwell_ms, dwell_cap_ms) / dwell_cap_ms`` (a
+dwell of two minutes or more counts as much as four views). An item's weight is split evenly over
+its catalog categories to form category affinities; items without catalog entries still count as
+items.
+
+Decay: with half-life h and reference time T = the newest event ts folded for the user, an event
+of weight w at ts t contributes ``w * 2 ** (-(T - t) / h)``. The sum does not depend on arrival
+order, so a late event simply contributes its (smaller) decayed weight.
+
+Exactly-once effect: each user's folded event ids are kept in ``seen:{user}`` (sorted by ts) for
+``profile_seen_retention_s`` of event time; an id seen before is ignored (a duplicate or a replay),
+and an event older than ``T - retention`` is ignored as too late, because its id may already have
+been forgotten. Both are counted, never dead-lettered: they are valid events.
+
+:func:`reference_fold` computes the same profile in pure Python; unit tests check the formulas on
+it and integration tests check the Lua script against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from schemas import ClickEvent, DwellEvent, ViewEvent
+from streams.settings import StreamsSettings
+
+AnyEvent = ClickEvent | ViewEvent | DwellEvent
+LUA_SOURCE = resources.files("streams").joinpath("fold.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """How much each kind of interaction counts, before decay."""
+
+    view: float = 1.0
+    click: float = 2.0
+    dwell_max: float = 4.0
+    dwell_cap_ms: int = 120_000
+
+    @classmethod
+    def from_settings(cls, settings: StreamsSettings) -> Weights:
+        return cls(
+            settings.weight_view,
+            settings.weight_click,
+            settings.weight_dwell_max,
+            settings.dwell_cap_ms,
+        )
+
+    def of(self, event: AnyEvent) -> float:
+        if event.type == "view":
+            return self.view
+        if event.type == "click":
+            return self.click
+        return self.dwell_max * min(event.dwell_ms, self.dwell_cap_ms) / self.dwell_cap_ms
+
+
+@dataclass(frozen=True, slots=True)
+class FoldParams:
+    """The profile rules the script applies (from :class:`StreamsSettings`)."""
+
+    half_life_s: float = 7 * 24 * 3600.0
+    recent_max: int = 50
+    retention_s: float = 30 * 24 * 3600.0
+    rebase_after_s: float = 32 * 7 * 24 * 3600.0
+    shift_threshold: float = 0.05
+
+    @classmethod
+    def from_settings(cls, settings: StreamsSettings) -> FoldParams:
+        return cls(
+            settings.profile_half_life_s,
+            settings.profile_recent_max,
+            settings.profile_seen_retention_s,
+            settings.rebase_after_s,
+            settings.profile_shift_threshold,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """One user's outcome of one batch."""
+
+    user_id: str
+    version: int
+    folded: int
+    duplicates: int
+    late: int
+    emit: bool
+    shift: float
+    trigger_event_id: str
+    trigger_ts: float
+    new_items: tuple[str, ...]
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Folded:
+        def text(value: Any) -> str:
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        return cls(
+            user_id=text(row[0]),
+            version=int(row[1]),
+            folded=int(row[2]),
+            duplicates=int(row[3]),
+            late=int(row[4]),
+            emit=bool(int(row[5])),
+            shift=float(text(row[6])),
+            trigger_event_id=text(row[7]),
+            trigger_ts=float(text(row[8])),
+            new_items=tuple(text(item) for item in row[9:]),
+        )
+
+
+def group_by_user(
+    events: Iterable[tuple[str, str, str, float, float]],
+) -> dict[str, list[tuple[str, str, float, float]]]:
+    """``(user, event_id, item, ts, weight)`` -> user -> events, keeping arrival order."""
+    groups: dict[str, list[tuple[str, str, float, float]]] = {}
+    for user, event_id, item, ts, weight in events:
+        bucket = groups.get(user)
+        if bucket is None:
+            bucket = groups[user] = []
+        bucket.append((event_id, item, ts, weight))
+    return groups
+
+
+def script_args(
+    prefix: str, params: FoldParams, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+) -> list[str]:
+    args = [
+        prefix,
+        repr(params.half_life_s),
+        str(params.recent_max),
+        repr(params.retention_s),
+        repr(params.rebase_after_s),
+        repr(params.shift_threshold),
+        str(len(groups)),
+    ]
+    extend = args.extend
+    for user, events in groups.items():
+        extend((user, str(len(events))))
+        for event_id, item, ts, weight in events:
+            extend((event_id, item, repr(ts), repr(weight)))
+    return args
+
+
+class FoldScript:
+    """The Lua fold, loaded once and run with EVALSHA (reloaded if Redis forgot it)."""
+
+    def __init__(self, redis: Redis, prefix: str, params: FoldParams) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._params = params
+        self._sha: str | None = None
+
+    async def load(self) -> str:
+        self._sha = str(await self._redis.script_load(LUA_SOURCE))
+        return self._sha
+
+    async def run(
+        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+    ) -> list[Folded]:
+        if not groups:
+            return []
+        sha = self._sha or await self.load()
+        args = script_args(self._prefix, self._params, groups)
+        try:
+            rows = await self._redis.evalsha(sha, 0, *args)
+        except NoScriptError:
+            rows = await self._redis.evalsha(await self.load(), 0, *args)
+        return [Folded.from_row(row) for row in rows]
+
+
+@dataclass
+class ReferenceProfile:
+    """What :func:`reference_fold` computes: the expected stored profile, decayed to T."""
+
+    version: int = 0
+    event_count: int = 0
+    reference_ts: float | None = None
+    item_weights: dict[str, float] = field(default_factory=dict)
+    category_affinities: dict[str, float] = field(default_factory=dict)
+    recent: dict[str, float] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)
+    duplicates: int = 0
+    late: int = 0
+
+    def recent_items(self, limit: int) -> list[str]:
+        ranked = sorted(self.recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+        return [item for item, _ in ranked[:limit]]
+
+
+def reference_fold(
+    batches: Iterable[Sequence[AnyEvent]],
+    categories: Mapping[str, Sequence[str]],
+    weights: Weights = Weights(),
+    params: FoldParams = FoldParams(),
+) -> ReferenceProfile:
+    """Fold one user's batches the slow, obvious way (no rescaling), for tests."""
+    profile = ReferenceProfile()
+    contributions: list[tuple[str, float, float]] = []
+    for batch in batches:
+        if not batch:
+            continue
+        stamps = [e.ts.timestamp() for e in batch]
+        newest = max(stamps if profile.reference_ts is None else [*stamps, profile.reference_ts])
+        cutoff = newest - params.retention_s
+        folded = 0
+        for event, ts in zip(batch, stamps, strict=True):
+            if ts < cutoff:
+                profile.late += 1
+            elif event.event_id in profile.seen:
+                profile.duplicates += 1
+            else:
+                profile.seen[event.event_id] = ts
+                contributions.append((event.item_id, ts, weights.of(event)))
+                profile.recent[event.item_id] = max(ts, profile.recent.get(event.item_id, ts))
+                folded += 1
+        profile.seen = {k: v for k, v in profile.seen.items() if v >= cutoff}
+        profile.reference_ts = newest
+        if folded:
+            profile.version += 1
+            profile.event_count += folded
+    if profile.reference_ts is None:
+        return profile
+    for item, ts, weight in contributions:
+        decayed = weight * 2.0 ** (-(profile.reference_ts - ts) / params.half_life_s)
+        profile.item_weights[item] = profile.item_weights.get(item, 0.0) + decayed
+        cats = categories.get(item, ())
+        for cat in cats:
+            share = decayed / len(cats)
+            profile.category_affinities[cat] = profile.category_affinities.get(cat, 0.0) + share
+    return profile
+
+
+def to_datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)

@@ -1,0 +1,74 @@
+"""Settings of the stream processor (``recstream serve streams``) and its data tools.
+
+Every field reads ``RECSTREAM_<FIELD>`` from the environment, e.g. ``RECSTREAM_STREAMS_APP_ID`` or
+``RECSTREAM_PROFILE_HALF_LIFE_S``; command-line flags override them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from recstream.settings import CommonSettings
+
+
+class StreamsSettings(CommonSettings):
+    """The Faust worker that folds clickstream events into Redis profiles."""
+
+    streams_app_id: str = Field(
+        "recstream-streams", description="Faust app id; also the Kafka consumer group."
+    )
+    streams_batch_size: int = Field(2000, ge=1, description="Events folded per Redis call (max).")
+    streams_batch_within_s: float = Field(
+        0.05, gt=0, description="Longest wait to fill a batch before folding what is there."
+    )
+    streams_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 = off."
+    )
+    streams_web_port: int = Field(
+        0, ge=0, le=65535, description="Port of Faust's own web server; 0 = off."
+    )
+    streams_redis_retry_s: float = Field(
+        30.0, gt=0, description="How long Redis may stay unreachable before the worker fails."
+    )
+    streams_datadir: Path = Field(
+        Path.home() / ".cache" / "recstream" / "faust",
+        description="Where the Faust worker keeps its local state folder.",
+    )
+    streams_loglevel: str = Field("info", description="Worker log level.")
+    event_max_future_s: float = Field(
+        300.0, ge=0, description="Events whose ts lies further ahead than this are dead-lettered."
+    )
+    profile_half_life_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Half-life of interaction weights, in event time."
+    )
+    profile_recent_max: int = Field(50, ge=1, description="Recent items kept per profile.")
+    profile_seen_retention_s: float = Field(
+        30 * 24 * 3600.0,
+        gt=0,
+        description="Event ids are remembered this long (event time) for de-duplication; events "
+        "older than the profile's newest ts minus this are ignored as too late.",
+    )
+    profile_rebase_after_s: float = Field(
+        0.0,
+        ge=0,
+        description="Rescale stored weights when the newest ts runs this far past the profile's "
+        "base time; 0 = 32 half-lives.",
+    )
+    profile_shift_threshold: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Category-mix shift (total variation) that counts as a meaningful change.",
+    )
+    weight_view: float = Field(1.0, ge=0, description="Weight of a view.")
+    weight_click: float = Field(2.0, ge=0, description="Weight of a click.")
+    weight_dwell_max: float = Field(
+        4.0, ge=0, description="Weight of a dwell at or above dwell_cap_ms (linear below)."
+    )
+    dwell_cap_ms: int = Field(120_000, ge=1, description="Dwell time that earns the full weight.")
+
+    @property
+    def rebase_after_s(self) -> float:
+        return self.profile_rebase_after_s or 32 * self.profile_half_life_s
