@@ -1,0 +1,256 @@
+"""Collaborative-filtering baselines behind the one recommender interface.
+
+Every model scores the whole catalog for a batch of histories (item-index arrays, oldest first)
+and :meth:`Recommender.recommend` turns those scores into the top ``k`` unseen items. Because the
+answer is a position in the score vector, no model can return an item outside the catalog.
+
+- ``pop``: most popular in the training data.
+- ``itemknn``: item-kNN on cosine similarity of the user-item matrix, each history item weighted
+  by recency (``decay ** age``), neighbours cut at ``k_neighbours``.
+- ``ease``: EASE (Steck 2019, a closed-form item-item linear model) with the same recency weights,
+  mixed with a first-order Markov term (next-item transition frequencies from the last few
+  items). All hyper-parameters are tuned on validation NDCG@10 only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from inference.protocol import Split, metrics_from_ranks, target_ranks
+
+__all__ = ["EASE", "ItemKNN", "Popularity", "Recommender", "interaction_matrix", "tune"]
+
+
+class Recommender(ABC):
+    """Scores the catalog for histories of item indices; recommends the top unseen items."""
+
+    name: str = "model"
+    n_items: int = 0
+
+    @abstractmethod
+    def fit(self, split: Split) -> Recommender:
+        """Learn from ``split.train`` (the validation and test items stay unseen)."""
+
+    @abstractmethod
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """``(len(histories), n_items)`` float32 scores; higher is better."""
+
+    def recommend(
+        self, histories: Sequence[np.ndarray], k: int, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores per history, seen items excluded, best first."""
+        ids, vals = [], []
+        for start in range(0, len(histories), batch_size):
+            chunk = histories[start : start + batch_size]
+            scores = self.score(chunk)
+            top, top_scores = top_k_unseen(scores, chunk, k)
+            ids.append(top)
+            vals.append(top_scores)
+        if not ids:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.concatenate(ids), np.concatenate(vals)
+
+
+def top_k_unseen(
+    scores: np.ndarray, histories: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask seen items in place and take the ``k`` best per row (ties broken by item index)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    for row, hist in enumerate(histories):
+        scores[row, np.asarray(hist, dtype=np.int64)] = -np.inf
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)
+    top = np.take_along_axis(part, order, axis=1)
+    return top.astype(np.int64), np.take_along_axis(scores, top, axis=1)
+
+
+def interaction_matrix(split: Split) -> sp.csr_matrix:
+    """Binary users x items matrix of the training data."""
+    rows = np.concatenate([np.full(len(s), u) for u, s in enumerate(split.train)])
+    cols = np.concatenate(split.train)
+    data = np.ones(len(cols), dtype=np.float32)
+    mat = sp.csr_matrix((data, (rows, cols)), shape=(len(split.train), split.n_items))
+    mat.data[:] = 1.0  # repeats count once
+    return mat
+
+
+def recency_weights(
+    histories: Sequence[np.ndarray], n_items: int, decay: float, last: int | None = None
+) -> sp.csr_matrix:
+    """Sparse ``(batch, n_items)``: ``decay ** age`` per history item (age 0 = newest).
+
+    A repeated item keeps its newest weight; ``last`` keeps only the most recent items.
+    """
+    rows, cols, vals = [], [], []
+    for r, hist in enumerate(histories):
+        h = np.asarray(hist, dtype=np.int64)
+        if last is not None:
+            h = h[-last:]
+        ages = np.arange(len(h) - 1, -1, -1, dtype=np.float64)
+        w = decay**ages
+        # Reverse so the newest occurrence of a repeated item comes first; np.unique keeps it.
+        uniq, first = np.unique(h[::-1], return_index=True)
+        rows.append(np.full(len(uniq), r))
+        cols.append(uniq)
+        vals.append(w[::-1][first])
+    if not rows:
+        return sp.csr_matrix((0, n_items), dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(len(histories), n_items),
+        dtype=np.float32,
+    )
+
+
+class Popularity(Recommender):
+    """Most-popular items in the training data, the same list for everyone."""
+
+    name = "pop"
+
+    def fit(self, split: Split) -> Popularity:
+        self.n_items = split.n_items
+        counts = np.bincount(np.concatenate(split.train), minlength=split.n_items)
+        self.counts = counts.astype(np.float32)
+        return self
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.tile(self.counts, (len(histories), 1))
+
+
+class ItemKNN(Recommender):
+    """Recency-weighted item-kNN over cosine similarity of item columns."""
+
+    name = "itemknn"
+
+    def __init__(self, k_neighbours: int = 100, decay: float = 0.9) -> None:
+        self.k_neighbours = k_neighbours
+        self.decay = decay
+
+    def params(self) -> dict[str, float]:
+        return {"k_neighbours": self.k_neighbours, "decay": self.decay}
+
+    def fit(self, split: Split) -> ItemKNN:
+        self.n_items = split.n_items
+        x = interaction_matrix(split)
+        co = (x.T @ x).toarray().astype(np.float32)
+        norms = np.sqrt(np.diag(co)).copy()
+        norms[norms == 0] = 1.0
+        sim = co / norms[:, None] / norms[None, :]
+        np.fill_diagonal(sim, 0.0)
+        if self.k_neighbours < self.n_items:
+            # Keep each item's k most similar neighbours (rows: source item).
+            cut = np.argpartition(-sim, self.k_neighbours - 1, axis=1)[:, self.k_neighbours :]
+            np.put_along_axis(sim, cut, 0.0, axis=1)
+        self.sim = sim
+        return self
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        w = recency_weights(histories, self.n_items, self.decay)
+        return np.asarray(w @ self.sim, dtype=np.float32)
+
+
+class EASE(Recommender):
+    """EASE item-item weights with recency-weighted input, plus a first-order Markov term.
+
+    ``score = (w * history) · B / max + beta · (last-items transitions) / max``, each part scaled
+    to a maximum of 1 per user so ``beta`` is comparable across datasets.
+    """
+
+    name = "ease"
+
+    def __init__(
+        self, lam: float = 200.0, decay: float = 1.0, beta: float = 0.0, markov_last: int = 3
+    ) -> None:
+        self.lam = lam
+        self.decay = decay
+        self.beta = beta
+        self.markov_last = markov_last
+        self._gram: np.ndarray | None = None
+
+    def params(self) -> dict[str, float]:
+        return {"lam": self.lam, "decay": self.decay, "beta": self.beta}
+
+    def fit(self, split: Split) -> EASE:
+        self.n_items = split.n_items
+        if self._gram is None:
+            x = interaction_matrix(split)
+            self._gram = (x.T @ x).toarray().astype(np.float64)
+            trans = np.zeros((split.n_items, split.n_items), dtype=np.float32)
+            for seq in split.train:
+                if len(seq) > 1:
+                    np.add.at(trans, (seq[:-1], seq[1:]), 1.0)
+            rowsum = trans.sum(axis=1, keepdims=True)
+            rowsum[rowsum == 0] = 1.0
+            self.trans = trans / rowsum
+        self._solve()
+        return self
+
+    def _solve(self) -> None:
+        assert self._gram is not None
+        g = self._gram.copy()
+        g[np.diag_indices_from(g)] += self.lam
+        p = np.linalg.inv(g)
+        b = -p / np.diag(p)[None, :]
+        np.fill_diagonal(b, 0.0)
+        self.weights = b.astype(np.float32)
+        self._solved_lam = self.lam
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        if self._solved_lam != self.lam:
+            self._solve()
+        w = recency_weights(histories, self.n_items, self.decay)
+        s = np.asarray(w @ self.weights, dtype=np.float32)
+        s /= np.maximum(np.abs(s).max(axis=1, keepdims=True), 1e-9)
+        if self.beta > 0:
+            m = recency_weights(histories, self.n_items, 0.5, last=self.markov_last)
+            t = np.asarray(m @ self.trans, dtype=np.float32)
+            t /= np.maximum(t.max(axis=1, keepdims=True), 1e-9)
+            s += self.beta * t
+        return s
+
+
+def validation_ndcg(model: Recommender, split: Split) -> float:
+    """NDCG@10 on the validation targets (the only number hyper-parameters may be tuned on)."""
+    hist, targets = split.histories("valid"), split.targets("valid")
+    parts = [
+        target_ranks(model.score(hist[s : s + 512]), hist[s : s + 512], targets[s : s + 512])
+        for s in range(0, len(hist), 512)
+    ]
+    ranks = np.concatenate(parts)
+    return metrics_from_ranks(ranks)["ndcg@10"]
+
+
+def tune(
+    model: Recommender,
+    split: Split,
+    grid: dict[str, Sequence[float]],
+    say: Callable[[str], None] = lambda _: None,
+) -> dict[str, float]:
+    """Grid-search ``grid`` (attribute -> values) on validation NDCG@10; leave the best set."""
+    best: tuple[float, dict[str, float]] = (-1.0, {})
+    names = list(grid)
+    fitted = False
+    for values in itertools.product(*(grid[n] for n in names)):
+        params = dict(zip(names, values, strict=True))
+        for n, v in params.items():
+            setattr(model, n, v)
+        # Models whose fit depends on a parameter refit; EASE re-solves lazily on lam change.
+        if not fitted or "k_neighbours" in params:
+            model.fit(split)
+            fitted = True
+        ndcg = validation_ndcg(model, split)
+        say(f"  {model.name} {params} valid ndcg@10={ndcg:.4f}")
+        if ndcg > best[0]:
+            best = (ndcg, params)
+    for n, v in best[1].items():
+        setattr(model, n, v)
+    if "k_neighbours" in best[1]:
+        model.fit(split)
+    return {**best[1], "valid_ndcg@10": best[0]}

@@ -1,0 +1,209 @@
+"""The evaluation protocol: time-ordered leave-one-out, full-catalog ranking, and the metrics.
+
+Every model is judged the same way (DESIGN.md, "Evaluation protocol"): each user's interactions in
+time order (ties keep file order); the last one is the test target, the one before it the
+validation target, everything earlier is training data. A model scores the whole catalog, the
+items the user has already seen are masked, and the rank of the held-out item gives the metrics.
+
+With one held-out item per user, precision and recall reduce to the hit indicator: P@5 is
+``hit@5 / 5`` and R@10 equals HR@10. Both are still reported under their own names because the
+literature quotes them that way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.datasets import Dataset, Item
+
+__all__ = [
+    "METRIC_KEYS",
+    "Split",
+    "coverage_at",
+    "diversity_at",
+    "genre_jaccard",
+    "latency_summary",
+    "leave_one_out",
+    "metrics_from_ranks",
+    "ndcg_per_user",
+    "target_ranks",
+]
+
+METRIC_KEYS = ("hr@10", "ndcg@10", "p@5", "r@10", "coverage@10", "diversity")
+
+
+@dataclass
+class Split:
+    """Index mappings and the leave-one-out split of one dataset.
+
+    Item indices run ``0 .. n_items-1`` in order of first appearance in the time-ordered data.
+    ``train[u]`` holds user ``u``'s training items (all but the last two); users with fewer than
+    three interactions keep everything for training and are not evaluated.
+    """
+
+    dataset: str
+    sha256: dict[str, str]
+    item_ids: list[str]
+    user_ids: list[str]
+    train: list[np.ndarray]
+    valid_target: np.ndarray  # -1 where the user is not evaluated
+    test_target: np.ndarray
+    items: dict[str, Item] = field(default_factory=dict)
+    item_index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def eval_users(self) -> np.ndarray:
+        """Indices of the users that have a validation and a test target."""
+        return np.flatnonzero(self.test_target >= 0)
+
+    def histories(self, stage: str) -> list[np.ndarray]:
+        """Model input per evaluated user: training items (+ the validation item at test)."""
+        if stage not in ("valid", "test"):
+            raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
+        out = []
+        for u in self.eval_users:
+            hist = self.train[u]
+            if stage == "test":
+                hist = np.append(hist, self.valid_target[u])
+            out.append(hist)
+        return out
+
+    def targets(self, stage: str) -> np.ndarray:
+        target = self.valid_target if stage == "valid" else self.test_target
+        out: np.ndarray = target[self.eval_users]
+        return out
+
+    def full_sequences(self) -> list[np.ndarray]:
+        """Every user's whole history (train + valid + test), for serving-time artifacts."""
+        out = []
+        for u, hist in enumerate(self.train):
+            extra = [t for t in (self.valid_target[u], self.test_target[u]) if t >= 0]
+            out.append(np.append(hist, np.asarray(extra, dtype=np.int64)))
+        return out
+
+    def genres(self) -> list[frozenset[str]]:
+        """Each item's categories, by item index (empty where the catalog has none)."""
+        return [
+            frozenset(self.items[i].categories) if i in self.items else frozenset()
+            for i in self.item_ids
+        ]
+
+
+def leave_one_out(ds: Dataset) -> Split:
+    """Split a dataset time-ordered: last interaction = test, second-to-last = validation."""
+    item_index: dict[str, int] = {}
+    user_index: dict[str, int] = {}
+    seqs: list[list[int]] = []
+    for it in ds.interactions:  # already sorted by time, ties in file order
+        i = item_index.setdefault(it.item_id, len(item_index))
+        u = user_index.setdefault(it.user_id, len(user_index))
+        if u == len(seqs):
+            seqs.append([])
+        seqs[u].append(i)
+    train, valid, test = [], [], []
+    for seq in seqs:
+        if len(seq) >= 3:
+            train.append(np.asarray(seq[:-2], dtype=np.int64))
+            valid.append(seq[-2])
+            test.append(seq[-1])
+        else:
+            train.append(np.asarray(seq, dtype=np.int64))
+            valid.append(-1)
+            test.append(-1)
+    return Split(
+        dataset=ds.name,
+        sha256=dict(ds.sha256),
+        item_ids=list(item_index),
+        user_ids=list(user_index),
+        train=train,
+        valid_target=np.asarray(valid, dtype=np.int64),
+        test_target=np.asarray(test, dtype=np.int64),
+        items=ds.items,
+        item_index=item_index,
+    )
+
+
+def target_ranks(
+    scores: np.ndarray, histories: Sequence[np.ndarray], targets: np.ndarray
+) -> np.ndarray:
+    """0-based rank of each target among the unseen items (seen items masked, ties pessimistic).
+
+    ``scores`` is ``(users, n_items)``. A target the user has already seen cannot be ranked and
+    counts as a miss (rank = n_items).
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for row, (hist, target) in enumerate(zip(histories, targets, strict=True)):
+        s = scores[row]
+        seen = np.asarray(hist, dtype=np.int64)
+        if np.isin(target, seen):
+            ranks[row] = s.shape[0]
+            continue
+        s[seen] = -np.inf
+        t = s[target]
+        # Ties count against the target so a constant scorer cannot look good.
+        ranks[row] = int(np.count_nonzero(s > t) + np.count_nonzero(s == t) - 1)
+    return ranks
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k with one relevant item: ``1 / log2(rank + 2)`` inside the top k."""
+    ranks = np.asarray(ranks)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """HR@10, NDCG@10, P@5 (= hit@5 / 5) and R@10 (= HR@10) from 0-based target ranks."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("no ranks to summarise")
+    hit10 = float(np.mean(ranks < 10))
+    return {
+        "hr@10": hit10,
+        "ndcg@10": float(np.mean(ndcg_per_user(ranks, 10))),
+        "p@5": float(np.mean(ranks < 5)) / 5.0,
+        "r@10": hit10,
+    }
+
+
+def coverage_at(top: np.ndarray, n_items: int) -> float:
+    """Share of the catalog that appears in at least one user's top-k list."""
+    if n_items <= 0:
+        raise ValueError("n_items must be positive")
+    return float(np.unique(np.asarray(top).ravel()).size) / n_items
+
+
+def genre_jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard similarity of two genre sets; two items without genres count as dissimilar (0)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 0.0
+
+
+def diversity_at(top: np.ndarray, genres: Sequence[frozenset[str]]) -> float:
+    """Mean over users of 1 - (mean pairwise genre-Jaccard within that user's list)."""
+    values = []
+    for row in np.asarray(top):
+        sets = [genres[int(i)] for i in row]
+        n = len(sets)
+        if n < 2:
+            continue
+        total = sum(genre_jaccard(sets[a], sets[b]) for a in range(n) for b in range(a + 1, n))
+        values.append(1.0 - total / (n * (n - 1) / 2))
+    return float(np.mean(values)) if values else math.nan
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50 and p99 of per-user latencies, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return {
+        "latency_ms_p50": float(np.percentile(ms, 50)),
+        "latency_ms_p99": float(np.percentile(ms, 99)),
+    }
