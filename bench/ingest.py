@@ -1,0 +1,140 @@
+"""Ingest benchmark: how fast ONE stream worker drains a clickstream backlog into Redis profiles.
+
+1. loads the ML-100K catalog and pre-produces ``--events`` (default 300,000, the whole replay)
+   clickstream events to a fresh topic;
+2. starts one Faust worker (``streams.app.build_app``) in this process on a fresh consumer group
+   and Redis prefix, and lets it drain the topic;
+3. prints events/s (first batch received to last batch committed) and the per-event fold latency
+   (arrival in the agent to profile committed in Redis), p50/p99.
+
+Run: ``nice python bench/ingest.py [--events N] [--batch-size N]``. Topics and keys it makes are
+deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from confluent_kafka.admin import AdminClient
+
+from inference.datasets import load_dataset
+from recstream.keys import Keys
+from recstream.stack import Stack
+from streams.app import build_app
+from streams.catalog import load_catalog
+from streams.fold import Folded
+from streams.replay import produce, replay_records
+from streams.settings import StreamsSettings
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    args = parser.parse_args()
+    if args.loop == "uvloop":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    token = uuid.uuid4().hex[:8]
+    overrides: dict[str, Any] = {
+        "key_prefix": f"bench:{token}:",
+        "topic_clickstream": f"bench-clickstream-{token}",
+        "topic_dlq": f"bench-dlq-{token}",
+        "topic_profiles_changed": f"bench-changed-{token}",
+        "streams_app_id": f"bench-ingest-{token}",
+        "streams_loglevel": "warning",
+    }
+    if args.batch_size:
+        overrides["streams_batch_size"] = args.batch_size
+    settings = StreamsSettings(**overrides)
+    topics = [settings.topic_clickstream, settings.topic_dlq, settings.topic_profiles_changed]
+    Stack().create_topics(topics, args.partitions)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    try:
+        data = load_dataset("ml-100k", settings.data_dir)
+        load_catalog(client, keys, data)
+        t0 = time.monotonic()
+        produced = produce(
+            settings.kafka_bootstrap,
+            settings.topic_clickstream,
+            replay_records(data, args.events),
+            timeout_s=120,
+        )
+        print(f"pre-produced {produced} events in {time.monotonic() - t0:.1f}s")
+
+        app, folder = build_app(settings)
+        latencies: list[float] = []
+        batches: list[tuple[float, int]] = []
+        state = {"first": 0.0, "last": 0.0, "records": 0, "folded": 0}
+
+        def on_batch(records: int, lat: Sequence[float], results: Sequence[Folded]) -> None:
+            now = time.monotonic()
+            if not state["records"]:
+                state["first"] = now - max(lat)
+            state["records"] += records
+            state["folded"] += sum(r.folded for r in results)
+            state["last"] = now
+            latencies.extend(lat)
+            batches.append((now, records))
+            if state["records"] >= produced:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        folder.hooks.append(on_batch)
+        from faust import Worker
+
+        with contextlib.suppress(SystemExit):  # the worker exits the process when it stops
+            Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+        elapsed = state["last"] - state["first"]
+        latencies.sort()
+        sizes = [n for _, n in batches]
+        profiles = sum(
+            1 for _ in client.scan_iter(match=f"{settings.key_prefix}profile:*:items", count=1000)
+        )
+        rows = [
+            ("events drained", f"{state['records']:,}"),
+            ("events folded", f"{state['folded']:,}"),
+            ("profiles in Redis", f"{profiles:,}"),
+            ("wall time (s)", f"{elapsed:.2f}"),
+            ("drain rate (events/s)", f"{state['records'] / elapsed:,.0f}"),
+            ("fold latency p50 (ms)", f"{1000 * percentile(latencies, 0.50):.1f}"),
+            ("fold latency p99 (ms)", f"{1000 * percentile(latencies, 0.99):.1f}"),
+            ("batches", f"{len(batches)}"),
+            ("batch size median", f"{statistics.median(sizes):.0f}"),
+            ("batch size setting", f"{settings.streams_batch_size}"),
+            ("partitions", f"{args.partitions}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        print(f"\n{'metric':<{width}} | value\n{'-' * width}-+-{'-' * 12}")
+        for name, value in rows:
+            print(f"{name:<{width}} | {value:>12}")
+    finally:
+        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(topics)
+        stale = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start : start + 1000])
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
