@@ -1,0 +1,143 @@
+"""Prometheus metrics of the consumers, and the small HTTP server that exposes them.
+
+Names carry the ``recs_`` prefix and their unit. Consumer lag comes from librdkafka's statistics
+(``statistics.interval.ms``), per topic and partition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+__all__ = [
+    "CACHE_BATCH_SIZE",
+    "CACHE_INVALID",
+    "CACHE_STALE",
+    "CACHE_WRITES",
+    "CONSUMER_LAG",
+    "REGEN_COALESCED",
+    "REGEN_FRESHNESS",
+    "REGEN_INVALID",
+    "REGEN_MESSAGES",
+    "REGEN_MISSING_PROFILE",
+    "REGEN_PAUSED",
+    "REGEN_PENDING_USERS",
+    "REGEN_PUBLISHED",
+    "REGEN_PUBLISH_ERRORS",
+    "REGEN_REGENERATIONS",
+    "MetricsServer",
+    "record_lag",
+]
+
+log = logging.getLogger(__name__)
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+CONSUMER_LAG = Gauge(
+    "recs_consumer_lag_messages",
+    "Messages behind the partition's high watermark (librdkafka statistics).",
+    ["group", "topic", "partition"],
+)
+
+REGEN_MESSAGES = Counter("recs_regen_changes_total", "ProfileChanged messages consumed.")
+REGEN_INVALID = Counter(
+    "recs_regen_invalid_messages_total", "Messages on profiles.changed that failed validation."
+)
+REGEN_COALESCED = Counter(
+    "recs_regen_coalesced_changes_total",
+    "Changes answered by another change's regeneration (debounced or already covered).",
+)
+REGEN_REGENERATIONS = Counter(
+    "recs_regen_regenerations_total", "Recommendation lists computed.", ["source"]
+)
+REGEN_PUBLISHED = Counter("recs_regen_published_total", "Lists delivered to the output topic.")
+REGEN_PUBLISH_ERRORS = Counter(
+    "recs_regen_publish_errors_total", "Lists the broker did not accept (offsets kept open)."
+)
+REGEN_MISSING_PROFILE = Counter(
+    "recs_regen_missing_profiles_total", "Changes for users without a profile in Redis."
+)
+REGEN_FRESHNESS = Histogram(
+    "recs_regen_freshness_seconds",
+    "Triggering event time to the list's delivery on the output topic.",
+    buckets=_SECONDS,
+)
+REGEN_PAUSED = Gauge("recs_regen_paused", "1 while input partitions are paused (backpressure).")
+REGEN_PENDING_USERS = Gauge("recs_regen_pending_users", "Users waiting in the debounce window.")
+
+CACHE_WRITES = Counter("recs_cache_writes_total", "Lists written to recs:{user}.")
+CACHE_STALE = Counter(
+    "recs_cache_stale_rejections_total",
+    "Lists not written because the cache held a newer profile_version.",
+)
+CACHE_INVALID = Counter(
+    "recs_cache_invalid_messages_total", "Messages on recommendations that failed validation."
+)
+CACHE_BATCH_SIZE = Histogram(
+    "recs_cache_batch_size",
+    "Lists per Redis round trip.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+
+
+def record_lag(group: str, stats_json: str) -> None:
+    """librdkafka ``stats_cb``: export ``consumer_lag`` of every assigned partition."""
+    stats = json.loads(stats_json)
+    for topic, info in stats.get("topics", {}).items():
+        for partition, pinfo in info.get("partitions", {}).items():
+            lag = pinfo.get("consumer_lag", -1)
+            if partition != "-1" and lag >= 0:
+                CONSUMER_LAG.labels(group, topic, partition).set(lag)
+
+
+class MetricsServer:
+    """Serves ``/metrics`` (Prometheus text) and ``/healthz`` (JSON) on a background thread."""
+
+    def __init__(
+        self, host: str, port: int, health: Callable[[], tuple[bool, dict[str, Any]]]
+    ) -> None:
+        health_check = health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._reply(200, CONTENT_TYPE_LATEST, generate_latest())
+                elif self.path == "/healthz":
+                    ok, detail = health_check()
+                    body = json.dumps({"ok": ok, **detail}).encode()
+                    self._reply(200 if ok else 503, "application/json", body)
+                else:
+                    self._reply(404, "application/json", b'{"error": "not found"}')
+
+            def _reply(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug(format, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

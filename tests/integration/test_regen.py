@@ -1,0 +1,363 @@
+"""Regeneration and cache writing on the real Kafka and Redis, end to end.
+
+The worker pool serves the co-occurrence model fitted on ML-100K; each test compares what reaches
+the output topic and the cache with what that same model returns for the user's final profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from consumers.cache_writer import CacheWriter, RecsCache
+from consumers.regen import RegenService, build_pool
+from consumers.settings import CacheWriterSettings, RegenSettings
+from inference.datasets import Dataset, load_dataset
+from inference.pool import WorkerPool
+from inference.worker import DatasetModelLoader, Recommender
+from recstream.keys import Keys
+from recstream.settings import CommonSettings
+from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
+from streams.catalog import load_catalog
+from streams.fold import FoldParams, FoldScript
+from streams.profile import read_profile
+from streams.replay import produce, replay_records
+from tests.conftest import Namespace
+
+pytestmark = pytest.mark.integration
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def dataset(stack_ready: CommonSettings) -> Dataset:
+    return load_dataset("ml-100k", stack_ready.data_dir)
+
+
+@pytest.fixture(scope="module")
+def pool(stack_ready: CommonSettings) -> Iterator[WorkerPool]:
+    settings = RegenSettings(**stack_ready.model_dump(), workers=1, request_timeout_s=10.0)
+    started = build_pool(settings).start()
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def model(stack_ready: CommonSettings) -> Recommender:
+    """The same model the pool serves, built here to compute the expected answers."""
+    return DatasetModelLoader("ml-100k", stack_ready.data_dir)()
+
+
+@dataclass
+class Services:
+    regen: RegenService
+    writer: CacheWriter
+    redis: redis.Redis
+    keys: Keys
+
+
+@pytest.fixture
+def services(ns: Namespace, pool: WorkerPool) -> Iterator[Services]:
+    common = ns.settings.model_dump()
+    regen = RegenService(
+        RegenSettings(**common, regen_group_id=ns.group("regen"), debounce_ms=20.0), pool
+    )
+    writer = CacheWriter(CacheWriterSettings(**common, cache_group_id=ns.group("cache")))
+    threads = [
+        threading.Thread(target=svc.run, name=name, daemon=True)
+        for name, svc in (("regen", regen), ("cache", writer))
+    ]
+    for thread in threads:
+        thread.start()
+    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    try:
+        yield Services(regen, writer, client, Keys(ns.settings.key_prefix))
+    finally:
+        regen.stop()
+        writer.stop()
+        for thread in threads:
+            thread.join(30)
+        client.close()
+
+
+def _cached(svc: Services, user: str) -> Recommendations | None:
+    raw = svc.redis.get(svc.keys.recs(user))
+    return None if raw is None else Recommendations.model_validate_json(raw)
+
+
+def _read_topic(settings: CommonSettings, group: str) -> list[Recommendations]:
+    """Everything on the output topic, in partition order (readiness: high watermarks)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
+    topic = settings.topic_recommendations
+    try:
+        out: list[Recommendations] = []
+        for partition in range(settings.topic_partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            taken = 0
+            while taken < high - low:
+                message = consumer.poll(5)
+                assert message is not None, "output topic did not deliver to its watermark"
+                assert message.error() is None
+                out.append(Recommendations.model_validate_json(message.value() or b""))
+                taken += 1
+        return out
+    finally:
+        consumer.close()
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _expected(model: Recommender, svc: Services, user: str) -> tuple[int, list[str]]:
+    profile = read_profile(svc.redis, svc.keys, user)
+    assert profile is not None
+    history = list(reversed(profile.recent_items))
+    return profile.version, [item for item, _ in model.recommend([history], K)[0]]
+
+
+def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
+    ns: Namespace,
+    services: Services,
+    dataset: Dataset,
+    model: Recommender,
+    tmp_path: Path,
+) -> None:
+    settings = ns.settings
+    load_catalog(services.redis, services.keys, dataset)
+    env = {
+        **os.environ,
+        "RECSTREAM_KEY_PREFIX": settings.key_prefix,
+        "RECSTREAM_TOPIC_CLICKSTREAM": settings.topic_clickstream,
+        "RECSTREAM_TOPIC_DLQ": settings.topic_dlq,
+        "RECSTREAM_TOPIC_PROFILES_CHANGED": settings.topic_profiles_changed,
+        "RECSTREAM_TOPIC_RECOMMENDATIONS": settings.topic_recommendations,
+        "RECSTREAM_STREAMS_APP_ID": ns.group("streams"),
+        "RECSTREAM_STREAMS_DATADIR": str(tmp_path),
+        "RECSTREAM_STREAMS_LOGLEVEL": "warning",
+    }
+    with (tmp_path / "streams.log").open("wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "recstream", "serve", "streams"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        limit = 1500  # 500 ratings → 1,500 clickstream events
+        events: dict[str, int] = {}
+        for key, _ in replay_records(dataset, limit):
+            events[key.decode()] = events.get(key.decode(), 0) + 1
+        records = replay_records(dataset, limit)
+        produce(settings.kafka_bootstrap, settings.topic_clickstream, records)
+
+        def folded() -> bool:
+            for user, count in events.items():
+                profile = read_profile(services.redis, services.keys, user)
+                if profile is None or profile.event_count != count:
+                    return False
+            return True
+
+        _wait_for(folded, 45, "the Faust worker to fold the slice")
+        expected = {user: _expected(model, services, user) for user in events}
+
+        def cached() -> bool:
+            for user, (version, _) in expected.items():
+                recs = _cached(services, user)
+                if recs is None or recs.profile_version != version:
+                    return False
+            return True
+
+        _wait_for(cached, 30, "fresh lists in the cache for every changed user")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+    catalog = set(dataset.items)
+    published = _read_topic(settings, ns.group("reader"))
+    assert {r.user_id for r in published} == set(events)
+    newest: dict[str, Recommendations] = {}
+    for recs in published:
+        previous = newest.get(recs.user_id)
+        assert previous is None or previous.profile_version <= recs.profile_version
+        newest[recs.user_id] = recs
+        assert {i.item_id for i in recs.items} <= catalog
+    for user, (version, items) in expected.items():
+        cached_recs = _cached(services, user)
+        assert cached_recs is not None
+        assert cached_recs == newest[user]  # the cache holds the newest published list
+        assert cached_recs.profile_version == version
+        assert cached_recs.source == "model"
+        assert [i.item_id for i in cached_recs.items] == items
+    assert len(published) < sum(events.values())  # far fewer lists than events
+
+
+def _fold_one_by_one(
+    settings: CommonSettings, user: str, items: list[str], start: datetime
+) -> list[tuple[int, datetime]]:
+    """Fold one click per item straight into Redis; returns (profile version, event time)."""
+    import redis.asyncio
+
+    async def run() -> list[tuple[int, datetime]]:
+        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        script = FoldScript(client, settings.key_prefix, FoldParams())
+        out = []
+        try:
+            for n, item in enumerate(items):
+                ts = start + timedelta(seconds=n)
+                (result,) = await script.run({user: [(f"e-{user}-{n}", item, ts.timestamp(), 2.0)]})
+                out.append((result.version, ts))
+        finally:
+            await client.aclose()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profile(
+    ns: Namespace, services: Services, dataset: Dataset, model: Recommender
+) -> None:
+    settings = ns.settings
+    user = "burst-user"
+    items = list(dataset.items)[:50]
+    versions = _fold_one_by_one(settings, user, items, datetime(2026, 1, 1, tzinfo=UTC))
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    for n, (version, ts) in enumerate(versions):
+        change = ProfileChanged(
+            user_id=user,
+            profile_version=version,
+            changes=ProfileChanges(new_items=[items[n]], events=1),
+            event_id=f"e-{user}-{n}",
+            trigger_ts=ts,
+        )
+        producer.produce(
+            settings.topic_profiles_changed, key=user.encode(), value=change.model_dump_json()
+        )
+    assert producer.flush(10) == 0
+    final_version, final_ts = versions[-1]
+    _wait_for(
+        lambda: (r := _cached(services, user)) is not None and r.profile_version == final_version,
+        30,
+        "the burst's final list in the cache",
+    )
+    published = [r for r in _read_topic(settings, ns.group("reader")) if r.user_id == user]
+    assert 1 <= len(published) <= 10  # 50 changes, a handful of regenerations at most
+    last = published[-1]
+    assert last.profile_version == final_version
+    assert last.trigger_ts == final_ts  # reflects the last event
+    assert [i.item_id for i in last.items] == _expected(model, services, user)[1]
+
+    # Every change is accounted for: once the consumer stops, its group has committed them all.
+    services.regen.stop()
+    _wait_for(lambda: not services.regen.running.is_set(), 30, "the consumer to close")
+    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": ns.group("regen")})
+    try:
+        partitions = [
+            TopicPartition(settings.topic_profiles_changed, p)
+            for p in range(settings.topic_partitions)
+        ]
+        committed = {tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)}
+        for tp in partitions:
+            low, high = probe.get_watermark_offsets(tp, timeout=10)
+            if high > low:
+                assert committed[tp.partition] == high
+    finally:
+        probe.close()
+
+
+def _recs(user: str, version: int) -> Recommendations:
+    now = datetime.now(UTC)
+    return Recommendations(
+        user_id=user,
+        items=[ScoredItem(item_id=f"item-{version}", score=1.0)],
+        profile_version=version,
+        model=ModelRef(name="test", version="1"),
+        variant="default",
+        source="model",
+        generated_at=now,
+        trigger_ts=now,
+    )
+
+
+def test_cache_compare_and_set_never_goes_backwards(ns: Namespace) -> None:
+    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    keys = Keys(ns.settings.key_prefix)
+    cache = RecsCache(client, keys, ttl_s=60)
+    try:
+        batch = [("u", v, _recs("u", v).model_dump_json().encode()) for v in (3, 7, 5, 7)]
+        assert cache.write_many(batch) == [True, True, False, True]
+        stored = Recommendations.model_validate_json(client.get(keys.recs("u")) or b"")
+        assert stored.profile_version == 7
+        assert 0 < client.pttl(keys.recs("u")) <= 60_000
+        assert cache.write_many([("u", 6, _recs("u", 6).model_dump_json().encode())]) == [False]
+        assert cache.write_many([("u", 8, _recs("u", 8).model_dump_json().encode())]) == [True]
+        stored = Recommendations.model_validate_json(client.get(keys.recs("u")) or b"")
+        assert stored.items[0].item_id == "item-8"
+    finally:
+        client.close()
+
+
+def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> None:
+    from consumers.metrics import CACHE_BATCH_SIZE, CACHE_INVALID
+
+    settings = ns.settings
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    users = [f"u{n}" for n in range(100)]
+    for user in users:
+        for version in (1, 2):
+            value = _recs(user, version).model_dump_json()
+            producer.produce(settings.topic_recommendations, key=user.encode(), value=value)
+    producer.produce(settings.topic_recommendations, key=b"bad", value=b"{not json")
+    assert producer.flush(10) == 0
+
+    def batches() -> float:
+        samples = next(iter(CACHE_BATCH_SIZE.collect())).samples
+        return next(s.value for s in samples if s.name.endswith("_count"))
+
+    invalid_before = CACHE_INVALID._value.get()
+    batches_before = batches()
+    writer = CacheWriter(
+        CacheWriterSettings(**settings.model_dump(), cache_group_id=ns.group("cache"))
+    )
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: writer.written + writer.stale >= 200, 30, "every list written")
+    finally:
+        writer.stop()
+        thread.join(30)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    try:
+        for user in users:
+            stored = Recommendations.model_validate_json(client.get(keys.recs(user)) or b"")
+            assert stored.profile_version == 2
+    finally:
+        client.close()
+    assert CACHE_INVALID._value.get() - invalid_before == 1
+    assert batches() - batches_before < 200  # several lists per round trip
