@@ -1,0 +1,18 @@
+"""Prometheus metrics of the read API (served by the API itself at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+__all__ = ["FALLBACKS", "LATENCY", "REQUESTS"]
+
+REQUESTS = Counter("recs_api_requests_total", "HTTP requests answered.", ["route", "status"])
+LATENCY = Histogram(
+    "recs_api_request_latency_seconds",
+    "Time to answer one request, in the handler.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+FALLBACKS = Counter(
+    "recs_api_fallbacks_total", "Requests answered with popular items (no cached list)."
+)
