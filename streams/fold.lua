@@ -21,6 +21,28 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- Lua's unpack() is limited to a few thousand values: long argument lists go in slices.
+local SLICE = 1000
+
+local function call_sliced(command, key, args, prefix_arg)
+  local replies = {}
+  for start = 1, #args, SLICE do
+    local stop = math.min(start + SLICE - 1, #args)
+    local reply
+    if prefix_arg then
+      reply = redis.call(command, key, prefix_arg, unpack(args, start, stop))
+    else
+      reply = redis.call(command, key, unpack(args, start, stop))
+    end
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do
+        replies[#replies + 1] = value
+      end
+    end
+  end
+  return replies
+end
+
 local categories_of = {}
 local function categories(item)
   local cats = categories_of[item]
@@ -47,23 +69,32 @@ local function rescale(key, factor)
     args[#args + 1] = flat[j]
     args[#args + 1] = fmt(tonumber(flat[j + 1]) * factor)
   end
-  redis.call('HSET', key, unpack(args))
+  call_sliced('HSET', key, args)
 end
 
-local function mix(key)
+local function read_hash(key)
   local flat = redis.call('HGETALL', key)
-  local total = 0
   local out = {}
   for j = 1, #flat, 2 do
-    local v = tonumber(flat[j + 1])
+    out[flat[j]] = tonumber(flat[j + 1])
+  end
+  return out
+end
+
+-- The category mix: affinities normalised to sum 1 (decay cancels out in the ratio).
+local function mix(values)
+  local total = 0
+  for _, v in pairs(values) do
     if v > 0 then
-      out[flat[j]] = v
       total = total + v
     end
   end
+  local out = {}
   if total > 0 then
-    for k, v in pairs(out) do
-      out[k] = v / total
+    for k, v in pairs(values) do
+      if v > 0 then
+        out[k] = v / total
+      end
     end
   end
   return out
@@ -106,8 +137,11 @@ for _ = 1, n_users do
   end
   local cutoff = newest - retention
 
+  -- Values are summed here in doubles and written once per batch with 17 significant
+  -- digits (HINCRBYFLOAT would round small values to 17 decimal places).
   local folded, duplicates, late = 0, 0, 0
-  local new_items = {}
+  local deltas, order, newest_of = {}, {}, {}
+  local cat_values, cats_touched = nil, {}
   local trigger_id, trigger_ts = nil, nil
   for e = first, i - 1, 4 do
     local event_id, item = ARGV[e], ARGV[e + 1]
@@ -119,15 +153,24 @@ for _ = 1, n_users do
     else
       folded = folded + 1
       local scaled = weight * 2 ^ ((ts - base) / h)
-      if redis.call('HEXISTS', ikey, item) == 0 then
-        new_items[#new_items + 1] = item
+      if deltas[item] == nil then
+        deltas[item] = 0
+        order[#order + 1] = item
       end
-      redis.call('HINCRBYFLOAT', ikey, item, fmt(scaled))
+      deltas[item] = deltas[item] + scaled
+      if newest_of[item] == nil or ts > newest_of[item] then
+        newest_of[item] = ts
+      end
       local cats = categories(item)
-      for _, cat in ipairs(cats) do
-        redis.call('HINCRBYFLOAT', ckey, cat, fmt(scaled / #cats))
+      if #cats > 0 then
+        if cat_values == nil then
+          cat_values = read_hash(ckey)
+        end
+        for _, cat in ipairs(cats) do
+          cat_values[cat] = (cat_values[cat] or 0) + scaled / #cats
+          cats_touched[cat] = true
+        end
       end
-      redis.call('ZADD', rkey, 'GT', ts, item)
       if trigger_ts == nil or ts >= trigger_ts then
         trigger_id, trigger_ts = event_id, ts
       end
@@ -135,11 +178,37 @@ for _ = 1, n_users do
   end
 
   local emit, shift = 0, 0
+  local new_items = {}
   if folded > 0 then
+    local old = call_sliced('HMGET', ikey, order)
+    local item_args, recent_args = {}, {}
+    for j, item in ipairs(order) do
+      local previous = tonumber(old[j])
+      if previous == nil then
+        new_items[#new_items + 1] = item
+        previous = 0
+      end
+      item_args[#item_args + 1] = item
+      item_args[#item_args + 1] = fmt(previous + deltas[item])
+      recent_args[#recent_args + 1] = fmt(newest_of[item])
+      recent_args[#recent_args + 1] = item
+    end
+    call_sliced('HSET', ikey, item_args)
+    call_sliced('ZADD', rkey, recent_args, 'GT')
     redis.call('ZREMRANGEBYRANK', rkey, 0, -(recent_max + 1))
     redis.call('ZREMRANGEBYSCORE', skey, '-inf', '(' .. fmt(cutoff))
+    if cat_values == nil then
+      cat_values = read_hash(ckey)
+    else
+      local cat_args = {}
+      for cat in pairs(cats_touched) do
+        cat_args[#cat_args + 1] = cat
+        cat_args[#cat_args + 1] = fmt(cat_values[cat])
+      end
+      call_sliced('HSET', ckey, cat_args)
+    end
     version = version + 1
-    local now_mix = mix(ckey)
+    local now_mix = mix(cat_values)
     local before = {}
     if state[5] then
       before = cjson.decode(state[5])

@@ -1,0 +1,204 @@
+"""Helpers for stream-processor integration tests: a worker subprocess, Kafka I/O, waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from confluent_kafka import Consumer, Producer
+
+from inference.datasets import Dataset, Item
+from recstream.keys import Keys
+from recstream.settings import CommonSettings
+from schemas import Profile
+from streams.catalog import load_catalog
+from streams.profile import read_profile
+
+CATALOG = {
+    "a": ("Action",),
+    "b": ("Action", "Drama"),
+    "c": ("Comedy",),
+    "d": ("Drama", "Romance"),
+    "e": (),
+}
+
+
+def load_test_catalog(settings: CommonSettings) -> dict[str, tuple[str, ...]]:
+    items = {i: Item(i, f"Title {i}", cats, 2000) for i, cats in CATALOG.items()}
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        load_catalog(client, Keys(settings.key_prefix), Dataset("test", [], items, {}))
+    finally:
+        client.close()
+    return dict(CATALOG)
+
+
+def event(
+    eid: str, user: str, item: str, ts: float, kind: str = "view", *, dwell_ms: int = 0
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": eid,
+        "type": kind,
+        "user_id": user,
+        "item_id": item,
+        "ts": datetime.fromtimestamp(ts, UTC).isoformat(),
+    }
+    if kind == "dwell":
+        body["dwell_ms"] = dwell_ms
+    return body
+
+
+def produce(settings: CommonSettings, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "partitioner": "murmur2_random"}
+    )
+    count = 0
+    for key, value in records:
+        producer.produce(settings.topic_clickstream, key=key, value=value)
+        count += 1
+    assert producer.flush(30) == 0, "records not delivered"
+    return count
+
+
+def produce_events(settings: CommonSettings, events: Iterable[dict[str, Any]]) -> int:
+    return produce(settings, ((e["user_id"].encode(), orjson.dumps(e)) for e in events))
+
+
+@dataclass
+class Consumed:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+
+def consume(
+    topic: str,
+    settings: CommonSettings,
+    until: Callable[[list[Consumed]], bool],
+    timeout_s: float = 45.0,
+) -> list[Consumed]:
+    """Read ``topic`` from the start until ``until(records)`` holds; fail after the timeout."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"reader-{topic}-{time.monotonic_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Consumed] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(out):
+            assert time.monotonic() < deadline, f"{topic}: condition not met, have {len(out)}"
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            headers: dict[str, bytes] = {}
+            for pair in msg.headers() or []:
+                raw = pair[1]
+                headers[pair[0]] = raw.encode() if isinstance(raw, str) else raw or b""
+            out.append(
+                Consumed(
+                    msg.key(), msg.value() or b"", headers, msg.partition() or 0, msg.offset() or 0
+                )
+            )
+    finally:
+        consumer.close()
+    return out
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 45.0) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def profiles(settings: CommonSettings, users: Iterable[str]) -> dict[str, Profile | None]:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        keys = Keys(settings.key_prefix)
+        return {u: read_profile(client, keys, u) for u in users}
+    finally:
+        client.close()
+
+
+def counts(settings: CommonSettings, users: Iterable[str]) -> dict[str, int]:
+    return {u: (p.event_count if p else 0) for u, p in profiles(settings, users).items()}
+
+
+@dataclass
+class Worker:
+    """``recstream serve streams`` in a subprocess, configured through RECSTREAM_* variables."""
+
+    settings: CommonSettings
+    app_id: str
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
+        env.update(
+            {
+                "RECSTREAM_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+                "RECSTREAM_REDIS_URL": s.redis_url.get_secret_value(),
+                "RECSTREAM_KEY_PREFIX": s.key_prefix,
+                "RECSTREAM_TOPIC_CLICKSTREAM": s.topic_clickstream,
+                "RECSTREAM_TOPIC_DLQ": s.topic_dlq,
+                "RECSTREAM_TOPIC_PROFILES_CHANGED": s.topic_profiles_changed,
+                "RECSTREAM_TOPIC_PARTITIONS": str(s.topic_partitions),
+                "RECSTREAM_STREAMS_APP_ID": self.app_id,
+                "RECSTREAM_STREAMS_DATADIR": str(self.workdir),
+                "RECSTREAM_STREAMS_BATCH_WITHIN_S": "0.05",
+                **self.extra_env,
+            }
+        )
+        return env
+
+    def start(self) -> Worker:
+        self.log_path = self.workdir / f"worker-{time.monotonic_ns()}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "recstream", "serve", "streams", "--loglevel", "warning"],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; a worker that does not exit in time is killed and reported."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("worker ignored SIGTERM") from None
+        return self.proc.returncode
