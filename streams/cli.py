@@ -61,6 +61,12 @@ def serve_streams(**flags: Any) -> None:
     from streams.app import build_app
 
     settings = _settings(**flags)
+    if settings.streams_event_loop == "uvloop":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app, _ = build_app(settings)
     Worker(app, loglevel=settings.streams_loglevel).execute_from_commandline()
 

@@ -7,6 +7,7 @@ Every field reads ``RECSTREAM_<FIELD>`` from the environment, e.g. ``RECSTREAM_S
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -31,6 +32,12 @@ class StreamsSettings(CommonSettings):
     )
     streams_redis_retry_s: float = Field(
         30.0, gt=0, description="How long Redis may stay unreachable before the worker fails."
+    )
+    streams_fast_drain: bool = Field(
+        True, description="Deliver fetched records without a task each (streams/consumer.py)."
+    )
+    streams_event_loop: Literal["asyncio", "uvloop"] = Field(
+        "uvloop", description="Event loop of the worker; uvloop roughly halves loop overhead."
     )
     streams_datadir: Path = Field(
         Path.home() / ".cache" / "recstream" / "faust",

@@ -1,0 +1,127 @@
+"""The fold agent's batch handler, with Redis and Kafka replaced by recorders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio
+
+import streams
+from schemas import ProfileChanged
+from streams.app import ProfileFolder
+from streams.fold import Folded
+from streams.settings import StreamsSettings
+
+
+@dataclass
+class FakeMessage:
+    key: bytes | None
+    value: bytes
+    topic: str = "clickstream"
+    partition: int = 2
+    offset: int = 0
+    time_in: float | None = None
+
+
+@dataclass
+class FakeEvent:
+    message: FakeMessage
+
+
+class FakeScript:
+    def __init__(self) -> None:
+        self.groups: list[Mapping[str, Sequence[tuple[str, str, float, float]]]] = []
+
+    async def run(
+        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+    ) -> list[Folded]:
+        self.groups.append(groups)
+        return [
+            Folded(user, 7, len(evs), 0, 0, True, 0.25, evs[-1][0], evs[-1][2], (evs[0][1],))
+            for user, evs in groups.items()
+        ]
+
+
+def run_batch(
+    records: list[FakeEvent],
+) -> tuple[FakeScript, list[dict[str, Any]], list[dict[str, Any]]]:
+    dlq: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
+
+    async def send_dlq(**kwargs: Any) -> None:
+        dlq.append(kwargs)
+
+    async def send_changed(**kwargs: Any) -> None:
+        changed.append(kwargs)
+
+    async def go() -> FakeScript:
+        client = redis.asyncio.Redis()
+        folder = ProfileFolder(StreamsSettings(), client, send_dlq, send_changed)
+        script = FakeScript()
+        folder.script = script  # type: ignore[assignment]  # a recorder instead of Redis
+        await folder.handle(records)
+        await client.aclose()
+        return script
+
+    return asyncio.run(go()), dlq, changed
+
+
+def click(user: str, eid: str, ts: str = "2024-01-01T00:00:00Z") -> bytes:
+    return orjson.dumps(
+        {
+            "schema_version": 1,
+            "event_id": eid,
+            "type": "click",
+            "user_id": user,
+            "item_id": "i",
+            "ts": ts,
+        }
+    )
+
+
+def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
+    records = [
+        FakeEvent(FakeMessage(b"u1", click("u1", "e1"), offset=1)),
+        FakeEvent(FakeMessage(b"u2", click("u2", "e2"), offset=2)),
+        FakeEvent(FakeMessage(b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3)),
+    ]
+    script, dlq, changed = run_batch(records)
+    assert dlq == []
+    (groups,) = script.groups
+    assert list(groups) == ["u1", "u2"]
+    assert [e[0] for e in groups["u1"]] == ["e1", "e3"]
+    assert groups["u1"][0][3] == 2.0  # a click's weight
+    assert [c["key"] for c in changed] == [b"u1", b"u2"]
+    first = ProfileChanged.model_validate_json(changed[0]["value"])
+    assert first.profile_version == 7
+    assert first.event_id == "e3"
+    assert first.trigger_ts.timestamp() == 1704067260.0
+    assert first.changes.new_items == ["i"]
+    assert first.changes.events == 2
+
+
+def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
+    bad = b'{"schema_version": 1'
+    records = [
+        FakeEvent(FakeMessage(b"u1", bad, offset=41)),
+        FakeEvent(FakeMessage(b"zz", click("u1", "e1"), offset=42)),
+        FakeEvent(FakeMessage(b"u1", click("u1", "e2"), offset=43)),
+    ]
+    script, dlq, _ = run_batch(records)
+    assert [d["value"] for d in dlq] == [bad, records[1].message.value]
+    headers = [dict(d["headers"]) for d in dlq]
+    assert [h["dlq.reason"] for h in headers] == [b"bad_json", b"key_mismatch"]
+    assert [h["dlq.source.offset"] for h in headers] == [b"41", b"42"]
+    assert all(h["dlq.source.topic"] == b"clickstream" for h in headers)
+    assert all(h["dlq.source.partition"] == b"2" for h in headers)
+    assert [d["key"] for d in dlq] == [b"u1", b"zz"]
+    assert [e[0] for e in script.groups[0]["u1"]] == ["e2"]
+
+
+def test_public_surface() -> None:
+    for name in streams.__all__:
+        assert hasattr(streams, name), name
