@@ -230,6 +230,15 @@ class LLMReranker:
         self._lock = threading.Lock()
         self._priors: dict[int, npt.NDArray[np.float32]] = {}
 
+    @classmethod
+    def load(cls, config: RerankerConfig | None = None) -> LLMReranker:
+        """The reranker for this machine: bfloat16 on CUDA when present, else fp32 on CPU."""
+        if config is None:
+            import torch
+
+            config = RerankerConfig(device="cuda" if torch.cuda.is_available() else "cpu")
+        return cls(config)
+
     def _prompt(self, history: Sequence[Item], candidates: Sequence[Item]) -> str:
         messages = build_messages(
             history,
@@ -251,7 +260,8 @@ class LLMReranker:
         """
         return self.score_batch([history], [candidates])[0]
 
-    def _prior(self, n: int) -> npt.NDArray[np.float32]:
+    def letter_prior(self, n: int) -> npt.NDArray[np.float32]:
+        """Letter log-probabilities for ``n`` blank candidates and no history (the calibration)."""
         if n not in self._priors:
             blank = [Item(f"blank-{i}", "N/A") for i in range(n)]
             self._priors[n] = self._letter_logprobs([self._prompt([], blank)], [n])[0]
@@ -270,14 +280,13 @@ class LLMReranker:
         ``calibrate`` overrides the configured setting for this call; without calibration the
         scores of one user are log-probabilities over exactly their candidates' letters.
         """
-        import torch
 
         if len(histories) != len(candidates):
             raise InferenceError(f"{len(histories)} histories for {len(candidates)} lists")
         size = batch_size or self.config.batch_size
         use_prior = self.config.calibrate if calibrate is None else calibrate
         out: list[npt.NDArray[np.float32]] = []
-        with self._lock, torch.inference_mode():
+        with self._lock:
             for start in range(0, len(histories), size):
                 chunk = range(start, min(start + size, len(histories)))
                 prompts = [self._prompt(histories[i], candidates[i]) for i in chunk]
@@ -285,7 +294,7 @@ class LLMReranker:
                 scores = self._letter_logprobs(prompts, counts)
                 del prompts  # prompts reveal a user's history: never kept beyond the pass
                 if use_prior:
-                    scores = [s - self._prior(n) for s, n in zip(scores, counts, strict=True)]
+                    scores = [s - self.letter_prior(n) for s, n in zip(scores, counts, strict=True)]
                 out.extend(scores)
         return out
 
@@ -301,14 +310,15 @@ class LLMReranker:
         mask = enc["attention_mask"]
         # Left padding shifts real tokens right; positions must count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self.model(
-            input_ids=enc["input_ids"],
-            attention_mask=mask,
-            position_ids=positions,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
-        letters = logits.index_select(1, self.letter_ids).float()
-        return [
-            torch.log_softmax(letters[row, :n], dim=0).cpu().numpy().astype(np.float32)
-            for row, n in enumerate(counts)
-        ]
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=enc["input_ids"],
+                attention_mask=mask,
+                position_ids=positions,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+            letters = logits.index_select(1, self.letter_ids).float()
+            return [
+                torch.log_softmax(letters[row, :n], dim=0).cpu().numpy().astype(np.float32)
+                for row, n in enumerate(counts)
+            ]
