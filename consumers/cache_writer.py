@@ -101,12 +101,11 @@ class CacheWriter:
 
     def step(self) -> int:
         """Read one batch, write it, store its offsets; returns the number of messages."""
-        messages = self.consumer.consume(
-            num_messages=self.settings.cache_batch_size,
-            timeout=0.1,
-        )
-        if not messages:
+        # poll() returns on the first message (consume() with a timeout would wait it out).
+        first = self.consumer.poll(0.1)
+        if first is None:
             return 0
+        messages = [first, *self.consumer.consume(self.settings.cache_batch_size - 1, timeout=0)]
         # A partial batch waits briefly for company: fewer round trips under load.
         deadline = time.monotonic() + self.settings.cache_batch_wait_ms / 1000.0
         while len(messages) < self.settings.cache_batch_size:

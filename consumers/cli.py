@@ -149,7 +149,18 @@ def serve_api(loglevel: str, **flags: Any) -> None:
     help="Leave a service out (repeatable).",
 )
 @click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
-def run_pipeline(without: tuple[str, ...], stop_timeout_s: float) -> None:
+@click.option(
+    "--regen-metrics-port", default=9102, show_default=True, help="Regeneration /metrics port."
+)
+@click.option(
+    "--cache-writer-metrics-port", default=9103, show_default=True, help="Cache writer /metrics."
+)
+def run_pipeline(
+    without: tuple[str, ...],
+    stop_timeout_s: float,
+    regen_metrics_port: int,
+    cache_writer_metrics_port: int,
+) -> None:
     """Run the whole pipeline in the foreground on the stack from `recstream stack up`.
 
     Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
@@ -159,7 +170,12 @@ def run_pipeline(without: tuple[str, ...], stop_timeout_s: float) -> None:
     from recstream.run import Pipeline
 
     _logging("info")
-    pipeline = Pipeline(exclude=set(without), stop_timeout_s=stop_timeout_s)
+    # One environment for every child, so the two metrics ports are given as flags.
+    ports = {
+        "regen": ["--metrics-port", str(regen_metrics_port)],
+        "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
+    }
+    pipeline = Pipeline(exclude=set(without), stop_timeout_s=stop_timeout_s, args=ports)
     stop = threading.Event()
     _on_stop_signals(stop.set)
     pipeline.run(stop)

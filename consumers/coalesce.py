@@ -66,6 +66,8 @@ class Coalescer:
         if running is not None and version <= running.read_version:
             running.positions.append(position)
             running.changes += 1
+            # The list being computed already reflects this change's event: say so.
+            running.trigger_ts = max(running.trigger_ts, trigger_ts)
             return False
         entry = self.pending.get(user_id)
         if entry is None:
@@ -74,7 +76,7 @@ class Coalescer:
             )
         elif version > entry.version:
             entry.version = version
-            entry.trigger_ts = trigger_ts
+        entry.trigger_ts = max(entry.trigger_ts, trigger_ts)
         entry.positions.append(position)
         entry.changes += 1
         return True
@@ -107,8 +109,8 @@ class Coalescer:
         current.positions[:0] = entry.positions
         current.changes += entry.changes
         current.due = min(current.due, entry.due)
-        if entry.version > current.version:
-            current.version, current.trigger_ts = entry.version, entry.trigger_ts
+        current.version = max(current.version, entry.version)
+        current.trigger_ts = max(current.trigger_ts, entry.trigger_ts)
 
     def start(self, entry: Pending, read_version: int) -> InFlight:
         """Mark a regeneration as running on the profile version it read."""
@@ -122,6 +124,7 @@ class Coalescer:
             del self.pending[entry.user_id]
             running.positions += waiting.positions
             running.changes += waiting.changes
+            running.trigger_ts = max(running.trigger_ts, waiting.trigger_ts)
         return running
 
     def finish(self, user_id: str) -> InFlight | None:

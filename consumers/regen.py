@@ -75,6 +75,7 @@ def build_pool(settings: RegenSettings) -> WorkerPool:
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
         request_timeout_s=settings.request_timeout_s,
+        threads_per_worker=settings.threads_per_worker,
     )
     return WorkerPool(loader, fallback, ds.items, config, warmup_history=fallback.items[:20])
 
@@ -174,7 +175,10 @@ class RegenService:
         wait = 0.05 if due is None else min(max(due - now, 0.0), 0.05)
         if not self._done.empty():
             wait = 0.0
-        messages = self.consumer.consume(num_messages=500, timeout=wait)
+        # poll() returns on the first message; consume(timeout=0) then takes what is already
+        # fetched. (consume() with a timeout waits for the whole batch or the whole timeout.)
+        first = self.consumer.poll(wait)
+        messages = [] if first is None else [first, *self.consumer.consume(499, timeout=0)]
         now = time.monotonic()
         for message in messages:
             self._accept(message, now)

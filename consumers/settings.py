@@ -36,6 +36,9 @@ class RegenSettings(CommonSettings):
     workers: int | None = Field(
         1, ge=1, description="Pool worker processes on CPU; unset = one per GPU when CUDA is on."
     )
+    threads_per_worker: int = Field(
+        1, ge=1, description="torch threads per worker (clamped to cores / workers)."
+    )
     max_batch_size: int = Field(32, ge=1, description="Largest batch a worker gets.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest wait to fill a partial batch.")
     queue_size: int = Field(256, ge=1, description="Pool request queue bound.")

@@ -37,15 +37,24 @@ class _Child:
 class Pipeline:
     """Starts and supervises the services as ``recstream serve NAME`` child processes."""
 
-    def __init__(self, exclude: set[str] | None = None, stop_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        exclude: set[str] | None = None,
+        stop_timeout_s: float = 60.0,
+        args: dict[str, list[str]] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.names = [name for name in SERVICES if name not in (exclude or set())]
         self.stop_timeout_s = stop_timeout_s
+        self.args = args or {}
+        self.env = env
         self.children: list[_Child] = []
 
     def start(self) -> None:
         for name in reversed(self.names):
             process = subprocess.Popen(
-                [sys.executable, "-m", "recstream", "serve", name],
+                [sys.executable, "-m", "recstream", "serve", name, *self.args.get(name, [])],
+                env=self.env,
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops in order
             )
             self.children.append(_Child(name, process))

@@ -41,6 +41,7 @@ def test_changes_covered_by_a_running_read_ride_along_and_newer_ones_wait() -> N
     (entry,) = c.take_due(now=0.0, limit=1)
     running = c.start(entry, read_version=5)  # the profile had moved on to version 5
     assert c.add("u", 4, _ts(4), ("t", 0, 11), now=0.1) is False  # stale: covered by v5
+    assert running.trigger_ts == _ts(4)  # the list being computed reflects that event too
     assert c.add("u", 6, _ts(6), ("t", 0, 12), now=0.1) is True
     assert c.take_due(now=1.0, limit=5) == []  # one regeneration per user at a time
     assert [p[2] for p in running.positions] == [10, 11]

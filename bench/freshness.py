@@ -1,0 +1,340 @@
+"""Freshness benchmark: clickstream event → fresh recommendations in the Redis cache.
+
+1. makes fresh topics, consumer groups and a Redis prefix, loads the ML-100K catalog, and starts
+   the whole pipeline as `recstream run` does (Faust worker, regeneration consumer with its pool,
+   cache writer, read API; child processes);
+2. replays ML-100K in time order at a fixed rate (default 200 events/s), each event stamped with
+   its production time, and watches ``recs:{user}``: an event is fresh once the cached list's
+   ``trigger_ts`` reaches the event's ts. Freshness is measured for the ``view`` that opens each
+   rating (a new item, so always a meaningful change);
+3. meanwhile reads the API in a bounded loop (loopback, one keep-alive connection) for latency;
+4. after the pipeline stops, saturates a worker pool alone with every ML-100K user's history to
+   measure the regenerations per second it sustains.
+
+Run: ``nice python bench/freshness.py [--rate 200] [--seconds 30]``. Prints a table. Everything it
+creates (topics, keys) is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from consumers.regen import build_pool
+from consumers.settings import RegenSettings
+from inference.datasets import Dataset, load_dataset
+from inference.pool import PoolResult, PoolSaturatedError
+from recstream.keys import Keys
+from recstream.run import Pipeline
+from recstream.settings import CommonSettings
+from recstream.stack import Stack
+from streams.catalog import load_catalog
+from streams.replay import dataset_tag, events_for
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(port: int, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"127.0.0.1:{port}{path} not healthy after {timeout:.0f}s")
+
+
+class Watcher(threading.Thread):
+    """Polls the cache for users with unanswered events and records their freshness."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        super().__init__(daemon=True)
+        self.client, self.keys = client, keys
+        self.lock = threading.Lock()
+        self.outstanding: dict[str, list[tuple[float, float]]] = {}  # user -> (ts, produced)
+        self.fresh: list[float] = []
+        self.stop = threading.Event()
+
+    def expect(self, user: str, ts: float, produced: float) -> None:
+        with self.lock:
+            self.outstanding.setdefault(user, []).append((ts, produced))
+
+    def pending(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.outstanding.values())
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with self.lock:
+                users = list(self.outstanding)
+            if users:
+                values = self.client.mget([self.keys.recs(u) for u in users])
+                seen = time.time()
+                with self.lock:
+                    for user, raw in zip(users, values, strict=True):
+                        if raw is None:
+                            continue
+                        trigger = datetime.fromisoformat(orjson.loads(raw)["trigger_ts"])
+                        reached = trigger.timestamp() + 1e-4
+                        waiting = self.outstanding.get(user, [])
+                        done = [(ts, p) for ts, p in waiting if ts <= reached]
+                        self.fresh.extend(seen - p for _, p in done)
+                        left = [(ts, p) for ts, p in waiting if ts > reached]
+                        if left:
+                            self.outstanding[user] = left
+                        else:
+                            self.outstanding.pop(user, None)
+            time.sleep(0.002)
+
+
+class ApiLoad(threading.Thread):
+    """Sequential GETs over one keep-alive connection, at a bounded rate."""
+
+    def __init__(self, port: int, users: list[str], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.users, self.rate = port, users, rate
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        rng = random.Random(7)
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            user = rng.choice(self.users)
+            started = time.perf_counter()
+            conn.request("GET", f"/v1/users/{user}/recommendations")
+            response = conn.getresponse()
+            response.read()
+            self.latencies.append(time.perf_counter() - started)
+            if response.status != 200:
+                self.errors += 1
+            next_at += 1.0 / self.rate
+            time.sleep(max(next_at - time.monotonic(), 0.0))
+        conn.close()
+
+
+def replay(
+    ds: Dataset, producer: Producer, topic: str, watcher: Watcher, *, rate: float, seconds: float
+) -> int:
+    """Produce the replay at ``rate`` events/s for ``seconds``; returns events produced."""
+    tag = dataset_tag(ds) + uuid.uuid4().hex.encode()  # fresh event ids: not a re-replay
+    total = int(rate * seconds)
+    started = time.monotonic()
+    sent = 0
+    for index, it in enumerate(ds.interactions):
+        for event in events_for(index, it, tag):
+            if sent >= total:
+                producer.flush(10)
+                return sent
+            due = started + sent / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.time()
+            event["ts"] = datetime.fromtimestamp(now, UTC).isoformat()
+            if event["type"] == "view":
+                watcher.expect(it.user_id, now, now)
+            producer.produce(topic, key=it.user_id.encode(), value=orjson.dumps(event))
+            producer.poll(0)
+            sent += 1
+    producer.flush(10)
+    return sent
+
+
+def pool_throughput(settings: RegenSettings, ds: Dataset, requests: int) -> dict[str, float]:
+    """Saturate a pool alone: every user's recent history, as fast as its queue accepts."""
+    histories = [[it.item_id for it in h][-50:] for h in ds.histories().values()]
+    pool = build_pool(settings).start()
+    try:
+        futures: list[Future[PoolResult]] = []
+        started = time.perf_counter()
+        n = 0
+        while n < requests:
+            try:
+                futures.append(pool.submit(histories[n % len(histories)], settings.recs_k))
+                n += 1
+            except PoolSaturatedError:
+                futures[-1].result(30)
+        results = [f.result(60) for f in futures]
+        elapsed = time.perf_counter() - started
+    finally:
+        pool.close()
+    fallbacks = sum(r.source == "fallback" for r in results)
+    return {"per_s": requests / elapsed, "fallbacks": fallbacks, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="Events per second.")
+    parser.add_argument("--seconds", type=float, default=30.0, help="Replay duration.")
+    parser.add_argument("--api-rate", type=float, default=100.0, help="API reads per second.")
+    parser.add_argument("--debounce-ms", type=float, default=20.0)
+    parser.add_argument("--streams-batch-within-s", type=float, default=0.01)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pool-requests", type=int, default=5000)
+    args = parser.parse_args()
+
+    token = uuid.uuid4().hex[:8]
+    base = CommonSettings()
+    names = {
+        "topic_clickstream": f"bench-clickstream-{token}",
+        "topic_dlq": f"bench-clickstream.dlq-{token}",
+        "topic_profiles_changed": f"bench-profiles.changed-{token}",
+        "topic_recommendations": f"bench-recommendations-{token}",
+    }
+    settings = base.model_copy(update={"key_prefix": f"bench:{token}:", **names})
+    Stack().create_topics(settings.topics(), settings.topic_partitions)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    ds = load_dataset("ml-100k", settings.data_dir)
+    load_catalog(client, keys, ds)
+
+    api_port, regen_port, cache_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        **{f"RECSTREAM_{k.upper()}": v for k, v in names.items()},
+        "RECSTREAM_KEY_PREFIX": settings.key_prefix,
+        "RECSTREAM_REGEN_GROUP_ID": f"bench-regen-{token}",
+        "RECSTREAM_CACHE_GROUP_ID": f"bench-cache-{token}",
+        "RECSTREAM_STREAMS_APP_ID": f"bench-streams-{token}",
+        "RECSTREAM_STREAMS_DATADIR": tempfile.mkdtemp(prefix="recstream-bench-"),
+        "RECSTREAM_STREAMS_BATCH_WITHIN_S": str(args.streams_batch_within_s),
+        "RECSTREAM_STREAMS_LOGLEVEL": "warning",
+        "RECSTREAM_DEBOUNCE_MS": str(args.debounce_ms),
+        "RECSTREAM_WORKERS": str(args.workers),
+        "RECSTREAM_API_PORT": str(api_port),
+    }
+    pipeline = Pipeline(
+        args={
+            "regen": ["--metrics-port", str(regen_port), "--loglevel", "warning"],
+            "cache-writer": ["--metrics-port", str(cache_port), "--loglevel", "warning"],
+            "api": ["--loglevel", "warning"],
+        },
+        env=env,
+    )
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "linger.ms": 0,
+            "partitioner": "murmur2_random",
+        }
+    )
+    watcher = Watcher(client, keys)
+    results: dict[str, Any] = {}
+    try:
+        pipeline.start()
+        wait_http(regen_port, "/healthz", 180)
+        wait_http(api_port, "/healthz", 60)
+        # Readiness of the whole chain: one probe event must come out in the cache.
+        watcher.start()
+        probe_item = next(iter(ds.items))
+        probe_ts = time.time()
+        watcher.expect("bench-probe", probe_ts, probe_ts)
+        probe = {
+            "schema_version": 1,
+            "event_id": f"probe-{token}",
+            "type": "view",
+            "user_id": "bench-probe",
+            "item_id": probe_item,
+            "ts": datetime.fromtimestamp(probe_ts, UTC).isoformat(),
+        }
+        producer.produce(names["topic_clickstream"], key=b"bench-probe", value=orjson.dumps(probe))
+        producer.flush(10)
+        deadline = time.monotonic() + 120
+        while watcher.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if watcher.pending():
+            raise SystemExit("the pipeline did not answer the probe event within 120 s")
+        with watcher.lock:
+            watcher.fresh.clear()
+        print(f"pipeline ready; replaying {args.rate:.0f} events/s for {args.seconds:.0f}s")
+
+        users = list(dict.fromkeys(it.user_id for it in ds.interactions[:5000]))
+        api = ApiLoad(api_port, users, args.api_rate)
+        api.start()
+        started = time.monotonic()
+        topic = names["topic_clickstream"]
+        sent = replay(ds, producer, topic, watcher, rate=args.rate, seconds=args.seconds)
+        produced_s = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while watcher.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        api.stop.set()
+        api.join(10)
+        watcher.stop.set()
+        watcher.join(5)
+        results.update(
+            sent=sent,
+            achieved_rate=sent / produced_s,
+            fresh=list(watcher.fresh),
+            unanswered=watcher.pending(),
+            api=list(api.latencies),
+            api_errors=api.errors,
+        )
+    finally:
+        pipeline.stop()
+
+    regen = RegenSettings(workers=args.workers)
+    pool = pool_throughput(regen, ds, args.pool_requests)
+
+    ms = 1000.0
+    fresh = results["fresh"]
+    rows = [
+        ("events produced", f"{results['sent']} at {results['achieved_rate']:.0f}/s", ""),
+        ("views measured", f"{len(fresh)} ({results['unanswered']} unanswered)", ""),
+        ("freshness p50", f"{percentile(fresh, 0.5) * ms:.1f} ms", "≤ 100 ms"),
+        ("freshness p99", f"{percentile(fresh, 0.99) * ms:.1f} ms", "≤ 500 ms"),
+        ("freshness mean", f"{statistics.fmean(fresh) * ms:.1f} ms" if fresh else "n/a", ""),
+        ("pool regenerations/s", f"{pool['per_s']:.0f} ({pool['fallbacks']} fallbacks)", "≥ 200"),
+        ("API reads", f"{len(results['api'])} ({results['api_errors']} non-200)", ""),
+        ("API p50", f"{percentile(results['api'], 0.5) * ms:.2f} ms", ""),
+        ("API p99", f"{percentile(results['api'], 0.99) * ms:.2f} ms", "≤ 5 ms"),
+    ]
+    print(f"\nrecstream freshness benchmark ({os.cpu_count()} CPU cores, workers={args.workers})")
+    print(f"{'measure':<22} {'value':<32} goal")
+    for name, value, goal in rows:
+        print(f"{name:<22} {value:<32} {goal}")
+
+    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(settings.topics())
+    while batch := list(itertools.islice(client.scan_iter(f"{settings.key_prefix}*", 1000), 1000)):
+        client.delete(*batch)
+    client.close()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
