@@ -1,7 +1,8 @@
 -- Fold a batch of clickstream events into per-user profiles, atomically (one EVALSHA per batch).
 --
--- ARGV: prefix, half_life_s, recent_max, retention_s, rebase_after_s, shift_threshold, n_users,
---       then per user: user_id, n_events, n_events x (event_id, item_id, ts, weight).
+-- ARGV: prefix, half_life_s, recent_max, retention_s, rebase_after_s, shift_threshold, batch;
+-- batch is JSON: [[user_id, [[event_id, item_id, ts, weight], ...]], ...] (one argument, because
+-- packing thousands of separate arguments costs the client more than the fold costs Redis).
 -- Weights are stored scaled to the profile's base time B: an event (w, t) adds w * 2^((t-B)/h).
 -- Read at the reference time T (newest ts folded) a stored value s means s * 2^(-(T-B)/h), i.e.
 -- the sum of w * 2^(-(T-t)/h): the same whatever order the events arrived in. When T runs more
@@ -15,7 +16,7 @@ local recent_max = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
 local rebase_after = tonumber(ARGV[5])
 local threshold = tonumber(ARGV[6])
-local n_users = tonumber(ARGV[7])
+local batch = cjson.decode(ARGV[7])
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -101,12 +102,9 @@ local function mix(values)
 end
 
 local results = {}
-local i = 8
-for _ = 1, n_users do
-  local user = ARGV[i]
-  local n = tonumber(ARGV[i + 1])
-  local first = i + 2
-  i = first + 4 * n
+for _, group in ipairs(batch) do
+  local user = group[1]
+  local events = group[2]
 
   local pkey = prefix .. 'profile:' .. user
   local ikey = pkey .. ':items'
@@ -121,8 +119,8 @@ for _ = 1, n_users do
   local base = tonumber(state[4])
 
   local newest = ref
-  for e = first, i - 1, 4 do
-    local ts = tonumber(ARGV[e + 2])
+  for _, ev in ipairs(events) do
+    local ts = ev[3]
     if newest == nil or ts > newest then
       newest = ts
     end
@@ -143,9 +141,8 @@ for _ = 1, n_users do
   local deltas, order, newest_of = {}, {}, {}
   local cat_values, cats_touched = nil, {}
   local trigger_id, trigger_ts = nil, nil
-  for e = first, i - 1, 4 do
-    local event_id, item = ARGV[e], ARGV[e + 1]
-    local ts, weight = tonumber(ARGV[e + 2]), tonumber(ARGV[e + 3])
+  for _, ev in ipairs(events) do
+    local event_id, item, ts, weight = ev[1], ev[2], ev[3], ev[4]
     if ts < cutoff then
       late = late + 1
     elseif redis.call('ZADD', skey, 'NX', ts, event_id) == 0 then

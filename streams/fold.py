@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -133,22 +134,17 @@ def group_by_user(
 
 def script_args(
     prefix: str, params: FoldParams, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
-) -> list[str]:
-    args = [
+) -> list[str | bytes]:
+    """ARGV of ``fold.lua``: the rules, then the whole batch as one JSON argument."""
+    return [
         prefix,
         repr(params.half_life_s),
         str(params.recent_max),
         repr(params.retention_s),
         repr(params.rebase_after_s),
         repr(params.shift_threshold),
-        str(len(groups)),
+        orjson.dumps(list(groups.items())),
     ]
-    extend = args.extend
-    for user, events in groups.items():
-        extend((user, str(len(events))))
-        for event_id, item, ts, weight in events:
-            extend((event_id, item, repr(ts), repr(weight)))
-    return args
 
 
 class FoldScript:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -149,22 +150,9 @@ def test_script_args_layout() -> None:
     params = FoldParams(
         half_life_s=10.0, recent_max=5, retention_s=20.0, rebase_after_s=30.0, shift_threshold=0.1
     )
-    args = script_args("p:", params, {"u": [("e1", "a", 1.5, 2.0)]})
-    assert args == [
-        "p:",
-        "10.0",
-        "5",
-        "20.0",
-        "30.0",
-        "0.1",
-        "1",
-        "u",
-        "1",
-        "e1",
-        "a",
-        "1.5",
-        "2.0",
-    ]
+    args = script_args("p:", params, {"u": [("e1", "a", 1.5, 2.0)], "v": []})
+    assert args[:6] == ["p:", "10.0", "5", "20.0", "30.0", "0.1"]
+    assert orjson.loads(args[6]) == [["u", [["e1", "a", 1.5, 2.0]]], ["v", []]]
 
 
 def test_folded_decodes_script_rows() -> None:
