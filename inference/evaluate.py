@@ -1,0 +1,306 @@
+"""Evaluation runs: every model under the same protocol, one report, a table and a plot.
+
+Baselines are tuned on validation NDCG@10 and scored on the test targets; the generative model is
+trained per seed (or loaded from artifacts trained on the same data) and compared with the best
+baseline by a paired per-user test on NDCG@10. Every result carries the SHA-256 of the input files
+and the count of recommended items outside the catalog (checked, and required to be zero).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.exceptions import InferenceError
+from inference.models import EASE, ItemKNN, Popularity, Recommender, top_k_unseen, tune
+from inference.protocol import (
+    METRIC_KEYS,
+    Split,
+    coverage_at,
+    diversity_at,
+    latency_summary,
+    metrics_from_ranks,
+    ndcg_per_user,
+    target_ranks,
+)
+
+__all__ = [
+    "BASELINES",
+    "MODELS",
+    "baseline",
+    "evaluate",
+    "gen_preset",
+    "plot_report",
+    "significance",
+    "table",
+]
+
+BASELINES = ("pop", "itemknn", "ease")
+MODELS = (*BASELINES, "gen", "gen+rerank")
+LATENCY_USERS = 200
+
+GRIDS: dict[str, dict[str, Sequence[float]]] = {
+    "itemknn": {"k_neighbours": [20, 50, 200], "decay": [1.0, 0.9, 0.8, 0.7, 0.6]},
+    "ease": {"lam": [300, 1000, 3000], "decay": [1.0, 0.9, 0.8], "beta": [0.0, 0.3, 1.0]},
+}
+
+
+def gen_preset(dataset: str) -> dict[str, Any]:
+    """Transformer hyper-parameters chosen on validation NDCG@10 for each known dataset."""
+    presets: dict[str, dict[str, Any]] = {
+        "ml-100k": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
+        "ml-latest-small": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
+        "ml-latest-small-llamarec": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
+    }
+    return dict(presets.get(dataset, {"max_len": 200, "batch_size": 32, "ffn": 128}))
+
+
+def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Recommender:
+    """Fit a baseline, tuning its hyper-parameters on validation NDCG@10."""
+    if name == "pop":
+        return Popularity().fit(split)
+    model: Recommender = ItemKNN() if name == "itemknn" else EASE()
+    if name not in GRIDS:
+        raise InferenceError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    best = tune(model, split, GRIDS[name])
+    say(f"{name}: tuned on validation {best}")
+    return model
+
+
+def evaluate(
+    model: Recommender,
+    split: Split,
+    stage: str = "test",
+    batch_size: int = 256,
+    latency_users: int = LATENCY_USERS,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of ``model`` on ``stage`` and the per-user NDCG@10 (for paired tests)."""
+    hist, targets = split.histories(stage), split.targets(stage)
+    ranks, tops = [], []
+    out_of_catalog = 0
+    seen_returned = 0
+    for s in range(0, len(hist), batch_size):
+        chunk = hist[s : s + batch_size]
+        scores = model.score(chunk)
+        if scores.shape[1] != split.n_items:
+            raise InferenceError(f"{model.name} scored {scores.shape[1]} items, not the catalog")
+        top, _ = top_k_unseen(scores.copy(), chunk, 10)
+        out_of_catalog += int(np.count_nonzero((top < 0) | (top >= split.n_items)))
+        seen_returned += sum(int(np.isin(t, h).sum()) for t, h in zip(top, chunk, strict=True))
+        ranks.append(target_ranks(scores, chunk, targets[s : s + batch_size]))
+        tops.append(top)
+    all_ranks = np.concatenate(ranks)
+    all_top = np.concatenate(tops)
+    result: dict[str, Any] = metrics_from_ranks(all_ranks)
+    result["coverage@10"] = coverage_at(all_top, split.n_items)
+    result["diversity"] = diversity_at(all_top, split.genres())
+    # Single-user requests, as the streaming path issues them (one profile change at a time).
+    timings = []
+    for h in hist[:latency_users]:
+        t0 = time.perf_counter()
+        model.recommend([h], 10)
+        timings.append(time.perf_counter() - t0)
+    if timings:
+        result.update(latency_summary(timings))
+    result["out_of_catalog"] = out_of_catalog
+    result["seen_returned"] = seen_returned
+    result["users"] = len(hist)
+    result["dataset_sha256"] = dict(split.sha256)
+    if out_of_catalog or seen_returned:
+        raise InferenceError(
+            f"{model.name} returned {out_of_catalog} out-of-catalog and {seen_returned} seen items"
+        )
+    return result, ndcg_per_user(all_ranks)
+
+
+def significance(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """Paired tests on per-user NDCG@10: Wilcoxon signed-rank and paired t."""
+    from scipy import stats
+
+    diff = np.asarray(ours) - np.asarray(theirs)
+    out = {"mean_diff": float(diff.mean()), "users": float(diff.size)}
+    if np.count_nonzero(diff) == 0:
+        return {**out, "wilcoxon_p": 1.0, "paired_t_p": 1.0}
+    out["wilcoxon_p"] = float(stats.wilcoxon(ours, theirs).pvalue)
+    out["paired_t_p"] = float(stats.ttest_rel(ours, theirs).pvalue)
+    return out
+
+
+def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average numeric metrics over seeds; keep each seed's figures and the spread of NDCG@10."""
+    merged: dict[str, Any] = dict(runs[0])
+    for key in (*METRIC_KEYS, "latency_ms_p50", "latency_ms_p99"):
+        merged[key] = float(np.mean([r[key] for r in runs]))
+    merged["out_of_catalog"] = int(sum(r["out_of_catalog"] for r in runs))
+    merged["seen_returned"] = int(sum(r["seen_returned"] for r in runs))
+    merged["seeds"] = len(runs)
+    merged["ndcg@10_std"] = float(np.std([r["ndcg@10"] for r in runs]))
+    merged["per_seed"] = [{k: r[k] for k in ("seed", "hr@10", "ndcg@10") if k in r} for r in runs]
+    return merged
+
+
+def table(report: dict[str, Any]) -> str:
+    """A fixed-width text table of the report's models."""
+    cols = (*METRIC_KEYS, "latency_ms_p50", "latency_ms_p99")
+    header = f"{'model':<12}" + "".join(f"{c:>15}" for c in cols)
+    lines = [header, "-" * len(header)]
+    for name, res in report.items():
+        if name.startswith("_"):
+            continue
+        lines.append(f"{name:<12}" + "".join(f"{res[c]:>15.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Grouped bars: each metric, each model side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in report if not n.startswith("_")]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(METRIC_KEYS))
+    for j, name in enumerate(names):
+        ax.bar(x + j * width, [report[name][m] for m in METRIC_KEYS], width, label=name)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, METRIC_KEYS)
+    ax.set_ylabel("value (test split)")
+    meta = report.get("_meta", {})
+    ax.set_title(
+        f"{meta.get('dataset', '')}: full-catalog leave-one-out, {meta.get('users', '')} users"
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(
+    split: Split,
+    models: Sequence[str],
+    *,
+    seeds: int = 1,
+    artifacts: Sequence[Path] = (),
+    gen_overrides: dict[str, Any] | None = None,
+    gen_minutes: float | None = None,
+    rerank_top: int = 20,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate ``models`` on the test split; see the module docstring."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise InferenceError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    report: dict[str, Any] = {}
+    per_user: dict[str, np.ndarray] = {}
+    for name in (m for m in models if m in BASELINES):
+        model = baseline(name, split, say)
+        report[name], per_user[name] = evaluate(model, split)
+        say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
+    gens = []
+    if "gen" in models or "gen+rerank" in models:
+        gens = list(
+            _gen_models(
+                split,
+                seeds=seeds,
+                artifacts=artifacts,
+                overrides=gen_overrides,
+                minutes=gen_minutes,
+                say=say,
+            )
+        )
+    if "gen" in models:
+        runs, users = [], []
+        for seed, rec, fp32 in gens:
+            res, nd = evaluate(rec, split)
+            res["seed"] = seed
+            fp32_res, _ = evaluate(fp32, split, latency_users=0)
+            res["ndcg@10_fp32"] = fp32_res["ndcg@10"]
+            res["hr@10_fp32"] = fp32_res["hr@10"]
+            runs.append(res)
+            users.append(nd)
+            say(
+                f"gen seed {seed}: test ndcg@10={res['ndcg@10']:.4f} "
+                f"(fp32 {res['ndcg@10_fp32']:.4f})"
+            )
+        report["gen"] = mean_over_seeds(runs)
+        report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
+        per_user["gen"] = np.mean(users, axis=0)
+    if "gen+rerank" in models:
+        from inference.gen_rerank import GenRerank
+
+        runs, users = [], []
+        for seed, rec, _ in gens:
+            combo = GenRerank(rec, split, top_n=rerank_top, say=say).fit(split)
+            res, nd = evaluate(combo, split, latency_users=min(LATENCY_USERS, 50))
+            res["seed"] = seed
+            res["fusion_weight"] = combo.weight
+            runs.append(res)
+            users.append(nd)
+        report["gen+rerank"] = mean_over_seeds(runs)
+        per_user["gen+rerank"] = np.mean(users, axis=0)
+    present = [b for b in BASELINES if b in report]
+    meta: dict[str, Any] = {
+        "dataset": split.dataset,
+        "sha256": dict(split.sha256),
+        "users": len(split.eval_users),
+        "items": split.n_items,
+        "protocol": (
+            "time-ordered leave-one-out, full catalog, seen masked; P@5=hit@5/5, R@10=HR@10"
+        ),
+        "out_of_catalog_total": int(sum(r["out_of_catalog"] for r in report.values())),
+    }
+    if present:
+        best = max(present, key=lambda b: report[b]["ndcg@10"])
+        meta["best_baseline"] = best
+        for name in ("gen", "gen+rerank"):
+            if name in report:
+                sig = significance(per_user[name], per_user[best])
+                sig["ndcg_gain_pct"] = 100.0 * (
+                    report[name]["ndcg@10"] / report[best]["ndcg@10"] - 1.0
+                )
+                report[name]["vs_best_baseline"] = {"baseline": best, **sig}
+    report["_meta"] = meta
+    return report
+
+
+def _gen_models(
+    split: Split,
+    *,
+    seeds: int,
+    artifacts: Sequence[Path],
+    overrides: dict[str, Any] | None,
+    minutes: float | None,
+    say: Callable[[str], None],
+) -> Iterator[tuple[int, Recommender, Recommender]]:
+    """Yield ``(seed, served model, fp32 model)`` per seed: loaded artifacts or fresh training."""
+    from inference.artifact import load_recommender
+    from inference.generative import GenConfig, GenRecommender, train_gen
+
+    if artifacts:
+        for path in artifacts:
+            loaded = load_recommender(path)
+            if loaded.item_ids != split.item_ids or loaded.manifest.get(
+                "training_data_sha256"
+            ) != dict(split.sha256):
+                raise InferenceError(f"artifact {path} was not trained on {split.dataset}")
+            full = load_recommender(path, quantize=False)
+            yield int(loaded.scorer.cfg.seed), loaded.scorer, full.scorer
+        return
+    from inference.generative import quantize_int8
+
+    for seed in range(seeds):
+        cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **(overrides or {})})
+        model, log = train_gen(
+            split, cfg, time_budget_s=None if minutes is None else minutes * 60, say=say
+        )
+        say(
+            f"gen seed {seed}: best valid ndcg@10 {log['valid_ndcg@10']:.4f} "
+            f"at epoch {log['best_epoch']} in {log['train_seconds']:.0f}s"
+        )
+        fp32 = GenRecommender(model, cfg)
+        yield seed, GenRecommender(quantize_int8(model), cfg, precision="int8"), fp32
