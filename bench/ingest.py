@@ -7,7 +7,7 @@
 3. prints events/s (first batch received to last batch committed) and the per-event fold latency
    (arrival in the agent to profile committed in Redis), p50/p99.
 
-Run: ``nice python bench/ingest.py [--events N] [--batch-size N]``. Topics and keys it makes are
+Run from the repository root: ``nice python -m bench.ingest [--events N] [--batch-size N]``. Topics and keys it makes are
 deleted at the end.
 """
 
