@@ -81,9 +81,10 @@ def _register() -> None:
     """Attach the commands that each package defines next to its code."""
     from consumers.cli import register as register_consumers
     from inference.cli import register as register_inference
+    from ops.cli import register as register_ops
     from streams.cli import register as register_streams
 
-    for register in (register_streams, register_inference, register_consumers):
+    for register in (register_streams, register_inference, register_consumers, register_ops):
         register(main, serve)
 
 

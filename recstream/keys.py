@@ -47,3 +47,11 @@ class Keys:
     def catalog_meta(self) -> str:
         """Hash describing the loaded catalog (dataset name, sha256, item count)."""
         return f"{self.prefix}catalog:meta"
+
+    def namespace(self, name: str) -> Keys:
+        """Keys of a side namespace nested under this prefix (e.g. a profile rebuild)."""
+        return Keys(f"{self.prefix}ns:{name}:")
+
+    def replay_state(self) -> str:
+        """Hash of a profile rebuild's progress: phase, per-partition next and end offsets."""
+        return f"{self.prefix}replay:state"

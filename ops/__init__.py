@@ -1,0 +1,47 @@
+"""Operator tools: replay topic history to rebuild profiles or re-run regeneration, compare outputs.
+
+The comparison metrics, settings and errors load with the package. The Kafka- and Redis-backed
+tools load on first access (``ProfileRebuild`` pulls in the Faust app's batch handler), so the
+command line stays fast.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from ops.compare import Comparison, compare, kendall_tau_union, overlap_at_k
+from ops.exceptions import OpsError, ReplayError
+from ops.settings import OpsSettings
+
+__all__ = [
+    "Comparison",
+    "OpsError",
+    "OpsSettings",
+    "PartitionRange",
+    "ProfileRebuild",
+    "RegenReplay",
+    "ReplayError",
+    "TopicReader",
+    "changed_users",
+    "compare",
+    "compare_topics",
+    "kendall_tau_union",
+    "latest_lists",
+    "overlap_at_k",
+]
+
+_LAZY = {
+    "PartitionRange": "ops.topics",
+    "TopicReader": "ops.topics",
+    "ProfileRebuild": "ops.rebuild",
+    "RegenReplay": "ops.regen",
+    "changed_users": "ops.regen",
+    "compare_topics": "ops.regen",
+    "latest_lists": "ops.regen",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ops' has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -1,0 +1,253 @@
+"""Commands of the operator tools: ``recstream replay profiles | regen | compare``.
+
+Options also read ``RECSTREAM_*`` environment variables through :class:`ops.settings.OpsSettings`;
+heavy modules (Faust, torch) are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["register"]
+
+
+def _settings(**overrides: Any) -> Any:
+    """OpsSettings from the environment, with the flags that were given on top."""
+    from ops.settings import OpsSettings
+
+    return OpsSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _rfc3339(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not an RFC 3339 time: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise click.BadParameter("give a UTC offset, e.g. 2026-01-01T00:00:00Z")
+    return parsed
+
+
+_progress_option = click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Progress bar with ETA."
+)
+
+
+@click.group("replay")
+def replay() -> None:
+    """Replay topic history: rebuild profiles, re-run regeneration, compare model outputs."""
+
+
+@replay.command("profiles")
+@click.option("--from-beginning", is_flag=True, help="Read the topic from its first offset.")
+@click.option(
+    "--from-time",
+    callback=_rfc3339,
+    metavar="RFC3339",
+    help="Read from the first record at or after this time (offsets-for-times).",
+)
+@click.option(
+    "--namespace",
+    help="Name of the rebuild's Redis namespace ({prefix}ns:NAME:). Give an existing one to "
+    "resume or switch it. [default: rebuild-<UTC time>]",
+)
+@click.option("--switch", is_flag=True, help="When rebuilt, switch readers to it atomically.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print partitions, offsets and counts; write nothing."
+)
+@click.option(
+    "--batch-size",
+    "replay_batch_size",
+    type=click.IntRange(min=1),
+    help="Records per fold. [env RECSTREAM_REPLAY_BATCH_SIZE; 2000]",
+)
+@click.option("--topic", help="Clickstream topic to read. [env RECSTREAM_TOPIC_CLICKSTREAM]")
+@_progress_option
+def replay_profiles(
+    *,
+    from_beginning: bool,
+    from_time: datetime | None,
+    namespace: str | None,
+    switch: bool,
+    dry_run: bool,
+    topic: str | None,
+    progress: bool,
+    **flags: Any,
+) -> None:
+    """Rebuild every profile from the clickstream's history into a fresh Redis namespace.
+
+    Folds with the live agent's own code and settings (RECSTREAM_PROFILE_*, RECSTREAM_WEIGHT_*)
+    up to the end offsets captured at the start. Safe to interrupt: offsets are checkpointed in
+    the namespace and a second run with the same --namespace resumes. With --switch the rebuilt
+    profiles replace the live ones in one atomic Redis script, live profiles absent from the
+    rebuild are deleted, and events that arrived meanwhile are folded in afterwards.
+    """
+    from ops.rebuild import ProfileRebuild
+
+    if from_beginning and from_time is not None:
+        raise click.UsageError("--from-beginning and --from-time exclude each other")
+    settings = _settings(**flags)
+    name = namespace or f"rebuild-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    with ProfileRebuild(settings, name, topic=topic, progress=progress) as rebuild:
+        plan = rebuild.plan(since=from_time, from_beginning=from_beginning)
+        for line in plan.describe():
+            click.echo(line)
+        if dry_run:
+            live = len(rebuild.live_users())
+            if plan.phase in ("new", "folding"):
+                click.echo(
+                    f"would copy the catalog into {plan.prefix!r} and fold {plan.left} records "
+                    "there, checkpointing offsets after each batch"
+                )
+            if switch:
+                click.echo(
+                    f"would then switch: the rebuilt profiles replace the live ones under "
+                    f"{settings.key_prefix!r} ({live} live profiles now; those absent from the "
+                    "rebuild are deleted) and the records that arrived meanwhile are folded in"
+                )
+            click.echo("dry run: nothing was written")
+            return
+        if plan.phase in ("new", "folding"):
+            click.echo(f"resume after an interruption with: --namespace {name}")
+            try:
+                stats = rebuild.run(plan)
+            except KeyboardInterrupt:
+                click.echo(
+                    f"\ninterrupted; offsets are checkpointed, resume with --namespace {name}"
+                )
+                sys.exit(130)
+            click.echo(f"rebuilt: {stats.describe()}")
+            plan = rebuild.plan()
+        if not switch:
+            click.echo(
+                f"profiles are in {plan.prefix!r}; switch readers to them with: "
+                f"recstream replay profiles --namespace {name} --switch"
+            )
+            return
+        result = rebuild.switch(plan)
+        click.echo(
+            f"switched {result.switched} profiles live ({result.versions_bumped} versions raised "
+            f"above the old live ones), removed {result.removed} live profiles absent from the "
+            f"rebuild; tail: {result.tail.describe()}"
+        )
+
+
+@replay.command("regen")
+@click.option("--from-time", callback=_rfc3339, required=True, metavar="RFC3339")
+@click.option("--to-time", callback=_rfc3339, required=True, metavar="RFC3339")
+@click.option(
+    "--artifact",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model folder written by `recstream train`. Without it the co-occurrence model of "
+    "--dataset is used (the live consumer's default).",
+)
+@click.option("--dataset", help="Dataset of the co-occurrence model. [env RECSTREAM_DATASET]")
+@click.option("--out-topic", required=True, help="Topic for the replayed lists (created if new).")
+@click.option(
+    "--live-topic", help="Live lists to compare with. [env RECSTREAM_TOPIC_RECOMMENDATIONS]"
+)
+@click.option(
+    "--k", "recs_k", type=click.IntRange(1, 200), help="Items per list. [env RECSTREAM_RECS_K; 10]"
+)
+@click.option(
+    "--batch-size",
+    "replay_regen_batch_size",
+    type=click.IntRange(min=1),
+    help="Users per model call. [env RECSTREAM_REPLAY_REGEN_BATCH_SIZE; 64]",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be regenerated; write nothing.")
+@_progress_option
+def replay_regen(
+    *,
+    from_time: datetime,
+    to_time: datetime,
+    artifact: Path | None,
+    out_topic: str,
+    live_topic: str | None,
+    dry_run: bool,
+    progress: bool,
+    **flags: Any,
+) -> None:
+    """Re-run regeneration for the users whose profiles changed in a time range, then compare.
+
+    Users come from `profiles.changed` between --from-time and --to-time; each is regenerated
+    from their current profile with another model into --out-topic, and the output is compared
+    with the latest live list per user: overlap@k, Kendall tau-b over the union of the two
+    top-k lists, and how many users' top-k changed.
+    """
+    from ops.regen import RegenReplay, changed_users, compare_topics
+
+    settings = _settings(**flags)
+    live = live_topic or settings.topic_recommendations
+    if out_topic == live:
+        raise click.UsageError("--out-topic must differ from the live topic")
+    assert from_time is not None and to_time is not None
+    changes = changed_users(settings, from_time, to_time, progress=progress)
+    click.echo(
+        f"{len(changes)} users changed between {from_time.isoformat()} and {to_time.isoformat()}"
+    )
+    model_desc = str(artifact) if artifact else f"co-occurrence model of {settings.dataset}"
+    if dry_run:
+        click.echo(
+            f"would regenerate them with {model_desc} in batches of "
+            f"{settings.replay_regen_batch_size}, publish to {out_topic!r} and compare with "
+            f"{live!r}; dry run: nothing was written"
+        )
+        return
+    if not changes:
+        return
+    from inference.worker import DatasetModelLoader
+    from recstream.stack import Stack, StackSettings
+    from schemas import ModelRef
+
+    Stack(StackSettings(kafka_bootstrap=settings.kafka_bootstrap)).create_topics(
+        [out_topic], settings.topic_partitions
+    )
+    click.echo(f"loading {model_desc}")
+    recommender = DatasetModelLoader(settings.dataset, settings.data_dir, artifact)()
+    model = ModelRef(
+        name=str(getattr(recommender, "name", "model")),
+        version=str(getattr(recommender, "version", "unknown")),
+    )
+    stats = RegenReplay(settings, recommender, model, progress=progress).run(changes, out_topic)
+    click.echo(
+        f"published {stats.published} lists to {out_topic!r} "
+        f"({stats.missing_profiles} users without a profile skipped)"
+    )
+    comparison = compare_topics(settings, live, out_topic, set(changes), progress=progress)
+    for line in comparison.describe(live, out_topic):
+        click.echo(line)
+
+
+@replay.command("compare")
+@click.option("--topic", "topics", multiple=True, required=True, help="Give exactly two.")
+@click.option(
+    "--k", "recs_k", type=click.IntRange(1, 200), help="k of overlap@k. [env RECSTREAM_RECS_K; 10]"
+)
+@_progress_option
+def replay_compare(topics: tuple[str, ...], progress: bool, **flags: Any) -> None:
+    """Compare the latest list per user on two recommendation topics.
+
+    Prints overlap@k (mean), Kendall tau-b over the union of the two top-k lists (mean; an item
+    missing from a list ranks k+1 there) and how many users' top-k differ.
+    """
+    from ops.regen import compare_topics
+
+    if len(topics) != 2:
+        raise click.UsageError("give --topic exactly twice")
+    settings = _settings(**flags)
+    comparison = compare_topics(settings, topics[0], topics[1], progress=progress)
+    for line in comparison.describe(topics[0], topics[1]):
+        click.echo(line)
+
+
+def register(main: click.Group, serve: click.Group) -> None:
+    """Attach the operator commands to the project CLI (no services to serve)."""
+    main.add_command(replay)

@@ -1,0 +1,414 @@
+"""Rebuild every profile from the clickstream's history into a fresh Redis namespace, then switch.
+
+**Rebuild.** The records of ``clickstream`` from the beginning (or from a time, via
+offsets-for-times) up to the end offsets captured when the rebuild starts are read in batches and
+handed to :class:`streams.app.ProfileFolder`, the live agent's own batch handler: the same
+validation, weights and Lua fold (``streams/fold.lua``), only with the namespace's key prefix
+(``{prefix}ns:{name}:``), no dead-lettering (the live agent did that) and no ``profiles.changed``
+announcements. The fold reads item categories under its prefix, so the catalog's ``item:*``
+hashes are copied into the namespace first.
+
+**Checkpoints.** After each batch the next offset of every partition in it is written to the
+namespace's ``replay:state`` hash; an interrupted rebuild started again with the same namespace
+resumes from there (a batch folded but not yet checkpointed is folded again, and the seen-sets
+make that a no-op).
+
+**Switch** (``ops/switch.lua``, one EVALSHA, so readers see all old or all new profiles): each
+rebuilt user's profile keys and seen-set are RENAMEd over the live ones, live users absent from
+the rebuild lose their profile, and a rebuilt version that is not above the live one becomes
+live + 1 (versions never go back, so caches accept the lists regenerated from it). The script is
+O(users): Redis serves nothing else while it runs (about a millisecond per few hundred users);
+for millions of users run the switch when traffic is low. The live agent keeps folding meanwhile,
+so after the switch the *tail* (from the captured end offsets to the new end) is folded into the
+live profiles: events the live agent folded into the old profiles are applied to the new ones,
+and any event folded twice is ignored by its seen-set entry. Then the namespace's leftovers are
+deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio
+from confluent_kafka import Message
+from redis.typing import EncodableT, FieldT
+from tqdm import tqdm
+
+from ops.exceptions import ReplayError
+from ops.settings import OpsSettings
+from ops.topics import PartitionRange, TopicReader
+from recstream.keys import Keys
+from recstream.settings import CommonSettings
+from streams.app import ProfileFolder
+from streams.fold import Folded
+from streams.settings import StreamsSettings
+
+__all__ = ["NAMESPACE_RE", "ProfileRebuild", "RebuildPlan", "RebuildStats", "SwitchResult"]
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SWITCH_LUA = resources.files("ops").joinpath("switch.lua").read_text("utf-8")
+BEGINNING = "beginning"
+
+
+@dataclass(frozen=True)
+class RebuildPlan:
+    """What a rebuild reads: the full ranges, what is left of them, and its phase."""
+
+    namespace: str
+    prefix: str
+    topic: str
+    start: str  # "beginning" or an RFC 3339 time
+    ranges: tuple[PartitionRange, ...]
+    remaining: tuple[PartitionRange, ...]
+    phase: str  # new | folding | folded | switched
+
+    @property
+    def total(self) -> int:
+        return sum(r.count for r in self.ranges)
+
+    @property
+    def left(self) -> int:
+        return sum(r.count for r in self.remaining)
+
+    def describe(self) -> list[str]:
+        """Human-readable lines: the namespace, the phase, and per-partition offsets."""
+        lines = [
+            f"topic {self.topic} from {self.start}; namespace {self.namespace!r} "
+            f"(key prefix {self.prefix!r}); phase {self.phase}",
+            f"{'partition':>9} {'start':>10} {'end':>10} {'records':>9} {'left':>9}",
+        ]
+        for full, left in zip(self.ranges, self.remaining, strict=True):
+            lines.append(
+                f"{full.partition:>9} {full.start:>10} {full.end:>10} {full.count:>9} "
+                f"{left.count:>9}"
+            )
+        lines.append(f"{'total':>9} {'':>10} {'':>10} {self.total:>9} {self.left:>9}")
+        return lines
+
+
+@dataclass
+class RebuildStats:
+    """Counts of one fold pass (rebuild or tail)."""
+
+    records: int = 0
+    folded: int = 0
+    duplicates: int = 0
+    late: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    users: set[str] = field(default_factory=set)
+
+    def add(self, results: Iterable[Folded]) -> None:
+        for result in results:
+            self.folded += result.folded
+            self.duplicates += result.duplicates
+            self.late += result.late
+            self.users.add(result.user_id)
+
+    def describe(self) -> str:
+        bad = ", ".join(f"{reason} {n}" for reason, n in sorted(self.invalid.items())) or "none"
+        return (
+            f"{self.records} records: {self.folded} events folded for {len(self.users)} users, "
+            f"{self.duplicates} duplicates, {self.late} too late, invalid: {bad}"
+        )
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    switched: int
+    removed: int
+    versions_bumped: int
+    tail: RebuildStats
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    """The attributes of a Faust message that :class:`ProfileFolder` reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    time_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    message: _Message
+
+    @classmethod
+    def of(cls, message: Message) -> _Record:
+        return cls(
+            _Message(
+                topic=message.topic() or "",
+                partition=message.partition() or 0,
+                offset=message.offset() or 0,
+                key=message.key(),
+                value=message.value() or b"",
+            )
+        )
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ProfileRebuild:
+    """One named rebuild: plan, fold (resumable), switch. Holds a Redis client; close it."""
+
+    def __init__(
+        self,
+        settings: OpsSettings,
+        namespace: str,
+        *,
+        streams: StreamsSettings | None = None,
+        topic: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not NAMESPACE_RE.match(namespace):
+            raise ReplayError(f"namespace {namespace!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        self.settings = settings
+        self.namespace = namespace
+        self.topic = topic or settings.topic_clickstream
+        self.live = Keys(settings.key_prefix)
+        self.target = self.live.namespace(namespace)
+        self.state_key = self.target.replay_state()
+        self.progress = progress
+        # The fold must run with the live agent's rules; addresses and names come from ours.
+        common = settings.model_dump(include=set(CommonSettings.model_fields))
+        self.streams = (streams or StreamsSettings()).model_copy(update=common)
+        self.redis = redis.Redis.from_url(settings.redis_url.get_secret_value())
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> ProfileRebuild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def plan(self, since: datetime | None = None, from_beginning: bool = False) -> RebuildPlan:
+        """The rebuild's ranges: from the namespace's checkpoint if it has one, else new.
+
+        ``since`` and ``from_beginning`` choose the start of a new rebuild (default: the
+        beginning); resuming with a different start is refused.
+        """
+        requested = since.astimezone(UTC).isoformat() if since is not None else None
+        if from_beginning:
+            requested = BEGINNING
+        state = {_text(k): _text(v) for k, v in self.redis.hgetall(self.state_key).items()}
+        if state:
+            if state.get("topic") != self.topic:
+                raise ReplayError(
+                    f"namespace {self.namespace!r} holds a rebuild of {state.get('topic')!r}"
+                )
+            if requested is not None and requested != state["start"]:
+                raise ReplayError(
+                    f"namespace {self.namespace!r} holds a rebuild from {state['start']}; "
+                    "resume it without a start option or choose another namespace"
+                )
+            parts = sorted(int(k.split(":", 1)[1]) for k in state if k.startswith("end:"))
+            ranges = tuple(
+                PartitionRange(p, int(state[f"start:{p}"]), int(state[f"end:{p}"])) for p in parts
+            )
+            remaining = tuple(
+                PartitionRange(p, min(int(state[f"next:{p}"]), r.end), r.end)
+                for p, r in zip(parts, ranges, strict=True)
+            )
+            return RebuildPlan(
+                self.namespace,
+                self.target.prefix,
+                self.topic,
+                state["start"],
+                ranges,
+                remaining,
+                state["phase"],
+            )
+        with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:
+            planned = tuple(reader.plan(since=since if not from_beginning else None))
+        return RebuildPlan(
+            self.namespace,
+            self.target.prefix,
+            self.topic,
+            requested or BEGINNING,
+            planned,
+            planned,
+            "new",
+        )
+
+    def live_users(self) -> set[str]:
+        return self._users(self.live)
+
+    def rebuilt_users(self) -> set[str]:
+        return self._users(self.target)
+
+    def _users(self, keys: Keys) -> set[str]:
+        # Every profile has a seen-set (its newest event id is always retained), and seen keys
+        # have no suffixes, so they name the users unambiguously.
+        head = keys.seen("")
+        return {
+            _text(key)[len(head) :]
+            for key in self.redis.scan_iter(match=_glob_escape(head) + "*", count=1000)
+        }
+
+    # -- folding -----------------------------------------------------------------------------
+
+    def run(
+        self, plan: RebuildPlan, after_batch: Callable[[RebuildStats], None] | None = None
+    ) -> RebuildStats:
+        """Fold what is left of ``plan`` into the namespace, checkpointing after each batch."""
+        if plan.phase == "switched":
+            raise ReplayError(f"namespace {self.namespace!r} was already switched live")
+        if plan.phase == "new":
+            fields: dict[FieldT, EncodableT] = {
+                "phase": "folding",
+                "topic": self.topic,
+                "start": plan.start,
+                "created_at": datetime.now(UTC).isoformat(),
+            }
+            for r in plan.ranges:
+                fields.update(
+                    {f"start:{r.partition}": str(r.start), f"end:{r.partition}": str(r.end)}
+                )
+                fields[f"next:{r.partition}"] = str(r.start)
+            self.redis.hset(self.state_key, mapping=fields)
+        self._copy_catalog()
+        stats = self._fold(self.target, list(plan.remaining), True, "rebuild", after_batch)
+        self.redis.hset(self.state_key, "phase", "folded")
+        return stats
+
+    def _copy_catalog(self) -> int:
+        """Copy the live catalog's item hashes into the namespace (the fold reads categories)."""
+        ids = [_text(i) for i in self.redis.smembers(self.live.catalog())]
+        for start in range(0, len(ids), 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            for item in ids[start : start + 1000]:
+                pipe.copy(self.live.item(item), self.target.item(item), replace=True)
+            pipe.execute()
+        return len(ids)
+
+    def _fold(
+        self,
+        keys: Keys,
+        ranges: list[PartitionRange],
+        checkpoint: bool,
+        label: str,
+        after_batch: Callable[[RebuildStats], None] | None = None,
+    ) -> RebuildStats:
+        stats = RebuildStats()
+        settings = self.streams.model_copy(update={"key_prefix": keys.prefix})
+        client = redis.asyncio.Redis.from_url(self.settings.redis_url.get_secret_value())
+
+        async def send_dlq(**kwargs: Any) -> asyncio.Future[None]:
+            # Already dead-lettered by the live agent: counted here, not sent again.
+            headers = dict(kwargs.get("headers") or ())
+            stats.invalid[_text(headers.get("dlq.reason", b"unknown"))] += 1
+            return _done()
+
+        async def send_changed(**_: Any) -> asyncio.Future[None]:
+            return _done()
+
+        folder = ProfileFolder(settings, client, send_dlq, send_changed)
+        folder.hooks.append(lambda _n, _lat, results: stats.add(results))
+        total = sum(r.count for r in ranges)
+        bar = tqdm(
+            total=total,
+            desc=label,
+            unit="ev",
+            file=sys.stderr,
+            disable=not self.progress or total == 0,
+            dynamic_ncols=True,
+        )
+        with (
+            bar,
+            asyncio.Runner() as runner,
+            TopicReader(self.settings.kafka_bootstrap, self.topic) as reader,
+        ):
+            try:
+                for batch in reader.read(
+                    ranges, self.settings.replay_batch_size, self.settings.replay_idle_timeout_s
+                ):
+                    runner.run(folder.handle([_Record.of(m) for m in batch]))
+                    if checkpoint:
+                        nxt: dict[FieldT, EncodableT] = {}
+                        for m in batch:
+                            nxt[f"next:{m.partition()}"] = (m.offset() or 0) + 1
+                        self.redis.hset(self.state_key, mapping=nxt)
+                    stats.records += len(batch)
+                    bar.update(len(batch))
+                    if after_batch is not None:
+                        after_batch(stats)
+            finally:
+                runner.run(client.aclose())
+        return stats
+
+    # -- switching ---------------------------------------------------------------------------
+
+    def switch(self, plan: RebuildPlan) -> SwitchResult:
+        """Make the rebuilt profiles the live ones, fold the tail, delete the namespace."""
+        if plan.phase not in ("folded", "switched"):
+            raise ReplayError(f"namespace {self.namespace!r} is not fully rebuilt yet")
+        switched = removed = bumped = 0
+        if plan.phase == "folded":
+            rebuilt = sorted(self.rebuilt_users())
+            stale = sorted(self.live_users() - set(rebuilt))
+            if not rebuilt and stale:
+                raise ReplayError(
+                    f"the rebuild holds no profiles; switching would delete {len(stale)} live "
+                    "profiles, refused"
+                )
+            reply = self.redis.eval(
+                SWITCH_LUA,
+                0,
+                self.live.prefix,
+                self.target.prefix,
+                self.state_key,
+                len(rebuilt),
+                *rebuilt,
+                *stale,
+            )
+            switched, removed, bumped = (int(x) for x in reply)
+        tail = [
+            PartitionRange(r.partition, r.end, high) for r, high in self._tail_ends(plan.ranges)
+        ]
+        tail_stats = self._fold(self.live, tail, False, "tail")
+        self._drop_namespace()
+        return SwitchResult(switched, removed, bumped, tail_stats)
+
+    def _tail_ends(self, ranges: Iterable[PartitionRange]) -> list[tuple[PartitionRange, int]]:
+        with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:
+            marks = reader.watermarks()
+        return [(r, max(r.end, marks.get(r.partition, (0, r.end))[1])) for r in ranges]
+
+    def _drop_namespace(self) -> int:
+        pattern = _glob_escape(self.target.prefix) + "*"
+        keys = list(self.redis.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            self.redis.delete(*keys[start : start + 1000])
+        return len(keys)
+
+    def drop(self) -> int:
+        """Delete the namespace (an abandoned rebuild); returns the number of keys deleted."""
+        return self._drop_namespace()
