@@ -163,11 +163,14 @@ def _load_popular(settings: ApiSettings) -> list[tuple[str, float]]:
 
 def run(settings: ApiSettings) -> None:
     """Serve until SIGINT/SIGTERM (aiohttp stops accepting, finishes requests, cleans up)."""
+    import uvloop
+
     log.info("read API on http://%s:%d", settings.api_host, settings.api_port)
     web.run_app(
         build_app(settings),
         host=settings.api_host,
         port=settings.api_port,
-        access_log=None,
+        access_log=None,  # one log line per read would cost more than the read
         print=None,
+        loop=uvloop.new_event_loop(),  # a faster loop: lower tail latency per request
     )

@@ -11,8 +11,8 @@
 4. after the pipeline stops, saturates a worker pool alone with every ML-100K user's history to
    measure the regenerations per second it sustains.
 
-Run: ``nice python bench/freshness.py [--rate 200] [--seconds 30]``. Prints a table. Everything it
-creates (topics, keys) is deleted at the end.
+Run from the repository root: ``nice python -m bench.freshness [--rate 200] [--seconds 30]``.
+Prints a table. Everything it creates (topics, keys) is deleted at the end.
 """
 
 from __future__ import annotations
@@ -65,13 +65,15 @@ def free_port() -> int:
 def wait_http(port: int, path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except OSError:
             pass
+        finally:
+            conn.close()
         time.sleep(0.2)
     raise SystemExit(f"127.0.0.1:{port}{path} not healthy after {timeout:.0f}s")
 
