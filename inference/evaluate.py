@@ -51,12 +51,13 @@ GRIDS: dict[str, dict[str, Sequence[float]]] = {
 
 def gen_preset(dataset: str) -> dict[str, Any]:
     """Transformer hyper-parameters chosen on validation NDCG@10 for each known dataset."""
+    common = {"max_len": 200, "batch_size": 32, "ffn": 128, "lr": 3e-3, "attn_dropout": 0.0}
     presets: dict[str, dict[str, Any]] = {
-        "ml-100k": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
-        "ml-latest-small": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
-        "ml-latest-small-llamarec": {"max_len": 200, "batch_size": 32, "ffn": 128, "dropout": 0.3},
+        "ml-100k": {"dropout": 0.3},
+        "ml-latest-small": {"dropout": 0.3},
+        "ml-latest-small-llamarec": {"dropout": 0.3},
     }
-    return dict(presets.get(dataset, {"max_len": 200, "batch_size": 32, "ffn": 128}))
+    return {**common, **presets.get(dataset, {})}
 
 
 def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Recommender:

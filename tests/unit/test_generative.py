@@ -15,6 +15,7 @@ import torch
 from inference.artifact import load_recommender, save_artifact
 from inference.datasets import Dataset, load_dataset
 from inference.exceptions import ArtifactError
+from inference.gen_rerank import GenRerank, fuse
 from inference.generative import GenConfig, GenRecommender, ItemTransformer, train_gen
 from inference.models import EASE, Popularity
 from inference.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
@@ -137,3 +138,36 @@ def test_tampered_artifacts_are_refused(artifact: Path, tmp_path: Path) -> None:
     (extra / "payload.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match=r"payload\.bin"):
         load_recommender(extra, device="cpu")
+
+
+class _ReverseReranker:
+    """Stands in for the language model: prefers the transformer's last candidates."""
+
+    def score_batch(
+        self, histories: list[list[object]], candidates: list[list[object]]
+    ) -> list[np.ndarray]:
+        return [np.arange(len(c), dtype=np.float32) for c in candidates]
+
+
+def test_fusion_weight_moves_between_the_two_rankings() -> None:
+    gen_rank = np.arange(4, dtype=np.float64)
+    llm = np.array([0.0, 1.0, 2.0, 3.0])  # the language model reverses the order
+    assert list(np.argsort(-fuse(gen_rank, llm, 0.0))) == [0, 1, 2, 3]
+    assert list(np.argsort(-fuse(gen_rank, llm, 1.0))) == [3, 2, 1, 0]
+
+
+def test_gen_rerank_reorders_only_the_candidates_and_stays_in_catalog(
+    small_split: Split, trained: tuple[ItemTransformer, GenConfig, dict[str, object]]
+) -> None:
+    model, cfg, _ = trained
+    gen = GenRecommender(model, cfg)
+    combo = GenRerank(gen, small_split, top_n=5, reranker=_ReverseReranker(), say=lambda _: None)
+    combo.weight = 1.0
+    hist = small_split.histories("test")[:20]
+    gen_top, _ = gen.recommend(hist, 10)
+    top, _ = combo.recommend(hist, 10)
+    assert (top[:, :5] == gen_top[:, 4::-1]).all()  # head reversed by the stand-in
+    assert (top[:, 5:] == gen_top[:, 5:]).all()  # the rest keeps the transformer's order
+    assert ((top >= 0) & (top < small_split.n_items)).all()
+    for row, h in zip(top, hist, strict=True):
+        assert not np.isin(row, h).any()
