@@ -22,11 +22,13 @@ import orjson
 import redis.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
 
 from api.metrics import FALLBACKS, LATENCY, REQUESTS
 from api.openapi import openapi_document
 from api.settings import ApiSettings
 from recstream.keys import Keys
+from schemas.events import Id
 
 __all__ = ["build_app", "valid_user_id"]
 
@@ -38,9 +40,16 @@ REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("redis", redis.asyncio.Redis
 POPULAR: web.AppKey[list[tuple[str, float]]] = web.AppKey("popular", list)
 
 
+_USER_ID: TypeAdapter[str] = TypeAdapter(Id)
+
+
 def valid_user_id(user_id: str) -> bool:
-    """The clickstream contract's rule: 1-64 characters, no control characters."""
-    return 1 <= len(user_id) <= 64 and all(ch.isprintable() for ch in user_id)
+    """The event contract's identifier rule: 1-64 characters, no C0/C1 control characters."""
+    try:
+        _USER_ID.validate_python(user_id)
+    except ValidationError:
+        return False
+    return True
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -52,7 +52,9 @@ def _on_stop_signals(stop: Any) -> None:
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     help="Trained artifact (recstream train); default: co-occurrence CF. [env RECSTREAM_MODEL_DIR]",
 )
-@click.option("--workers", type=int, help="Pool worker processes (CPU). [env RECSTREAM_WORKERS; 1]")
+@click.option(
+    "--workers", type=int, help="Pool processes; default 1 per GPU, else 1. [env RECSTREAM_WORKERS]"
+)
 @click.option("--max-batch-size", type=int, help="[env RECSTREAM_MAX_BATCH_SIZE; 32]")
 @click.option("--max-wait-ms", type=float, help="[env RECSTREAM_MAX_WAIT_MS; 2]")
 @click.option("--queue-size", type=int, help="Pool queue bound. [env RECSTREAM_QUEUE_SIZE; 256]")

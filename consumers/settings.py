@@ -34,7 +34,9 @@ class RegenSettings(CommonSettings):
         None, description="Trained artifact folder; without one a co-occurrence CF model serves."
     )
     workers: int | None = Field(
-        1, ge=1, description="Pool worker processes on CPU; unset = one per GPU when CUDA is on."
+        None,
+        ge=1,
+        description="Pool worker processes; unset = one per GPU when CUDA is present, else 1.",
     )
     threads_per_worker: int = Field(
         1, ge=1, description="torch threads per worker (clamped to cores / workers)."

@@ -279,6 +279,9 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(5.0)
+            worker.conn.close()
+        self._wake_r.close()
+        self._wake_w.close()
         self._closed = True
         WORKERS_READY.set(0)
 
