@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -40,6 +41,8 @@ from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user,
 from streams.settings import StreamsSettings
 
 log = logging.getLogger(__name__)
+
+EXIT_STORE_UNAVAILABLE = 70  # EX_SOFTWARE: the worker cannot make progress
 
 BatchHook = Callable[[int, Sequence[float], Sequence[Folded]], None]
 """Called after each batch with (records, per-event latencies in seconds, per-user results)."""
@@ -175,6 +178,8 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_commit_every=settings.streams_batch_size,
+        broker_session_timeout=settings.streams_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.streams_session_timeout_s / 3),
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.streams_batch_size),
         producer_linger_ms=5,
@@ -211,11 +216,21 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         async for records in stream.take_events(
             settings.streams_batch_size, within=settings.streams_batch_within_s
         ):
-            await folder.handle(records)
+            try:
+                await folder.handle(records)
+            except StoreUnavailable as exc:
+                # take_events acks a batch even when its handler fails, and a graceful stop
+                # commits acked offsets: that would drop this batch. Exiting at once leaves
+                # the batch uncommitted, so the next worker folds it (surfaces, loses nothing).
+                log.critical("stopping without committing: %s", exc)
+                os._exit(EXIT_STORE_UNAVAILABLE)
 
     @app.task  # type: ignore[untyped-decorator]  # faust's decorator is untyped
     async def warm_up() -> None:
-        await folder.script.load()
+        try:
+            await folder.script.load()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("Redis not reachable yet (%s); the first batch will retry", exc)
         if settings.streams_metrics_port:
             from prometheus_client import start_http_server
 

@@ -30,6 +30,11 @@ class StreamsSettings(CommonSettings):
     streams_web_port: int = Field(
         0, ge=0, le=65535, description="Port of Faust's own web server; 0 = off."
     )
+    streams_session_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Kafka group session timeout: how soon a dead worker's partitions move on.",
+    )
     streams_redis_retry_s: float = Field(
         30.0, gt=0, description="How long Redis may stay unreachable before the worker fails."
     )

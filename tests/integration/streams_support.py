@@ -169,6 +169,8 @@ class Worker:
                 "RECSTREAM_STREAMS_APP_ID": self.app_id,
                 "RECSTREAM_STREAMS_DATADIR": str(self.workdir),
                 "RECSTREAM_STREAMS_BATCH_WITHIN_S": "0.05",
+                # A worker that dies without leaving its group hands partitions on this soon.
+                "RECSTREAM_STREAMS_SESSION_TIMEOUT_S": "6",
                 **self.extra_env,
             }
         )

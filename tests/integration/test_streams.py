@@ -263,3 +263,21 @@ def test_restarted_worker_neither_loses_nor_double_counts(
     workers(RECSTREAM_STREAMS_BATCH_SIZE="20")
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 40), "all folded")
     assert_matches_reference(ns, first + second, catalog)
+
+
+def test_unreachable_redis_stops_the_worker_without_losing_events(
+    ns: Namespace, workers: Callable[..., Worker]
+) -> None:
+    catalog = load_test_catalog(ns.settings)
+    users = ["s1", "s2"]
+    events = traffic(users, 10)
+    produce_events(ns.settings, events)
+    broken = workers(
+        RECSTREAM_REDIS_URL="redis://127.0.0.1:1/0", RECSTREAM_STREAMS_REDIS_RETRY_S="1"
+    )
+    assert broken.proc is not None
+    assert broken.proc.wait(60) == 70, broken.log_tail()
+    assert "stopping without committing" in broken.log_tail()
+    workers()
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 10), "all folded")
+    assert_matches_reference(ns, events, catalog)
