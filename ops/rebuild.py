@@ -13,16 +13,18 @@ namespace's ``replay:state`` hash; an interrupted rebuild started again with the
 resumes from there (a batch folded but not yet checkpointed is folded again, and the seen-sets
 make that a no-op).
 
-**Switch** (``ops/switch.lua``, one EVALSHA, so readers see all old or all new profiles): each
+**Switch** (``ops/switch.lua``, one EVAL, so readers see all old or all new profiles): each
 rebuilt user's profile keys and seen-set are RENAMEd over the live ones, live users absent from
 the rebuild lose their profile, and a rebuilt version that is not above the live one becomes
 live + 1 (versions never go back, so caches accept the lists regenerated from it). The script is
-O(users): Redis serves nothing else while it runs (about a millisecond per few hundred users);
-for millions of users run the switch when traffic is low. The live agent keeps folding meanwhile,
-so after the switch the *tail* (from the captured end offsets to the new end) is folded into the
-live profiles: events the live agent folded into the old profiles are applied to the new ones,
-and any event folded twice is ignored by its seen-set entry. Then the namespace's leftovers are
-deleted.
+O(users + size of the replaced profiles): Redis serves nothing else while it runs. Measured here
+on ML-100K profiles (943 users, 300k events) it took 70 ms replacing 215 profiles and 115 ms
+replacing all 943 (freeing replaced hashes; ``lazyfree-lazy-server-del yes`` moves that off the
+main thread); for millions of users run the switch when traffic is low. The live agent keeps
+folding meanwhile, so after the switch the *tail* (from the captured end offsets to the new end)
+is folded into the live profiles: events the live agent folded into the old profiles are applied
+to the new ones, and any event folded twice is ignored by its seen-set entry. Then the
+namespace's leftovers are deleted.
 """
 
 from __future__ import annotations
