@@ -183,6 +183,8 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.streams_batch_size),
         producer_linger_ms=5,
+        broker_max_poll_records=settings.streams_batch_size,
+        Monitor="streams.sensors:LeanMonitor" if settings.streams_lean_monitor else None,
         datadir=str(datadir),
     )
 

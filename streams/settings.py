@@ -41,6 +41,9 @@ class StreamsSettings(CommonSettings):
     streams_fast_drain: bool = Field(
         True, description="Deliver fetched records without a task each (streams/consumer.py)."
     )
+    streams_lean_monitor: bool = Field(
+        True, description="Skip Faust's per-record monitor bookkeeping (streams/sensors.py)."
+    )
     streams_event_loop: Literal["asyncio", "uvloop"] = Field(
         "uvloop", description="Event loop of the worker; uvloop roughly halves loop overhead."
     )

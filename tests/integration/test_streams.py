@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +47,12 @@ def workers(ns: Namespace, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     yield start
     for worker in started:
         worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def traffic(users: list[str], per_user: int, start: int = 0) -> list[dict[str, object]]:
@@ -226,7 +234,8 @@ def test_bad_input_is_dead_lettered_and_good_traffic_flows(
             mixed.append((key, value))
     assert len({reason for reason, _, _ in BAD_INPUTS}) >= 10
     produce(ns.settings, mixed)
-    workers()
+    port = free_port()
+    workers(RECSTREAM_STREAMS_METRICS_PORT=str(port))
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 16), "good events")
     assert_matches_reference(ns, good, catalog)
 
@@ -246,6 +255,13 @@ def test_bad_input_is_dead_lettered_and_good_traffic_flows(
         ]
         assert origin.value == record.value and origin.key == record.key
         assert record.headers["dlq.detail"]
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        exposition = reply.read().decode()
+    assert 'recs_stream_dead_lettered_total{reason="key_mismatch"} 2.0' in exposition
+    assert 'recs_stream_dead_lettered_total{reason="oversize"} 1.0' in exposition
+    assert "recs_stream_events_folded_total 48.0" in exposition
+    assert "recs_stream_fold_latency_seconds_bucket" in exposition
 
 
 def test_restarted_worker_neither_loses_nor_double_counts(
