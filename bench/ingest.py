@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     parser.add_argument("--no-fast-drain", action="store_true")
+    parser.add_argument("--delivery", choices=["agent", "batch"], default="agent")
     args = parser.parse_args()
     if args.loop == "uvloop":
         import asyncio
@@ -65,6 +66,7 @@ def main() -> None:
         "streams_loglevel": "warning",
     }
     overrides["streams_fast_drain"] = not args.no_fast_drain
+    overrides["streams_delivery"] = args.delivery
     overrides["streams_event_loop"] = args.loop
     if args.batch_size:
         overrides["streams_batch_size"] = args.batch_size
@@ -140,6 +142,7 @@ def main() -> None:
             ("batch size median", f"{statistics.median(sizes):.0f}"),
             ("batch size setting", f"{settings.streams_batch_size}"),
             ("partitions", f"{args.partitions}"),
+            ("delivery", args.delivery),
         ]
         width = max(len(name) for name, _ in rows)
         print(f"\n{'metric':<{width}} | value\n{'-' * width}-+-{'-' * 12}")

@@ -68,13 +68,12 @@ class ProfileFolder:
         self.hooks: list[BatchHook] = []
 
     async def handle(self, records: Sequence[Any]) -> None:
-        """Process one batch of Faust events; returns once every effect is durable."""
+        """Process one batch of Kafka records (Faust ``Message`` objects); effects are queued."""
         started = time.monotonic()
         valid: list[tuple[str, str, str, float, float]] = []
         weight_of = self.weights.of
         topic = ""
-        for record in records:
-            message = record.message
+        for message in records:
             topic = message.topic
             try:
                 event = parse_event(message.value, max_future=self.max_future)
@@ -100,7 +99,7 @@ class ProfileFolder:
             if result.emit:
                 await self._announce(result)
         done = time.monotonic()
-        latencies = [done - (r.message.time_in or started) for r in records]
+        latencies = [done - (m.time_in or started) for m in records]
         for latency in latencies:
             metrics.FOLD_SECONDS.observe(latency)
         metrics.BATCH_SIZE.observe(len(records))
@@ -188,12 +187,6 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         datadir=str(datadir),
     )
 
-    if settings.streams_fast_drain:
-        from streams.consumer import FastDrainConsumer
-
-        # An instance attribute shadows the transport's Consumer class for this app only.
-        app.transport.Consumer = FastDrainConsumer  # type: ignore[misc]  # ClassVar, on purpose
-
     def raw_topic(name: str) -> faust.TopicT:
         return app.topic(
             name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -212,20 +205,38 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
 
     folder = ProfileFolder(settings, redis, send_dlq, send_changed)
 
-    @app.agent(source, name="fold-profiles")
-    async def fold_profiles(stream: Any) -> None:
-        # Any: faust's StreamT stub lacks take_events (faust-streaming 0.15 has it on Stream).
-        async for records in stream.take_events(
-            settings.streams_batch_size, within=settings.streams_batch_within_s
-        ):
-            try:
-                await folder.handle(records)
-            except StoreUnavailable as exc:
-                # take_events acks a batch even when its handler fails, and a graceful stop
-                # commits acked offsets: that would drop this batch. Exiting at once leaves
-                # the batch uncommitted, so the next worker folds it (surfaces, loses nothing).
-                log.critical("stopping without committing: %s", exc)
-                os._exit(EXIT_STORE_UNAVAILABLE)
+    async def fold(messages: Sequence[Any]) -> None:
+        try:
+            await folder.handle(messages)
+        except StoreUnavailable as exc:
+            # Faust acks a batch even when its handler fails, and a graceful stop commits
+            # acked offsets: that would drop this batch. Exiting at once leaves it uncommitted,
+            # so the next worker folds it (the failure surfaces, nothing is lost).
+            log.critical("stopping without committing: %s", exc)
+            os._exit(EXIT_STORE_UNAVAILABLE)
+
+    if settings.streams_delivery == "batch":
+        from streams.consumer import FastDrainConsumer
+
+        # The consumer hands each poll's clickstream records to `fold` itself; the topic is
+        # registered with the conductor so that the consumer subscribes to it.
+        consumer_cls = FastDrainConsumer.with_batches({source.get_topic_name()}, fold)
+        app.transport.Consumer = consumer_cls  # type: ignore[misc]  # ClassVar, on purpose
+        app.topics.add(source)
+    else:
+        if settings.streams_fast_drain:
+            from streams.consumer import FastDrainConsumer
+
+            # An instance attribute shadows the transport's Consumer class for this app only.
+            app.transport.Consumer = FastDrainConsumer  # type: ignore[misc]  # ClassVar, on purpose
+
+        @app.agent(source, name="fold-profiles")
+        async def fold_profiles(stream: Any) -> None:
+            # Any: faust's StreamT stub lacks take_events (faust-streaming 0.15 has it on Stream).
+            async for records in stream.take_events(
+                settings.streams_batch_size, within=settings.streams_batch_within_s
+            ):
+                await fold([record.message for record in records])
 
     @app.task  # type: ignore[untyped-decorator]  # faust's decorator is untyped
     async def warm_up() -> None:

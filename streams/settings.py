@@ -38,6 +38,11 @@ class StreamsSettings(CommonSettings):
     streams_redis_retry_s: float = Field(
         30.0, gt=0, description="How long Redis may stay unreachable before the worker fails."
     )
+    streams_delivery: Literal["agent", "batch"] = Field(
+        "agent",
+        description="agent: a Faust agent reads the clickstream with stream.take_events; batch: "
+        "the consumer hands each poll's records to the fold directly (streams/consumer.py).",
+    )
     streams_fast_drain: bool = Field(
         True, description="Deliver fetched records without a task each (streams/consumer.py)."
     )

@@ -35,11 +35,15 @@ NOW = datetime(2040, 1, 1, tzinfo=UTC)
 AnyEvent = ClickEvent | ViewEvent | DwellEvent
 
 
-@pytest.fixture
-def workers(ns: Namespace, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+@pytest.fixture(params=["agent", "batch"])
+def workers(
+    ns: Namespace, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Worker]]:
+    """Starts workers in one delivery mode (each test runs in both); stops them afterwards."""
     started: list[Worker] = []
 
     def start(**env: str) -> Worker:
+        env = {"RECSTREAM_STREAMS_DELIVERY": request.param, **env}
         worker = Worker(ns.settings, ns.group("streams"), tmp_path, env).start()
         started.append(worker)
         return worker

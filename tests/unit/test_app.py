@@ -27,11 +27,6 @@ class FakeMessage:
     time_in: float | None = None
 
 
-@dataclass
-class FakeEvent:
-    message: FakeMessage
-
-
 class FakeScript:
     def __init__(self) -> None:
         self.groups: list[Mapping[str, Sequence[tuple[str, str, float, float]]]] = []
@@ -47,7 +42,7 @@ class FakeScript:
 
 
 def run_batch(
-    records: list[FakeEvent],
+    records: list[FakeMessage],
 ) -> tuple[FakeScript, list[dict[str, Any]], list[dict[str, Any]]]:
     dlq: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
@@ -85,9 +80,9 @@ def click(user: str, eid: str, ts: str = "2024-01-01T00:00:00Z") -> bytes:
 
 def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
     records = [
-        FakeEvent(FakeMessage(b"u1", click("u1", "e1"), offset=1)),
-        FakeEvent(FakeMessage(b"u2", click("u2", "e2"), offset=2)),
-        FakeEvent(FakeMessage(b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3)),
+        FakeMessage(b"u1", click("u1", "e1"), offset=1),
+        FakeMessage(b"u2", click("u2", "e2"), offset=2),
+        FakeMessage(b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3),
     ]
     script, dlq, changed = run_batch(records)
     assert dlq == []
@@ -107,12 +102,12 @@ def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
 def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
     bad = b'{"schema_version": 1'
     records = [
-        FakeEvent(FakeMessage(b"u1", bad, offset=41)),
-        FakeEvent(FakeMessage(b"zz", click("u1", "e1"), offset=42)),
-        FakeEvent(FakeMessage(b"u1", click("u1", "e2"), offset=43)),
+        FakeMessage(b"u1", bad, offset=41),
+        FakeMessage(b"zz", click("u1", "e1"), offset=42),
+        FakeMessage(b"u1", click("u1", "e2"), offset=43),
     ]
     script, dlq, _ = run_batch(records)
-    assert [d["value"] for d in dlq] == [bad, records[1].message.value]
+    assert [d["value"] for d in dlq] == [bad, records[1].value]
     headers = [dict(d["headers"]) for d in dlq]
     assert [h["dlq.reason"] for h in headers] == [b"bad_json", b"key_mismatch"]
     assert [h["dlq.source.offset"] for h in headers] == [b"41", b"42"]
