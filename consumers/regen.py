@@ -204,7 +204,7 @@ class RegenService:
             # Nothing can be regenerated from it; counted, logged, and its offset moves on.
             REGEN_INVALID.inc()
             log.warning("invalid change at %s/%d@%d: %s", topic, partition, offset, exc)
-            self.offsets.done(topic, partition, offset)
+            self._mark_done([(topic, partition, offset)])
             return
         fresh = self.coalescer.add(
             change.user_id,
@@ -236,6 +236,8 @@ class RegenService:
             self._started(entry, profile.version, future)
 
     def _started(self, entry: Pending, read_version: int, future: Future[PoolResult]) -> None:
+        # A profile behind its announcement (Redis restored from an older state) is served under
+        # the announced version, so the change counts as answered and is not requested again.
         running = self.coalescer.start(entry, max(read_version, entry.version))
         REGEN_COALESCED.inc(max(running.changes - 1, 0))
         done = _Done(running, future)
