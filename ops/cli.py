@@ -60,6 +60,9 @@ def replay() -> None:
 )
 @click.option("--switch", is_flag=True, help="When rebuilt, switch readers to it atomically.")
 @click.option(
+    "--drop", is_flag=True, help="Delete the --namespace (an abandoned rebuild) and exit."
+)
+@click.option(
     "--dry-run", is_flag=True, help="Print partitions, offsets and counts; write nothing."
 )
 @click.option(
@@ -76,6 +79,7 @@ def replay_profiles(
     from_time: datetime | None,
     namespace: str | None,
     switch: bool,
+    drop: bool,
     dry_run: bool,
     topic: str | None,
     progress: bool,
@@ -93,9 +97,14 @@ def replay_profiles(
 
     if from_beginning and from_time is not None:
         raise click.UsageError("--from-beginning and --from-time exclude each other")
+    if drop and (namespace is None or switch or dry_run):
+        raise click.UsageError("--drop needs --namespace and no --switch or --dry-run")
     settings = _settings(**flags)
     name = namespace or f"rebuild-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     with ProfileRebuild(settings, name, topic=topic, progress=progress) as rebuild:
+        if drop:
+            click.echo(f"deleted {rebuild.drop()} keys of namespace {name!r}")
+            return
         plan = rebuild.plan(since=from_time, from_beginning=from_beginning)
         for line in plan.describe():
             click.echo(line)

@@ -142,21 +142,19 @@ class _Message:
     value: bytes
     time_in: float | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    message: _Message
+    @property
+    def message(self) -> _Message:
+        """The record's message: the handler may be given records or bare messages."""
+        return self
 
     @classmethod
-    def of(cls, message: Message) -> _Record:
+    def of(cls, message: Message) -> _Message:
         return cls(
-            _Message(
-                topic=message.topic() or "",
-                partition=message.partition() or 0,
-                offset=message.offset() or 0,
-                key=message.key(),
-                value=message.value() or b"",
-            )
+            topic=message.topic() or "",
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
+            key=message.key(),
+            value=message.value() or b"",
         )
 
 
@@ -352,7 +350,7 @@ class ProfileRebuild:
                 for batch in reader.read(
                     ranges, self.settings.replay_batch_size, self.settings.replay_idle_timeout_s
                 ):
-                    runner.run(folder.handle([_Record.of(m) for m in batch]))
+                    runner.run(folder.handle([_Message.of(m) for m in batch]))
                     if checkpoint:
                         nxt: dict[FieldT, EncodableT] = {}
                         for m in batch:

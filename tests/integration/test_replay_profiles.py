@@ -230,7 +230,7 @@ def test_from_time_starts_at_the_first_record_at_or_after_it(ns: Namespace) -> N
     assert {u: p.event_count if p else 0 for u, p in rebuilt.items()} == expected
 
 
-def test_dry_run_writes_nothing(ns: Namespace) -> None:
+def test_dry_run_writes_nothing_and_drop_removes_a_rebuild(ns: Namespace) -> None:
     from click.testing import CliRunner
 
     from recstream.cli import main
@@ -252,3 +252,14 @@ def test_dry_run_writes_nothing(ns: Namespace) -> None:
     assert total.split()[1:] == [str(3 * len(USERS))] * 2
     assert "nothing was written" in result.output
     assert keys_under(ns.settings, ns.settings.key_prefix) == []
+
+    # The same rebuild for real, then abandoned with --drop.
+    base = ["replay", "profiles", "--namespace", "dry", "--no-progress"]
+    built = CliRunner().invoke(main, [*base, "--from-beginning"], env=env)
+    assert built.exit_code == 0, built.output
+    assert f"{3 * len(USERS)} events folded for {len(USERS)} users" in built.output
+    counted = profiles(in_namespace(ns.settings, "dry"), USERS)
+    assert all(p is not None and p.event_count == 3 for p in counted.values())
+    dropped = CliRunner().invoke(main, [*base, "--drop"], env=env)
+    assert dropped.exit_code == 0, dropped.output
+    assert keys_under(ns.settings, Keys(ns.settings.key_prefix).namespace("dry").prefix) == []
