@@ -120,3 +120,27 @@ def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
 def test_public_surface() -> None:
     for name in streams.__all__:
         assert hasattr(streams, name), name
+
+
+def test_observe_many_matches_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from streams.metrics import observe_many
+
+    values = [0.0, 0.001, 0.0015, 0.5, 0.5, 2.0, 99.0]
+    expositions = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        hist = Histogram("t_seconds", "t", buckets=(0.001, 0.5, 1.0), registry=registry)
+        if bulk:
+            observe_many(hist, values)
+        else:
+            for value in values:
+                hist.observe(value)
+        expositions.append(
+            b"\n".join(
+                line for line in generate_latest(registry).splitlines() if b"_created" not in line
+            )
+        )
+    assert expositions[0] == expositions[1]
+    assert b't_seconds_bucket{le="0.5"} 5.0' in expositions[1]
