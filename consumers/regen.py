@@ -104,6 +104,7 @@ class RegenService:
         self._assignment: set[tuple[str, int]] = set()
         self.running = threading.Event()  # set once subscribed; for health checks and tests
         self.regenerations = 0
+        self.pauses = 0  # times input was paused for backpressure
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -325,6 +326,7 @@ class RegenService:
         if not self._paused:
             self.consumer.pause(self._partitions())
             self._paused = True
+            self.pauses += 1
             REGEN_PAUSED.set(1)
 
     def _partitions(self) -> list[TopicPartition]:

@@ -370,3 +370,65 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
         client.close()
     assert CACHE_INVALID._value.get() - invalid_before == 1
     assert batches() - batches_before < 200  # several lists per round trip
+
+
+def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
+    """A slow model behind a two-slot queue: partitions pause, and every user is still served."""
+    import functools
+
+    from inference.pool import PoolConfig
+    from inference.worker import PopularityRecommender
+    from tests.unit.pool_models import CATALOG, expected, make_echo
+
+    settings = ns.settings
+    users = [f"slow-{n}" for n in range(30)]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    folds = {
+        u: _fold_one_by_one(settings, u, [CATALOG[n % 40]], start)[0] for n, u in enumerate(users)
+    }
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    for user, (version, ts) in folds.items():
+        change = ProfileChanged(
+            user_id=user,
+            profile_version=version,
+            changes=ProfileChanges(events=1),
+            event_id=f"e-{user}",
+            trigger_ts=ts,
+        )
+        producer.produce(
+            settings.topic_profiles_changed, key=user.encode(), value=change.model_dump_json()
+        )
+    assert producer.flush(10) == 0
+
+    config = PoolConfig(workers=1, max_batch_size=1, queue_size=2, request_timeout_s=30)
+    fallback = PopularityRecommender({item: 1 for item in CATALOG})
+    slow = WorkerPool(functools.partial(make_echo, delay_s=0.03), fallback, CATALOG, config)
+    slow.start()
+    common = settings.model_dump()
+    regen = RegenService(
+        RegenSettings(**common, regen_group_id=ns.group("regen"), debounce_ms=0.0), slow
+    )
+    writer = CacheWriter(CacheWriterSettings(**common, cache_group_id=ns.group("cache")))
+    threads = [threading.Thread(target=svc.run, daemon=True) for svc in (regen, writer)]
+    for thread in threads:
+        thread.start()
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    try:
+
+        def all_cached() -> bool:
+            return all(client.exists(keys.recs(u)) for u in users)
+
+        _wait_for(all_cached, 30, "a list for every user")
+    finally:
+        regen.stop()
+        writer.stop()
+        for thread in threads:
+            thread.join(30)
+        slow.close()
+    assert regen.pauses >= 1
+    for n, user in enumerate(users):
+        recs = Recommendations.model_validate_json(client.get(keys.recs(user)) or b"")
+        assert recs.source == "model"
+        assert [(i.item_id, i.score) for i in recs.items] == expected([CATALOG[n % 40]], K)
+    client.close()
