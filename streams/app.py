@@ -66,9 +66,24 @@ class ProfileFolder:
         self._send_dlq = send_dlq
         self._send_changed = send_changed
         self.hooks: list[BatchHook] = []
+        # Completion of the latest batch's fold: batches may be validated concurrently, but
+        # they are folded and announced strictly in the order handle() was called.
+        self._last_fold: asyncio.Future[None] | None = None
 
     async def handle(self, records: Sequence[Any]) -> None:
-        """Process one batch of Kafka records (Faust ``Message`` objects); effects are queued."""
+        """Process one batch of Kafka records (Faust ``Message`` objects); effects are queued.
+
+        Calls may overlap (batch delivery validates the next poll while Redis folds the
+        previous one); folds and announcements still happen in call order.
+        """
+        previous, mine = self._last_fold, asyncio.get_running_loop().create_future()
+        self._last_fold = mine
+        try:
+            await self._handle(records, previous)
+        finally:
+            mine.set_result(None)
+
+    async def _handle(self, records: Sequence[Any], previous: asyncio.Future[None] | None) -> None:
         started = time.monotonic()
         valid: list[tuple[str, str, str, float, float]] = []
         weight_of = self.weights.of
@@ -94,6 +109,8 @@ class ProfileFolder:
                 )
             )
         metrics.EVENTS_IN.labels(topic).inc(len(records))
+        if previous is not None:
+            await previous
         folded = await self._fold(group_by_user(valid))
         for result in folded:
             if result.emit:

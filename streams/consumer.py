@@ -24,6 +24,7 @@ __all__ = ["FastDrainConsumer"]
 
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+MAX_IN_FLIGHT = 2
 
 
 class FastDrainConsumer(AIOKafkaConsumer):
@@ -34,6 +35,8 @@ class FastDrainConsumer(AIOKafkaConsumer):
     list, then acked, so offsets are committed only after the handler returns.
     """
 
+    _slots: asyncio.Semaphore | None = None
+    _batch_tasks: set[asyncio.Future[Any]]
     batch_topics: ClassVar[frozenset[str]] = frozenset()
     # A one-element tuple rather than a bare callable, which Python would bind as a method.
     batch_handler: ClassVar[tuple[BatchHandler, ...]] = ()
@@ -115,8 +118,36 @@ class FastDrainConsumer(AIOKafkaConsumer):
             unset_flag(CONSUMER_FETCHING)
 
     async def _deliver_batch(self, batch: list[Any]) -> None:
+        """Start handling ``batch`` and return, so the next poll overlaps its Redis round trip.
+
+        At most ``MAX_IN_FLIGHT`` batches are in the handler at once; a batch's records are
+        acked when its handler returns. A handler that fails crashes the consumer, leaving its
+        records unacked (so uncommitted).
+        """
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+            self._batch_tasks = set()
+        slots = self._slots
+        await slots.acquire()
         (handler,) = self.batch_handler
-        await handler(batch)
-        ack = self.ack
-        for message in batch:
-            ack(message)
+        task = asyncio.ensure_future(handler(batch))
+        # The loop holds tasks weakly: keep a reference until each is done.
+        self._batch_tasks.add(task)
+
+        def finished(done: asyncio.Future[None]) -> None:
+            self._batch_tasks.discard(done)
+            slots.release()
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                self.log.error("batch handler failed: %r", error)
+                crash = asyncio.ensure_future(self.crash(error))
+                self._batch_tasks.add(crash)
+                crash.add_done_callback(self._batch_tasks.discard)
+                return
+            ack = self.ack
+            for message in batch:
+                ack(message)
+
+        task.add_done_callback(finished)

@@ -144,3 +144,24 @@ def test_observe_many_matches_observe() -> None:
         )
     assert expositions[0] == expositions[1]
     assert b't_seconds_bucket{le="0.5"} 5.0' in expositions[1]
+
+
+def test_overlapping_batches_fold_in_call_order() -> None:
+    async def slow_dlq(**_: Any) -> None:
+        await asyncio.sleep(0.05)  # the first batch is held up while validating
+
+    async def no_changes(**_: Any) -> None:
+        return None
+
+    async def go() -> list[list[str]]:
+        client = redis.asyncio.Redis()
+        folder = ProfileFolder(StreamsSettings(), client, slow_dlq, no_changes)
+        script = FakeScript()
+        folder.script = script  # type: ignore[assignment]  # a recorder instead of Redis
+        first = [FakeMessage(b"u1", b"not json"), FakeMessage(b"u1", click("u1", "a"))]
+        second = [FakeMessage(b"u1", click("u1", "b"))]
+        await asyncio.gather(folder.handle(first), folder.handle(second))
+        await client.aclose()
+        return [[e[0] for e in groups["u1"]] for groups in script.groups]
+
+    assert asyncio.run(go()) == [["a"], ["b"]]
