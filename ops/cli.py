@@ -142,7 +142,8 @@ def replay_profiles(
             return
         result = rebuild.switch(plan)
         click.echo(
-            f"switched {result.switched} profiles live ({result.versions_bumped} versions raised "
+            f"switched {result.switched} profiles live in {result.script_s * 1000:.1f} ms "
+            f"({result.versions_bumped} versions raised "
             f"above the old live ones), removed {result.removed} live profiles absent from the "
             f"rebuild; tail: {result.tail.describe()}"
         )

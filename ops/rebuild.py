@@ -18,13 +18,13 @@ rebuilt user's profile keys and seen-set are RENAMEd over the live ones, live us
 the rebuild lose their profile, and a rebuilt version that is not above the live one becomes
 live + 1 (versions never go back, so caches accept the lists regenerated from it). The script is
 O(users + size of the replaced profiles): Redis serves nothing else while it runs. Measured here
-on ML-100K profiles (943 users, 300k events) it took 70 ms replacing 215 profiles and 115 ms
-replacing all 943 (freeing replaced hashes; ``lazyfree-lazy-server-del yes`` moves that off the
-main thread); for millions of users run the switch when traffic is low. The live agent keeps
-folding meanwhile, so after the switch the *tail* (from the captured end offsets to the new end)
-is folded into the live profiles: events the live agent folded into the old profiles are applied
-to the new ones, and any event folded twice is ignored by its seen-set entry. Then the
-namespace's leftovers are deleted.
+on ML-100K profiles (943 users, 300k events, ``bench/replay.py``) it took about 50 ms into an
+empty live namespace and 90-130 ms replacing all 943 profiles (freeing the replaced hashes;
+``lazyfree-lazy-server-del yes`` moves that off the main thread); for millions of users run the
+switch when traffic is low. The live agent keeps folding meanwhile, so after the switch the
+*tail* (from the captured end offsets to the new end) is folded into the live profiles: events
+the live agent folded into the old profiles are applied to the new ones, and any event folded
+twice is ignored by its seen-set entry. Then the namespace's leftovers are deleted.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ class SwitchResult:
     switched: int
     removed: int
     versions_bumped: int
+    script_s: float  # how long the atomic switch held Redis (0 when resumed after it)
     tail: RebuildStats
 
 
@@ -371,6 +373,7 @@ class ProfileRebuild:
         if plan.phase not in ("folded", "switched"):
             raise ReplayError(f"namespace {self.namespace!r} is not fully rebuilt yet")
         switched = removed = bumped = 0
+        script_s = 0.0
         if plan.phase == "folded":
             rebuilt = sorted(self.rebuilt_users())
             stale = sorted(self.live_users() - set(rebuilt))
@@ -379,6 +382,7 @@ class ProfileRebuild:
                     f"the rebuild holds no profiles; switching would delete {len(stale)} live "
                     "profiles, refused"
                 )
+            started = time.perf_counter()
             reply = self.redis.eval(
                 SWITCH_LUA,
                 0,
@@ -389,13 +393,14 @@ class ProfileRebuild:
                 *rebuilt,
                 *stale,
             )
+            script_s = time.perf_counter() - started
             switched, removed, bumped = (int(x) for x in reply)
         tail = [
             PartitionRange(r.partition, r.end, high) for r, high in self._tail_ends(plan.ranges)
         ]
         tail_stats = self._fold(self.live, tail, False, "tail")
         self._drop_namespace()
-        return SwitchResult(switched, removed, bumped, tail_stats)
+        return SwitchResult(switched, removed, bumped, script_s, tail_stats)
 
     def _tail_ends(self, ranges: Iterable[PartitionRange]) -> list[tuple[PartitionRange, int]]:
         with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:
