@@ -228,3 +228,68 @@ def test_regen_dry_run_lists_users_and_writes_nothing(ns: Namespace, out_topic: 
     assert "nothing was written" in result.output
     settings = OpsSettings(**ns.settings.model_dump())
     assert latest_lists(settings, out_topic) == {}
+
+
+def test_regen_command_with_the_live_default_model(ns: Namespace, out_topic: str) -> None:
+    """The command end to end: ML-100K co-occurrence model, real catalog ids, printed comparison."""
+    histories = {"1": ["50", "172", "133"], "2": ["258", "269"]}
+
+    async def fold() -> None:
+        client = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        try:
+            await FoldScript(client, ns.settings.key_prefix, FoldParams()).run(
+                {
+                    u: [(f"{u}-{n}", item, T0 + n, 1.0) for n, item in enumerate(items)]
+                    for u, items in histories.items()
+                }
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(fold())
+    now = datetime.now(UTC)
+    produce_at(
+        ns.settings.kafka_bootstrap,
+        ns.settings.topic_profiles_changed,
+        [
+            (
+                user,
+                ProfileChanged(
+                    user_id=user,
+                    profile_version=1,
+                    changes=ProfileChanges(new_items=items[-1:], events=len(items)),
+                    event_id=f"{user}-e",
+                    trigger_ts=now,
+                )
+                .model_dump_json()
+                .encode(),
+                now - timedelta(minutes=1),
+            )
+            for user, items in histories.items()
+        ],
+    )
+    env = {
+        "RECSTREAM_KAFKA_BOOTSTRAP": ns.settings.kafka_bootstrap,
+        "RECSTREAM_REDIS_URL": ns.settings.redis_url.get_secret_value(),
+        "RECSTREAM_KEY_PREFIX": ns.settings.key_prefix,
+        "RECSTREAM_TOPIC_PROFILES_CHANGED": ns.settings.topic_profiles_changed,
+        "RECSTREAM_TOPIC_RECOMMENDATIONS": ns.settings.topic_recommendations,
+    }
+    args = ["replay", "regen", "--from-time", (now - timedelta(minutes=5)).isoformat()]
+    args += ["--to-time", now.isoformat(), "--out-topic", out_topic, "--no-progress"]
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "2 users changed" in result.output
+    assert f"published 2 lists to '{out_topic}'" in result.output
+    assert f"only in {out_topic}: 2" in result.output  # nothing live to compare with yet
+
+    from inference.datasets import load_dataset
+
+    catalog = load_dataset("ml-100k", OpsSettings().data_dir).items
+    lists = latest_lists(OpsSettings(**ns.settings.model_dump()), out_topic)
+    for user, recs in lists.items():
+        ids = [i.item_id for i in recs.items]
+        assert len(ids) == 10
+        assert set(ids) <= set(catalog), "a replayed list holds items outside the catalog"
+        assert not set(ids) & set(histories[user]), "seen items must not be recommended"
+        assert recs.model.name == "cooc"
