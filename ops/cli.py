@@ -150,8 +150,20 @@ def replay_profiles(
 
 
 @replay.command("regen")
-@click.option("--from-time", callback=_rfc3339, required=True, metavar="RFC3339")
-@click.option("--to-time", callback=_rfc3339, required=True, metavar="RFC3339")
+@click.option(
+    "--from-time",
+    callback=_rfc3339,
+    required=True,
+    metavar="RFC3339",
+    help="Start of the range (publish time of the profile changes, inclusive).",
+)
+@click.option(
+    "--to-time",
+    callback=_rfc3339,
+    required=True,
+    metavar="RFC3339",
+    help="End of the range (exclusive).",
+)
 @click.option(
     "--artifact",
     type=click.Path(file_okay=False, path_type=Path),
