@@ -170,6 +170,13 @@ def _item_vectors(split: Any) -> Any:
     show_default=True,
     help="Candidates from gen that the language model reranks.",
 )
+@click.option(
+    "--rerank-users",
+    type=int,
+    default=None,
+    help="Run gen+rerank on the first N test users only (the language model is slow on CPU); "
+    "gen is compared on the same users.",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 def eval_cmd(  # noqa: PLR0917 (click passes every option)
     dataset: str,
@@ -179,6 +186,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     artifacts: tuple[Path, ...],
     gen_minutes: float,
     rerank_top: int,
+    rerank_users: int | None,
     threads: int,
 ) -> None:
     """Evaluate models on DATASET's test split: table, JSON report and PNG plot.
@@ -198,6 +206,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         artifacts=artifacts,
         gen_minutes=gen_minutes,
         rerank_top=rerank_top,
+        rerank_users=rerank_users,
         say=click.echo,
     )
     click.echo(table(report))

@@ -43,10 +43,13 @@ class GenRerank(Recommender):
         self,
         gen: Recommender,
         split: Split,
+        *,
         top_n: int = 20,
         reranker: Any = None,
         say: Callable[[str], None] = print,
+        tune_users: int = TUNE_USERS,
     ) -> None:
+        self.tune_users = tune_users
         self.gen = gen
         self.n_items = gen.n_items
         self.top_n = top_n
@@ -85,9 +88,9 @@ class GenRerank(Recommender):
         return out
 
     def fit(self, split: Split) -> GenRerank:
-        """Tune the fusion weight on (up to ``TUNE_USERS``) validation users."""
-        hist = split.histories("valid")[:TUNE_USERS]
-        targets = split.targets("valid")[:TUNE_USERS]
+        """Tune the fusion weight on the first ``tune_users`` validation users."""
+        hist = split.histories("valid")[: self.tune_users]
+        targets = split.targets("valid")[: self.tune_users]
         scores, top, llm = self._candidates(hist)
         best = (-1.0, 0.0)
         for w in FUSION_WEIGHTS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,6 +88,18 @@ class Split:
             extra = [t for t in (self.valid_target[u], self.test_target[u]) if t >= 0]
             out.append(np.append(hist, np.asarray(extra, dtype=np.int64)))
         return out
+
+    def subset(self, n_users: int) -> Split:
+        """The same split with only the first ``n_users`` evaluated users still evaluated.
+
+        Training data is untouched; per-user results on the subset line up with the first
+        ``n_users`` entries of results on the whole split.
+        """
+        keep = self.eval_users[:n_users]
+        valid = np.full_like(self.valid_target, -1)
+        test = np.full_like(self.test_target, -1)
+        valid[keep], test[keep] = self.valid_target[keep], self.test_target[keep]
+        return replace(self, valid_target=valid, test_target=test)
 
     def genres(self) -> list[frozenset[str]]:
         """Each item's categories, by item index (empty where the catalog has none)."""

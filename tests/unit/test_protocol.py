@@ -102,3 +102,15 @@ def test_core_filter_iterates_until_every_user_and_item_has_min_count() -> None:
         (u, i) for u in ("u1", "u2", "u3") for i in "ac"
     }
     assert set(out.items) == {"a", "c"}
+
+
+def test_subset_keeps_training_data_and_the_first_evaluated_users() -> None:
+    rows = [
+        (u, i, float(n))
+        for n, (u, i) in enumerate((u, i) for u in ("u1", "u2", "u3") for i in "abcd")
+    ]
+    split = leave_one_out(_ds(rows))
+    sub = split.subset(2)
+    assert list(sub.eval_users) == [0, 1]
+    assert [list(t) for t in sub.train] == [list(t) for t in split.train]
+    assert list(sub.targets("test")) == list(split.targets("test")[:2])
