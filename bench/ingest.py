@@ -3,12 +3,12 @@
 1. loads the ML-100K catalog and pre-produces ``--events`` (default 300,000, the whole replay)
    clickstream events to a fresh topic;
 2. starts one Faust worker (``streams.app.build_app``) in this process on a fresh consumer group
-   and Redis prefix, and lets it drain the topic;
+   and Redis prefix, in the chosen delivery mode (``--delivery agent|batch``), and lets it drain;
 3. prints events/s (first batch received to last batch committed) and the per-event fold latency
-   (arrival in the agent to profile committed in Redis), p50/p99.
+   (arrival in the worker to profile committed in Redis), p50/p99.
 
-Run from the repository root: ``nice python -m bench.ingest [--events N] [--batch-size N]``. Topics and keys it makes are
-deleted at the end.
+Run from the repository root: ``nice python -m bench.ingest [--delivery batch] [--events N]``.
+The topics, keys and Faust state folder it makes are deleted at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -137,7 +138,7 @@ def main() -> None:
             ("drain rate (events/s)", f"{state['records'] / elapsed:,.0f}"),
             ("fold latency p50 (ms)", f"{1000 * percentile(latencies, 0.50):.1f}"),
             ("fold latency p99 (ms)", f"{1000 * percentile(latencies, 0.99):.1f}"),
-            ("time in fold handler (s)", f"{busy[0]:.2f}"),
+            ("fold handler time, summed (s)", f"{busy[0]:.2f}"),
             ("batches", f"{len(batches)}"),
             ("batch size median", f"{statistics.median(sizes):.0f}"),
             ("batch size setting", f"{settings.streams_batch_size}"),
@@ -154,6 +155,7 @@ def main() -> None:
         for start in range(0, len(stale), 1000):
             client.delete(*stale[start : start + 1000])
         client.close()
+        shutil.rmtree(settings.streams_datadir / settings.streams_app_id, ignore_errors=True)
 
 
 if __name__ == "__main__":
