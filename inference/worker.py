@@ -17,6 +17,7 @@ callables so the parent can name what each child should build.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from collections import Counter
@@ -185,13 +186,20 @@ class DatasetModelLoader:
 
 
 def _touch_device(model: object) -> dict[str, Any]:
-    """A tiny real computation on the model's device, for the health check."""
-    import torch
+    """A tiny real computation on the model's device, for the health check.
 
-    device = getattr(model, "device", None) or torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    value = (torch.ones(8, device=device) * 2).sum().item()
+    Models that never imported torch (numpy/scipy ones) run on the CPU, checked with numpy.
+    """
+    if "torch" not in sys.modules:
+        value = float((np.ones(8) * 2).sum())
+        device: object = "cpu"
+    else:
+        import torch
+
+        device = getattr(model, "device", None) or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+        value = (torch.ones(8, device=device) * 2).sum().item()
     if value != 16.0:
         raise RuntimeError(f"device {device} computed {value}, expected 16")
     return {"device": str(device), "pid": os.getpid()}
@@ -207,12 +215,17 @@ def worker_main(
     """Entry point of a worker process (spawned; everything here runs in the child)."""
     if device_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
-    import torch
-
-    torch.set_num_threads(max(1, threads))
+    # Before any numeric library loads: torch, numpy's BLAS and OpenMP all size their thread
+    # pools from these, so workers x threads stays within the cores.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(max(1, threads))
     started = time.perf_counter()
     try:
         model = loader()
+        if "torch" in sys.modules:  # imported by the model; torch is not needed otherwise
+            import torch
+
+            torch.set_num_threads(max(1, threads))
         model.recommend([warmup_history], 10)  # warm-up: first call allocates and compiles
         info = _touch_device(model)
     except Exception:  # the parent must learn why the worker could not start
