@@ -176,6 +176,9 @@ class RegenService:
         wait = 0.05 if due is None else min(max(due - now, 0.0), 0.05)
         if not self._done.empty():
             wait = 0.0
+        elif self.coalescer.inflight:
+            # librdkafka's poll cannot be woken by a finished result: poll briefly instead.
+            wait = min(wait, 0.002)
         # poll() returns on the first message; consume(timeout=0) then takes what is already
         # fetched. (consume() with a timeout waits for the whole batch or the whole timeout.)
         first = self.consumer.poll(wait)
