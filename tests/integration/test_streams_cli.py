@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -55,8 +56,9 @@ def test_catalog_replay_and_profile_show(
     client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value(), decode_responses=True)
     keys = Keys(ns.settings.key_prefix)
     try:
-        item = client.hgetall(keys.item("1"))
-        meta = client.hgetall(keys.catalog_meta())
+        # decode_responses gives str; redis-py's annotations do not follow that flag.
+        item = cast(dict[str, str], client.hgetall(keys.item("1")))
+        meta = cast(dict[str, str], client.hgetall(keys.catalog_meta()))
         assert item["title"].startswith("Toy Story")
         assert item["categories"] == "Animation|Children|Comedy"
         assert item["year"] == "1995"
