@@ -46,6 +46,13 @@ def _settings(**overrides: Any) -> Any:
     help="Faust web port, 0 = off. [env RECSTREAM_STREAMS_WEB_PORT]",
 )
 @click.option(
+    "--delivery",
+    "streams_delivery",
+    type=click.Choice(["agent", "batch"]),
+    help="agent: a Faust agent with stream.take_events; batch: the consumer hands each poll "
+    "to the fold (faster). [env RECSTREAM_STREAMS_DELIVERY; default agent]",
+)
+@click.option(
     "--loglevel",
     "streams_loglevel",
     help="Log level. [env RECSTREAM_STREAMS_LOGLEVEL; default info]",
