@@ -16,6 +16,9 @@ Per batch (``stream.take_events(streams_batch_size, within=streams_batch_within_
 
 Records of one user share a partition (key = user_id) and a partition is consumed in order, so the
 agent works with any number of partitions and worker processes.
+
+With ``streams_delivery = "batch"`` the same handler is fed by the consumer itself, one poll at a
+time, instead of by the agent (see ``streams/consumer.py``); everything above still holds.
 """
 
 from __future__ import annotations
