@@ -9,7 +9,8 @@ users of a dataset (time-ordered leave-one-out, DESIGN.md). For each user the sc
   signed-rank test per user against the kNN order;
 * how far INT8 moves the scores (Spearman rank correlation with fp32, per user).
 
-Run: ``nice python bench/rerank.py --dataset ml-100k --users 200`` (``--help`` for options).
+Run from the repository root: ``nice python -m bench.rerank --dataset ml-100k --users 200``
+(``--help`` for options; ``-m`` keeps ``bench/inference.py`` from shadowing the package).
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ def rank_in(order: np.ndarray, candidates: np.ndarray, target: int) -> int:
     return int(hits[0]) if hits.size else TOP_N
 
 
-def rrf(scores: np.ndarray, weight: float) -> np.ndarray:
-    """Fuse the kNN order (position = rank) with the reranker's ranks; higher is better."""
+def rrf(scores: np.ndarray, knn_rank: np.ndarray, weight: float) -> np.ndarray:
+    """Reciprocal-rank fusion of the kNN ranks and the reranker's ranks; higher is better."""
     llm_rank = np.empty(len(scores))
     llm_rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-    base_rank = np.arange(len(scores))
-    return (1 - weight) / (RRF_C + base_rank) + weight / (RRF_C + llm_rank)
+    return (1 - weight) / (RRF_C + knn_rank) + weight / (RRF_C + llm_rank)
 
 
 def main() -> None:
@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="batch for quality scoring")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-int8", action="store_true", help="skip the INT8 model")
+    parser.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="show the candidates to the model in a random order (tests for position bias)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -75,9 +80,14 @@ def main() -> None:
 
     knn = ItemKNN().fit(split)
     top, _ = top_k_unseen(knn.score(histories), histories, TOP_N)
+    shown = top.copy()
+    if args.shuffle:
+        rng = np.random.default_rng(0)
+        for row in shown:
+            rng.shuffle(row)
     in_top = np.array([t in row for t, row in zip(targets, top, strict=True)])
     user_hist = [[items[i] for i in h[-10:]] for h in histories]
-    user_cands = [[items[i] for i in row] for row in top]
+    user_cands = [[items[i] for i in row] for row in shown]
     print(
         f"{args.dataset}: {len(histories)} validation users, {len(items)} items; "
         f"validation item among kNN top-{TOP_N}: {in_top.mean():.3f}; "
@@ -126,23 +136,33 @@ def main() -> None:
     )
     base = ndcg_per_user(base_rank)
     rows = [("kNN order", base, base_rank)]
+    if args.shuffle:
+        shown_rank = np.array(
+            [rank_in(np.arange(TOP_N), row, t) for row, t in zip(shown, targets, strict=True)]
+        )
+        rows.append(("random order", ndcg_per_user(shown_rank), shown_rank))
+    # kNN rank of each candidate in the order the model saw them.
+    knn_rank = [
+        np.array([list(row).index(i) for i in seen], dtype=np.float64)
+        for row, seen in zip(top, shown, strict=True)
+    ]
     for name, scores in raw_scores.items():
         for label, adjust in (("raw", 0.0), ("calibrated", 1.0)):
             ranks = np.array(
                 [
                     rank_in(np.argsort(-(s - adjust * prior), kind="stable"), row, t)
-                    for s, row, t in zip(scores, top, targets, strict=True)
+                    for s, row, t in zip(scores, shown, targets, strict=True)
                 ]
             )
             rows.append((f"{name} {label}", ndcg_per_user(ranks), ranks))
         for w in (0.25, 0.5):
             ranks = np.array(
                 [
-                    rank_in(np.argsort(-rrf(s - prior, w), kind="stable"), row, t)
-                    for s, row, t in zip(scores, top, targets, strict=True)
+                    rank_in(np.argsort(-rrf(s, kr, w), kind="stable"), row, t)
+                    for s, kr, row, t in zip(scores, knn_rank, shown, targets, strict=True)
                 ]
             )
-            rows.append((f"{name} fused w={w}", ndcg_per_user(ranks), ranks))
+            rows.append((f"{name} raw fused w={w}", ndcg_per_user(ranks), ranks))
 
     print(f"\nRanking the kNN top-{TOP_N} of {len(targets)} validation users ({args.dataset})")
     print(f"{'order':<22} {'NDCG@10':>8} {'HR@10':>7} {'vs kNN':>8} {'Wilcoxon p':>11}")

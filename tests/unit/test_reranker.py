@@ -64,8 +64,8 @@ def test_verbalizer_covers_exactly_the_given_candidates(reranker: LLMReranker) -
     assert [len(r) for r in raw] == [5, 2]
     for row in raw:
         assert float(np.exp(row).sum()) == pytest.approx(1.0, abs=1e-4)
-    calibrated = reranker.score(HISTORY, CANDIDATES)
-    assert not np.allclose(calibrated, raw[0])
+    calibrated = reranker.score_batch([HISTORY], [CANDIDATES], calibrate=True)[0]
+    np.testing.assert_allclose(calibrated, raw[0] - reranker.letter_prior(5), atol=1e-3)
 
 
 def test_left_padded_batches_match_single_scoring(reranker: LLMReranker) -> None:
