@@ -56,6 +56,13 @@ def _gen_overrides(**given: Any) -> dict[str, Any]:
 @click.option("--max-len", type=int, default=None, help="Longest history the model reads.")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate.")
 @click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine"]),
+    default=None,
+    help="Learning-rate schedule (cosine decays to 0 over --epochs).",
+)
+@click.option("--patience", type=int, default=None, help="Epochs without improvement to stop.")
+@click.option(
     "--text-init/--no-text-init",
     default=False,
     show_default=True,
@@ -81,6 +88,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     dropout: float | None,
     max_len: int | None,
     lr: float | None,
+    lr_schedule: str | None,
+    patience: int | None,
     text_init: bool,
     with_index: bool,
     threads: int,
@@ -98,7 +107,14 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
 
     split = _split(dataset)
     overrides = _gen_overrides(
-        epochs=epochs, hidden=hidden, layers=layers, dropout=dropout, max_len=max_len, lr=lr
+        epochs=epochs,
+        hidden=hidden,
+        layers=layers,
+        dropout=dropout,
+        max_len=max_len,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        patience=patience,
     )
     cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **overrides})
     text = _item_vectors(split) if (text_init or with_index) else None

@@ -52,6 +52,9 @@ class GenConfig:
     patience: int = 8
     seed: int = 0
     eval_every: int = 1
+    # "cosine": learning rate decays to 0 over ``epochs`` (after one warm-up epoch), which
+    # settles the noisy late epochs; "constant" keeps ``lr`` throughout.
+    lr_schedule: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -233,6 +236,8 @@ def train_gen(
     if text_embeddings is not None:
         model.init_from_text(text_embeddings, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
     windows = training_windows(split.train, cfg.max_len)
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)
@@ -244,6 +249,11 @@ def train_gen(
     bar = tqdm(range(1, cfg.epochs + 1), desc="train gen", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
+        if cfg.lr_schedule == "cosine":
+            warm = min(1.0, epoch / 2)
+            decay = 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(cfg.epochs, 1)))
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * warm * decay
         order = rng.permutation(len(windows))
         buckets = [
             order[i : i + cfg.batch_size * 16] for i in range(0, len(order), cfg.batch_size * 16)
