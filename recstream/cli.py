@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -70,6 +71,45 @@ def stack_status(as_json: bool) -> None:
         state = "ready" if info["ready"] else "down"
         owner = f"pid {info['pid']}" if info["started_by_stack"] else "not started by stack"
         click.echo(f"{name:6} {state:5} {info['address']}  ({owner})  log: {info['log']}")
+
+
+@main.command()
+@click.option("--dataset", default="ml-100k", show_default=True, help="Dataset to replay.")
+@click.option(
+    "--artifact-dir",
+    type=click.Path(path_type=Path),
+    default=Path("artifacts/ml-100k"),
+    show_default=True,
+    help="Trained model to serve; trained there first when missing.",
+)
+@click.option("--rate", default=20.0, show_default=True, help="Replayed events per second.")
+@click.option("--limit", type=int, help="Stop the replay after this many events.")
+@click.option("--train-minutes", default=5.0, show_default=True, help="Training budget.")
+@click.option("--duration-s", type=float, help="Stop by itself after this many seconds.")
+def demo(  # noqa: PLR0917 - one parameter per click option
+    dataset: str,
+    artifact_dir: Path,
+    rate: float,
+    limit: int | None,
+    train_minutes: float,
+    duration_s: float | None,
+) -> None:
+    """The live demo: stack, catalog, model, every service, a real replay, a live board.
+
+    Ctrl-C stops the replay, then the services (which drain), then what the demo started.
+    """
+    from recstream.demo import DemoOptions, run_demo
+
+    run_demo(
+        DemoOptions(
+            dataset=dataset,
+            artifact_dir=artifact_dir,
+            rate=rate,
+            limit=limit,
+            train_minutes=train_minutes,
+            duration_s=duration_s,
+        )
+    )
 
 
 @main.group()

@@ -1,0 +1,27 @@
+"""The demo's live board keeps the newest list per user, bounded, and counts fallbacks."""
+
+from __future__ import annotations
+
+from recstream.demo import Board
+
+
+def _msg(user: str, version: int, source: str = "model") -> dict[str, object]:
+    return {"user_id": user, "profile_version": version, "source": source, "items": []}
+
+
+def test_board_keeps_newest_per_user_and_moves_updated_users_to_the_top() -> None:
+    board = Board(rows=3)
+    for user, version in (("a", 1), ("b", 1), ("c", 1), ("a", 2)):
+        board.update(_msg(user, version))
+    assert list(board.latest) == ["b", "c", "a"]
+    assert board.latest["a"]["profile_version"] == 2
+    assert board.received == 4
+
+
+def test_board_is_bounded_and_counts_fallbacks() -> None:
+    board = Board(rows=2)
+    board.update(_msg("a", 1, "fallback"))
+    board.update(_msg("b", 1))
+    board.update(_msg("c", 1, "fallback"))
+    assert list(board.latest) == ["b", "c"]
+    assert board.fallbacks == 2
