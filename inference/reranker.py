@@ -17,6 +17,11 @@ kept, because a prompt reveals what the user watched.
 
 CPU inference can use INT8 dynamic quantization of every ``nn.Linear``; on CUDA the model runs in
 bfloat16. Like all model work, call this from a worker, never from an event loop.
+
+Measured without fine-tuning (``python -m bench.rerank``, 200 ML-100K validation users, item-kNN
+top 20): the model's order is no better than a random order of the same candidates once they are
+shown shuffled, so it earns its cost only if fine-tuned; fusion with the retrieval order keeps it
+harmless.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ __all__ = [
     "LLMReranker",
     "RerankerConfig",
     "build_messages",
+    "quantize_int8",
     "sanitize",
 ]
 
