@@ -9,10 +9,17 @@ Per batch (``stream.take_events(streams_batch_size, within=streams_batch_within_
    per-user order relies on the key;
 2. the valid events, grouped by user, are folded by one EVALSHA of ``streams/fold.lua``;
 3. a ``ProfileChanged`` goes to ``profiles.changed`` for each user with a new item or a category
-   mix shift of at least ``profile_shift_threshold``;
+   mix shift of at least ``profile_shift_threshold``, with header ``recs.origin_ts``: the Kafka
+   timestamp (produce time, epoch milliseconds) of the user's newest clickstream record in the
+   batch, which the regeneration consumer passes on so the cache writer can measure end-to-end
+   freshness;
 4. the batch's records are acked once their sends are queued; Faust flushes the producer before
    it commits offsets, so offsets are committed only after the work is durable. A crash replays
    the uncommitted records and the seen-set makes their second fold a no-op.
+
+A timer reports the worker's consumer lag per topic/partition every ``streams_lag_interval_s``
+(``recs_consumer_lag_messages``, group = the app id) from the client's cached high watermarks and
+read positions, without a broker round trip.
 
 Records of one user share a partition (key = user_id) and a partition is consumed in order, so the
 agent works with any number of partitions and worker processes.
@@ -33,6 +40,8 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka.errors import IllegalStateError  # type: ignore[import-untyped]  # no stubs
+from faust.exceptions import ConsumerNotStarted
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,6 +50,7 @@ from schemas import Reason, ValidationFailed, parse_event
 from streams import metrics
 from streams.exceptions import StoreUnavailable
 from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, to_datetime
+from streams.metrics import ORIGIN_HEADER
 from streams.settings import StreamsSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,8 @@ class ProfileFolder:
         self.max_future = timedelta(seconds=settings.event_max_future_s)
         self._send_dlq = send_dlq
         self._send_changed = send_changed
+        self._out_changed = metrics.EVENTS_OUT.labels(settings.topic_profiles_changed)
+        self._out_dlq = metrics.EVENTS_OUT.labels(settings.topic_dlq)
         self.hooks: list[BatchHook] = []
         # Completion of the latest batch's fold: batches may be validated concurrently, but
         # they are folded and announced strictly in the order handle() was called.
@@ -89,6 +101,8 @@ class ProfileFolder:
     async def _handle(self, records: Sequence[Any], previous: asyncio.Future[None] | None) -> None:
         started = time.monotonic()
         valid: list[tuple[str, str, str, float, float]] = []
+        # Per user, the Kafka timestamp of its newest record (records of a user come in order).
+        produced: dict[str, float | None] = {}
         weight_of = self.weights.of
         topic = ""
         for message in records:
@@ -102,6 +116,7 @@ class ProfileFolder:
             except ValidationFailed as failure:
                 await self._dead_letter(message, failure)
                 continue
+            produced[event.user_id] = message.timestamp
             valid.append(
                 (
                     event.user_id,
@@ -115,9 +130,13 @@ class ProfileFolder:
         if previous is not None:
             await previous
         folded = await self._fold(group_by_user(valid))
+        announced = 0
         for result in folded:
             if result.emit:
-                await self._announce(result)
+                await self._announce(result, produced.get(result.user_id))
+                announced += 1
+        if announced:
+            self._out_changed.inc(announced)
         done = time.monotonic()
         latencies = [done - (m.time_in or started) for m in records]
         metrics.observe_many(metrics.FOLD_SECONDS, latencies)
@@ -127,6 +146,7 @@ class ProfileFolder:
 
     async def _dead_letter(self, message: Any, failure: ValidationFailed) -> Any:
         metrics.DEAD_LETTERED.labels(failure.reason.value).inc()
+        self._out_dlq.inc()
         headers = [
             ("dlq.reason", failure.reason.value.encode()),
             ("dlq.detail", failure.detail.encode("utf-8", "replace")[:512]),
@@ -136,7 +156,7 @@ class ProfileFolder:
         ]
         return await self._send_dlq(key=message.key, value=message.value, headers=headers)
 
-    async def _announce(self, result: Folded) -> Any:
+    async def _announce(self, result: Folded, produced: float | None) -> Any:
         # Built as a plain dict (a ProfileChanged in JSON form; a unit test holds it to the
         # model): validating a model per change costs more than the fold of its events.
         change = {
@@ -152,7 +172,10 @@ class ProfileFolder:
             "trigger_ts": to_datetime(result.trigger_ts).isoformat(),
         }
         metrics.PROFILE_CHANGES.inc()
-        return await self._send_changed(key=result.user_id.encode(), value=orjson.dumps(change))
+        headers = None if produced is None else [(ORIGIN_HEADER, b"%d" % round(produced * 1000))]
+        return await self._send_changed(
+            key=result.user_id.encode(), value=orjson.dumps(change), headers=headers
+        )
 
     async def _fold(self, groups: dict[str, list[tuple[str, str, float, float]]]) -> list[Folded]:
         """Run the fold script, retrying while Redis is briefly unreachable."""
@@ -269,8 +292,37 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
             start_http_server(settings.streams_metrics_port)
             log.info("metrics on :%d/metrics", settings.streams_metrics_port)
 
+    @app.timer(interval=settings.streams_lag_interval_s)  # type: ignore[untyped-decorator]
+    async def report_lag() -> None:
+        await observe_lag(app.consumer, settings.streams_app_id)
+
     @app.on_before_shutdown.connect
     async def close_redis(sender: Any, /, *_: Any, signal: Any, **__: Any) -> None:
         await redis.aclose()
 
     return app, folder
+
+
+async def observe_lag(consumer: Any, group: str) -> int:
+    """Report the lag of every partition assigned to a Faust ``consumer``; returns how many.
+
+    The position is the offset after the last record handed to the application (so records
+    fetched but not yet delivered count as lag, like librdkafka's ``consumer_lag``), or the
+    client's fetch position before the first record. The high watermark is the one the client
+    cached from its last fetch, so no broker request is made.
+    """
+    try:
+        assigned = consumer.assignment()
+    except ConsumerNotStarted:
+        return 0
+    rows: list[tuple[str, int, int | None, int | None]] = []
+    for tp in sorted(assigned):
+        last = consumer._read_offset.get(tp)
+        position: int | None = last + 1 if last is not None else None
+        if position is None:
+            try:
+                position = await consumer.position(tp)
+            except IllegalStateError:  # revoked meanwhile
+                continue
+        rows.append((tp.topic, tp.partition, consumer.highwater(tp), position))
+    return metrics.record_lag(group, rows)

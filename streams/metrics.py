@@ -1,11 +1,26 @@
-"""Prometheus metrics of the stream processor; all names start with ``recs_``."""
+"""Prometheus metrics of the stream processor; all names start with ``recs_``.
+
+``recs_consumer_lag_messages`` is defined here and shared with the consumers
+(``consumers/metrics.py``), so every service reports lag under one name and label set.
+"""
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+ORIGIN_HEADER = "recs.origin_ts"
+"""Kafka header on ``profiles.changed`` and ``recommendations`` records: the produce time (epoch
+milliseconds, ASCII) of the clickstream record that triggered them, for end-to-end freshness."""
+
+CONSUMER_LAG = Gauge(
+    "recs_consumer_lag_messages",
+    "Messages behind the partition's high watermark: the high watermark minus the next offset "
+    "the consumer hands to the application.",
+    ["group", "topic", "partition"],
+)
 
 EVENTS_IN = Counter(
     "recs_stream_events_in_total", "Clickstream records received by the fold agent.", ["topic"]
@@ -19,6 +34,11 @@ IGNORED = Counter(
     ["reason"],
 )
 FOLDED = Counter("recs_stream_events_folded_total", "Events folded into profiles.")
+EVENTS_OUT = Counter(
+    "recs_stream_events_out_total",
+    "Records the fold worker produced, by topic (profile changes and dead letters).",
+    ["topic"],
+)
 PROFILE_CHANGES = Counter(
     "recs_stream_profile_changes_emitted_total", "ProfileChanged messages emitted."
 )
@@ -55,3 +75,25 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
         if count:
             buckets[index].inc(count)
     total.inc(sum(values))
+
+
+def record_lag(group: str, partitions: Iterable[tuple[str, int, int | None, int | None]]) -> int:
+    """Set ``CONSUMER_LAG`` from ``(topic, partition, high watermark, next offset)`` tuples.
+
+    A partition whose high watermark or position is not known yet (None) is left out, and the
+    series of partitions this group no longer reports are removed (after a rebalance another
+    worker owns them). Returns how many partitions were reported.
+    """
+    now: set[tuple[str, str]] = set()
+    for topic, partition, high, position in partitions:
+        if high is None or position is None:
+            continue
+        CONSUMER_LAG.labels(group, topic, str(partition)).set(max(high - position, 0))
+        now.add((topic, str(partition)))
+    for gone_topic, gone_partition in _lag_series.get(group, set()) - now:
+        CONSUMER_LAG.remove(group, gone_topic, gone_partition)
+    _lag_series[group] = now
+    return len(now)
+
+
+_lag_series: dict[str, set[tuple[str, str]]] = {}

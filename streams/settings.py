@@ -30,6 +30,9 @@ class StreamsSettings(CommonSettings):
     streams_web_port: int = Field(
         0, ge=0, le=65535, description="Port of Faust's own web server; 0 = off."
     )
+    streams_lag_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between consumer lag reports (recs_consumer_lag_messages)."
+    )
     streams_session_timeout_s: float = Field(
         30.0,
         gt=0,

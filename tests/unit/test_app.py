@@ -12,7 +12,8 @@ import redis.asyncio
 
 import streams
 from schemas import ProfileChanged
-from streams.app import ProfileFolder
+from streams import metrics
+from streams.app import ProfileFolder, observe_lag
 from streams.fold import Folded
 from streams.settings import StreamsSettings
 
@@ -25,6 +26,7 @@ class FakeMessage:
     partition: int = 2
     offset: int = 0
     time_in: float | None = None
+    timestamp: float | None = None  # Kafka record timestamp, seconds
 
 
 class FakeScript:
@@ -80,11 +82,19 @@ def click(user: str, eid: str, ts: str = "2024-01-01T00:00:00Z") -> bytes:
 
 def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
     records = [
-        FakeMessage(b"u1", click("u1", "e1"), offset=1),
+        FakeMessage(b"u1", click("u1", "e1"), offset=1, timestamp=1700000000.0),
         FakeMessage(b"u2", click("u2", "e2"), offset=2),
-        FakeMessage(b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3),
+        FakeMessage(
+            b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3, timestamp=1.7e9 + 2.5
+        ),
     ]
+    out = metrics.EVENTS_OUT.labels(StreamsSettings().topic_profiles_changed)
+    before = out._value.get()
     script, dlq, changed = run_batch(records)
+    assert out._value.get() - before == 2  # one change per user
+    # The change carries the produce time of the user's newest record; none when unknown.
+    assert dict(changed[0]["headers"]) == {metrics.ORIGIN_HEADER: b"1700000002500"}
+    assert changed[1]["headers"] is None
     assert dlq == []
     (groups,) = script.groups
     assert list(groups) == ["u1", "u2"]
@@ -106,7 +116,10 @@ def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
         FakeMessage(b"zz", click("u1", "e1"), offset=42),
         FakeMessage(b"u1", click("u1", "e2"), offset=43),
     ]
+    dead = metrics.EVENTS_OUT.labels(StreamsSettings().topic_dlq)
+    before = dead._value.get()
     script, dlq, _ = run_batch(records)
+    assert dead._value.get() - before == 2
     assert [d["value"] for d in dlq] == [bad, records[1].value]
     headers = [dict(d["headers"]) for d in dlq]
     assert [h["dlq.reason"] for h in headers] == [b"bad_json", b"key_mismatch"]
@@ -165,3 +178,52 @@ def test_overlapping_batches_fold_in_call_order() -> None:
         return [[e[0] for e in groups["u1"]] for groups in script.groups]
 
     assert asyncio.run(go()) == [["a"], ["b"]]
+
+
+@dataclass(frozen=True, order=True)
+class FakeTP:
+    topic: str
+    partition: int
+
+
+class FakeFaustConsumer:
+    """Assignment, cached high watermarks, read offsets and positions of a Faust consumer."""
+
+    def __init__(self) -> None:
+        self.tps = {FakeTP("clicks-lag", 0), FakeTP("clicks-lag", 1), FakeTP("clicks-lag", 2)}
+        self.highwaters: dict[FakeTP, int | None] = {
+            FakeTP("clicks-lag", 0): 100,
+            FakeTP("clicks-lag", 1): 40,
+            FakeTP("clicks-lag", 2): None,  # no fetch yet
+        }
+        self._read_offset: dict[FakeTP, int | None] = {FakeTP("clicks-lag", 0): 89}
+
+    def assignment(self) -> set[FakeTP]:
+        return set(self.tps)
+
+    def highwater(self, tp: FakeTP) -> int | None:
+        return self.highwaters[tp]
+
+    async def position(self, tp: FakeTP) -> int:
+        return 25  # nothing handed over yet: the fetch position
+
+
+def lag_series(group: str) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["topic"], s.labels["partition"]): s.value
+        for family in metrics.CONSUMER_LAG.collect()
+        for s in family.samples
+        if s.labels["group"] == group
+    }
+
+
+def test_lag_per_partition_from_cached_watermarks_and_read_offsets() -> None:
+    consumer = FakeFaustConsumer()
+    assert asyncio.run(observe_lag(consumer, "lag-test")) == 2
+    assert lag_series("lag-test") == {("clicks-lag", "0"): 10.0, ("clicks-lag", "1"): 15.0}
+    # After a rebalance takes partition 1 away its series goes, the others are updated.
+    consumer.tps.discard(FakeTP("clicks-lag", 1))
+    consumer._read_offset[FakeTP("clicks-lag", 0)] = 99
+    consumer.highwaters[FakeTP("clicks-lag", 2)] = 30
+    assert asyncio.run(observe_lag(consumer, "lag-test")) == 2
+    assert lag_series("lag-test") == {("clicks-lag", "0"): 0.0, ("clicks-lag", "2"): 5.0}
