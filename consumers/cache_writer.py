@@ -7,6 +7,15 @@ pipelined round trip per batch; offsets are stored only after the batch is in Re
 (at-least-once; rewriting the same version is harmless).
 
 The stored value is the message's JSON exactly as published (the contract of DESIGN.md).
+
+``recs_cache_freshness_seconds`` is observed per list actually written (stale rejections are not),
+once its batch's Redis round trip has returned: wall clock now minus the list's origin time. The
+origin is the ``recs.origin_ts`` header (``source="header"``): the Kafka produce timestamp of the
+clickstream record that triggered the profile change, so the measure spans the fold, the debounce,
+the regeneration, both Kafka hops and the Redis write. Lists without it (published by something
+that does not carry the header) fall back to the event's own ``trigger_ts`` (``source=
+"trigger_ts"``, the client's clock) when it is at most ``freshness_trigger_max_age_s`` old, and are
+not observed otherwise: a replay of old events would report their age, not the pipeline's.
 """
 
 from __future__ import annotations
@@ -22,7 +31,15 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from consumers.metrics import CACHE_BATCH_SIZE, CACHE_INVALID, CACHE_STALE, CACHE_WRITES, record_lag
+from consumers.metrics import (
+    CACHE_BATCH_SIZE,
+    CACHE_FRESHNESS,
+    CACHE_INVALID,
+    CACHE_STALE,
+    CACHE_WRITES,
+    origin_ts,
+    record_lag,
+)
 from consumers.settings import CacheWriterSettings
 from recstream.keys import Keys
 from schemas import Recommendations
@@ -123,6 +140,7 @@ class CacheWriter:
 
     def _write(self, messages: list[Message]) -> None:
         lists: list[tuple[str, int, bytes]] = []
+        origins: list[tuple[str, float]] = []  # per list: (source, origin epoch seconds)
         positions: dict[tuple[str, int], int] = {}
         for message in messages:
             error = message.error()
@@ -143,6 +161,12 @@ class CacheWriter:
                 )
                 continue
             lists.append((recs.user_id, recs.profile_version, payload))
+            origin = origin_ts(message)
+            origins.append(
+                ("trigger_ts", recs.trigger_ts.timestamp())
+                if origin is None
+                else ("header", origin)
+            )
         if lists:
             CACHE_BATCH_SIZE.observe(len(lists))
             written = self.cache.write_many(lists)
@@ -151,6 +175,7 @@ class CacheWriter:
             self.stale += len(written) - n_written
             CACHE_WRITES.inc(n_written)
             CACHE_STALE.inc(len(written) - n_written)
+            self._observe_freshness(written, origins)
         if positions:
             try:
                 self.consumer.store_offsets(
@@ -161,6 +186,17 @@ class CacheWriter:
                 )
             except KafkaException as exc:  # revoked meanwhile: the new owner rewrites (harmless)
                 log.info("offsets not stored: %s", exc)
+
+    def _observe_freshness(self, written: list[bool], origins: list[tuple[str, float]]) -> None:
+        now = time.time()
+        max_trigger_age = self.settings.freshness_trigger_max_age_s
+        for ok, (source, origin) in zip(written, origins, strict=True):
+            if not ok:
+                continue
+            age = max(now - origin, 0.0)
+            if source == "trigger_ts" and age > max_trigger_age:
+                continue
+            CACHE_FRESHNESS.labels(source).observe(age)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit()

@@ -37,6 +37,8 @@ class Pending:
     due: float
     positions: list[Position] = field(default_factory=list)
     changes: int = 0
+    received: float = 0.0  # monotonic time the first of these changes was consumed
+    origin_ts: float | None = None  # newest triggering record's produce time (epoch s), if known
 
 
 @dataclass
@@ -48,6 +50,12 @@ class InFlight:
     trigger_ts: datetime
     positions: list[Position] = field(default_factory=list)
     changes: int = 0
+    received: float = 0.0
+    origin_ts: float | None = None
+
+
+def _newest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 class Coalescer:
@@ -59,24 +67,37 @@ class Coalescer:
         self.inflight: dict[str, InFlight] = {}
 
     def add(
-        self, user_id: str, version: int, trigger_ts: datetime, position: Position, now: float
+        self,
+        user_id: str,
+        version: int,
+        trigger_ts: datetime,
+        position: Position,
+        now: float,
+        *,
+        origin_ts: float | None = None,
     ) -> bool:
-        """Record one change; returns False when a running regeneration already covers it."""
+        """Record one change; returns False when a running regeneration already covers it.
+
+        ``origin_ts`` (epoch seconds) is the produce time of the clickstream record behind the
+        change, when known; like ``trigger_ts``, the newest of a user's changes is kept.
+        """
         running = self.inflight.get(user_id)
         if running is not None and version <= running.read_version:
             running.positions.append(position)
             running.changes += 1
             # The list being computed already reflects this change's event: say so.
             running.trigger_ts = max(running.trigger_ts, trigger_ts)
+            running.origin_ts = _newest(running.origin_ts, origin_ts)
             return False
         entry = self.pending.get(user_id)
         if entry is None:
             entry = self.pending[user_id] = Pending(
-                user_id, version, trigger_ts, due=now + self.debounce_s
+                user_id, version, trigger_ts, due=now + self.debounce_s, received=now
             )
         elif version > entry.version:
             entry.version = version
         entry.trigger_ts = max(entry.trigger_ts, trigger_ts)
+        entry.origin_ts = _newest(entry.origin_ts, origin_ts)
         entry.positions.append(position)
         entry.changes += 1
         return True
@@ -111,11 +132,19 @@ class Coalescer:
         current.due = min(current.due, entry.due)
         current.version = max(current.version, entry.version)
         current.trigger_ts = max(current.trigger_ts, entry.trigger_ts)
+        current.origin_ts = _newest(current.origin_ts, entry.origin_ts)
+        current.received = min(current.received, entry.received)
 
     def start(self, entry: Pending, read_version: int) -> InFlight:
         """Mark a regeneration as running on the profile version it read."""
         running = InFlight(
-            entry.user_id, read_version, entry.trigger_ts, list(entry.positions), entry.changes
+            entry.user_id,
+            read_version,
+            entry.trigger_ts,
+            list(entry.positions),
+            entry.changes,
+            received=entry.received,
+            origin_ts=entry.origin_ts,
         )
         self.inflight[entry.user_id] = running
         # Changes that arrived meanwhile and that this read already covers ride along.
@@ -125,6 +154,7 @@ class Coalescer:
             running.positions += waiting.positions
             running.changes += waiting.changes
             running.trigger_ts = max(running.trigger_ts, waiting.trigger_ts)
+            running.origin_ts = _newest(running.origin_ts, waiting.origin_ts)
         return running
 
     def finish(self, user_id: str) -> InFlight | None:

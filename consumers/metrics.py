@@ -1,7 +1,13 @@
 """Prometheus metrics of the consumers, and the small HTTP server that exposes them.
 
 Names carry the ``recs_`` prefix and their unit. Consumer lag comes from librdkafka's statistics
-(``statistics.interval.ms``), per topic and partition.
+(``statistics.interval.ms``), per topic and partition, into ``recs_consumer_lag_messages``, the
+gauge the stream processor defines (``streams/metrics.py``) so all services share one series name.
+
+End-to-end timing uses the ``recs.origin_ts`` header (:data:`streams.metrics.ORIGIN_HEADER`): the
+stream processor sets it on each ``ProfileChanged`` to the Kafka timestamp of the clickstream record
+that triggered it, the regeneration consumer copies it onto the ``Recommendations`` it publishes
+and the cache writer measures from it to the moment the list is in Redis.
 """
 
 from __future__ import annotations
@@ -15,23 +21,30 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from streams.metrics import CONSUMER_LAG, ORIGIN_HEADER
+
 __all__ = [
     "CACHE_BATCH_SIZE",
+    "CACHE_FRESHNESS",
     "CACHE_INVALID",
     "CACHE_STALE",
     "CACHE_WRITES",
     "CONSUMER_LAG",
+    "ORIGIN_HEADER",
     "REGEN_COALESCED",
     "REGEN_FRESHNESS",
     "REGEN_INVALID",
+    "REGEN_LATENCY",
     "REGEN_MESSAGES",
     "REGEN_MISSING_PROFILE",
     "REGEN_PAUSED",
     "REGEN_PENDING_USERS",
+    "REGEN_POLL_BATCH",
     "REGEN_PUBLISHED",
     "REGEN_PUBLISH_ERRORS",
     "REGEN_REGENERATIONS",
     "MetricsServer",
+    "origin_ts",
     "record_lag",
 ]
 
@@ -39,11 +52,10 @@ log = logging.getLogger(__name__)
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-CONSUMER_LAG = Gauge(
-    "recs_consumer_lag_messages",
-    "Messages behind the partition's high watermark (librdkafka statistics).",
-    ["group", "topic", "partition"],
-)
+# From the end of the debounce window's range up: a regeneration waits up to debounce_ms first.
+_REGEN_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Clickstream produce → list in Redis spans the fold batch, debounce, model and two Kafka hops.
+_FRESHNESS_SECONDS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 REGEN_MESSAGES = Counter("recs_regen_changes_total", "ProfileChanged messages consumed.")
 REGEN_INVALID = Counter(
@@ -63,6 +75,17 @@ REGEN_PUBLISH_ERRORS = Counter(
 REGEN_MISSING_PROFILE = Counter(
     "recs_regen_missing_profiles_total", "Changes for users without a profile in Redis."
 )
+REGEN_LATENCY = Histogram(
+    "recs_regen_latency_seconds",
+    "Per regeneration: first change consumed (debounce included) to the list's delivery on the "
+    "output topic.",
+    buckets=_REGEN_SECONDS,
+)
+REGEN_POLL_BATCH = Histogram(
+    "recs_regen_poll_batch_messages",
+    "Messages taken from profiles.changed per poll of the regeneration loop.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 REGEN_FRESHNESS = Histogram(
     "recs_regen_freshness_seconds",
     "Triggering event time to the list's delivery on the output topic.",
@@ -79,11 +102,32 @@ CACHE_STALE = Counter(
 CACHE_INVALID = Counter(
     "recs_cache_invalid_messages_total", "Messages on recommendations that failed validation."
 )
+CACHE_FRESHNESS = Histogram(
+    "recs_cache_freshness_seconds",
+    "Per list written: produce time of the triggering clickstream record (recs.origin_ts header; "
+    "without it, the event's trigger_ts when recent) to the list's Redis write.",
+    ["source"],
+    buckets=_FRESHNESS_SECONDS,
+)
 CACHE_BATCH_SIZE = Histogram(
     "recs_cache_batch_size",
     "Lists per Redis round trip.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
+
+
+def origin_ts(message: Any) -> float | None:
+    """The ``recs.origin_ts`` header of a record in epoch seconds, or None (absent, malformed)."""
+    headers = message.headers() or []
+    # A consumed record's headers are a list of pairs; the stub also allows the producer's dict.
+    pairs = list(headers.items()) if isinstance(headers, dict) else headers
+    for name, value in pairs:
+        if name == ORIGIN_HEADER and value:
+            try:
+                return int(value) / 1000.0
+            except ValueError:
+                return None
+    return None
 
 
 def record_lag(group: str, stats_json: str) -> None:

@@ -15,6 +15,9 @@ through a queue that the loop drains.
 - **Backpressure**: when the pool's queue is full or too many users wait, the assigned partitions
   are paused (the loop keeps polling so the group membership stays alive) and resumed when the
   pool has room again.
+- **Timing**: ``recs_regen_latency_seconds`` runs from the first coalesced change's consumption
+  to the list's delivery; the ``recs.origin_ts`` header of the newest change is copied onto the
+  published list, for the cache writer's end-to-end freshness.
 - **Shutdown**: :meth:`RegenService.stop` only sets a flag (signal-safe); the loop then pauses
   input, starts what waits, drains in-flight work, flushes the producer, commits and closes.
 """
@@ -37,16 +40,20 @@ from pydantic import ValidationError
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
 from consumers.metrics import (
+    ORIGIN_HEADER,
     REGEN_COALESCED,
     REGEN_FRESHNESS,
     REGEN_INVALID,
+    REGEN_LATENCY,
     REGEN_MESSAGES,
     REGEN_MISSING_PROFILE,
     REGEN_PAUSED,
     REGEN_PENDING_USERS,
+    REGEN_POLL_BATCH,
     REGEN_PUBLISH_ERRORS,
     REGEN_PUBLISHED,
     REGEN_REGENERATIONS,
+    origin_ts,
     record_lag,
 )
 from consumers.settings import RegenSettings
@@ -184,6 +191,8 @@ class RegenService:
         first = self.consumer.poll(wait)
         messages = [] if first is None else [first, *self.consumer.consume(499, timeout=0)]
         now = time.monotonic()
+        if messages:
+            REGEN_POLL_BATCH.observe(len(messages))
         for message in messages:
             self._accept(message, now)
         self._publish_finished()
@@ -216,6 +225,7 @@ class RegenService:
             change.trigger_ts,
             (topic, partition, offset),
             now,
+            origin_ts=origin_ts(message),
         )
         if not fresh:
             REGEN_COALESCED.inc()
@@ -268,10 +278,12 @@ class RegenService:
                 generated_at=datetime.now(UTC),
                 trigger_ts=running.trigger_ts,
             )
+            origin = running.origin_ts
             self.producer.produce(
                 self.settings.topic_recommendations,
                 key=running.user_id.encode(),
                 value=recs.model_dump_json().encode(),
+                headers=None if origin is None else [(ORIGIN_HEADER, b"%d" % round(origin * 1000))],
                 on_delivery=partial(self._delivered, running),
             )
 
@@ -282,6 +294,7 @@ class RegenService:
             log.error("publishing recommendations for %r failed: %s", running.user_id, err)
             return
         REGEN_PUBLISHED.inc()
+        REGEN_LATENCY.observe(max(time.monotonic() - running.received, 0.0))
         REGEN_FRESHNESS.observe(max(time.time() - running.trigger_ts.timestamp(), 0.0))
         self._mark_done(running.positions)
 

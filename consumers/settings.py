@@ -73,6 +73,13 @@ class CacheWriterSettings(CommonSettings):
     cache_batch_wait_ms: float = Field(
         2.0, ge=0, description="Longest wait to fill a batch before writing what is there."
     )
+    freshness_trigger_max_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="For lists without a recs.origin_ts header, freshness is measured from the "
+        "event's trigger_ts only when it is at most this old (live traffic; a replay of old "
+        "events would otherwise report their age).",
+    )
     stats_interval_ms: int = Field(
         5000, ge=0, description="librdkafka statistics interval (consumer lag metric); 0 = off."
     )

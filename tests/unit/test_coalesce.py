@@ -79,6 +79,30 @@ def test_limit_and_revoke() -> None:
     assert [e.user_id for e in c.take_due(now=10.0, limit=9)] == ["u3"]
 
 
+def test_timing_keeps_the_first_receipt_and_the_newest_origin() -> None:
+    c = Coalescer(debounce_s=0.05)
+    c.add("u", 1, _ts(1), ("t", 0, 1), now=1.0, origin_ts=500.0)
+    c.add("u", 2, _ts(2), ("t", 0, 2), now=1.02)  # no header: the known origin stays
+    c.add("u", 3, _ts(3), ("t", 0, 3), now=1.03, origin_ts=502.0)
+    (entry,) = c.take_due(now=1.06, limit=5)
+    assert (entry.received, entry.origin_ts) == (1.0, 502.0)
+    running = c.start(entry, read_version=3)
+    assert (running.received, running.origin_ts) == (1.0, 502.0)
+    # A change the running read covers rides along and brings its newer origin.
+    assert not c.add("u", 3, _ts(3), ("t", 0, 4), now=1.1, origin_ts=503.0)
+    assert (running.received, running.origin_ts) == (1.0, 503.0)
+
+
+def test_put_back_keeps_the_earliest_receipt() -> None:
+    c = Coalescer(debounce_s=0.0)
+    c.add("u", 1, _ts(1), ("t", 0, 1), now=2.0)
+    (entry,) = c.take_due(now=2.0, limit=1)
+    c.add("u", 2, _ts(2), ("t", 0, 2), now=3.0, origin_ts=9.0)
+    c.put_back(entry)
+    (merged,) = c.take_due(now=3.0, limit=1)
+    assert (merged.received, merged.origin_ts, merged.version) == (2.0, 9.0, 2)
+
+
 def test_committable_offset_is_the_lowest_unfinished_one() -> None:
     tracker = OffsetTracker()
     for offset in range(5, 10):
