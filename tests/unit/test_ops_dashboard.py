@@ -16,15 +16,19 @@ DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "recstream.json"
 # What the operations issue asks the dashboard to show, by the metric that carries it.
 REQUIRED = {
     "events in": "recs_stream_events_in_total",
-    "events out": "recs_stream_events_folded_total",
+    "events folded": "recs_stream_events_folded_total",
+    "events out": "recs_stream_events_out_total",
     "dead-lettered by reason": "recs_stream_dead_lettered_total",
     "fold latency": "recs_stream_fold_latency_seconds_bucket",
     "profile changes": "recs_stream_profile_changes_emitted_total",
-    "regeneration latency": "recs_pool_request_latency_seconds_bucket",
+    "regeneration latency": "recs_regen_latency_seconds_bucket",
+    "pool latency": "recs_pool_request_latency_seconds_bucket",
     "batch sizes": "recs_pool_batch_size_bucket",
+    "regeneration poll batch sizes": "recs_regen_poll_batch_messages_bucket",
     "pool queue depth": "recs_pool_queue_depth",
     "fallbacks": "recs_pool_fallbacks_total",
-    "freshness": "recs_regen_freshness_seconds_bucket",
+    "freshness to the output topic": "recs_regen_freshness_seconds_bucket",
+    "end-to-end freshness into the cache": "recs_cache_freshness_seconds_bucket",
     "cache writes": "recs_cache_writes_total",
     "stale rejections": "recs_cache_stale_rejections_total",
     "read API latency": "recs_api_request_latency_seconds_bucket",
@@ -73,6 +77,11 @@ def test_every_metric_on_the_dashboard_is_defined_by_a_service(dashboard: dict[s
     used = {m for e in exprs(dashboard) for m in re.findall(r"recs_[a-z0-9_]+", e)}
     unknown = used - defined_metrics()
     assert not unknown, f"dashboard queries metrics no service defines: {sorted(unknown)}"
+
+
+def test_lag_is_shown_per_topic_and_partition(dashboard: dict[str, Any]) -> None:
+    lag = [e for e in exprs(dashboard) if "recs_consumer_lag_messages" in e]
+    assert any(re.search(r"by \(group, topic, partition\)", e) for e in lag), lag
 
 
 @pytest.mark.parametrize("what", sorted(REQUIRED))
