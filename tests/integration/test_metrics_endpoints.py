@@ -2,7 +2,10 @@
 
 Each service runs on the test's topics, consumer groups and Redis prefix; the test waits until
 ``/metrics`` answers (a readiness check), reads the metric families from the exposition, then
-stops the service with SIGTERM and expects a clean exit.
+stops the service with SIGTERM and expects a clean exit. A second test runs the stream processor,
+the regeneration consumer and the cache writer together, sends real clickstream records through
+them and checks the observations that only traffic produces: events out by topic, consumer lag of
+every group per partition, regeneration latency and end-to-end freshness into the cache.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
+from confluent_kafka import Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Namespace
 
@@ -53,6 +59,7 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
             "recs_stream_profile_changes_emitted_total",
             "recs_stream_fold_latency_seconds",
             "recs_stream_batch_events",
+            "recs_stream_events_out_total",
         },
     ),
     "regen": (
@@ -66,6 +73,8 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
             "recs_regen_regenerations_total",
             "recs_regen_published_total",
             "recs_regen_freshness_seconds",
+            "recs_regen_latency_seconds",
+            "recs_regen_poll_batch_messages",
             "recs_regen_pending_users",
             "recs_regen_paused",
             "recs_consumer_lag_messages",
@@ -87,6 +96,7 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
             "recs_cache_stale_rejections_total",
             "recs_cache_invalid_messages_total",
             "recs_cache_batch_size",
+            "recs_cache_freshness_seconds",
             "recs_consumer_lag_messages",
         },
     ),
@@ -117,10 +127,8 @@ def scrape(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float)
             time.sleep(0.2)
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
-def test_service_exposes_its_metrics(service: str, ns: Namespace, tmp_path: Path) -> None:
-    make_env, expected = SERVICES[service]
-    port = free_port()
+def service_env(service: str, port: int, ns: Namespace, tmp: Path) -> dict[str, str]:
+    """The environment of ``recstream serve service``: the test's topics, prefix and groups."""
     s = ns.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
     env.update(
@@ -133,28 +141,179 @@ def test_service_exposes_its_metrics(service: str, ns: Namespace, tmp_path: Path
             "RECSTREAM_TOPIC_PROFILES_CHANGED": s.topic_profiles_changed,
             "RECSTREAM_TOPIC_RECOMMENDATIONS": s.topic_recommendations,
             "RECSTREAM_TOPIC_PARTITIONS": str(s.topic_partitions),
-            **make_env(port, ns, tmp_path),
+            **SERVICES[service][0](port, ns, tmp),
         }
     )
-    log = tmp_path / f"{service}.log"
+    return env
+
+
+def start(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "recstream", "serve", service],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def stop(service: str, proc: subprocess.Popen[bytes], log: Path) -> int:
+    """SIGTERM; fail with the log if the service ignores it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            pytest.fail(f"{service} ignored SIGTERM:\n{log.read_text()[-3000:]}")
+    return proc.returncode
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_service_exposes_its_metrics(service: str, ns: Namespace, tmp_path: Path) -> None:
+    expected = SERVICES[service][1]
+    port = free_port()
+    log = tmp_path / f"{service}.log"
+    proc = start(service, service_env(service, port, ns, tmp_path), log)
     try:
         exposition = scrape(f"http://127.0.0.1:{port}/metrics", proc, log, timeout_s=90)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                pytest.fail(f"{service} ignored SIGTERM:\n{log.read_text()[-3000:]}")
+        code = stop(service, proc, log)
     missing = expected - families(exposition)
     assert not missing, f"{service} /metrics lacks {sorted(missing)}"
     assert code == 0, f"{service} exited with {code}:\n{log.read_text()[-3000:]}"
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def samples(exposition: str) -> list[Sample]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    ]
+
+
+def value(found: list[Sample], name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels`` (0 when none)."""
+    return sum(
+        v for n, ls, v in found if n == name and all(ls.get(k) == x for k, x in labels.items())
+    )
+
+
+def lag_partitions(found: list[Sample], group: str, topic: str) -> set[str]:
+    return {
+        ls["partition"]
+        for n, ls, _ in found
+        if n == "recs_consumer_lag_messages" and ls["group"] == group and ls["topic"] == topic
+    }
+
+
+def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_path: Path) -> None:
+    s = ns.settings
+    extra = {
+        "streams": {
+            "RECSTREAM_STREAMS_LAG_INTERVAL_S": "0.5",
+            "RECSTREAM_STREAMS_BATCH_WITHIN_S": "0.05",
+        },
+        "regen": {"RECSTREAM_STATS_INTERVAL_MS": "500", "RECSTREAM_DEBOUNCE_MS": "20"},
+        "cache-writer": {"RECSTREAM_STATS_INTERVAL_MS": "500"},
+    }
+    running: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
+    try:
+        for service, more in extra.items():
+            port, log = free_port(), tmp_path / f"{service}.log"
+            env = {**service_env(service, port, ns, tmp_path), **more}
+            running[service] = (start(service, env, log), log, port)
+
+        def scraped(service: str) -> list[Sample]:
+            proc, log, port = running[service]
+            return samples(scrape(f"http://127.0.0.1:{port}/metrics", proc, log, timeout_s=90))
+
+        for service in running:  # every service is up (the regeneration pool has loaded)
+            scraped(service)
+        sent_at = time.time()
+        users = [f"u{n}" for n in range(8)]  # spread over the partitions
+        producer = Producer(
+            {"bootstrap.servers": s.kafka_bootstrap, "partitioner": "murmur2_random"}
+        )
+        for n, user in enumerate(users):
+            body = {
+                "schema_version": 1,
+                "event_id": f"{ns.token}-{n}",
+                "type": "click",
+                "user_id": user,
+                "item_id": str(50 + n),  # ML-100K item ids
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            producer.produce(s.topic_clickstream, key=user.encode(), value=orjson.dumps(body))
+        producer.produce(s.topic_clickstream, key=b"u0", value=b"{not json")
+        assert producer.flush(30) == 0, "records not delivered"
+
+        def until(
+            service: str,
+            condition: Callable[[list[Sample]], bool],
+            what: str,
+            timeout_s: float = 45,
+        ) -> None:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                found = scraped(service)
+                if condition(found):
+                    return
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{service}: no {what} after {timeout_s}s")
+                time.sleep(0.2)
+
+        group = ns.group("streams")  # the fold worker's Faust app id is its consumer group
+        until(
+            "streams",
+            lambda f: (
+                value(f, "recs_stream_events_out_total", topic=s.topic_profiles_changed)
+                >= len(users)
+                and value(f, "recs_stream_events_out_total", topic=s.topic_dlq) == 1
+                and len(lag_partitions(f, group, s.topic_clickstream)) == s.topic_partitions
+                and value(f, "recs_consumer_lag_messages", group=group) == 0
+            ),
+            "events out by topic and a drained lag for every partition",
+        )
+        until(
+            "regen",
+            lambda f: (
+                value(f, "recs_regen_latency_seconds_count") >= 1
+                and value(f, "recs_regen_poll_batch_messages_count") >= 1
+                and bool(lag_partitions(f, ns.group("regen"), s.topic_profiles_changed))
+            ),
+            "regeneration latency, poll batches and lag",
+        )
+        until(
+            "cache-writer",
+            lambda f: (
+                value(f, "recs_cache_freshness_seconds_count", source="header") >= len(users)
+                and bool(lag_partitions(f, ns.group("cache"), s.topic_recommendations))
+            ),
+            "freshness measured from the clickstream header, and lag",
+        )
+        cache = scraped("cache-writer")
+        regen = scraped("regen")
+        elapsed = time.time() - sent_at
+        # Measured from the clickstream records' produce time: never longer than this test
+        # has waited since sending them, and no list went without its origin header.
+        freshness = value(cache, "recs_cache_freshness_seconds_sum", source="header")
+        count = value(cache, "recs_cache_freshness_seconds_count", source="header")
+        assert 0 < freshness / count <= elapsed
+        assert value(cache, "recs_cache_freshness_seconds_count", source="trigger_ts") == 0
+        latency = value(regen, "recs_regen_latency_seconds_sum")
+        assert 0 < latency / value(regen, "recs_regen_latency_seconds_count") <= elapsed
+    finally:
+        codes = {}
+        for proc, _log, _port in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # all at once: they drain in parallel
+        for service, (proc, log, _) in running.items():
+            codes[service] = stop(service, proc, log)
+    for service, code in codes.items():
+        log = running[service][1]
+        assert code == 0, f"{service} exited with {code}:\n{log.read_text()[-3000:]}"
