@@ -147,12 +147,13 @@ def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     """A fixed-width text table of the report's models."""
     cols = (*METRIC_KEYS, "latency_ms_p50", "latency_ms_p99")
-    header = f"{'model':<12}" + "".join(f"{c:>15}" for c in cols)
+    header = f"{'model':<12}{'users':>6}" + "".join(f"{c:>15}" for c in cols)
     lines = [header, "-" * len(header)]
     for name, res in report.items():
         if name.startswith("_"):
             continue
-        lines.append(f"{name:<12}" + "".join(f"{res[c]:>15.4f}" for c in cols))
+        cells = "".join(f"{res[c]:>15.4f}" for c in cols)
+        lines.append(f"{name:<12}{res['users']:>6}{cells}")
     return "\n".join(lines)
 
 
