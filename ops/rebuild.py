@@ -143,6 +143,7 @@ class _Message:
     key: bytes | None
     value: bytes
     time_in: float | None = None
+    timestamp: float | None = None  # no changes are announced, so no origin time is needed
 
     @property
     def message(self) -> _Message:
