@@ -152,6 +152,9 @@ def serve_api(loglevel: str, **flags: Any) -> None:
 )
 @click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
 @click.option(
+    "--streams-metrics-port", default=9101, show_default=True, help="Faust worker /metrics port."
+)
+@click.option(
     "--regen-metrics-port", default=9102, show_default=True, help="Regeneration /metrics port."
 )
 @click.option(
@@ -160,6 +163,7 @@ def serve_api(loglevel: str, **flags: Any) -> None:
 def run_pipeline(
     without: tuple[str, ...],
     stop_timeout_s: float,
+    streams_metrics_port: int,
     regen_metrics_port: int,
     cache_writer_metrics_port: int,
 ) -> None:
@@ -172,8 +176,9 @@ def run_pipeline(
     from recstream.run import Pipeline
 
     _logging("info")
-    # One environment for every child, so the two metrics ports are given as flags.
+    # One environment for every child, so the metrics ports are given as flags.
     ports = {
+        "streams": ["--metrics-port", str(streams_metrics_port)],
         "regen": ["--metrics-port", str(regen_metrics_port)],
         "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
     }

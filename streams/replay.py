@@ -107,6 +107,9 @@ def produce(
             "partitioner": "murmur2_random",
         }
     )
+    # Serve delivery callbacks, report progress and pace once per step: about 20 steps a second
+    # when paced (so a slow rate is a steady trickle, not bursts), every 1000 events otherwise.
+    step = 1000 if rate is None else max(1, min(1000, int(rate / 20)))
     started = time.monotonic()
     sent = 0
     for key, value in records:
@@ -117,17 +120,17 @@ def produce(
             except BufferError:
                 producer.poll(0.1)
         sent += 1
-        if sent % 1000 == 0:
+        if sent % step == 0:
             producer.poll(0)
             if progress is not None:
-                progress(1000)
+                progress(step)
             if rate is not None:
                 ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
     remaining = producer.flush(timeout_s)
     if progress is not None:
-        progress(sent % 1000)
+        progress(sent % step)
     if remaining or failures:
         reason = failures[0] if failures else f"{remaining} records not delivered"
         raise ReplayError(f"producing to {topic!r} failed: {reason}")
