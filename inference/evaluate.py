@@ -134,13 +134,23 @@ def significance(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Average numeric metrics over seeds; keep each seed's figures and the spread of NDCG@10."""
     merged: dict[str, Any] = dict(runs[0])
-    for key in (*METRIC_KEYS, "latency_ms_p50", "latency_ms_p99"):
+    averaged = (
+        *METRIC_KEYS,
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "ndcg@10_fp32",
+        "hr@10_fp32",
+        "gen_same_users_ndcg@10",
+        "gen_same_users_hr@10",
+    )
+    for key in (k for k in averaged if all(k in r for r in runs)):
         merged[key] = float(np.mean([r[key] for r in runs]))
     merged["out_of_catalog"] = int(sum(r["out_of_catalog"] for r in runs))
     merged["seen_returned"] = int(sum(r["seen_returned"] for r in runs))
     merged["seeds"] = len(runs)
     merged["ndcg@10_std"] = float(np.std([r["ndcg@10"] for r in runs]))
-    merged["per_seed"] = [{k: r[k] for k in ("seed", "hr@10", "ndcg@10") if k in r} for r in runs]
+    kept = ("seed", "hr@10", "ndcg@10", "ndcg@10_fp32", "fusion_weight")
+    merged["per_seed"] = [{k: r[k] for k in kept if k in r} for r in runs]
     return merged
 
 
