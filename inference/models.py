@@ -23,7 +23,17 @@ import scipy.sparse as sp
 
 from inference.protocol import Split, metrics_from_ranks, target_ranks
 
-__all__ = ["EASE", "ItemKNN", "Popularity", "Recommender", "interaction_matrix", "tune"]
+__all__ = [
+    "EASE",
+    "ItemKNN",
+    "Popularity",
+    "Recommender",
+    "interaction_matrix",
+    "recency_weights",
+    "top_k_unseen",
+    "tune",
+    "validation_ndcg",
+]
 
 
 class Recommender(ABC):
