@@ -10,7 +10,7 @@ users of a dataset (time-ordered leave-one-out, DESIGN.md). For each user the sc
 * how far INT8 moves the scores (Spearman rank correlation with fp32, per user).
 
 Run from the repository root: ``nice python -m bench.rerank --dataset ml-100k --users 200``
-(``--help`` for options; ``-m`` keeps ``bench/inference.py`` from shadowing the package).
+(``--help`` for options).
 """
 
 from __future__ import annotations

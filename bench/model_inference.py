@@ -5,7 +5,7 @@ Measures, on real histories of the artifact's dataset (test-time inputs, up to `
 - single-user latency p50/p99 in ms (one request at a time, the streaming path),
 each through ``ArtifactRecommender.recommend`` (item ids in, top-10 catalog items out).
 
-    nice python -m bench.inference --artifact artifacts/ml-100k-s0 [--batch 64] [--users 500]
+    nice python -m bench.model_inference --artifact artifacts/ml-100k-s0 [--batch 64] [--users 500]
 
 (``-m`` from the repository root, so this file does not shadow the ``inference`` package.)
 
