@@ -31,6 +31,7 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
+from consumers.messages import position
 from consumers.metrics import (
     CACHE_BATCH_SIZE,
     CACHE_FRESHNESS,
@@ -143,13 +144,10 @@ class CacheWriter:
         origins: list[tuple[str, float]] = []  # per list: (source, origin epoch seconds)
         positions: dict[tuple[str, int], int] = {}
         for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", error)
+            where = position(message)
+            if where is None:
                 continue
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            assert topic is not None and partition is not None and offset is not None
+            topic, partition, offset = where
             positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
             payload = message.value() or b""
             try:

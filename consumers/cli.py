@@ -71,7 +71,7 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
     Starts the worker pool (warmed up before consuming), then consumes until SIGTERM/Ctrl-C, after
     which it drains in-flight work, flushes the producer, commits and closes.
     """
-    from consumers.metrics import MetricsServer
+    from consumers.metrics import serving_metrics
     from consumers.regen import RegenService, build_pool
     from consumers.settings import RegenSettings
 
@@ -81,15 +81,8 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
     try:
         service = RegenService(settings, pool)
         _on_stop_signals(service.stop)
-        server = None
-        if settings.metrics_port:
-            server = MetricsServer(settings.metrics_host, settings.metrics_port, service.health)
-            server.start()
-        try:
+        with serving_metrics(settings.metrics_host, settings.metrics_port, service.health):
             service.run()
-        finally:
-            if server is not None:
-                server.close()
     finally:
         pool.close()
 
@@ -107,22 +100,15 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
 def serve_cache_writer(loglevel: str, **flags: Any) -> None:
     """Write the recommendations topic into Redis recs:{user}, never going backwards."""
     from consumers.cache_writer import CacheWriter
-    from consumers.metrics import MetricsServer
+    from consumers.metrics import serving_metrics
     from consumers.settings import CacheWriterSettings
 
     _logging(loglevel)
     settings = CacheWriterSettings(**_given(flags))
     writer = CacheWriter(settings)
     _on_stop_signals(writer.stop)
-    server = None
-    if settings.metrics_port:
-        server = MetricsServer(settings.metrics_host, settings.metrics_port, writer.health)
-        server.start()
-    try:
+    with serving_metrics(settings.metrics_host, settings.metrics_port, writer.health):
         writer.run()
-    finally:
-        if server is not None:
-            server.close()
 
 
 @click.command("api")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -185,3 +186,18 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@contextmanager
+def serving_metrics(
+    host: str, port: int, health: Callable[[], tuple[bool, dict[str, Any]]]
+) -> Iterator[MetricsServer | None]:
+    """Serve ``/metrics`` and ``/healthz`` for the duration of the block; port 0 serves nothing."""
+    if not port:
+        yield None
+        return
+    server = MetricsServer(host, port, health).start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -39,6 +39,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import ValidationError
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
+from consumers.messages import position
 from consumers.metrics import (
     ORIGIN_HEADER,
     REGEN_COALESCED,
@@ -202,13 +203,10 @@ class RegenService:
         REGEN_PENDING_USERS.set(len(self.coalescer))
 
     def _accept(self, message: Message, now: float) -> None:
-        error = message.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", error)
+        where = position(message)
+        if where is None:
             return
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        assert topic is not None and partition is not None and offset is not None
+        topic, partition, offset = where
         self.offsets.received(topic, partition, offset)
         REGEN_MESSAGES.inc()
         try:
