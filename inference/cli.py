@@ -147,9 +147,9 @@ def _item_vectors(split: Any) -> Any:
 @click.option("--dataset", required=True, help=_DATASET_HELP)
 @click.option(
     "--models",
-    default="pop,itemknn,ease,gen,gen+rerank",
+    default="pop,itemknn,ease,gen,gen+ease,gen+rerank",
     show_default=True,
-    help="Comma-separated models: pop, itemknn, ease, gen, gen+rerank.",
+    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), gen+rerank.",
 )
 @click.option(
     "--out",

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 BASELINES = ("pop", "itemknn", "ease")
-MODELS = (*BASELINES, "gen", "gen+rerank")
+MODELS = (*BASELINES, "gen", "gen+ease", "gen+rerank")
 LATENCY_USERS = 200
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
@@ -149,7 +149,7 @@ def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged["seen_returned"] = int(sum(r["seen_returned"] for r in runs))
     merged["seeds"] = len(runs)
     merged["ndcg@10_std"] = float(np.std([r["ndcg@10"] for r in runs]))
-    kept = ("seed", "hr@10", "ndcg@10", "ndcg@10_fp32", "fusion_weight")
+    kept = ("seed", "hr@10", "ndcg@10", "ndcg@10_fp32", "fusion_weight", "alpha")
     merged["per_seed"] = [{k: r[k] for k in kept if k in r} for r in runs]
     return merged
 
@@ -210,12 +210,13 @@ def run_eval(
         raise InferenceError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     report: dict[str, Any] = {}
     per_user: dict[str, np.ndarray] = {}
+    fitted: dict[str, Recommender] = {}
     for name in (m for m in models if m in BASELINES):
-        model = baseline(name, split, say)
+        model = fitted[name] = baseline(name, split, say)
         report[name], per_user[name] = evaluate(model, split)
         say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
     gens = []
-    if "gen" in models or "gen+rerank" in models:
+    if {"gen", "gen+ease", "gen+rerank"} & set(models):
         gens = list(
             _gen_models(
                 split,
@@ -243,6 +244,21 @@ def run_eval(
         report["gen"] = mean_over_seeds(runs)
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
+    if "gen+ease" in models:
+        from inference.hybrid import Hybrid
+
+        ease = fitted.get("ease") or baseline("ease", split, say)
+        runs, users = [], []
+        for seed, rec, _ in gens:
+            hybrid = Hybrid(ease, rec).fit(split)
+            res, nd = evaluate(hybrid, split)
+            res["seed"] = seed
+            res["alpha"] = hybrid.alpha
+            runs.append(res)
+            users.append(nd)
+            say(f"gen+ease seed {seed}: test ndcg@10={res['ndcg@10']:.4f} (alpha {hybrid.alpha})")
+        report["gen+ease"] = mean_over_seeds(runs)
+        per_user["gen+ease"] = np.mean(users, axis=0)
     if "gen+rerank" in models:
         from inference.gen_rerank import GenRerank
 
@@ -287,7 +303,7 @@ def run_eval(
     if present:
         best = max(present, key=lambda b: report[b]["ndcg@10"])
         meta["best_baseline"] = best
-        for name in ("gen", "gen+rerank"):
+        for name in ("gen", "gen+ease", "gen+rerank"):
             if name in report:
                 ours = per_user[name]
                 theirs = per_user[best][: len(ours)]  # same users, same order
