@@ -231,7 +231,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         f"dataset {meta['dataset']}: {meta['users']} users, {meta['items']} items; "
         f"out-of-catalog recommendations: {meta['out_of_catalog_total']}"
     )
-    for name in ("gen", "gen+rerank"):
+    for name in ("gen", "gen+ease", "gen+rerank"):
         if name in report and "vs_best_baseline" in report[name]:
             v = report[name]["vs_best_baseline"]
             click.echo(
