@@ -7,13 +7,36 @@ topics, consumer groups and Redis key prefix, so tests cannot see each other's d
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from recstream.settings import CommonSettings
+from recstream.settings import ENV_PREFIX, CommonSettings
+
+
+def settings_env(settings: CommonSettings) -> dict[str, str]:
+    """The process environment with ``settings`` as ``RECSTREAM_*`` variables, for child services.
+
+    Any ``RECSTREAM_*`` variable of the test process itself is dropped, so children see only the
+    test's own topics, prefix and addresses.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(
+        {
+            f"{ENV_PREFIX}KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            f"{ENV_PREFIX}REDIS_URL": settings.redis_url.get_secret_value(),
+            f"{ENV_PREFIX}KEY_PREFIX": settings.key_prefix,
+            f"{ENV_PREFIX}TOPIC_CLICKSTREAM": settings.topic_clickstream,
+            f"{ENV_PREFIX}TOPIC_DLQ": settings.topic_dlq,
+            f"{ENV_PREFIX}TOPIC_PROFILES_CHANGED": settings.topic_profiles_changed,
+            f"{ENV_PREFIX}TOPIC_RECOMMENDATIONS": settings.topic_recommendations,
+            f"{ENV_PREFIX}TOPIC_PARTITIONS": str(settings.topic_partitions),
+        }
+    )
+    return env
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from recstream.settings import CommonSettings
 from schemas import Profile
 from streams.catalog import load_catalog
 from streams.profile import read_profile
+from tests.conftest import settings_env
 
 CATALOG = {
     "a": ("Action",),
@@ -155,17 +155,9 @@ class Worker:
     log_path: Path | None = None
 
     def env(self) -> dict[str, str]:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
+        env = settings_env(self.settings)
         env.update(
             {
-                "RECSTREAM_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-                "RECSTREAM_REDIS_URL": s.redis_url.get_secret_value(),
-                "RECSTREAM_KEY_PREFIX": s.key_prefix,
-                "RECSTREAM_TOPIC_CLICKSTREAM": s.topic_clickstream,
-                "RECSTREAM_TOPIC_DLQ": s.topic_dlq,
-                "RECSTREAM_TOPIC_PROFILES_CHANGED": s.topic_profiles_changed,
-                "RECSTREAM_TOPIC_PARTITIONS": str(s.topic_partitions),
                 "RECSTREAM_STREAMS_APP_ID": self.app_id,
                 "RECSTREAM_STREAMS_DATADIR": str(self.workdir),
                 "RECSTREAM_STREAMS_BATCH_WITHIN_S": "0.05",

@@ -10,7 +10,6 @@ every group per partition, regeneration latency and end-to-end freshness into th
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Namespace
+from tests.conftest import Namespace, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -129,22 +128,7 @@ def scrape(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float)
 
 def service_env(service: str, port: int, ns: Namespace, tmp: Path) -> dict[str, str]:
     """The environment of ``recstream serve service``: the test's topics, prefix and groups."""
-    s = ns.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
-    env.update(
-        {
-            "RECSTREAM_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            "RECSTREAM_REDIS_URL": s.redis_url.get_secret_value(),
-            "RECSTREAM_KEY_PREFIX": s.key_prefix,
-            "RECSTREAM_TOPIC_CLICKSTREAM": s.topic_clickstream,
-            "RECSTREAM_TOPIC_DLQ": s.topic_dlq,
-            "RECSTREAM_TOPIC_PROFILES_CHANGED": s.topic_profiles_changed,
-            "RECSTREAM_TOPIC_RECOMMENDATIONS": s.topic_recommendations,
-            "RECSTREAM_TOPIC_PARTITIONS": str(s.topic_partitions),
-            **SERVICES[service][0](port, ns, tmp),
-        }
-    )
-    return env
+    return {**settings_env(ns.settings), **SERVICES[service][0](port, ns, tmp)}
 
 
 def start(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -157,10 +141,15 @@ def start(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[byte
         )
 
 
-def stop(service: str, proc: subprocess.Popen[bytes], log: Path) -> int:
-    """SIGTERM; fail with the log if the service ignores it."""
+def stop(service: str, proc: subprocess.Popen[bytes], log: Path, *, signalled: bool = False) -> int:
+    """SIGTERM (unless ``signalled`` already); fail with the log if the service ignores it.
+
+    A second SIGTERM must not be sent: one that lands while the interpreter is finalizing (its
+    handlers already reset) would kill a service that was shutting down cleanly.
+    """
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if not signalled:
+            proc.send_signal(signal.SIGTERM)
         try:
             return proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -313,7 +302,7 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_p
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # all at once: they drain in parallel
         for service, (proc, log, _) in running.items():
-            codes[service] = stop(service, proc, log)
+            codes[service] = stop(service, proc, log, signalled=True)
     for service, code in codes.items():
         log = running[service][1]
         assert code == 0, f"{service} exited with {code}:\n{log.read_text()[-3000:]}"
