@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -31,7 +30,7 @@ import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from consumers.messages import position
+from consumers.messages import at_least_once_consumer, position
 from consumers.metrics import (
     CACHE_BATCH_SIZE,
     CACHE_FRESHNESS,
@@ -39,7 +38,6 @@ from consumers.metrics import (
     CACHE_STALE,
     CACHE_WRITES,
     origin_ts,
-    record_lag,
 )
 from consumers.settings import CacheWriterSettings
 from recstream.keys import Keys
@@ -86,18 +84,8 @@ class CacheWriter:
         self.running = threading.Event()
         self.written = 0
         self.stale = 0
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": settings.cache_group_id,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "enable.auto.offset.store": False,
-                "enable.auto.commit": True,
-                "auto.commit.interval.ms": 1000,
-                "auto.offset.reset": "earliest",
-                "statistics.interval.ms": settings.stats_interval_ms,
-                "stats_cb": partial(record_lag, settings.cache_group_id),
-            }
+        self.consumer = at_least_once_consumer(
+            settings.kafka_bootstrap, settings.cache_group_id, settings.stats_interval_ms
         )
 
     def stop(self) -> None:

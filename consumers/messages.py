@@ -1,12 +1,36 @@
-"""What both consumers do with a polled Kafka message before reading its payload."""
+"""What both consumers share about Kafka: their client settings and reading a polled message."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message
+
+from consumers.metrics import record_lag
 
 log = logging.getLogger(__name__)
+
+
+def at_least_once_consumer(bootstrap: str, group: str, stats_interval_ms: int) -> Consumer:
+    """A consumer whose offsets are stored by the caller after the work is done.
+
+    Cooperative rebalancing; offsets are stored explicitly (``store_offsets``) and committed in
+    the background; consumer lag per partition comes from librdkafka's statistics.
+    """
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
+            "auto.offset.reset": "earliest",
+            "statistics.interval.ms": stats_interval_ms,
+            "stats_cb": partial(record_lag, group),
+        }
+    )
 
 
 def position(message: Message) -> tuple[str, int, int] | None:

@@ -39,7 +39,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import ValidationError
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
-from consumers.messages import position
+from consumers.messages import at_least_once_consumer, position
 from consumers.metrics import (
     ORIGIN_HEADER,
     REGEN_COALESCED,
@@ -55,7 +55,6 @@ from consumers.metrics import (
     REGEN_PUBLISHED,
     REGEN_REGENERATIONS,
     origin_ts,
-    record_lag,
 )
 from consumers.settings import RegenSettings
 from inference.pool import PoolResult, PoolSaturatedError, WorkerPool
@@ -113,18 +112,8 @@ class RegenService:
         self.running = threading.Event()  # set once subscribed; for health checks and tests
         self.regenerations = 0
         self.pauses = 0  # times input was paused for backpressure
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": settings.regen_group_id,
-                "partition.assignment.strategy": "cooperative-sticky",
-                "enable.auto.offset.store": False,
-                "enable.auto.commit": True,
-                "auto.commit.interval.ms": 1000,
-                "auto.offset.reset": "earliest",
-                "statistics.interval.ms": settings.stats_interval_ms,
-                "stats_cb": partial(record_lag, settings.regen_group_id),
-            }
+        self.consumer = at_least_once_consumer(
+            settings.kafka_bootstrap, settings.regen_group_id, settings.stats_interval_ms
         )
         self.producer = Producer(
             {
