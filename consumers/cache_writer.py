@@ -27,10 +27,10 @@ from importlib import resources
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from consumers.messages import at_least_once_consumer, position
+from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
     CACHE_BATCH_SIZE,
     CACHE_FRESHNESS,
@@ -188,11 +188,7 @@ class CacheWriter:
         self._commit()
 
     def _commit(self) -> None:
-        try:
-            self.consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("commit failed: %s", exc)
+        commit_stored(self.consumer)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from consumers.metrics import record_lag
 
@@ -31,6 +31,15 @@ def at_least_once_consumer(bootstrap: str, group: str, stats_interval_ms: int) -
             "stats_cb": partial(record_lag, group),
         }
     )
+
+
+def commit_stored(consumer: Consumer) -> None:
+    """Commit the stored offsets now (on revoke and on close); nothing stored is not an error."""
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", exc)
 
 
 def position(message: Message) -> tuple[str, int, int] | None:

@@ -39,7 +39,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pydantic import ValidationError
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
-from consumers.messages import at_least_once_consumer, position
+from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
     ORIGIN_HEADER,
     REGEN_COALESCED,
@@ -304,11 +304,7 @@ class RegenService:
                 log.info("offsets not stored: %s", exc)
 
     def _commit(self) -> None:
-        try:
-            self.consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("commit failed: %s", exc)
+        commit_stored(self.consumer)
 
     # -- backpressure and rebalancing --------------------------------------------------------
 
