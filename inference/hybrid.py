@@ -4,6 +4,9 @@ Each component's catalog scores are standardised per user (zero mean, unit varia
 ``(1 - alpha) * z(cf) + alpha * z(gen)``. ``alpha`` is chosen on validation NDCG@10 only. The two
 models draw on different evidence (EASE on co-occurrence, the transformer on order); 0 and 1 are in
 the grid, so the hybrid falls back to a single component when mixing does not help.
+
+:func:`mix` is the one definition of the fusion: :class:`Hybrid` (evaluation) and the served
+artifact (``inference.artifact.ArtifactRecommender``) both call it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 from inference.models import Recommender
 from inference.protocol import Split, metrics_from_ranks, target_ranks
 
-__all__ = ["ALPHAS", "Hybrid"]
+__all__ = ["ALPHAS", "Hybrid", "mix"]
 
 ALPHAS = tuple(round(a, 1) for a in np.linspace(0.0, 1.0, 11))
 
@@ -25,6 +28,13 @@ def _standardise(scores: np.ndarray) -> np.ndarray:
     std = scores.std(axis=1, keepdims=True)
     out: np.ndarray = (scores - mean) / np.maximum(std, 1e-9)
     return out
+
+
+def mix(cf: np.ndarray, gen: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * z(cf) + alpha * z(gen)``, each score row standardised per user."""
+    z_cf = _standardise(np.asarray(cf, dtype=np.float32))
+    z_gen = _standardise(np.asarray(gen, dtype=np.float32))
+    return ((1.0 - alpha) * z_cf + alpha * z_gen).astype(np.float32)
 
 
 class Hybrid(Recommender):
@@ -41,18 +51,13 @@ class Hybrid(Recommender):
     def fit(self, split: Split) -> Hybrid:
         """The components are fitted already; fitting the hybrid picks ``alpha`` on validation."""
         hist, targets = split.histories("valid"), split.targets("valid")
-        cf = _standardise(np.asarray(self.cf.score(hist), dtype=np.float32))
-        gen = _standardise(np.asarray(self.gen.score(hist), dtype=np.float32))
+        cf, gen = self.cf.score(hist), self.gen.score(hist)
         self.valid_ndcg = {
-            alpha: metrics_from_ranks(
-                target_ranks((1.0 - alpha) * cf + alpha * gen, hist, targets)
-            )["ndcg@10"]
+            alpha: metrics_from_ranks(target_ranks(mix(cf, gen, alpha), hist, targets))["ndcg@10"]
             for alpha in ALPHAS
         }
         self.alpha = max(self.valid_ndcg, key=lambda a: self.valid_ndcg[a])
         return self
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        cf = _standardise(np.asarray(self.cf.score(histories), dtype=np.float32))
-        gen = _standardise(np.asarray(self.gen.score(histories), dtype=np.float32))
-        return ((1.0 - self.alpha) * cf + self.alpha * gen).astype(np.float32)
+        return mix(self.cf.score(histories), self.gen.score(histories), self.alpha)

@@ -9,7 +9,10 @@ answer is a position in the score vector, no model can return an item outside th
   by recency (``decay ** age``), neighbours cut at ``k_neighbours``.
 - ``ease``: EASE (Steck 2019, a closed-form item-item linear model) with the same recency weights,
   mixed with a first-order Markov term (next-item transition frequencies from the last few
-  items). All hyper-parameters are tuned on validation NDCG@10 only.
+  items). All hyper-parameters are tuned on validation NDCG@10 only. For serving, the fitted
+  model exports its item-item weights pruned to the largest ``top_k`` per column and its
+  transition matrix as sparse arrays (:meth:`EASE.to_arrays`), and scores from them again with
+  scipy.sparse (:meth:`EASE.from_arrays`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -212,18 +216,94 @@ class EASE(Recommender):
         self.weights = b.astype(np.float32)
         self._solved_lam = self.lam
 
+    def to_arrays(self, top_k: int) -> dict[str, np.ndarray]:
+        """The fitted model as sparse arrays for an artifact.
+
+        ``ease.*``: the item-item weights in CSC layout, each column (target item) pruned to the
+        ``top_k`` source items of largest ``|w|``; ``top_k >= n_items`` keeps every non-zero
+        weight, so the scores are those of the dense model. ``markov.*``: the transition matrix
+        in CSR layout, exact.
+        """
+        if self._solved_lam != self.lam:
+            self._solve()
+        weights = np.asarray(self.weights, dtype=np.float32)
+        n = weights.shape[0]
+        if top_k < n:
+            keep = np.argpartition(-np.abs(weights), top_k - 1, axis=0)[:top_k]
+            cols = np.broadcast_to(np.arange(n), keep.shape)
+            vals = weights[keep, cols]
+            pruned = sp.csc_matrix(
+                (vals.ravel(), (keep.ravel(), cols.ravel())), shape=(n, n), dtype=np.float32
+            )
+        else:
+            pruned = sp.csc_matrix(weights)
+        pruned.eliminate_zeros()
+        pruned.sort_indices()
+        trans = sp.csr_matrix(np.asarray(self.trans, dtype=np.float32))
+        trans.sort_indices()
+        return {
+            "ease.data": pruned.data.astype(np.float32),
+            "ease.indices": pruned.indices.astype(np.int32),
+            "ease.indptr": pruned.indptr.astype(np.int64),
+            "markov.data": trans.data.astype(np.float32),
+            "markov.indices": trans.indices.astype(np.int32),
+            "markov.indptr": trans.indptr.astype(np.int64),
+        }
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: dict[str, np.ndarray],
+        n_items: int,
+        *,
+        lam: float,
+        decay: float,
+        beta: float,
+        markov_last: int,
+    ) -> EASE:
+        """A scoring-only model from :meth:`to_arrays` output; ``ValueError`` if inconsistent."""
+        shape = (n_items, n_items)
+        try:
+            weights = sp.csc_matrix(
+                (arrays["ease.data"], arrays["ease.indices"], arrays["ease.indptr"]), shape=shape
+            )
+            trans = sp.csr_matrix(
+                (arrays["markov.data"], arrays["markov.indices"], arrays["markov.indptr"]),
+                shape=shape,
+            )
+            # Sparse constructors trust the arrays; a full check catches out-of-range indices
+            # that would otherwise read outside the buffers.
+            weights.check_format(full_check=True)
+            trans.check_format(full_check=True)
+        except KeyError as exc:
+            raise ValueError(f"missing array {exc}") from exc
+        model = cls(lam=lam, decay=decay, beta=beta, markov_last=markov_last)
+        model.n_items = n_items
+        # Rows are source items: the product with a history's row vector walks CSR rows.
+        model.weights = weights.astype(np.float32).tocsr()
+        model.trans = trans.astype(np.float32)
+        model._solved_lam = lam
+        return model
+
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         if self._solved_lam != self.lam:
             self._solve()
         w = recency_weights(histories, self.n_items, self.decay)
-        s = np.asarray(w @ self.weights, dtype=np.float32)
+        s = _dense(w @ self.weights)
         s /= np.maximum(np.abs(s).max(axis=1, keepdims=True), 1e-9)
         if self.beta > 0:
             m = recency_weights(histories, self.n_items, 0.5, last=self.markov_last)
-            t = np.asarray(m @ self.trans, dtype=np.float32)
+            t = _dense(m @ self.trans)
             t /= np.maximum(t.max(axis=1, keepdims=True), 1e-9)
             s += self.beta * t
         return s
+
+
+def _dense(product: Any) -> np.ndarray:
+    """A float32 array of a product that is dense (fitted model) or sparse (loaded model)."""
+    if sp.issparse(product):
+        product = product.toarray()
+    return np.asarray(product, dtype=np.float32)
 
 
 def validation_ndcg(model: Recommender, split: Split) -> float:
