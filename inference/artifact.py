@@ -7,6 +7,12 @@ popularity), ``training.json`` (the run's log), the FAISS index of the items' te
 data. :func:`load_recommender` verifies the manifest first and raises :class:`ArtifactError` on a
 missing, altered or extra file, so a tampered model is never served.
 
+An artifact of the ``gen+ease`` hybrid also holds ``cf.safetensors`` (EASE's item-item weights
+pruned to the largest ``top_k`` per column, CSC arrays, and its Markov transitions, CSR arrays)
+and a ``"hybrid"`` section in ``config.json`` (``cf``, ``alpha``, EASE's parameters, ``top_k``,
+validation NDCG@10 of each part). Loaded with ``hybrid=True`` (the default) it serves
+``inference.hybrid.mix`` of both; an artifact without the section serves the transformer alone.
+
 Inference runs on CUDA in bf16 when a GPU is present, otherwise on CPU with INT8 dynamic
 quantization of every linear layer.
 """
@@ -15,14 +21,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.exceptions import ArtifactError
+from inference.hybrid import mix
 from inference.integrity import verify_manifest, write_manifest
 from inference.protocol import Split
+
+if TYPE_CHECKING:
+    from inference.hybrid import Hybrid
+    from inference.models import EASE
 
 __all__ = ["ARTIFACT_FORMAT", "ArtifactRecommender", "load_recommender", "save_artifact"]
 
@@ -32,6 +44,8 @@ WEIGHTS_FILE = "model.safetensors"
 ITEMS_FILE = "items.json"
 TRAINING_FILE = "training.json"
 INDEX_DIR = "index"
+CF_FILE = "cf.safetensors"
+DEFAULT_CF_TOP_K = 256
 
 
 def save_artifact(
@@ -41,8 +55,14 @@ def save_artifact(
     training_log: dict[str, Any],
     *,
     text_embeddings: np.ndarray | None = None,
+    hybrid: Hybrid | None = None,
+    cf_top_k: int = DEFAULT_CF_TOP_K,
 ) -> str:
-    """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version."""
+    """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
+
+    ``hybrid`` (fitted, its ``cf`` an :class:`~inference.models.EASE` on the same split) adds
+    ``cf.safetensors`` and the config's ``"hybrid"`` section.
+    """
     from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,13 +75,16 @@ def save_artifact(
         f"gen-{split.dataset}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
         f"{hashlib.sha256(data_digest.encode()).hexdigest()[:8]}"
     )
-    config = {
+    config: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "version": version,
         "model": "gen",
         "dataset": split.dataset,
         "gen": model.cfg.to_json(),
     }
+    if hybrid is not None:
+        config["model"] = "gen+ease"
+        config["hybrid"] = _save_cf(folder, hybrid, split, cf_top_k)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_model(model, str(folder / WEIGHTS_FILE))
     popularity = np.bincount(np.concatenate(split.train), minlength=split.n_items)
@@ -79,12 +102,81 @@ def save_artifact(
     return version
 
 
+def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str, Any]:
+    """Write ``cf.safetensors``; return the config's ``"hybrid"`` section."""
+    from safetensors.numpy import save_file
+
+    from inference.models import EASE
+
+    ease = hybrid.cf
+    if not isinstance(ease, EASE):
+        raise ArtifactError(f"the hybrid's CF part must be EASE, not {type(ease).__name__}")
+    if ease.n_items != split.n_items:
+        raise ArtifactError("the hybrid's CF part was not fitted on this split's catalog")
+    if top_k < 1:
+        raise ArtifactError(f"cf top_k must be at least 1, not {top_k}")
+    save_file(ease.to_arrays(top_k), str(folder / CF_FILE), metadata={"layout": "ease=csc"})
+    valid = hybrid.valid_ndcg
+    return {
+        "cf": "ease",
+        "alpha": float(hybrid.alpha),
+        "params": {
+            "lam": float(ease.lam),
+            "decay": float(ease.decay),
+            "beta": float(ease.beta),
+            "markov_last": int(ease.markov_last),
+        },
+        "top_k": int(top_k),
+        # alpha 1 is the transformer alone, alpha 0 EASE alone (standardising keeps the order).
+        "valid_ndcg@10": {
+            "gen": valid.get(1.0),
+            "ease": valid.get(0.0),
+            "hybrid": valid.get(hybrid.alpha),
+        },
+    }
+
+
+def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EASE, float]:
+    """The pruned EASE model and ``alpha`` of a hybrid artifact."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from inference.models import EASE
+
+    try:
+        if section.get("cf") != "ease":
+            raise ValueError(f"unknown CF model {section.get('cf')!r}")
+        alpha = float(section["alpha"])
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha {alpha} outside [0, 1]")
+        params = section["params"]
+        cf = EASE.from_arrays(
+            load_file(str(folder / CF_FILE)),
+            n_items,
+            lam=float(params["lam"]),
+            decay=float(params["decay"]),
+            beta=float(params["beta"]),
+            markov_last=int(params["markov_last"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise ArtifactError(f"{folder} has a malformed hybrid section or {CF_FILE}: {exc}") from exc
+    return cf, alpha
+
+
 class ArtifactRecommender:
-    """A loaded artifact behind the serving interface (item-id strings in and out)."""
+    """A loaded artifact behind the serving interface (item-id strings in and out).
 
-    name = "gen"
+    ``name`` is ``gen+ease`` when the hybrid is served, else ``gen``; ``scorer`` is always the
+    transformer alone and ``cf`` the pruned EASE model (``None`` without the hybrid).
+    """
 
-    def __init__(self, folder: Path, device: str | None = None, quantize: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        device: str | None = None,
+        quantize: bool = True,
+        hybrid: bool = True,
+    ) -> None:
         import torch
         from safetensors.torch import load_model
 
@@ -127,10 +219,25 @@ class ArtifactRecommender:
             model, cfg, device=str(self.device), dtype=dtype, precision=self.precision
         )
         self.n_items = cfg.n_items
+        self.cf: EASE | None = None
+        self.alpha = 1.0
+        section = config.get("hybrid")
+        if hybrid and section is not None:
+            if not isinstance(section, dict):
+                raise ArtifactError(f"{folder} has a malformed hybrid section")
+            self.cf, self.alpha = _load_cf(folder, section, self.n_items)
+        self.name = "gen" if self.cf is None else "gen+ease"
 
     def to_indices(self, history: list[str]) -> np.ndarray:
         """Catalog indices of a history; unknown ids are skipped (they cannot be scored)."""
         return np.asarray([self.index[i] for i in history if i in self.index], dtype=np.int64)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's."""
+        gen = self.scorer.score(histories)
+        if self.cf is None:
+            return gen
+        return mix(self.cf.score(histories), gen, self.alpha)
 
     def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
         """Top ``k`` catalog items per history (oldest→newest ids), seen items excluded.
@@ -144,7 +251,7 @@ class ArtifactRecommender:
         rows = [r for r, h in enumerate(known) if len(h)]
         scores = np.tile(self._popularity, (len(histories), 1))
         if rows:
-            scores[rows] = self.scorer.score([known[r] for r in rows])
+            scores[rows] = self.score([known[r] for r in rows])
         top, vals = top_k_unseen(scores, known, k)
         for r in range(len(histories)):
             for i, v in zip(top[r], vals[r], strict=True):
@@ -159,10 +266,13 @@ class ArtifactRecommender:
 
 
 def load_recommender(
-    folder: str | Path, device: str | None = None, quantize: bool = True
+    folder: str | Path, device: str | None = None, quantize: bool = True, hybrid: bool = True
 ) -> ArtifactRecommender:
-    """Verify and load an artifact written by ``recstream train``."""
+    """Verify and load an artifact written by ``recstream train``.
+
+    ``hybrid=False`` serves the transformer alone even when the artifact carries the hybrid.
+    """
     path = Path(folder)
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
-    return ArtifactRecommender(path, device=device, quantize=quantize)
+    return ArtifactRecommender(path, device=device, quantize=quantize, hybrid=hybrid)

@@ -75,6 +75,20 @@ def _gen_overrides(**given: Any) -> dict[str, Any]:
     show_default=True,
     help="Build the FAISS index of item text embeddings into the artifact.",
 )
+@click.option(
+    "--hybrid/--no-hybrid",
+    default=True,
+    show_default=True,
+    help="Also fit EASE (tuned on validation) and the gen+ease mixing weight, and store both "
+    "so the artifact serves the hybrid.",
+)
+@click.option(
+    "--cf-top-k",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="EASE weights kept per item in the artifact (largest |w|); the rest are pruned.",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train_cmd(  # noqa: PLR0917 (click passes every option)
@@ -92,6 +106,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     patience: int | None,
     text_init: bool,
     with_index: bool,
+    hybrid: bool,
+    cf_top_k: int,
     threads: int,
     progress: bool,
 ) -> None:
@@ -99,6 +115,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
 
     Uses the training part of the leave-one-out split, early-stops on validation NDCG@10, and
     writes config, weights (safetensors), item vocabulary, FAISS index and a SHA-256 manifest.
+    With --hybrid (default) it then fits EASE on the same training data, picks the gen+ease
+    mixing weight on validation and stores the pruned EASE model, so the artifact serves gen+ease.
     """
     _threads(threads)
     from inference.artifact import save_artifact
@@ -128,11 +146,43 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     )
     log["dataset"] = split.dataset
     log["text_init"] = text_init
-    version = save_artifact(out, model, split, log, text_embeddings=text if with_index else None)
+    mixed = _fit_hybrid(split, model, cfg) if hybrid else None
+    if mixed is not None:
+        log["hybrid_valid_ndcg@10"] = {str(a): v for a, v in mixed.valid_ndcg.items()}
+    version = save_artifact(
+        out,
+        model,
+        split,
+        log,
+        text_embeddings=text if with_index else None,
+        hybrid=mixed,
+        cf_top_k=cf_top_k,
+    )
     click.echo(
         f"trained {version}: valid ndcg@10 {log['valid_ndcg@10']:.4f} at epoch "
         f"{log['best_epoch']} ({log['train_seconds']:.0f}s) -> {out}"
     )
+    if mixed is not None:
+        click.echo(
+            f"gen+ease: alpha {mixed.alpha}, valid ndcg@10 {mixed.valid_ndcg[mixed.alpha]:.4f} "
+            f"(gen {mixed.valid_ndcg[1.0]:.4f}, ease {mixed.valid_ndcg[0.0]:.4f}); "
+            f"EASE pruned to {cf_top_k} weights per item"
+        )
+
+
+def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
+    """EASE tuned on validation, then the gen+ease mixing weight picked on validation."""
+    import time
+
+    from inference.evaluate import baseline
+    from inference.generative import GenRecommender
+    from inference.hybrid import Hybrid
+
+    started = time.perf_counter()
+    ease = baseline("ease", split, say=click.echo)
+    hybrid = Hybrid(ease, GenRecommender(model, cfg)).fit(split)
+    click.echo(f"gen+ease fitted in {time.perf_counter() - started:.0f}s")
+    return hybrid
 
 
 def _item_vectors(split: Any) -> Any:

@@ -1,0 +1,245 @@
+"""Serving the gen+ease hybrid from an artifact: same scores as in memory, verified, catalog only.
+
+The transformer is untrained (random weights, seeded): these tests check that what the artifact
+serves equals what evaluation computes, which does not depend on the weights being any good.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from inference.artifact import load_recommender, save_artifact
+from inference.datasets import Dataset, Interaction, Item
+from inference.exceptions import ArtifactError
+from inference.generative import GenConfig, GenRecommender, ItemTransformer
+from inference.hybrid import Hybrid
+from inference.integrity import write_manifest
+from inference.models import EASE
+from inference.protocol import Split, leave_one_out
+
+N_ITEMS = 20
+ALPHA = 0.4
+
+
+def _interactions() -> list[Interaction]:
+    # Random walks that mostly step to a neighbouring item: structure for EASE and Markov.
+    rng = np.random.default_rng(7)
+    rows = []
+    for u in range(60):
+        item = int(rng.integers(N_ITEMS))
+        for step in range(int(rng.integers(4, 12))):
+            rows.append(Interaction(f"u{u}", f"i{item}", float(1_600_000_000 + u * 100 + step)))
+            item = (item + int(rng.choice([1, 1, 2, 5]))) % N_ITEMS
+    return rows
+
+
+def _split() -> Split:
+    items = {f"i{i}": Item(f"i{i}", f"Item {i}") for i in range(N_ITEMS)}
+    return leave_one_out(Dataset("walks", _interactions(), items, {"interactions.csv": "0" * 64}))
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return _split()
+
+
+@pytest.fixture(scope="module")
+def parts(split: Split) -> tuple[ItemTransformer, GenConfig, EASE]:
+    torch.manual_seed(0)
+    cfg = GenConfig(n_items=split.n_items, hidden=16, layers=1, heads=2, ffn=32, max_len=8)
+    ease = EASE(lam=10.0, decay=0.9, beta=0.5, markov_last=2).fit(split)
+    return ItemTransformer(cfg).eval(), cfg, ease
+
+
+def _hybrid(parts: tuple[ItemTransformer, GenConfig, EASE], split: Split) -> Hybrid:
+    model, cfg, ease = parts
+    hybrid = Hybrid(ease, GenRecommender(model, cfg)).fit(split)
+    hybrid.alpha = ALPHA  # both parts count, whatever validation picked for random weights
+    return hybrid
+
+
+def _save(
+    folder: Path,
+    parts: tuple[ItemTransformer, GenConfig, EASE],
+    split: Split,
+    top_k: int | None,
+) -> Path:
+    hybrid = _hybrid(parts, split) if top_k is not None else None
+    save_artifact(
+        folder, parts[0], split, {"note": "test"}, hybrid=hybrid, cf_top_k=top_k or N_ITEMS
+    )
+    return folder
+
+
+def test_served_hybrid_equals_in_memory_hybrid_without_pruning(
+    tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
+) -> None:
+    folder = _save(tmp_path / "art", parts, split, top_k=N_ITEMS)
+    config = json.loads((folder / "config.json").read_text())
+    section = config["hybrid"]
+    assert config["model"] == "gen+ease"
+    assert (section["cf"], section["alpha"], section["top_k"]) == ("ease", ALPHA, N_ITEMS)
+    assert section["params"] == {"lam": 10.0, "decay": 0.9, "beta": 0.5, "markov_last": 2}
+    assert set(section["valid_ndcg@10"]) == {"gen", "ease", "hybrid"}
+    assert "cf.safetensors" in json.loads((folder / "manifest.json").read_text())["files"]
+
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    assert rec.name == "gen+ease"
+    assert rec.alpha == ALPHA
+    hist = split.histories("test")
+    expected = _hybrid(parts, split).score(hist)
+    np.testing.assert_allclose(rec.score(hist), expected, rtol=0, atol=1e-5)
+    # The served lists are the in-memory hybrid's top 10 (as ids), seen items excluded.
+    ids = [[split.item_ids[i] for i in h] for h in hist]
+    served = rec.recommend(ids, 10)
+    for scores, h, out in zip(expected, hist, served, strict=True):
+        row = scores.copy()
+        row[h] = -np.inf
+        best = np.sort(row)[::-1][: len(out)]
+        np.testing.assert_allclose([s for _, s in out], best, rtol=0, atol=1e-5)
+        assert not {split.item_index[i] for i, _ in out} & set(h.tolist())
+
+
+def test_pruning_keeps_the_largest_weights_per_item_and_markov_exactly(
+    parts: tuple[ItemTransformer, GenConfig, EASE],
+) -> None:
+    ease = parts[2]
+    arrays = ease.to_arrays(top_k=3)
+    loaded = EASE.from_arrays(arrays, N_ITEMS, lam=10.0, decay=0.9, beta=0.5, markov_last=2)
+    pruned = loaded.weights.toarray()
+    dense = ease.weights
+    for col in range(N_ITEMS):
+        kept = np.flatnonzero(pruned[:, col])
+        assert len(kept) <= 3
+        np.testing.assert_array_equal(pruned[kept, col], dense[kept, col])
+        dropped = np.setdiff1d(np.arange(N_ITEMS), kept)
+        assert np.abs(dense[dropped, col]).max() <= np.abs(dense[kept, col]).min()
+    np.testing.assert_array_equal(loaded.trans.toarray(), ease.trans)
+
+
+def test_pruned_artifact_still_mixes_both_parts(
+    tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
+) -> None:
+    folder = _save(tmp_path / "art", parts, split, top_k=3)
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    hist = split.histories("test")
+    gen = GenRecommender(parts[0], parts[1]).score(hist)
+    pruned_ease = EASE.from_arrays(
+        load_file(str(folder / "cf.safetensors")),
+        N_ITEMS,
+        lam=10.0,
+        decay=0.9,
+        beta=0.5,
+        markov_last=2,
+    )
+    np.testing.assert_allclose(
+        rec.score(hist),
+        Hybrid(pruned_ease, GenRecommender(*parts[:2]), ALPHA).score(hist),
+        rtol=0,
+        atol=1e-5,
+    )
+    assert not np.allclose(rec.score(hist), gen)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_tampered_removed_or_malformed_cf_is_refused(
+    tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
+) -> None:
+    folder = _save(tmp_path / "art", parts, split, top_k=5)
+
+    flipped = _copy(folder, tmp_path / "flipped")
+    blob = bytearray((flipped / "cf.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (flipped / "cf.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
+        load_recommender(flipped, device="cpu")
+
+    removed = _copy(folder, tmp_path / "removed")
+    (removed / "cf.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
+        load_recommender(removed, device="cpu")
+
+    # Consistent with its manifest but pointing outside the catalog: the loader's own checks.
+    bad = _copy(folder, tmp_path / "bad")
+    arrays = load_file(str(bad / "cf.safetensors"))
+    arrays["ease.indices"] = arrays["ease.indices"] + N_ITEMS
+    save_file(arrays, str(bad / "cf.safetensors"))
+    write_manifest(bad, {"version": "tampered"})
+    with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
+        load_recommender(bad, device="cpu")
+
+
+def test_gen_alone_without_the_section_or_when_asked(
+    tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
+) -> None:
+    hist = split.histories("test")
+    gen = GenRecommender(parts[0], parts[1]).score(hist)
+    plain = _save(tmp_path / "plain", parts, split, top_k=None)
+    assert "hybrid" not in json.loads((plain / "config.json").read_text())
+    assert not (plain / "cf.safetensors").exists()
+    with_hybrid = _save(tmp_path / "hybrid", parts, split, top_k=N_ITEMS)
+    for rec in (
+        load_recommender(plain, device="cpu", quantize=False),
+        load_recommender(with_hybrid, device="cpu", quantize=False, hybrid=False),
+    ):
+        assert rec.name == "gen"
+        assert rec.cf is None
+        np.testing.assert_allclose(rec.score(hist), gen, rtol=0, atol=1e-6)
+
+
+def test_hybrid_serves_only_unseen_catalog_items(
+    tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
+) -> None:
+    folder = _save(tmp_path / "art", parts, split, top_k=4)
+    catalog = set(split.item_ids)
+    for quantize in (False, True):
+        rec = load_recommender(folder, device="cpu", quantize=quantize)
+        assert rec.name == "gen+ease"
+        long = split.item_ids[: N_ITEMS - 3]
+        out = rec.recommend([long, ["i1", "i2"], [], ["not-an-item"]], N_ITEMS)
+        # Only 3 unseen items are left for the long history; unknown ids fall back to popularity.
+        assert [len(r) for r in out] == [3, N_ITEMS - 2, N_ITEMS, N_ITEMS]
+        assert all(item in catalog for r in out for item, _ in r)
+        assert not set(long) & {item for item, _ in out[0]}
+        assert not {"i1", "i2"} & {item for item, _ in out[1]}
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybrid: bool) -> None:
+    from click.testing import CliRunner
+
+    from inference.cli import train_cmd
+
+    data = tmp_path / "walks"
+    data.mkdir()
+    rows = [f"{it.user_id},{it.item_id},{int(it.ts)}" for it in _interactions()]
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "art"
+    args = ["--dataset", str(data), "--out", str(out), "--epochs", "1", "--hidden", "16"]
+    args += ["--layers", "1", "--max-len", "8", "--no-index", "--no-progress", "--threads", "1"]
+    args += ["--hybrid", "--cf-top-k", "5"] if hybrid else ["--no-hybrid"]
+    result = CliRunner().invoke(train_cmd, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    rec = load_recommender(out, device="cpu")
+    if hybrid:
+        assert config["hybrid"]["top_k"] == 5
+        assert 0.0 <= config["hybrid"]["alpha"] <= 1.0
+        assert rec.name == "gen+ease"
+        assert rec.cf is not None
+        assert np.diff(rec.cf.weights.tocsc().indptr).max() <= 5
+    else:
+        assert "hybrid" not in config
+        assert rec.name == "gen"
