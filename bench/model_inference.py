@@ -1,4 +1,7 @@
-"""CPU inference speed of the generative transformer: fp32 against INT8 dynamic quantization.
+"""CPU inference speed of a served artifact: fp32 against INT8 dynamic quantization.
+
+The artifact serves the gen+ease hybrid when it carries one (``--no-hybrid``: the transformer
+alone), the transformer alone otherwise.
 
 Measures, on real histories of the artifact's dataset (test-time inputs, up to ``max_len`` items):
 - batched throughput in users/s (``--batch`` users per call, the worker pool's batch path);
@@ -6,6 +9,7 @@ Measures, on real histories of the artifact's dataset (test-time inputs, up to `
 each through ``ArtifactRecommender.recommend`` (item ids in, top-10 catalog items out).
 
     nice python -m bench.model_inference --artifact artifacts/ml-100k-s0 [--batch 64] [--users 500]
+        [--no-hybrid]
 
 (``-m`` from the repository root, so this file does not shadow the ``inference`` package.)
 
@@ -55,6 +59,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="Users per batched call.")
     parser.add_argument("--users", type=int, default=500, help="Users to time.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--no-hybrid",
+        dest="hybrid",
+        action="store_false",
+        help="Serve the transformer alone even when the artifact carries the gen+ease hybrid.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,13 +73,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.artifact or _untrained_artifact(args.dataset, Path(tmp) / "gen")
         models = {
-            "fp32": load_recommender(folder, device="cpu", quantize=False),
-            "int8": load_recommender(folder, device="cpu", quantize=True),
+            "fp32": load_recommender(folder, device="cpu", quantize=False, hybrid=args.hybrid),
+            "int8": load_recommender(folder, device="cpu", quantize=True, hybrid=args.hybrid),
         }
     first = next(iter(models.values()))
     histories = _histories(first.dataset, args.users)
     print(
-        f"artifact {first.version}  dataset {first.dataset}  users {len(histories)}  "
+        f"artifact {first.version}  model {first.name}  dataset {first.dataset}  "
+        f"users {len(histories)}  "
         f"batch {args.batch}  threads {args.threads}  max_len {first.scorer.cfg.max_len}"
     )
     print(f"{'precision':<10}{'users/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'top-10 agree':>14}")
