@@ -30,7 +30,14 @@ from transformers import LlamaConfig, LlamaModel
 from inference.models import Recommender
 from inference.protocol import Split, metrics_from_ranks, target_ranks
 
-__all__ = ["GenConfig", "GenRecommender", "ItemTransformer", "quantize_int8", "train_gen"]
+__all__ = [
+    "GenConfig",
+    "GenRecommender",
+    "ItemTransformer",
+    "future_loss",
+    "quantize_int8",
+    "train_gen",
+]
 
 
 @dataclass
@@ -55,6 +62,14 @@ class GenConfig:
     # "cosine": learning rate decays to 0 over ``epochs`` (after one warm-up epoch), which
     # settles the noisy late epochs; "constant" keeps ``lr`` throughout.
     lr_schedule: str = "constant"
+    # Each position is trained to predict the next ``future`` items, the k-th weighted
+    # ``future_decay ** (k - 1)``: rating logs order items inside a session loosely, so the
+    # exact next item is a noisy target and the near future a steadier one. 1 = next item only.
+    future: int = 1
+    future_decay: float = 0.5
+    # Exponential moving average of the weights (decay per step; 0 = off). Validation, early
+    # stopping and the saved model use the average, which is smoother than the last step's weights.
+    ema: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -204,6 +219,24 @@ def _seed_all(seed: int) -> None:
     np.random.seed(seed)
 
 
+def future_loss(
+    logits: torch.Tensor, targets: torch.Tensor, decay: float, loss_fn: nn.Module
+) -> torch.Tensor:
+    """Cross-entropy against each of the ``K`` next items (``targets`` is ``(K, B, T)``)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if targets.shape[0] == 1:
+        loss: torch.Tensor = loss_fn(flat, targets[0].reshape(-1))
+        return loss
+    logp = torch.log_softmax(flat, dim=-1)
+    total, norm = logp.new_zeros(()), 0.0
+    for k in range(targets.shape[0]):
+        t = targets[k].reshape(-1)
+        if bool((t >= 0).any()):
+            total = total + decay**k * nn.functional.nll_loss(logp, t, ignore_index=-100)
+            norm += decay**k
+    return total / max(norm, 1e-9)
+
+
 def evaluate_ndcg(rec: GenRecommender, split: Split, stage: str, batch: int = 256) -> float:
     hist, targets = split.histories(stage), split.targets(stage)
     ranks = np.concatenate(
@@ -242,6 +275,15 @@ def train_gen(
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            model,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),  # type: ignore[no-untyped-call]
+        )
+        if cfg.ema > 0
+        else None
+    )
+    judged: ItemTransformer = averaged.module if averaged is not None else model  # type: ignore[assignment]
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
     started = time.monotonic()
@@ -270,24 +312,27 @@ def train_gen(
             seqs = [windows[i] for i in batch]
             width = max(len(s) for s in seqs) - 1
             inputs = torch.zeros(len(seqs), width, dtype=torch.long)
-            targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+            targets = torch.full((cfg.future, len(seqs), width), -100, dtype=torch.long)
             for row, s in enumerate(seqs):
                 inputs[row, : len(s) - 1] = torch.from_numpy(s[:-1] + 1)
-                targets[row, : len(s) - 1] = torch.from_numpy(s[1:])
+                for k in range(min(cfg.future, len(s) - 1)):
+                    targets[k, row, : len(s) - 1 - k] = torch.from_numpy(s[1 + k :])
             logits = model.catalog_logits(model.hidden_states(inputs))
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = future_loss(logits, targets, cfg.future_decay, loss_fn)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             total += loss.item() * len(seqs)
             count += len(seqs)
         entry = {"epoch": float(epoch), "loss": total / max(count, 1)}
         if epoch % cfg.eval_every == 0:
-            ndcg = evaluate_ndcg(GenRecommender(model, cfg), split, "valid")
+            ndcg = evaluate_ndcg(GenRecommender(judged, cfg), split, "valid")
             entry["valid_ndcg@10"] = ndcg
             if ndcg > best[0]:
-                best = (ndcg, epoch, copy.deepcopy(model.state_dict()))
+                best = (ndcg, epoch, copy.deepcopy(judged.state_dict()))
                 stale = 0
             else:
                 stale += 1

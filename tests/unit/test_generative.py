@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,13 @@ from inference.artifact import load_recommender, save_artifact
 from inference.datasets import Dataset, load_dataset
 from inference.exceptions import ArtifactError
 from inference.gen_rerank import GenRerank, fuse
-from inference.generative import GenConfig, GenRecommender, ItemTransformer, train_gen
+from inference.generative import (
+    GenConfig,
+    GenRecommender,
+    ItemTransformer,
+    future_loss,
+    train_gen,
+)
 from inference.models import EASE, Popularity
 from inference.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
 from recstream.settings import CommonSettings
@@ -171,3 +178,47 @@ def test_gen_rerank_reorders_only_the_candidates_and_stays_in_catalog(
     assert ((top >= 0) & (top < small_split.n_items)).all()
     for row, h in zip(top, hist, strict=True):
         assert not np.isin(row, h).any()
+
+
+def testfuture_loss_weights_each_next_item() -> None:
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor(
+        [
+            [[1, 2, -100], [4, 0, 3]],  # next item
+            [[2, -100, -100], [0, 3, -100]],  # the one after
+        ]
+    )
+    ce = torch.nn.CrossEntropyLoss(ignore_index=-100)
+    flat = logits.reshape(-1, 5)
+    one = future_loss(logits, targets[:1], 0.5, ce)
+    assert one.item() == pytest.approx(ce(flat, targets[0].reshape(-1)).item(), rel=1e-6)
+    two = future_loss(logits, targets, 0.5, ce)
+    by_hand = (ce(flat, targets[0].reshape(-1)) + 0.5 * ce(flat, targets[1].reshape(-1))) / 1.5
+    assert two.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_future_targets_and_weight_averaging_train(small_split: Split) -> None:
+    base: dict[str, Any] = {
+        "hidden": 16,
+        "layers": 1,
+        "heads": 2,
+        "ffn": 32,
+        "max_len": 20,
+        "epochs": 2,
+    }
+    plain, plain_log = train_gen(small_split, GenConfig(**base), progress=False, say=print)
+    # An average that forgets at once is the latest weights: validation sees the same model.
+    latest, latest_log = train_gen(
+        small_split, GenConfig(**base, ema=1e-12), progress=False, say=print
+    )
+    assert [h["valid_ndcg@10"] for h in latest_log["history"]] == pytest.approx(
+        [h["valid_ndcg@10"] for h in plain_log["history"]], abs=1e-9
+    )
+    assert torch.allclose(latest.head.weight, plain.head.weight, atol=1e-5)
+    slow, _ = train_gen(small_split, GenConfig(**base, ema=0.9), progress=False, say=print)
+    assert not torch.allclose(slow.head.weight, plain.head.weight)
+    # Windows shorter than the future horizon still train (targets past the end are ignored).
+    far, far_log = train_gen(small_split, GenConfig(**base, future=25), progress=False, say=print)
+    assert np.isfinite(far_log["history"][-1]["loss"])
+    scores = GenRecommender(far, far.cfg).score(small_split.histories("test")[:5])
+    assert scores.shape == (5, small_split.n_items)
