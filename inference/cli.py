@@ -64,9 +64,8 @@ def _gen_overrides(**given: Any) -> dict[str, Any]:
 @click.option("--patience", type=int, default=None, help="Epochs without improvement to stop.")
 @click.option(
     "--text-init/--no-text-init",
-    default=False,
-    show_default=True,
-    help="Initialise item embeddings from MiniLM text embeddings.",
+    default=None,
+    help="Initialise item embeddings from MiniLM text embeddings (the presets do).",
 )
 @click.option(
     "--index/--no-index",
@@ -104,7 +103,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     lr: float | None,
     lr_schedule: str | None,
     patience: int | None,
-    text_init: bool,
+    text_init: bool | None,
     with_index: bool,
     hybrid: bool,
     cf_top_k: int,
@@ -120,6 +119,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     """
     _threads(threads)
     from inference.artifact import save_artifact
+    from inference.embeddings import catalog_vectors
     from inference.evaluate import gen_preset
     from inference.generative import GenConfig, train_gen
 
@@ -133,19 +133,19 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         lr=lr,
         lr_schedule=lr_schedule,
         patience=patience,
+        text_init=text_init,
     )
     cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **overrides})
-    text = _item_vectors(split) if (text_init or with_index) else None
+    text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
     model, log = train_gen(
         split,
         cfg,
-        text_embeddings=text if text_init else None,
+        text_embeddings=text,
         time_budget_s=max_minutes * 60,
         progress=progress,
         say=click.echo,
     )
     log["dataset"] = split.dataset
-    log["text_init"] = text_init
     mixed = _fit_hybrid(split, model, cfg) if hybrid else None
     if mixed is not None:
         log["hybrid_valid_ndcg@10"] = {str(a): v for a, v in mixed.valid_ndcg.items()}
@@ -183,14 +183,6 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     hybrid = Hybrid(ease, GenRecommender(model, cfg)).fit(split)
     click.echo(f"gen+ease fitted in {time.perf_counter() - started:.0f}s")
     return hybrid
-
-
-def _item_vectors(split: Any) -> Any:
-    from inference.datasets import Item
-    from inference.embeddings import embed_items
-
-    items = [split.items.get(i, Item(i, i)) for i in split.item_ids]
-    return embed_items(items)
 
 
 @click.command("eval")

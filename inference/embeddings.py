@@ -31,6 +31,7 @@ __all__ = [
     "DIM",
     "EmbeddingCache",
     "TextEncoder",
+    "catalog_vectors",
     "default_encoder",
     "embed_items",
     "embed_texts",
@@ -188,6 +189,11 @@ def embed_items(
     return embed_texts(
         [item_text(item) for item in items], batch_size, encoder=encoder, cache=cache
     )
+
+
+def catalog_vectors(item_ids: Sequence[str], items: dict[str, Item]) -> Vectors:
+    """Text embeddings of a catalog in index order; an item without metadata embeds its id."""
+    return embed_items([items.get(i, Item(i, i)) for i in item_ids])
 
 
 def profile_embedding(item_vectors: Vectors, weights: Sequence[float] | None = None) -> Vectors:

@@ -70,6 +70,8 @@ class GenConfig:
     # Exponential moving average of the weights (decay per step; 0 = off). Validation, early
     # stopping and the saved model use the average, which is smoother than the last step's weights.
     ema: float = 0.0
+    # Start item embeddings from the items' MiniLM text embeddings (train_gen then needs them).
+    text_init: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -266,7 +268,9 @@ def train_gen(
     _seed_all(cfg.seed)
     cfg.n_items = split.n_items
     model = ItemTransformer(cfg)
-    if text_embeddings is not None:
+    if cfg.text_init:
+        if text_embeddings is None:
+            raise ValueError("text_init needs the items' text embeddings")
         model.init_from_text(text_embeddings, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.lr_schedule not in ("constant", "cosine"):
