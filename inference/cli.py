@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,35 @@ def _threads(threads: int) -> None:
 
 def _gen_overrides(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
+
+
+def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` pairs into transformer settings, each to its field's type."""
+    from inference.generative import GenConfig
+
+    defaults = GenConfig().to_json()
+    known = {k: type(v) for k, v in defaults.items() if k not in ("n_items", "extra")}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in known:
+            raise click.BadParameter(
+                f"{pair!r}: expected KEY=VALUE, KEY one of {', '.join(sorted(known))}",
+                param_hint="--set",
+            )
+        kind = known[key]
+        if kind is bool:
+            if raw.lower() not in ("true", "false"):
+                raise click.BadParameter(f"{pair!r}: {key} is true or false", param_hint="--set")
+            out[key] = raw.lower() == "true"
+            continue
+        try:
+            out[key] = kind(raw)
+        except ValueError:
+            raise click.BadParameter(
+                f"{pair!r}: {key} must be {kind.__name__}", param_hint="--set"
+            ) from None
+    return out
 
 
 @click.command("train")
@@ -62,6 +92,14 @@ def _gen_overrides(**given: Any) -> dict[str, Any]:
     help="Learning-rate schedule (cosine decays to 0 over --epochs).",
 )
 @click.option("--patience", type=int, default=None, help="Epochs without improvement to stop.")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other transformer setting over the dataset's preset, e.g. --set ema=0 "
+    "--set future=3 (repeatable; see GenConfig).",
+)
 @click.option(
     "--text-init/--no-text-init",
     default=None,
@@ -103,6 +141,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     lr: float | None,
     lr_schedule: str | None,
     patience: int | None,
+    settings: tuple[str, ...],
     text_init: bool | None,
     with_index: bool,
     hybrid: bool,
@@ -117,6 +156,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     With --hybrid (default) it then fits EASE on the same training data, picks the gen+ease
     mixing weight on validation and stores the pruned EASE model, so the artifact serves gen+ease.
     """
+    chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
     _threads(threads)
     from inference.artifact import save_artifact
     from inference.embeddings import catalog_vectors
@@ -135,7 +175,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         patience=patience,
         text_init=text_init,
     )
-    cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **overrides})
+    cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **chosen, **overrides})
     text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
     model, log = train_gen(
         split,
