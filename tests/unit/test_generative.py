@@ -27,6 +27,7 @@ from inference.generative import (
 from inference.models import EASE, Popularity
 from inference.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
 from recstream.settings import CommonSettings
+from tests.unit.tamper import copy_artifact, flip_last_byte
 
 SLICE_USERS = 200
 
@@ -119,29 +120,20 @@ def test_artifact_round_trip_serves_catalog_items(small_split: Split, artifact: 
         assert not set(history) & {item for item, _ in out[0]}
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def test_tampered_artifacts_are_refused(artifact: Path, tmp_path: Path) -> None:
-    weights = _copy(artifact, tmp_path / "weights")
-    blob = bytearray((weights / "model.safetensors").read_bytes())
-    blob[-1] ^= 0xFF
-    (weights / "model.safetensors").write_bytes(bytes(blob))
+    weights = copy_artifact(artifact, tmp_path / "weights")
+    flip_last_byte(weights / "model.safetensors")
     with pytest.raises(ArtifactError, match=r"model\.safetensors"):
         load_recommender(weights, device="cpu")
 
-    vocab = _copy(artifact, tmp_path / "vocab")
+    vocab = copy_artifact(artifact, tmp_path / "vocab")
     items = json.loads((vocab / "items.json").read_text())
     items["item_ids"][0] = "injected"
     (vocab / "items.json").write_text(json.dumps(items))
     with pytest.raises(ArtifactError, match=r"items\.json"):
         load_recommender(vocab, device="cpu")
 
-    extra = _copy(artifact, tmp_path / "extra")
+    extra = copy_artifact(artifact, tmp_path / "extra")
     (extra / "payload.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match=r"payload\.bin"):
         load_recommender(extra, device="cpu")

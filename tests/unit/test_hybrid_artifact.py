@@ -22,6 +22,7 @@ from inference.hybrid import Hybrid
 from inference.integrity import write_manifest
 from inference.models import EASE
 from inference.protocol import Split, leave_one_out
+from tests.unit.tamper import copy_artifact, flip_last_byte
 
 N_ITEMS = 20
 ALPHA = 0.4
@@ -147,32 +148,23 @@ def test_pruned_artifact_still_mixes_both_parts(
     assert not np.allclose(rec.score(hist), gen)
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def test_tampered_removed_or_malformed_cf_is_refused(
     tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
 ) -> None:
     folder = _save(tmp_path / "art", parts, split, top_k=5)
 
-    flipped = _copy(folder, tmp_path / "flipped")
-    blob = bytearray((flipped / "cf.safetensors").read_bytes())
-    blob[-1] ^= 0xFF
-    (flipped / "cf.safetensors").write_bytes(bytes(blob))
+    flipped = copy_artifact(folder, tmp_path / "flipped")
+    flip_last_byte(flipped / "cf.safetensors")
     with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
         load_recommender(flipped, device="cpu")
 
-    removed = _copy(folder, tmp_path / "removed")
+    removed = copy_artifact(folder, tmp_path / "removed")
     (removed / "cf.safetensors").unlink()
     with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
         load_recommender(removed, device="cpu")
 
     # Consistent with its manifest but pointing outside the catalog: the loader's own checks.
-    bad = _copy(folder, tmp_path / "bad")
+    bad = copy_artifact(folder, tmp_path / "bad")
     arrays = load_file(str(bad / "cf.safetensors"))
     arrays["ease.indices"] = arrays["ease.indices"] + N_ITEMS
     save_file(arrays, str(bad / "cf.safetensors"))
