@@ -72,6 +72,8 @@ class GenConfig:
     ema: float = 0.0
     # Start item embeddings from the items' MiniLM text embeddings (train_gen then needs them).
     text_init: bool = False
+    # How text vectors map to the hidden size: "random" projection or "pca" (top components).
+    text_projection: str = "random"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -110,16 +112,27 @@ class ItemTransformer(nn.Module):
         with torch.no_grad():
             self.backbone.embed_tokens.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden))
 
+    def _text_map(self, text: torch.Tensor, seed: int) -> torch.Tensor:
+        """``(d, hidden)`` map from text vectors to embedding space, scaled to init's spread.
+
+        ``"random"``: a fixed random projection; ``"pca"``: the text's top principal directions,
+        which keep more of what tells the items apart in the few dimensions available.
+        """
+        if self.cfg.text_projection == "pca":
+            _, _, vh = torch.linalg.svd(text - text.mean(0), full_matrices=False)
+            proj = vh[: self.cfg.hidden].T
+        elif self.cfg.text_projection == "random":
+            gen = torch.Generator().manual_seed(seed)
+            proj = torch.randn(text.shape[1], self.cfg.hidden, generator=gen)
+        else:
+            raise ValueError(f"unknown text_projection {self.cfg.text_projection!r}")
+        return proj / ((text @ proj).std() * math.sqrt(self.cfg.hidden))
+
     def init_from_text(self, text: np.ndarray, seed: int) -> None:
-        """Start item embeddings as a random projection of text embeddings ``(n_items, d)``."""
-        gen = torch.Generator().manual_seed(seed)
-        proj = torch.randn(text.shape[1], self.cfg.hidden, generator=gen) / math.sqrt(
-            self.cfg.hidden
-        )
-        emb = torch.from_numpy(np.asarray(text, dtype=np.float32)) @ proj
-        emb = emb / emb.std() / math.sqrt(self.cfg.hidden)
+        """Start item embeddings as a projection of text embeddings ``(n_items, d)``."""
+        vecs = torch.from_numpy(np.asarray(text, dtype=np.float32))
         with torch.no_grad():
-            self.backbone.embed_tokens.weight[1:] = emb
+            self.backbone.embed_tokens.weight[1:] = vecs @ self._text_map(vecs, seed)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, hidden)`` for right-padded tokens; causal attention never sees the padding."""

@@ -214,3 +214,19 @@ def test_future_targets_and_weight_averaging_train(small_split: Split) -> None:
     assert np.isfinite(far_log["history"][-1]["loss"])
     scores = GenRecommender(far, far.cfg).score(small_split.histories("test")[:5])
     assert scores.shape == (5, small_split.n_items)
+
+
+def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:
+    text = np.random.default_rng(1).normal(size=(300, 24)) * np.linspace(3, 0.5, 24)
+    cfg = GenConfig(n_items=300, hidden=8, layers=1, heads=2, ffn=16, text_projection="pca")
+    model = ItemTransformer(cfg)
+    model.init_from_text(text.astype(np.float32), seed=0)
+    table = model.backbone.embed_tokens.weight[1:].detach().numpy().astype(np.float64)
+    cov = np.cov(table, rowvar=False)
+    off_diagonal = cov - np.diag(np.diag(cov))
+    assert np.abs(off_diagonal).max() < 1e-3 * np.diag(cov).max()
+    assert np.all(np.diff(np.diag(cov)) <= 1e-9)  # largest-variance direction first
+    with pytest.raises(ValueError, match="text_projection"):
+        ItemTransformer(GenConfig(n_items=5, hidden=8, text_projection="svd")).init_from_text(
+            text[:5].astype(np.float32), seed=0
+        )
