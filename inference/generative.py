@@ -118,6 +118,7 @@ class ItemTransformer(nn.Module):
         ``"random"``: a fixed random projection; ``"pca"``: the text's top principal directions,
         which keep more of what tells the items apart in the few dimensions available.
         """
+        proj: torch.Tensor
         if self.cfg.text_projection == "pca":
             _, _, vh = torch.linalg.svd(text - text.mean(0), full_matrices=False)
             proj = vh[: self.cfg.hidden].T
@@ -126,7 +127,8 @@ class ItemTransformer(nn.Module):
             proj = torch.randn(text.shape[1], self.cfg.hidden, generator=gen)
         else:
             raise ValueError(f"unknown text_projection {self.cfg.text_projection!r}")
-        return proj / ((text @ proj).std() * math.sqrt(self.cfg.hidden))
+        scale = (text @ proj).std() * math.sqrt(self.cfg.hidden)
+        return proj / scale
 
     def init_from_text(self, text: np.ndarray, seed: int) -> None:
         """Start item embeddings as a projection of text embeddings ``(n_items, d)``."""
