@@ -92,7 +92,12 @@ def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[
     )
     Stack().create_topics(settings.topics(), partitions)
     yield Namespace(token=token, settings=settings)
-    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(settings.topics())
+    # Wait for the deletion: an unawaited request dies with its client, and the broker would
+    # carry every test's topics into its next start.
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    deleting = admin.delete_topics(settings.topics(), operation_timeout=30)
+    for future in deleting.values():
+        future.result(timeout=60)
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
         keys = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))

@@ -253,7 +253,12 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_p
                 if condition(found):
                     return
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{service}: no {what} after {timeout_s}s")
+                    seen = [
+                        (n, ls, v)
+                        for n, ls, v in found
+                        if n.startswith(("recs_consumer_lag", "recs_stream_events_out"))
+                    ]
+                    pytest.fail(f"{service}: no {what} after {timeout_s}s; last seen {seen}")
                 time.sleep(0.2)
 
         group = ns.group("streams")  # the fold worker's Faust app id is its consumer group
