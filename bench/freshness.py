@@ -41,7 +41,6 @@ from typing import Any
 import orjson
 import redis
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from consumers.regen import build_pool
 from consumers.settings import RegenSettings
@@ -375,7 +374,7 @@ def main() -> None:
     for name, value, goal in rows:
         print(f"{name:<22} {value:<32} {goal}")
 
-    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(settings.topics())
+    Stack().delete_topics(settings.topics())
     while batch := list(itertools.islice(client.scan_iter(f"{settings.key_prefix}*", 1000), 1000)):
         client.delete(*batch)
     client.close()

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from confluent_kafka.admin import AdminClient
 
 from inference.datasets import load_dataset
 from recstream.keys import Keys
@@ -150,7 +149,7 @@ def main() -> None:
         for name, value in rows:
             print(f"{name:<{width}} | {value:>12}")
     finally:
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(topics)
+        Stack().delete_topics(topics)
         stale = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))
         for start in range(0, len(stale), 1000):
             client.delete(*stale[start : start + 1000])

@@ -19,7 +19,6 @@ import time
 import uuid
 
 import redis
-from confluent_kafka.admin import AdminClient
 
 from inference.datasets import load_dataset
 from ops.rebuild import ProfileRebuild
@@ -80,9 +79,7 @@ def main() -> None:
             f"switch {statistics.median(switches):.1f} ms"
         )
     finally:
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).delete_topics(
-            [settings.topic_clickstream]
-        )
+        Stack().delete_topics([settings.topic_clickstream])
         keys = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])

@@ -214,6 +214,23 @@ class Stack:
                     raise StackError(f"cannot create topic {name!r}: {exc}") from exc
         return missing
 
+    def delete_topics(self, topics: list[str]) -> None:
+        """Delete ``topics`` and wait for the broker to confirm; absent ones are fine.
+
+        The wait matters: a request left pending dies with its client, and the topics stay.
+        """
+        from confluent_kafka import KafkaError, KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        futures = admin.delete_topics(topics, operation_timeout=30)
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=60.0)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise StackError(f"cannot delete topic {name!r}: {exc}") from exc
+
     # -- starting ----------------------------------------------------------------------------
     def _start_redis(self) -> None:
         host, port = self.redis_hostport

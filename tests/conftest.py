@@ -74,7 +74,6 @@ def stack_ready() -> CommonSettings:
 def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[Namespace]:
     """Fresh topics (same partition count as the stack's) and a Redis prefix for one test."""
     import redis
-    from confluent_kafka.admin import AdminClient
 
     from recstream.stack import Stack
 
@@ -92,12 +91,7 @@ def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[
     )
     Stack().create_topics(settings.topics(), partitions)
     yield Namespace(token=token, settings=settings)
-    # Wait for the deletion: an unawaited request dies with its client, and the broker would
-    # carry every test's topics into its next start.
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    deleting = admin.delete_topics(settings.topics(), operation_timeout=30)
-    for future in deleting.values():
-        future.result(timeout=60)
+    Stack().delete_topics(settings.topics())
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
         keys = list(client.scan_iter(match=f"{settings.key_prefix}*", count=1000))

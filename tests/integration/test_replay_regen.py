@@ -11,7 +11,6 @@ import redis
 import redis.asyncio
 from click.testing import CliRunner
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from inference.worker import PopularityRecommender
 from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
@@ -43,7 +42,7 @@ def out_topic(ns: Namespace) -> Iterator[str]:
     name = f"recommendations.replay-{ns.token}"
     Stack().create_topics([name], ns.settings.topic_partitions)
     yield name
-    AdminClient({"bootstrap.servers": ns.settings.kafka_bootstrap}).delete_topics([name])
+    Stack().delete_topics([name])
 
 
 def fold_histories(ns: Namespace) -> None:

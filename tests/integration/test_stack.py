@@ -36,3 +36,18 @@ def test_pipeline_topics_exist(stack_ready: CommonSettings) -> None:
     for name in stack_ready.topics():
         assert name in topics
         assert len(topics[name].partitions) == stack_ready.topic_partitions
+
+
+def test_deleted_topics_are_gone_when_delete_returns(stack_ready: CommonSettings) -> None:
+    import uuid
+
+    from confluent_kafka.admin import AdminClient
+
+    from recstream.stack import Stack
+
+    names = [f"doomed-{uuid.uuid4().hex[:10]}-{n}" for n in range(2)]
+    stack = Stack()
+    assert stack.create_topics(names, 1) == names
+    stack.delete_topics([*names, f"never-created-{uuid.uuid4().hex[:10]}"])
+    topics = AdminClient({"bootstrap.servers": stack_ready.kafka_bootstrap}).list_topics(timeout=10)
+    assert not set(names) & set(topics.topics)
