@@ -217,7 +217,7 @@ def test_future_targets_and_weight_averaging_train(small_split: Split) -> None:
 
 
 def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:
-    text = np.random.default_rng(1).normal(size=(300, 24)) * np.linspace(3, 0.5, 24)
+    text = np.random.default_rng(1).normal(size=(300, 24)) * np.linspace(3, 0.5, 24) + 2.0
     cfg = GenConfig(n_items=300, hidden=8, layers=1, heads=2, ffn=16, text_projection="pca")
     model = ItemTransformer(cfg)
     model.init_from_text(text.astype(np.float32), seed=0)
@@ -226,6 +226,7 @@ def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:
     off_diagonal = cov - np.diag(np.diag(cov))
     assert np.abs(off_diagonal).max() < 1e-3 * np.diag(cov).max()
     assert np.all(np.diff(np.diag(cov)) <= 1e-9)  # largest-variance direction first
+    assert np.abs(table.mean(0)).max() < 1e-4 * np.sqrt(np.diag(cov).max())  # scores, centred
     with pytest.raises(ValueError, match="text_projection"):
         ItemTransformer(GenConfig(n_items=5, hidden=8, text_projection="svd")).init_from_text(
             text[:5].astype(np.float32), seed=0
