@@ -112,33 +112,27 @@ class ItemTransformer(nn.Module):
         with torch.no_grad():
             self.backbone.embed_tokens.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden))
 
-    def _text_map(self, text: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(centre, map)``: ``(text - centre) @ map`` has the init's spread in ``hidden`` dims.
+    def init_from_text(self, text: np.ndarray, seed: int) -> None:
+        """Start item embeddings as a projection of text embeddings ``(n_items, d)``.
 
         ``"random"``: a fixed random projection of the raw vectors; ``"pca"``: the centred
         vectors' scores on their top principal directions, which keep more of what tells the
-        items apart in the few dimensions available.
+        items apart in the few dimensions available. Either is scaled to the init's spread.
         """
+        vecs = torch.from_numpy(np.asarray(text, dtype=np.float32))
         proj: torch.Tensor
-        centre = torch.zeros(text.shape[1])
         if self.cfg.text_projection == "pca":
-            centre = text.mean(0)
-            _, _, vh = torch.linalg.svd(text - centre, full_matrices=False)
+            vecs = vecs - vecs.mean(0)
+            _, _, vh = torch.linalg.svd(vecs, full_matrices=False)
             proj = vh[: self.cfg.hidden].T
         elif self.cfg.text_projection == "random":
             gen = torch.Generator().manual_seed(seed)
-            proj = torch.randn(text.shape[1], self.cfg.hidden, generator=gen)
+            proj = torch.randn(vecs.shape[1], self.cfg.hidden, generator=gen)
         else:
             raise ValueError(f"unknown text_projection {self.cfg.text_projection!r}")
-        scale = ((text - centre) @ proj).std() * math.sqrt(self.cfg.hidden)
-        return centre, proj / scale
-
-    def init_from_text(self, text: np.ndarray, seed: int) -> None:
-        """Start item embeddings as a projection of text embeddings ``(n_items, d)``."""
-        vecs = torch.from_numpy(np.asarray(text, dtype=np.float32))
-        centre, proj = self._text_map(vecs, seed)
+        proj = proj / ((vecs @ proj).std() * math.sqrt(self.cfg.hidden))
         with torch.no_grad():
-            self.backbone.embed_tokens.weight[1:] = (vecs - centre) @ proj
+            self.backbone.embed_tokens.weight[1:] = vecs @ proj
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, T, hidden)`` for right-padded tokens; causal attention never sees the padding."""
