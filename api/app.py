@@ -162,8 +162,8 @@ def build_app(
 
 
 def _load_popular(settings: ApiSettings) -> list[tuple[str, float]]:
-    from inference.datasets import load_dataset
     from inference.worker import PopularityRecommender
+    from lab.datasets import load_dataset
 
     ds = load_dataset(settings.dataset, settings.data_dir)
     pop = PopularityRecommender.from_interactions([it.item_id for it in ds.interactions])

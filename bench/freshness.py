@@ -42,16 +42,16 @@ import orjson
 import redis
 from confluent_kafka import Producer
 
+from cli.run import Pipeline
+from cli.stack import Stack
 from consumers.regen import build_pool
 from consumers.settings import RegenSettings
-from inference.datasets import Dataset, load_dataset
 from inference.pool import PoolResult, PoolSaturatedError
+from lab.datasets import Dataset, load_dataset
+from ops.catalog import load_catalog
+from ops.feed import dataset_tag, events_for
 from recstream.keys import Keys
-from recstream.run import Pipeline
 from recstream.settings import CommonSettings
-from recstream.stack import Stack
-from streams.catalog import load_catalog
-from streams.replay import dataset_tag, events_for
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -30,7 +30,7 @@ def _score_all(
 
 
 def _top10(scores: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-    from inference.models import top_k_unseen
+    from lab.baselines import top_k_unseen
 
     top, _ = top_k_unseen(scores.copy(), histories, 10)
     return top
@@ -47,10 +47,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from inference.artifact import load_recommender
-    from inference.datasets import load_dataset
     from inference.hybrid import Hybrid
-    from inference.models import EASE
-    from inference.protocol import leave_one_out, metrics_from_ranks, target_ranks
+    from lab.baselines import EASE
+    from lab.datasets import load_dataset
+    from lab.protocol import leave_one_out, metrics_from_ranks, target_ranks
     from recstream.settings import CommonSettings
 
     fp32 = load_recommender(args.artifact, device="cpu", quantize=False)

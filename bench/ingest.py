@@ -26,13 +26,13 @@ from typing import Any
 
 import redis
 
-from inference.datasets import load_dataset
+from cli.stack import Stack
+from lab.datasets import load_dataset
+from ops.catalog import load_catalog
+from ops.feed import produce, replay_records
 from recstream.keys import Keys
-from recstream.stack import Stack
 from streams.app import build_app
-from streams.catalog import load_catalog
 from streams.fold import Folded
-from streams.replay import produce, replay_records
 from streams.settings import StreamsSettings
 
 

@@ -29,8 +29,8 @@ import torch
 
 
 def _histories(dataset: str, users: int) -> list[list[str]]:
-    from inference.datasets import load_dataset
-    from inference.protocol import leave_one_out
+    from lab.datasets import load_dataset
+    from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
     split = leave_one_out(load_dataset(dataset, CommonSettings().data_dir))
@@ -40,10 +40,10 @@ def _histories(dataset: str, users: int) -> list[list[str]]:
 
 def _untrained_artifact(dataset: str, folder: Path) -> Path:
     from inference.artifact import save_artifact
-    from inference.datasets import load_dataset
-    from inference.evaluate import gen_preset
     from inference.generative import GenConfig, ItemTransformer
-    from inference.protocol import leave_one_out
+    from lab.datasets import load_dataset
+    from lab.evaluate import gen_preset
+    from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
     split = leave_one_out(load_dataset(dataset, CommonSettings().data_dir))

@@ -20,13 +20,13 @@ import uuid
 
 import redis
 
-from inference.datasets import load_dataset
+from cli.stack import Stack
+from lab.datasets import load_dataset
+from ops.catalog import load_catalog
+from ops.feed import produce, replay_records
 from ops.rebuild import ProfileRebuild
 from ops.settings import OpsSettings
 from recstream.keys import Keys
-from recstream.stack import Stack
-from streams.catalog import load_catalog
-from streams.replay import produce, replay_records
 
 
 def main() -> None:

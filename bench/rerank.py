@@ -22,10 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from inference.datasets import Item, load_dataset
-from inference.models import ItemKNN, top_k_unseen
-from inference.protocol import leave_one_out, ndcg_per_user
-from inference.reranker import LLMReranker, RerankerConfig
+from lab.baselines import ItemKNN, top_k_unseen
+from lab.datasets import Item, load_dataset
+from lab.protocol import leave_one_out, ndcg_per_user
+from lab.reranker import LLMReranker, RerankerConfig
 from recstream.settings import CommonSettings
 
 TOP_N = 20

@@ -1,5 +1,4 @@
-"""Commands of the consumers package: the regeneration service, the cache writer, the read API and
-``recstream run``, which starts the whole pipeline.
+"""Commands of the consumers package: the regeneration service and the cache writer.
 
 Every option falls back to its ``RECSTREAM_*`` environment variable (through the settings classes);
 a flag given on the command line wins. Heavy modules are imported inside the commands.
@@ -9,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,71 +109,7 @@ def serve_cache_writer(loglevel: str, **flags: Any) -> None:
         writer.run()
 
 
-@click.command("api")
-@click.option("--host", "api_host", help="Listen address. [env RECSTREAM_API_HOST; 127.0.0.1]")
-@click.option("--port", "api_port", type=int, help="Listen port. [env RECSTREAM_API_PORT; 8000]")
-@click.option("--dataset", help="Fallback popularity dataset. [env RECSTREAM_DATASET; ml-100k]")
-@click.option("--loglevel", default="info", show_default=True, help="Log level.")
-def serve_api(loglevel: str, **flags: Any) -> None:
-    """Serve GET /v1/users/{user_id}/recommendations, /healthz, /metrics, /openapi.json.
-
-    The API key comes only from the environment (RECSTREAM_API_KEY), so it never shows in a
-    process list; when set, /v1 requests must send it as X-API-Key.
-    """
-    from api.app import run
-    from api.settings import ApiSettings
-
-    _logging(loglevel)
-    run(ApiSettings(**_given(flags)))
-
-
-@click.command("run")
-@click.option(
-    "--without",
-    multiple=True,
-    type=click.Choice(["streams", "regen", "cache-writer", "api"]),
-    help="Leave a service out (repeatable).",
-)
-@click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
-@click.option(
-    "--streams-metrics-port", default=9101, show_default=True, help="Faust worker /metrics port."
-)
-@click.option(
-    "--regen-metrics-port", default=9102, show_default=True, help="Regeneration /metrics port."
-)
-@click.option(
-    "--cache-writer-metrics-port", default=9103, show_default=True, help="Cache writer /metrics."
-)
-def run_pipeline(
-    without: tuple[str, ...],
-    stop_timeout_s: float,
-    streams_metrics_port: int,
-    regen_metrics_port: int,
-    cache_writer_metrics_port: int,
-) -> None:
-    """Run the whole pipeline in the foreground on the stack from `recstream stack up`.
-
-    Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
-    writer and the read API as child processes, all configured by the same RECSTREAM_*
-    environment. Ctrl-C or SIGTERM stops them in data-flow order, each draining and closing.
-    """
-    from recstream.run import Pipeline
-
-    _logging("info")
-    # One environment for every child, so the metrics ports are given as flags.
-    ports = {
-        "streams": ["--metrics-port", str(streams_metrics_port)],
-        "regen": ["--metrics-port", str(regen_metrics_port)],
-        "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
-    }
-    pipeline = Pipeline(exclude=set(without), stop_timeout_s=stop_timeout_s, args=ports)
-    stop = threading.Event()
-    _on_stop_signals(stop.set)
-    pipeline.run(stop)
-
-
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
-    for command in (serve_regen, serve_cache_writer, serve_api):
+    for command in (serve_regen, serve_cache_writer):
         serve.add_command(command)
-    main.add_command(run_pipeline)

@@ -69,9 +69,9 @@ log = logging.getLogger(__name__)
 
 def build_pool(settings: RegenSettings) -> WorkerPool:
     """The worker pool the settings describe (not started): model, fallback and catalog."""
-    from inference.datasets import load_dataset
     from inference.pool import PoolConfig
     from inference.worker import DatasetModelLoader, PopularityRecommender
+    from lab.datasets import load_dataset
 
     ds = load_dataset(settings.dataset, settings.data_dir)
     fallback = PopularityRecommender.from_interactions([it.item_id for it in ds.interactions])

@@ -30,11 +30,11 @@ import numpy as np
 from inference.exceptions import ArtifactError
 from inference.hybrid import mix
 from inference.integrity import verify_manifest, write_manifest
-from inference.protocol import Split
+from lab.protocol import Split
 
 if TYPE_CHECKING:
     from inference.hybrid import Hybrid
-    from inference.models import EASE
+    from lab.baselines import EASE
 
 __all__ = ["ARTIFACT_FORMAT", "ArtifactRecommender", "load_recommender", "save_artifact"]
 
@@ -60,7 +60,7 @@ def save_artifact(
 ) -> str:
     """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
 
-    ``hybrid`` (fitted, its ``cf`` an :class:`~inference.models.EASE` on the same split) adds
+    ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
     ``cf.safetensors`` and the config's ``"hybrid"`` section.
     """
     from safetensors.torch import save_model
@@ -106,7 +106,7 @@ def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str
     """Write ``cf.safetensors``; return the config's ``"hybrid"`` section."""
     from safetensors.numpy import save_file
 
-    from inference.models import EASE
+    from lab.baselines import EASE
 
     ease = hybrid.cf
     if not isinstance(ease, EASE):
@@ -141,7 +141,7 @@ def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EASE,
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from inference.models import EASE
+    from lab.baselines import EASE
 
     try:
         if section.get("cf") != "ease":
@@ -244,7 +244,7 @@ class ArtifactRecommender:
 
         A history with no known item gets the training popularity ranking.
         """
-        from inference.models import top_k_unseen
+        from lab.baselines import top_k_unseen
 
         known = [self.to_indices(h) for h in histories]
         out: list[list[tuple[str, float]]] = [[] for _ in histories]

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from inference.datasets import Item
 from inference.exceptions import InferenceError
 from inference.integrity import MINILM
+from lab.datasets import Item
 
 if TYPE_CHECKING:
     import torch

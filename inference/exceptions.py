@@ -7,9 +7,5 @@ class InferenceError(RecstreamError):
     """Base class of the inference package's errors."""
 
 
-class DatasetError(InferenceError):
-    """A dataset is missing or malformed."""
-
-
 class ArtifactError(InferenceError):
     """A model artifact is missing, incomplete or fails its integrity check."""

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaModel
 
-from inference.models import Recommender
-from inference.protocol import Split, metrics_from_ranks, target_ranks
+from lab.baselines import Recommender
+from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = [
     "GenConfig",

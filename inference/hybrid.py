@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.models import Recommender
-from inference.protocol import Split, metrics_from_ranks, target_ranks
+from lab.baselines import Recommender
+from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = ["ALPHAS", "Hybrid", "mix"]
 

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from inference.datasets import sha256_file
 from inference.exceptions import ArtifactError
+from lab.datasets import sha256_file
 
 __all__ = [
     "MANIFEST_NAME",

@@ -178,7 +178,7 @@ class DatasetModelLoader:
             artifact_module = importlib.import_module("inference.artifact")
             loaded: Recommender = artifact_module.load_recommender(self.artifact)
             return loaded
-        from inference.datasets import load_dataset
+        from lab.datasets import load_dataset
 
         ds = load_dataset(self.dataset, self.data_dir)
         histories = [[it.item_id for it in h] for h in ds.histories().values()]

@@ -1,4 +1,5 @@
-"""Commands of the operator tools: ``recstream replay profiles | regen | compare``.
+"""Commands of the operator tools: ``recstream catalog load``, ``recstream replay-dataset`` and
+``recstream replay profiles | regen | compare``.
 
 Options also read ``RECSTREAM_*`` environment variables through :class:`ops.settings.OpsSettings`;
 heavy modules (Faust, torch) are imported inside the commands.
@@ -38,6 +39,80 @@ def _rfc3339(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 _progress_option = click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Progress bar with ETA."
 )
+
+
+@click.group("catalog")
+def catalog() -> None:
+    """Item metadata in Redis."""
+
+
+@catalog.command("load")
+@click.option(
+    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
+)
+def catalog_load(dataset: str) -> None:
+    """Load item titles, categories and years into Redis `item:{id}` hashes."""
+    import redis
+
+    from lab.datasets import load_dataset
+    from ops.catalog import load_catalog
+    from recstream.keys import Keys
+
+    settings = _settings()
+    data = load_dataset(dataset, settings.data_dir)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        count = load_catalog(client, Keys(settings.key_prefix), data)
+    finally:
+        client.close()
+    click.echo(f"loaded {count} items of {data.name}")
+
+
+def _rate(text: str) -> float | None:
+    if text == "max":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise click.BadParameter("must be > 0 or 'max'")
+    return value
+
+
+@click.command("replay-dataset")
+@click.option(
+    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option(
+    "--rate",
+    default="max",
+    show_default=True,
+    help="Events per second, or 'max' for as fast as Kafka takes them.",
+)
+@click.option("--topic", help="Target topic. [env RECSTREAM_TOPIC_CLICKSTREAM]")
+def replay_dataset(dataset: str, limit: int | None, rate: str, topic: str | None) -> None:
+    """Produce a dataset's interactions to `clickstream` in time order.
+
+    Each rating becomes a view, a click and a dwell of rating x 24 s, stamped with the rating's
+    time; event ids are deterministic, so a second run is a replay that changes no profile.
+    """
+    from tqdm import tqdm
+
+    from lab.datasets import load_dataset
+    from ops.feed import count_events, produce, replay_records
+
+    pace = _rate(rate)
+    settings = _settings(topic_clickstream=topic)
+    data = load_dataset(dataset, settings.data_dir)
+    total = count_events(data, limit)
+    with tqdm(total=total, unit="ev", desc=f"replay {data.name}") as bar:
+        sent = produce(
+            settings.kafka_bootstrap,
+            settings.topic_clickstream,
+            replay_records(data, limit),
+            rate=pace,
+            progress=bar.update,
+        )
+    click.echo(f"produced {sent} events to {settings.topic_clickstream}")
 
 
 @click.group("replay")
@@ -225,8 +300,8 @@ def replay_regen(
         return
     if not changes:
         return
+    from cli.stack import Stack, StackSettings
     from inference.worker import DatasetModelLoader
-    from recstream.stack import Stack, StackSettings
     from schemas import ModelRef
 
     Stack(StackSettings(kafka_bootstrap=settings.kafka_bootstrap)).create_topics(
@@ -272,4 +347,5 @@ def replay_compare(topics: tuple[str, ...], progress: bool, **flags: Any) -> Non
 
 def register(main: click.Group, serve: click.Group) -> None:
     """Attach the operator commands to the project CLI (no services to serve)."""
-    main.add_command(replay)
+    for command in (catalog, replay_dataset, replay):
+        main.add_command(command)

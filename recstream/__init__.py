@@ -1,8 +1,8 @@
 """recstream: an event-driven streaming recommender.
 
-This package holds what every service shares: settings, the error base class, Redis key naming,
-logging and the command-line entry point. Each service lives in its own top-level package
-(`schemas`, `streams`, `consumers`, `inference`).
+This package is the ground floor that every other one stands on: the shared settings, the error
+base class and Redis key naming. It imports no other recstream package. See docs/architecture.md
+for the rooms above it.
 """
 
 from recstream.errors import RecstreamError

@@ -1,4 +1,4 @@
-"""Commands of the streams package: the Faust worker, catalog loading, dataset replay, profiles."""
+"""Commands of the streams package: the Faust worker and profile inspection."""
 
 from __future__ import annotations
 
@@ -78,80 +78,6 @@ def serve_streams(**flags: Any) -> None:
     Worker(app, loglevel=settings.streams_loglevel).execute_from_commandline()
 
 
-@click.group("catalog")
-def catalog() -> None:
-    """Item metadata in Redis."""
-
-
-@catalog.command("load")
-@click.option(
-    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
-)
-def catalog_load(dataset: str) -> None:
-    """Load item titles, categories and years into Redis `item:{id}` hashes."""
-    import redis
-
-    from inference.datasets import load_dataset
-    from recstream.keys import Keys
-    from streams.catalog import load_catalog
-
-    settings = _settings()
-    data = load_dataset(dataset, settings.data_dir)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        count = load_catalog(client, Keys(settings.key_prefix), data)
-    finally:
-        client.close()
-    click.echo(f"loaded {count} items of {data.name}")
-
-
-def _rate(text: str) -> float | None:
-    if text == "max":
-        return None
-    value = float(text)
-    if value <= 0:
-        raise click.BadParameter("must be > 0 or 'max'")
-    return value
-
-
-@click.command("replay-dataset")
-@click.option(
-    "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
-)
-@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many events.")
-@click.option(
-    "--rate",
-    default="max",
-    show_default=True,
-    help="Events per second, or 'max' for as fast as Kafka takes them.",
-)
-@click.option("--topic", help="Target topic. [env RECSTREAM_TOPIC_CLICKSTREAM]")
-def replay_dataset(dataset: str, limit: int | None, rate: str, topic: str | None) -> None:
-    """Produce a dataset's interactions to `clickstream` in time order.
-
-    Each rating becomes a view, a click and a dwell of rating x 24 s, stamped with the rating's
-    time; event ids are deterministic, so a second run is a replay that changes no profile.
-    """
-    from tqdm import tqdm
-
-    from inference.datasets import load_dataset
-    from streams.replay import count_events, produce, replay_records
-
-    pace = _rate(rate)
-    settings = _settings(topic_clickstream=topic)
-    data = load_dataset(dataset, settings.data_dir)
-    total = count_events(data, limit)
-    with tqdm(total=total, unit="ev", desc=f"replay {data.name}") as bar:
-        sent = produce(
-            settings.kafka_bootstrap,
-            settings.topic_clickstream,
-            replay_records(data, limit),
-            rate=pace,
-            progress=bar.update,
-        )
-    click.echo(f"produced {sent} events to {settings.topic_clickstream}")
-
-
 @click.group("profile")
 def profile() -> None:
     """User profiles kept by the stream processor."""
@@ -196,5 +122,4 @@ def profile_show(user: str, as_json: bool, top: int) -> None:
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
     serve.add_command(serve_streams)
-    for command in (catalog, replay_dataset, profile):
-        main.add_command(command)
+    main.add_command(profile)

@@ -53,7 +53,7 @@ class Namespace:
 @pytest.fixture(scope="session")
 def stack_ready() -> CommonSettings:
     """The configured Kafka and Redis, verified to answer; fails loudly when they do not."""
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     stack = Stack()
     missing = [
@@ -75,7 +75,7 @@ def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[
     """Fresh topics (same partition count as the stack's) and a Redis prefix for one test."""
     import redis
 
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     token = uuid.uuid4().hex[:10]
     partitions = getattr(request, "param", stack_ready.topic_partitions)

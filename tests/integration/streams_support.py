@@ -16,11 +16,11 @@ import orjson
 import redis
 from confluent_kafka import Consumer, Producer
 
-from inference.datasets import Dataset, Item
+from lab.datasets import Dataset, Item
+from ops.catalog import load_catalog
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import Profile
-from streams.catalog import load_catalog
 from streams.profile import read_profile
 from tests.conftest import settings_env
 
@@ -172,7 +172,7 @@ class Worker:
         self.log_path = self.workdir / f"worker-{time.monotonic_ns()}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "recstream", "serve", "streams", "--loglevel", "warning"],
+                [sys.executable, "-m", "cli", "serve", "streams", "--loglevel", "warning"],
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

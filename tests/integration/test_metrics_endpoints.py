@@ -134,7 +134,7 @@ def service_env(service: str, port: int, ns: Namespace, tmp: Path) -> dict[str, 
 def start(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "recstream", "serve", service],
+            [sys.executable, "-m", "cli", "serve", service],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

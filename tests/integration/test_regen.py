@@ -25,16 +25,16 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.regen import RegenService, build_pool
 from consumers.settings import CacheWriterSettings, RegenSettings
-from inference.datasets import Dataset, load_dataset
 from inference.pool import WorkerPool
 from inference.worker import DatasetModelLoader, Recommender
+from lab.datasets import Dataset, load_dataset
+from ops.catalog import load_catalog
+from ops.feed import produce, replay_records
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
-from streams.catalog import load_catalog
 from streams.fold import FoldParams, FoldScript
 from streams.profile import read_profile
-from streams.replay import produce, replay_records
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
     }
     with (tmp_path / "streams.log").open("wb") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "recstream", "serve", "streams"],
+            [sys.executable, "-m", "cli", "serve", "streams"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log_file,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Consumer
 
-from streams.replay import produce
+from ops.feed import produce
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration

@@ -233,7 +233,7 @@ def test_from_time_starts_at_the_first_record_at_or_after_it(ns: Namespace) -> N
 def test_dry_run_writes_nothing_and_drop_removes_a_rebuild(ns: Namespace) -> None:
     from click.testing import CliRunner
 
-    from recstream.cli import main
+    from cli.main import main
 
     produce(ns.settings, records(history(per_user=3)))
     env = {

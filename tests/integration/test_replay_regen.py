@@ -12,12 +12,12 @@ import redis.asyncio
 from click.testing import CliRunner
 from confluent_kafka import Producer
 
+from cli.main import main
+from cli.stack import Stack
 from inference.worker import PopularityRecommender
 from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
 from ops.settings import OpsSettings
-from recstream.cli import main
 from recstream.keys import Keys
-from recstream.stack import Stack
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
 from streams.profile import read_profile
@@ -282,7 +282,7 @@ def test_regen_command_with_the_live_default_model(ns: Namespace, out_topic: str
     assert f"published 2 lists to '{out_topic}'" in result.output
     assert f"only in {out_topic}: 2" in result.output  # nothing live to compare with yet
 
-    from inference.datasets import load_dataset
+    from lab.datasets import load_dataset
 
     catalog = load_dataset("ml-100k", OpsSettings().data_dir).items
     lists = latest_lists(OpsSettings(**ns.settings.model_dump()), out_topic)

@@ -54,7 +54,7 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(ns: Namespace, tmp_path: P
     command = [
         sys.executable,
         "-m",
-        "recstream",
+        "cli",
         "run",
         "--regen-metrics-port",
         str(regen),

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from recstream.cli import main
+from cli.main import main
 from recstream.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_deleted_topics_are_gone_when_delete_returns(stack_ready: CommonSettings
 
     from confluent_kafka.admin import AdminClient
 
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     names = [f"doomed-{uuid.uuid4().hex[:10]}-{n}" for n in range(2)]
     stack = Stack()

@@ -11,8 +11,8 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from inference.datasets import load_dataset
-from recstream.cli import main
+from cli.main import main
+from lab.datasets import load_dataset
 from recstream.keys import Keys
 from schemas import Profile
 from tests.conftest import Namespace

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recstream.demo import Board
+from cli.demo import Board
 
 
 def _msg(user: str, version: int, source: str = "model") -> dict[str, object]:

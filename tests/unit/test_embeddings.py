@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.datasets import Item
 from inference.embeddings import (
     DIM,
     EmbeddingCache,
@@ -19,6 +18,7 @@ from inference.embeddings import (
 )
 from inference.exceptions import InferenceError
 from inference.integrity import MINILM
+from lab.datasets import Item
 
 TEXTS = [
     "Toy Story (1995). Genres: Animation, Children, Comedy",

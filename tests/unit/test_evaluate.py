@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.evaluate import mean_over_seeds, significance, table
-from inference.protocol import METRIC_KEYS
+from lab.evaluate import mean_over_seeds, significance, table
+from lab.protocol import METRIC_KEYS
 
 
 def _run(seed: int, ndcg: float, fp32: float) -> dict[str, float]:

@@ -14,9 +14,7 @@ import pytest
 import torch
 
 from inference.artifact import load_recommender, save_artifact
-from inference.datasets import Dataset, load_dataset
 from inference.exceptions import ArtifactError
-from inference.gen_rerank import GenRerank, fuse
 from inference.generative import (
     GenConfig,
     GenRecommender,
@@ -24,8 +22,10 @@ from inference.generative import (
     future_loss,
     train_gen,
 )
-from inference.models import EASE, Popularity
-from inference.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
+from lab.baselines import EASE, Popularity
+from lab.datasets import Dataset, load_dataset
+from lab.gen_rerank import GenRerank, fuse
+from lab.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
 from recstream.settings import CommonSettings
 from tests.unit.tamper import copy_artifact, flip_last_byte
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from inference.datasets import Dataset, Interaction, Item
 from inference.hybrid import Hybrid
-from inference.models import Recommender
-from inference.protocol import Split, leave_one_out
+from lab.baselines import Recommender
+from lab.datasets import Dataset, Interaction, Item
+from lab.protocol import Split, leave_one_out
 
 
 def _split() -> Split:

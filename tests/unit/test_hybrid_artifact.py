@@ -15,13 +15,13 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from inference.artifact import load_recommender, save_artifact
-from inference.datasets import Dataset, Interaction, Item
 from inference.exceptions import ArtifactError
 from inference.generative import GenConfig, GenRecommender, ItemTransformer
 from inference.hybrid import Hybrid
 from inference.integrity import write_manifest
-from inference.models import EASE
-from inference.protocol import Split, leave_one_out
+from lab.baselines import EASE
+from lab.datasets import Dataset, Interaction, Item
+from lab.protocol import Split, leave_one_out
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
 N_ITEMS = 20
@@ -212,7 +212,7 @@ def test_hybrid_serves_only_unseen_catalog_items(
 def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybrid: bool) -> None:
     from click.testing import CliRunner
 
-    from inference.cli import train_cmd
+    from lab.cli import train_cmd
 
     data = tmp_path / "walks"
     data.mkdir()

@@ -10,7 +10,7 @@ def test_imports_stay_light() -> None:
     code = (
         "import sys\n"
         "import inference.embeddings, inference.index, inference.integrity\n"
-        "import inference.postprocess, inference.privacy, inference.reranker\n"
+        "import inference.postprocess, inference.privacy, lab.reranker\n"
         "print(sorted(m for m in ('torch', 'transformers', 'faiss') if m in sys.modules))\n"
     )
     out = subprocess.run(

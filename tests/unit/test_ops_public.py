@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import ops
-from recstream.cli import main
+from cli.main import main
 from recstream.keys import Keys
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from inference.datasets import Dataset, Interaction, Item, core_filter
-from inference.protocol import (
+from lab.datasets import Dataset, Interaction, Item, core_filter
+from lab.protocol import (
     coverage_at,
     diversity_at,
     genre_jaccard,

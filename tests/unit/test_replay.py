@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import orjson
 
-from inference.datasets import Dataset, Interaction
+from lab.datasets import Dataset, Interaction
+from ops.feed import count_events, events_for, replay_records
 from schemas import DwellEvent, parse_event
-from streams.replay import count_events, events_for, replay_records
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

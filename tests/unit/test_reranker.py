@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.datasets import Item
 from inference.exceptions import ArtifactError, InferenceError
-from inference.reranker import (
+from lab.datasets import Item
+from lab.reranker import (
     LETTERS,
     LLMReranker,
     _converted_folder,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.stack import Stack, StackSettings, _kafka_cluster_id
 from recstream.keys import Keys
 from recstream.settings import CommonSettings, redact_url
-from recstream.stack import Stack, StackSettings, _kafka_cluster_id
 
 
 @pytest.mark.parametrize(

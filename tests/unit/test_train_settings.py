@@ -6,7 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from inference.cli import gen_settings, train_cmd
+from lab.cli import gen_settings, train_cmd
 
 
 def test_settings_take_their_fields_types() -> None:

@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from inference.datasets import Item
 from inference.exceptions import ArtifactError, InferenceError
 from inference.integrity import SMOLLM2, SMOLLM2_GGUF, verify_manifest, write_manifest
+from lab.datasets import Item
 
 __all__ = [
     "DEFAULT_CACHE_DIR",

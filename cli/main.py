@@ -8,8 +8,12 @@ settings classes; a flag given on the command line wins.
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,7 +48,7 @@ def stack_up() -> None:
 
     A broker or Redis already answering on the configured address is reused.
     """
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     Stack().up(say=click.echo)
 
@@ -52,7 +56,7 @@ def stack_up() -> None:
 @stack.command("down")
 def stack_down() -> None:
     """Stop what `stack up` started (and nothing else)."""
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     Stack().down(say=click.echo)
 
@@ -61,7 +65,7 @@ def stack_down() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def stack_status(as_json: bool) -> None:
     """Show whether Kafka and Redis answer, who started them, and where they log."""
-    from recstream.stack import Stack
+    from cli.stack import Stack
 
     status = Stack().status()
     if as_json:
@@ -98,7 +102,7 @@ def demo(  # noqa: PLR0917 - one parameter per click option
 
     Ctrl-C stops the replay, then the services (which drain), then what the demo started.
     """
-    from recstream.demo import DemoOptions, run_demo
+    from cli.demo import DemoOptions, run_demo
 
     run_demo(
         DemoOptions(
@@ -112,6 +116,62 @@ def demo(  # noqa: PLR0917 - one parameter per click option
     )
 
 
+def _on_stop_signals(stop: Any) -> None:
+    """SIGTERM and SIGINT only set the stop flag; the service then drains and closes."""
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("signal %d: stopping", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@main.command("run")
+@click.option(
+    "--without",
+    multiple=True,
+    type=click.Choice(["streams", "regen", "cache-writer", "api"]),
+    help="Leave a service out (repeatable).",
+)
+@click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
+@click.option(
+    "--streams-metrics-port", default=9101, show_default=True, help="Faust worker /metrics port."
+)
+@click.option(
+    "--regen-metrics-port", default=9102, show_default=True, help="Regeneration /metrics port."
+)
+@click.option(
+    "--cache-writer-metrics-port", default=9103, show_default=True, help="Cache writer /metrics."
+)
+def run_pipeline(
+    without: tuple[str, ...],
+    stop_timeout_s: float,
+    streams_metrics_port: int,
+    regen_metrics_port: int,
+    cache_writer_metrics_port: int,
+) -> None:
+    """Run the whole pipeline in the foreground on the stack from `recstream stack up`.
+
+    Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
+    writer and the read API as child processes, all configured by the same RECSTREAM_*
+    environment. Ctrl-C or SIGTERM stops them in data-flow order, each draining and closing.
+    """
+    from cli.run import Pipeline
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One environment for every child, so the metrics ports are given as flags.
+    ports = {
+        "streams": ["--metrics-port", str(streams_metrics_port)],
+        "regen": ["--metrics-port", str(regen_metrics_port)],
+        "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
+    }
+    pipeline = Pipeline(exclude=set(without), stop_timeout_s=stop_timeout_s, args=ports)
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    pipeline.run(stop)
+
+
 @main.group()
 def serve() -> None:
     """Run one service in the foreground."""
@@ -119,12 +179,19 @@ def serve() -> None:
 
 def _register() -> None:
     """Attach the commands that each package defines next to its code."""
+    from api.cli import register as register_api
     from consumers.cli import register as register_consumers
-    from inference.cli import register as register_inference
+    from lab.cli import register as register_lab
     from ops.cli import register as register_ops
     from streams.cli import register as register_streams
 
-    for register in (register_streams, register_inference, register_consumers, register_ops):
+    for register in (
+        register_streams,
+        register_consumers,
+        register_api,
+        register_lab,
+        register_ops,
+    ):
         register(main, serve)
 
 

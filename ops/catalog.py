@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from inference.datasets import Dataset
+from lab.datasets import Dataset
 from recstream.keys import Keys
 
 CHUNK = 1000

@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cli.stack import Stack
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
-from recstream.stack import Stack
 
-RECSTREAM = [sys.executable, "-m", "recstream"]
+RECSTREAM = [sys.executable, "-m", "cli"]
 
 
 @dataclass

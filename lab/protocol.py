@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from inference.datasets import Dataset, Item
+from lab.datasets import Dataset, Item
 
 __all__ = [
     "METRIC_KEYS",

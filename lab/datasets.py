@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from inference.exceptions import DatasetError
+from lab.exceptions import DatasetError
 
 NAMED = ("ml-100k", "ml-latest-small", "ml-latest-small-llamarec")
 # Variants read another dataset's files and filter them; name -> (source folder, min count).

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from inference.protocol import Split, metrics_from_ranks, target_ranks
+from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = [
     "EASE",

@@ -53,7 +53,7 @@ class Pipeline:
     def start(self) -> None:
         for name in reversed(self.names):
             process = subprocess.Popen(
-                [sys.executable, "-m", "recstream", "serve", name, *self.args.get(name, [])],
+                [sys.executable, "-m", "cli", "serve", name, *self.args.get(name, [])],
                 env=self.env,
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops in order
             )

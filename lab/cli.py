@@ -16,8 +16,8 @@ _DATASET_HELP = (
 
 
 def _split(dataset: str) -> Any:
-    from inference.datasets import load_dataset
-    from inference.protocol import leave_one_out
+    from lab.datasets import load_dataset
+    from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
     return leave_one_out(load_dataset(dataset, CommonSettings().data_dir))
@@ -160,8 +160,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     _threads(threads)
     from inference.artifact import save_artifact
     from inference.embeddings import catalog_vectors
-    from inference.evaluate import gen_preset
     from inference.generative import GenConfig, train_gen
+    from lab.evaluate import gen_preset
 
     split = _split(dataset)
     overrides = _gen_overrides(
@@ -214,9 +214,9 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     """EASE tuned on validation, then the gen+ease mixing weight picked on validation."""
     import time
 
-    from inference.evaluate import baseline
     from inference.generative import GenRecommender
     from inference.hybrid import Hybrid
+    from lab.evaluate import baseline
 
     started = time.perf_counter()
     ease = baseline("ease", split, say=click.echo)
@@ -293,7 +293,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     validation; the generative model compared with the best baseline by paired per-user tests.
     """
     _threads(threads)
-    from inference.evaluate import plot_report, run_eval, table
+    from lab.evaluate import plot_report, run_eval, table
 
     split = _split(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]

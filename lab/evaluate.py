@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from inference.exceptions import InferenceError
-from inference.models import EASE, ItemKNN, Popularity, Recommender, top_k_unseen, tune
-from inference.protocol import (
+from lab.baselines import EASE, ItemKNN, Popularity, Recommender, top_k_unseen, tune
+from lab.protocol import (
     METRIC_KEYS,
     Split,
     coverage_at,
@@ -272,7 +272,7 @@ def run_eval(
         report["gen+ease"] = mean_over_seeds(runs)
         per_user["gen+ease"] = np.mean(users, axis=0)
     if "gen+rerank" in models:
-        from inference.gen_rerank import GenRerank
+        from lab.gen_rerank import GenRerank
 
         # The language model costs seconds per user on CPU, so it may run on the first
         # ``rerank_users`` users only; gen is then re-scored on exactly those users for the

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from inference.datasets import Dataset, Interaction
+from lab.datasets import Dataset, Interaction
 from schemas import SCHEMA_VERSION
 from streams.exceptions import ReplayError
 

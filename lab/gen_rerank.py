@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.datasets import Item
-from inference.models import Recommender, top_k_unseen
-from inference.protocol import Split, metrics_from_ranks, target_ranks
+from lab.baselines import Recommender, top_k_unseen
+from lab.datasets import Item
+from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = ["FUSION_WEIGHTS", "GenRerank", "fuse"]
 
@@ -60,7 +60,7 @@ class GenRerank(Recommender):
 
     def _llm(self) -> Any:
         if self._reranker is None:
-            from inference.reranker import LLMReranker
+            from lab.reranker import LLMReranker
 
             self._reranker = LLMReranker.load()
         return self._reranker

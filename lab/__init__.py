@@ -1,0 +1,46 @@
+"""The offline lab: datasets, the evaluation protocol, CF baselines, transformer training, the
+language-model reranker experiments, and the ``recstream train`` / ``recstream eval`` commands.
+
+Nothing in a running service imports this package: the lab writes verified artifacts that
+``inference`` loads. Datasets, errors and the protocol load with the package; everything that
+needs torch, transformers or FAISS loads on first access.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from lab.datasets import Dataset, Interaction, Item, load_dataset
+from lab.exceptions import DatasetError, LabError
+
+__all__ = [
+    "EASE",
+    "Dataset",
+    "DatasetError",
+    "Interaction",
+    "Item",
+    "ItemKNN",
+    "LLMReranker",
+    "LabError",
+    "Popularity",
+    "RerankerConfig",
+    "leave_one_out",
+    "load_dataset",
+    "save_artifact",
+]
+
+_LAZY = {
+    "EASE": "lab.baselines",
+    "ItemKNN": "lab.baselines",
+    "Popularity": "lab.baselines",
+    "leave_one_out": "lab.protocol",
+    "save_artifact": "inference.artifact",
+    "LLMReranker": "lab.reranker",
+    "RerankerConfig": "lab.reranker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lab' has no attribute {name!r}")
+    return getattr(import_module(module), name)
