@@ -8,12 +8,15 @@ from importlib import import_module
 from typing import Any
 
 from inference.exceptions import ArtifactError, InferenceError
+from inference.recommender import Ranked, Recommender
 
 __all__ = [
     "ArtifactError",
     "GaussianMechanism",
     "InferenceError",
     "ItemIndex",
+    "Ranked",
+    "Recommender",
     "WorkerPool",
     "embed_items",
     "load_recommender",

@@ -42,7 +42,8 @@ from typing import Any, Literal
 from prometheus_client import Counter, Gauge, Histogram
 
 from inference.exceptions import InferenceError
-from inference.worker import Recommender, worker_main
+from inference.recommender import Recommender
+from inference.worker import worker_main
 
 __all__ = [
     "PoolClosedError",

@@ -25,25 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+
+from inference.recommender import Ranked, Recommender
 
 __all__ = [
     "CooccurrenceRecommender",
     "DatasetModelLoader",
     "PopularityRecommender",
-    "Recommender",
     "worker_main",
 ]
-
-Ranked = list[tuple[str, float]]
-
-
-class Recommender(Protocol):
-    """The one interface the pool serves."""
-
-    def recommend(self, histories: list[list[str]], k: int) -> list[Ranked]: ...
 
 
 class PopularityRecommender:

@@ -26,7 +26,8 @@ from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.regen import RegenService, build_pool
 from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.pool import WorkerPool
-from inference.worker import DatasetModelLoader, Recommender
+from inference.recommender import Recommender
+from inference.worker import DatasetModelLoader
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records

@@ -1,0 +1,21 @@
+"""The one serving interface: what the worker pool runs and what every served model implements.
+
+A recommender takes a batch of histories (item ids, oldest first) and returns, for each, up to
+``k`` ``(item_id, score)`` pairs, best first, with the history's items excluded. It never names an
+item outside its catalog. Offline ranking models in ``lab`` score index arrays instead; they reach
+serving only through a verified artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["Ranked", "Recommender"]
+
+Ranked = list[tuple[str, float]]
+
+
+class Recommender(Protocol):
+    """The one interface the pool serves."""
+
+    def recommend(self, histories: list[list[str]], k: int) -> list[Ranked]: ...
