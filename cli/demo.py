@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cli.stack import Stack
+from cli.supervise import Child, http_ok
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
@@ -95,7 +95,7 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
     stack = Stack()
     already_up = stack.kafka_ready() and stack.redis_ready()
     stack.up(say=lambda line: console.print(f"[dim]{line}[/dim]"))
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[Child] = []
     logs = stack.logs
     board_data = _Catalog(settings)
     # Replayed event ids are deterministic, so a second demo over the same keys would fold nothing:
@@ -135,8 +135,15 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
                 ],
                 env,
             )
-        children.append(_spawn([*RECSTREAM, "run"], logs / "demo-run.log", env))
-        _wait_healthy(f"{options.api_url}/healthz", children[0], stop, timeout_s=180.0)
+        children.append(
+            Child.spawn("recstream run", [*RECSTREAM, "run"], logs / "demo-run.log", env)
+        )
+        children[0].wait_healthy(
+            http_ok(f"{options.api_url}/healthz"),
+            timeout_s=180.0,
+            stopped=lambda: stop.requested,
+            interval_s=0.5,
+        )
         replay = [
             *RECSTREAM,
             "replay-dataset",
@@ -147,7 +154,7 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
         ]
         if options.limit:
             replay += ["--limit", str(options.limit)]
-        children.append(_spawn(replay, logs / "demo-replay.log", env))
+        children.append(Child.spawn("replay", replay, logs / "demo-replay.log", env))
         console.print(
             f"services up: API {options.api_url}/v1/users/<id>/recommendations, metrics "
             f"{options.api_url}/metrics; logs in {logs}. Ctrl-C stops everything."
@@ -166,14 +173,14 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
                     message["latest"] = board_data.latest_item(str(message["user_id"]))
                     board.update(message)
                 live.update(_render(board, board_data))
-                if children[0].poll() is not None:
+                if children[0].returncode is not None:
                     raise RecstreamError(
                         f"`recstream run` exited ({children[0].returncode}); see "
                         f"{logs / 'demo-run.log'}"
                     )
     finally:
         for child in reversed(children):
-            _stop_child(child)
+            child.stop(grace_s=30.0)
         if not already_up:
             stack.down(say=lambda line: console.print(f"[dim]{line}[/dim]"))
 
@@ -257,42 +264,3 @@ def _step(console: Console, what: str, cmd: list[str], env: dict[str, str]) -> N
     done = subprocess.run(cmd, check=False, env=env)
     if done.returncode != 0:
         raise RecstreamError(f"{what} failed (exit {done.returncode})")
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def _wait_healthy(url: str, child: subprocess.Popen[bytes], stop: _Stop, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not stop.requested:
-        if child.poll() is not None:
-            raise RecstreamError(f"`recstream run` exited during start-up ({child.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    if not stop.requested:
-        raise RecstreamError(f"services not healthy after {timeout_s:.0f}s ({url})")
-
-
-def _stop_child(child: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()

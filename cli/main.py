@@ -136,6 +136,13 @@ def _on_stop_signals(stop: Any) -> None:
 )
 @click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
 @click.option(
+    "--max-crashes",
+    default=5,
+    show_default=True,
+    help="A service that crashes this often within --crash-window-s stops the pipeline.",
+)
+@click.option("--crash-window-s", default=300.0, show_default=True, help="See --max-crashes.")
+@click.option(
     "--streams-metrics-port", default=9101, show_default=True, help="Faust worker /metrics port."
 )
 @click.option(
@@ -144,9 +151,11 @@ def _on_stop_signals(stop: Any) -> None:
 @click.option(
     "--cache-writer-metrics-port", default=9103, show_default=True, help="Cache writer /metrics."
 )
-def run_pipeline(
+def run_pipeline(  # noqa: PLR0917 - one parameter per click option
     without: tuple[str, ...],
     stop_timeout_s: float,
+    max_crashes: int,
+    crash_window_s: float,
     streams_metrics_port: int,
     regen_metrics_port: int,
     cache_writer_metrics_port: int,
@@ -155,7 +164,9 @@ def run_pipeline(
 
     Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
     writer and the read API as child processes, all configured by the same RECSTREAM_*
-    environment. Ctrl-C or SIGTERM stops them in data-flow order, each draining and closing.
+    environment. A service that crashes is restarted with exponential backoff; one that keeps
+    crashing stops the pipeline. Ctrl-C or SIGTERM stops them in data-flow order, each draining
+    and closing.
     """
     from cli.run import Pipeline
 
@@ -166,7 +177,13 @@ def run_pipeline(
         "regen": ["--metrics-port", str(regen_metrics_port)],
         "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
     }
-    pipeline = Pipeline(exclude=set(without), stop_timeout_s=stop_timeout_s, args=ports)
+    pipeline = Pipeline(
+        exclude=set(without),
+        stop_timeout_s=stop_timeout_s,
+        args=ports,
+        max_crashes=max_crashes,
+        crash_window_s=crash_window_s,
+    )
     stop = threading.Event()
     _on_stop_signals(stop.set)
     pipeline.run(stop)

@@ -1,23 +1,28 @@
-"""`recstream run`: the whole pipeline in the foreground, one child process per service.
+"""`recstream run`: the whole pipeline in the foreground, one supervised child per service.
 
 Services start in reverse data-flow order (read API, cache writer, regeneration, Faust worker) so
 each one's consumer is there before its input flows, and stop in data-flow order: the Faust worker
 stops folding first, then regeneration drains its in-flight work and flushes, then the cache
 writer writes what is left, then the API. Children run in their own process group, so Ctrl-C
 reaches only this supervisor, which sends each child SIGTERM in turn and waits for it to close.
-If a child dies on its own, the others are stopped the same way and the command fails.
+
+A child that dies on its own is restarted after an exponentially growing delay (Kafka consumer
+groups and Redis state make a restart safe: each service resumes from its committed offsets).
+A child that crashes ``max_crashes`` times within ``crash_window_s`` is failing for a reason a
+restart will not fix: then everything is stopped and the command fails.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
+from cli.supervise import Child
 from recstream.errors import RecstreamError
 
 __all__ = ["SERVICES", "Pipeline"]
@@ -29,66 +34,97 @@ SERVICES = ("streams", "regen", "cache-writer", "api")
 
 
 @dataclass
-class _Child:
+class _Service:
     name: str
-    process: subprocess.Popen[bytes]
+    child: Child | None = None
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None
 
 
 class Pipeline:
-    """Starts and supervises the services as ``recstream serve NAME`` child processes."""
+    """Starts the services as ``python -m cli serve NAME`` children and keeps them running."""
 
     def __init__(
         self,
         exclude: set[str] | None = None,
         stop_timeout_s: float = 60.0,
-        args: dict[str, list[str]] | None = None,
         env: dict[str, str] | None = None,
+        *,
+        args: dict[str, list[str]] | None = None,
+        max_crashes: int = 5,
+        crash_window_s: float = 300.0,
+        backoff_s: float = 1.0,
+        backoff_max_s: float = 30.0,
     ) -> None:
         self.names = [name for name in SERVICES if name not in (exclude or set())]
         self.stop_timeout_s = stop_timeout_s
-        self.args = args or {}
         self.env = env
-        self.children: list[_Child] = []
+        self.args = args or {}
+        self.max_crashes = max_crashes
+        self.crash_window_s = crash_window_s
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.services = {name: _Service(name) for name in self.names}
+
+    def command(self, name: str) -> list[str]:
+        return [sys.executable, "-m", "cli", "serve", name, *self.args.get(name, [])]
+
+    def _start(self, service: _Service) -> None:
+        service.child = Child.spawn(service.name, self.command(service.name), env=self.env)
+        service.restart_at = None
+        log.info("started %s (pid %d)", service.name, service.child.pid)
 
     def start(self) -> None:
         for name in reversed(self.names):
-            process = subprocess.Popen(
-                [sys.executable, "-m", "cli", "serve", name, *self.args.get(name, [])],
-                env=self.env,
-                start_new_session=True,  # Ctrl-C goes to the supervisor, which stops in order
-            )
-            self.children.append(_Child(name, process))
-            log.info("started %s (pid %d)", name, process.pid)
+            self._start(self.services[name])
 
     def stop(self) -> None:
         """SIGTERM each child in data-flow order and wait for it; kill one that hangs."""
-        by_name = {child.name: child for child in self.children}
         for name in self.names:
-            child = by_name.get(name)
-            if child is None or child.process.poll() is not None:
+            child = self.services[name].child
+            if child is None or child.returncode is not None:
                 continue
             log.info("stopping %s", name)
-            child.process.send_signal(signal.SIGTERM)
-            try:
-                child.process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                log.error("%s did not stop in %.0fs; killing it", name, self.stop_timeout_s)
-                child.process.kill()
-                child.process.wait()
+            code = child.stop(self.stop_timeout_s)
+            if code == -signal.SIGKILL:
+                log.error("%s did not stop in %.0fs; killed it", name, self.stop_timeout_s)
+
+    def _check(self, service: _Service, now: float) -> None:
+        """Notice a crash and schedule its restart; raise when the service keeps crashing."""
+        child = service.child
+        if service.restart_at is not None or child is None or child.returncode is None:
+            return
+        child.stop(0)  # reap, and kill anything it left in its group
+        service.crashes.append(now)
+        while service.crashes and service.crashes[0] < now - self.crash_window_s:
+            service.crashes.popleft()
+        count = len(service.crashes)
+        if count >= self.max_crashes:
+            raise RecstreamError(
+                f"{service.name} crashed {count} times within {self.crash_window_s:.0f}s "
+                f"(last exit status {child.returncode}); pipeline stopped"
+            )
+        delay = min(self.backoff_s * 2 ** (count - 1), self.backoff_max_s)
+        log.error(
+            "%s exited with status %s (crash %d within %.0fs); restarting in %.1fs",
+            service.name,
+            child.returncode,
+            count,
+            self.crash_window_s,
+            delay,
+        )
+        service.restart_at = now + delay
 
     def run(self, stop: threading.Event) -> None:
-        """Start everything, wait for ``stop`` (or a child dying), then stop in order."""
+        """Start everything, restart crashed children until ``stop``, then stop in order."""
         self.start()
-        failed: _Child | None = None
         try:
-            while not stop.wait(0.5):
-                failed = next((c for c in self.children if c.process.poll() is not None), None)
-                if failed is not None:
-                    break
+            while not stop.wait(0.2):
+                now = time.monotonic()
+                for service in self.services.values():
+                    self._check(service, now)
+                    if service.restart_at is not None and now >= service.restart_at:
+                        self._start(service)
         finally:
             self.stop()
-        if failed is not None:
-            raise RecstreamError(
-                f"{failed.name} exited with status {failed.process.returncode}; pipeline stopped"
-            )
         log.info("pipeline stopped at %s", time.strftime("%H:%M:%S"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ from urllib.parse import urlparse
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from cli.supervise import Child, terminate_group
 from recstream.errors import StackError
 from recstream.settings import ENV_PREFIX, REPO_ROOT, CommonSettings, redact_url
 
@@ -142,7 +142,7 @@ class Stack:
             if proc is None:
                 continue
             if proc.alive():
-                _terminate(proc.pid, grace_s=30.0)
+                terminate_group(proc.pid, grace_s=30.0)
                 say(f"{name}: stopped (pid {proc.pid})")
             else:
                 say(f"{name}: was not running")
@@ -376,15 +376,9 @@ class Stack:
         return props
 
     def _spawn(self, name: str, cmd: list[str], log: Path, address: str) -> Proc:
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        proc = Proc(name=name, pid=popen.pid, log=str(log), address=address)
+        # Started as a supervised child, but outliving this command: `down` stops it by pid.
+        child = Child.spawn(name, cmd, log)
+        proc = Proc(name=name, pid=child.pid, log=str(log), address=address)
         self.state.procs[name] = proc
         self.state.save()
         return proc
@@ -439,22 +433,3 @@ def _sha256_text(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _terminate(pid: int, grace_s: float) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after the grace period."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return

@@ -1,18 +1,21 @@
-"""`recstream run` starts every service, answers health checks, and stops in order on SIGINT."""
+"""`recstream run` starts every service, restarts one that crashes, and stops in order on SIGINT.
+
+A service that keeps crashing makes `run` stop everything and fail.
+"""
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from cli.supervise import Child
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
@@ -61,23 +64,47 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(ns: Namespace, tmp_path: P
         "--cache-writer-metrics-port",
         str(cache),
     ]
-    with (tmp_path / "run.log").open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    run = Child.spawn("run", command, tmp_path / "run.log", env)
+    ports = (api, regen, cache)
     try:
-        deadline = time.monotonic() + 50
-        while not all(_healthy(port) for port in (api, regen, cache)):
-            assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "services did not become healthy"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        run.wait_healthy(lambda: all(_healthy(port) for port in ports), timeout_s=50)
+        first = _pid_of("cache-writer", run.log_tail(100_000))
+        os.kill(first, signal.SIGKILL)
+        # It comes back as a new process that answers its health check again.
+        run.wait_healthy(
+            lambda: _pid_of("cache-writer", run.log_tail(100_000)) != first and _healthy(cache),
+            timeout_s=50,
+        )
+        assert "cache-writer exited with status -9 (crash 1" in run.log_tail(100_000)
+        run.signal(signal.SIGINT)
+        assert run.stop(60, signalled=True) == 0, run.log_tail()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        run.stop(5)
     log = (tmp_path / "run.log").read_text()
     order = [log.index(f"stopping {name}") for name in ("streams", "regen", "cache-writer", "api")]
     assert order == sorted(order)
     assert "regeneration consumer closed" in log
     assert "cache writer closed" in log
     assert not any(_healthy(port) for port in (api, regen, cache))
+
+
+def _pid_of(service: str, log: str) -> int:
+    """The pid of the newest ``service`` child that ``run`` logged starting."""
+    return int(re.findall(rf"started {service} \(pid (\d+)\)", log)[-1])
+
+
+def test_run_gives_up_on_a_service_that_keeps_crashing(tmp_path: Path) -> None:
+    # An invalid port fails the API's settings at start-up, every time.
+    env = {**os.environ, "RECSTREAM_API_PORT": "not-a-port"}
+    command = [sys.executable, "-m", "cli", "run", "--max-crashes", "3", "--crash-window-s", "60"]
+    command += ["--without", "streams", "--without", "regen", "--without", "cache-writer"]
+    run = Child.spawn("run", command, tmp_path / "run.log", env)
+    try:
+        code = run.process.wait(60)
+    finally:
+        run.stop(5)
+    log = run.log_tail(100_000)
+    assert code == 1, log
+    assert log.count("started api") == 3
+    assert "restarting in 1.0s" in log and "restarting in 2.0s" in log
+    assert "api crashed 3 times within 60s" in log
