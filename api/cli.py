@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
+from api.settings import ApiSettings
+from recstream.options import given, settings_options
+
 __all__ = ["register"]
 
 
 @click.command("api")
-@click.option("--host", "api_host", help="Listen address. [env RECSTREAM_API_HOST; 127.0.0.1]")
-@click.option("--port", "api_port", type=int, help="Listen port. [env RECSTREAM_API_PORT; 8000]")
-@click.option("--dataset", help="Fallback popularity dataset. [env RECSTREAM_DATASET; ml-100k]")
+@settings_options(ApiSettings, strip="api_")
 @click.option("--loglevel", default="info", show_default=True, help="Log level.")
 def serve_api(loglevel: str, **flags: Any) -> None:
     """Serve GET /v1/users/{user_id}/recommendations, /healthz, /metrics, /openapi.json.
@@ -22,12 +23,11 @@ def serve_api(loglevel: str, **flags: Any) -> None:
     process list; when set, /v1 requests must send it as X-API-Key.
     """
     from api.app import run
-    from api.settings import ApiSettings
 
     logging.basicConfig(
         level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run(ApiSettings(**{k: v for k, v in flags.items() if v is not None}))
+    run(ApiSettings(**given(flags)))
 
 
 def register(main: click.Group, serve: click.Group) -> None:

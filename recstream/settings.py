@@ -31,10 +31,14 @@ class CommonSettings(BaseSettings):
         description="Redis URL; may carry a password, so it is kept secret.",
     )
     key_prefix: str = Field("", description="Prefix of every Redis key recstream writes.")
-    topic_clickstream: str = "clickstream"
-    topic_dlq: str = "clickstream.dlq"
-    topic_profiles_changed: str = "profiles.changed"
-    topic_recommendations: str = "recommendations"
+    topic_clickstream: str = Field("clickstream", description="Topic of raw clickstream events.")
+    topic_dlq: str = Field("clickstream.dlq", description="Topic of dead-lettered events.")
+    topic_profiles_changed: str = Field(
+        "profiles.changed", description="Topic of meaningful profile changes."
+    )
+    topic_recommendations: str = Field(
+        "recommendations", description="Topic of regenerated recommendation lists."
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 

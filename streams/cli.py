@@ -1,4 +1,8 @@
-"""Commands of the streams package: the Faust worker and profile inspection."""
+"""Commands of the streams package: the Faust worker and profile inspection.
+
+The worker's options are generated from :class:`streams.settings.StreamsSettings`
+(recstream.options); each falls back to its environment variable, a flag wins.
+"""
 
 from __future__ import annotations
 
@@ -6,62 +10,24 @@ from typing import Any
 
 import click
 
+from recstream.options import given, settings_options
+from streams.settings import StreamsSettings
+
 
 def _settings(**overrides: Any) -> Any:
     """StreamsSettings from the environment, with the flags that were given on top."""
-    from streams.settings import StreamsSettings
-
-    return StreamsSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return StreamsSettings(**given(overrides))
 
 
 @click.command("streams")
-@click.option(
-    "--app-id",
-    "streams_app_id",
-    help="Faust app id and consumer group. "
-    "[env RECSTREAM_STREAMS_APP_ID; default recstream-streams]",
-)
-@click.option(
-    "--batch-size",
-    "streams_batch_size",
-    type=int,
-    help="Max events per fold. [env RECSTREAM_STREAMS_BATCH_SIZE; default 2000]",
-)
-@click.option(
-    "--batch-within",
-    "streams_batch_within_s",
-    type=float,
-    help="Max seconds to fill a batch. [env RECSTREAM_STREAMS_BATCH_WITHIN_S; 0.05]",
-)
-@click.option(
-    "--metrics-port",
-    "streams_metrics_port",
-    type=int,
-    help="Prometheus /metrics port, 0 = off. [env RECSTREAM_STREAMS_METRICS_PORT]",
-)
-@click.option(
-    "--web-port",
-    "streams_web_port",
-    type=int,
-    help="Faust web port, 0 = off. [env RECSTREAM_STREAMS_WEB_PORT]",
-)
-@click.option(
-    "--delivery",
-    "streams_delivery",
-    type=click.Choice(["agent", "batch"]),
-    help="agent: a Faust agent with stream.take_events; batch: the consumer hands each poll "
-    "to the fold (faster). [env RECSTREAM_STREAMS_DELIVERY; default agent]",
-)
-@click.option(
-    "--loglevel",
-    "streams_loglevel",
-    help="Log level. [env RECSTREAM_STREAMS_LOGLEVEL; default info]",
+@settings_options(
+    StreamsSettings, strip="streams_", flags={"streams_batch_within_s": "--batch-within"}
 )
 def serve_streams(**flags: Any) -> None:
     """Run the Faust worker that folds `clickstream` into Redis profiles.
 
-    Every other setting (topics, Redis URL, key prefix, half-life, weights, thresholds) comes
-    from RECSTREAM_* environment variables; see streams/settings.py. Stops cleanly on SIGTERM.
+    The Redis URL comes only from RECSTREAM_REDIS_URL (it may carry a password). Stops cleanly
+    on SIGTERM.
     """
     from faust import Worker
 
