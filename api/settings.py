@@ -24,6 +24,3 @@ class ApiSettings(CommonSettings):
     api_default_k: int = Field(10, ge=1, le=200, description="Items returned when k is not given.")
     api_max_k: int = Field(100, ge=1, le=1000, description="Largest k a client may ask for.")
     api_variant: str = Field("default", description="Variant named on fallback lists.")
-    dataset: str = Field(
-        "ml-100k", description="Dataset (name or folder) whose most popular items are the fallback."
-    )

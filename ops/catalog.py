@@ -1,13 +1,17 @@
-"""Load a dataset's item metadata into Redis, where the fold script finds item categories.
+"""Load a dataset's item metadata and popularity into Redis, for the services that read them.
 
 Each item becomes a hash ``item:{id}`` with ``title``, ``categories`` (``|``-separated) and
-``year`` (empty when unknown); every id joins the set ``catalog:items``; ``catalog:meta`` records
-the dataset name, its input files' SHA-256 digests (JSON) and the item count.
+``year`` (empty when unknown), where the fold script finds item categories; every id joins the set
+``catalog:items``; ``catalog:popular`` ranks items by their interaction count in the dataset, the
+read API's fallback for users without a cached list (see :meth:`recstream.keys.Keys.popular`);
+``catalog:meta`` records the dataset name, its input files' SHA-256 digests (JSON) and the item
+count.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import UTC, datetime
 
 import redis
@@ -35,6 +39,7 @@ def load_catalog(client: redis.Redis, keys: Keys, dataset: Dataset) -> int:
             )
         pipe.sadd(keys.catalog(), *(item.item_id for item in chunk))
         pipe.execute()
+    store_popularity(client, keys, Counter(it.item_id for it in dataset.interactions))
     client.hset(
         keys.catalog_meta(),
         mapping={
@@ -45,3 +50,16 @@ def load_catalog(client: redis.Redis, keys: Keys, dataset: Dataset) -> int:
         },
     )
     return len(items)
+
+
+def store_popularity(client: redis.Redis, keys: Keys, counts: Counter[str]) -> None:
+    """Replace the popularity ranking with ``counts``.
+
+    One transaction, so a reader never sees a mix of two datasets, nor an empty set mid-reload.
+    """
+    ranked = list(counts.items())
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.popular())
+    for start in range(0, len(ranked), CHUNK):
+        pipe.zadd(keys.popular(), {item: -n for item, n in ranked[start : start + CHUNK]})
+    pipe.execute()

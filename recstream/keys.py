@@ -48,6 +48,14 @@ class Keys:
         """Hash describing the loaded catalog (dataset name, sha256, item count)."""
         return f"{self.prefix}catalog:meta"
 
+    def popular(self) -> str:
+        """Sorted set item -> minus its interaction count in the catalog's dataset.
+
+        Negated so that Redis's ascending order, ties broken by id, is the popularity ranking:
+        ``ZRANGE {prefix}catalog:popular 0 9`` lists the ten most popular items.
+        """
+        return f"{self.prefix}catalog:popular"
+
     def namespace(self, name: str) -> Keys:
         """Keys of a side namespace nested under this prefix (e.g. a profile rebuild)."""
         return Keys(f"{self.prefix}ns:{name}:")

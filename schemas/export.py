@@ -1,7 +1,8 @@
-"""Export the contracts as JSON Schema files for producers and consumers in other languages.
+"""Export the contracts for producers, consumers and frontends in other languages.
 
-``python -m schemas.export`` rewrites ``schemas/json/*.json``; ``--check`` exits non-zero when the
-committed files differ from the models (CI and the unit tests use it).
+``python -m schemas.export`` rewrites ``schemas/json/*.json``: a JSON Schema file per message and
+the read API's OpenAPI document (``openapi.json``); ``--check`` exits non-zero when the committed
+files differ from the models (CI and the unit tests use it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import TypeAdapter
 
 from schemas.events import Event
 from schemas.messages import Profile, ProfileChanged, Recommendations
+from schemas.openapi import openapi_document
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
 
@@ -35,6 +37,11 @@ def schemas() -> dict[str, dict[str, Any]]:
     return docs
 
 
+def documents() -> dict[str, dict[str, Any]]:
+    """File name -> document, for every file ``schemas/json`` holds."""
+    return {**schemas(), "openapi.json": openapi_document()}
+
+
 def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
@@ -43,7 +50,7 @@ def stale(directory: Path = JSON_DIR) -> list[str]:
     """Names of files in ``directory`` that are missing or differ from the models."""
     return [
         name
-        for name, doc in schemas().items()
+        for name, doc in documents().items()
         if not (directory / name).is_file() or (directory / name).read_text("utf-8") != render(doc)
     ]
 
@@ -51,7 +58,7 @@ def stale(directory: Path = JSON_DIR) -> list[str]:
 def export(directory: Path = JSON_DIR) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, doc in schemas().items():
+    for name, doc in documents().items():
         path = directory / name
         path.write_text(render(doc), encoding="utf-8")
         written.append(path)

@@ -1,4 +1,7 @@
-"""The read API on the real Redis: cached lists, the popular fallback, keys and bad input."""
+"""The read API on the real Redis: cached lists, the popular fallback, keys and bad input.
+
+Every body is checked against the OpenAPI document the API serves, with an independent validator.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,17 @@ from pydantic import SecretStr
 
 from api.app import build_app
 from api.settings import ApiSettings
+from inference.popularity import Popularity
+from lab.datasets import Dataset, Interaction, load_dataset
+from ops.catalog import load_catalog
 from recstream.keys import Keys
 from schemas import ModelRef, Recommendations, ScoredItem
+from schemas.openapi import RECOMMENDATIONS_PATH
+from tests.api_contract import assert_conforms
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
 
-POPULAR = [(f"p{n}", 1.0 - n / 100) for n in range(30)]
 KEY = "k3y-for-tests"
 
 
@@ -38,7 +45,7 @@ def _stored(user: str) -> Recommendations:
 
 
 async def _calls(settings: ApiSettings, requests: list[tuple[str, dict[str, str]]]) -> list[Any]:
-    runner = web.AppRunner(build_app(settings, popular=POPULAR))
+    runner = web.AppRunner(build_app(settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -59,32 +66,39 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> 
     import orjson
 
     settings = ApiSettings(**ns.settings.model_dump(), api_key=SecretStr(KEY))
+    keys = Keys(settings.key_prefix)
+    dataset = load_dataset("ml-100k", settings.data_dir)
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    load_catalog(client, keys, dataset)
     stored = _stored("42")
-    client.set(Keys(settings.key_prefix).recs("42"), stored.model_dump_json())
+    client.set(keys.recs("42"), stored.model_dump_json())
     client.close()
     auth = {"X-API-Key": KEY}
-    results = asyncio.run(
-        _calls(
-            settings,
-            [
-                ("/v1/users/42/recommendations", auth),
-                ("/v1/users/42/recommendations?k=3", auth),
-                ("/v1/users/nobody/recommendations?k=5", auth),
-                ("/v1/users/42/recommendations", {}),
-                ("/v1/users/42/recommendations", {"X-API-Key": "wrong"}),
-                ("/v1/users/" + "x" * 65 + "/recommendations", auth),
-                ("/v1/users/a%01b/recommendations", auth),
-                ("/v1/users/42/recommendations?k=0", auth),
-                ("/healthz", {}),
-                ("/metrics", {}),
-                ("/openapi.json", {}),
-                ("/v1/nothing-here", auth),
-            ],
-        )
-    )
+    requests = [
+        ("/v1/users/42/recommendations", auth),
+        ("/v1/users/42/recommendations?k=3", auth),
+        ("/v1/users/nobody/recommendations?k=100", auth),
+        ("/v1/users/42/recommendations", {}),
+        ("/v1/users/42/recommendations", {"X-API-Key": "wrong"}),
+        ("/v1/users/" + "x" * 65 + "/recommendations", auth),
+        ("/v1/users/a%01b/recommendations", auth),
+        ("/v1/users/42/recommendations?k=0", auth),
+        ("/v1/users/42/recommendations?k=%C2%B2", auth),
+        ("/v1/users/42/recommendations?k=" + "7" * 5000, auth),
+        ("/healthz", {}),
+        ("/metrics", {}),
+        ("/openapi.json", {}),
+        ("/v1/nothing-here", auth),
+    ]
+    results = asyncio.run(_calls(settings, requests))
     status = [r[0] for r in results]
-    assert status == [200, 200, 200, 401, 401, 400, 400, 400, 200, 200, 200, 404]
+    assert status == [200, 200, 200, 401, 401, 400, 400, 400, 400, 400, 200, 200, 200, 404]
+    document = orjson.loads(results[12][2])
+    assert document["openapi"] == "3.1.0"
+    for (path, _), (code, _, body) in zip(requests, results, strict=True):
+        route = RECOMMENDATIONS_PATH if path.startswith("/v1/users/") else path.split("?")[0]
+        if route in document["paths"] and route != "/metrics":
+            assert_conforms(document, route, code, body)
 
     assert Recommendations.model_validate_json(results[0][2]) == stored
     assert [i.item_id for i in Recommendations.model_validate_json(results[1][2]).items] == [
@@ -93,22 +107,43 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> 
         "i2",
     ]
     fallback = Recommendations.model_validate_json(results[2][2])
-    assert fallback.source == "fallback"
-    assert fallback.user_id == "nobody"
-    assert [i.item_id for i in fallback.items] == ["p0", "p1", "p2", "p3", "p4"]
-    for _, content_type, body in results[3:8] + results[11:]:
+    assert (fallback.source, fallback.user_id, fallback.model.name) == ("fallback", "nobody", "pop")
+    # The one popularity model, over the dataset the catalog came from (ML-100K's top 100
+    # holds ties, so this also pins the order among equally popular items).
+    expected = Popularity.from_interactions([it.item_id for it in dataset.interactions])
+    assert [(i.item_id, i.score) for i in fallback.items] == expected.recommend([[]], 100)[0]
+    for _, content_type, body in results[3:10] + results[13:]:
         assert content_type.startswith("application/json")
         assert set(orjson.loads(body)["error"]) == {"code", "message"}
     assert orjson.loads(results[3][2])["error"]["code"] == "unauthorized"
     assert orjson.loads(results[5][2])["error"]["code"] == "bad_user_id"
-    assert orjson.loads(results[8][2]) == {"ok": True, "redis": True}
-    assert b"recs_api_requests_total" in results[9][2]
-    document = orjson.loads(results[10][2])
-    assert document["openapi"].startswith("3.")
-    assert "/v1/users/{user_id}/recommendations" in document["paths"]
+    assert [orjson.loads(r[2])["error"]["code"] for r in results[7:10]] == ["bad_k"] * 3
+    assert orjson.loads(results[10][2]) == {"ok": True, "redis": True}
+    assert b"recs_api_requests_total" in results[11][2]
 
 
-def test_without_a_key_setting_no_key_is_needed(ns: Namespace) -> None:
+def test_without_a_catalog_the_fallback_is_empty_and_no_key_is_needed(ns: Namespace) -> None:
     settings = ApiSettings(**ns.settings.model_dump())
-    ((status, _, _),) = asyncio.run(_calls(settings, [("/v1/users/7/recommendations", {})]))
+    ((status, _, body),) = asyncio.run(_calls(settings, [("/v1/users/7/recommendations", {})]))
     assert status == 200
+    fallback = Recommendations.model_validate_json(body)
+    assert (fallback.source, fallback.items) == ("fallback", [])
+
+
+def test_a_catalog_reload_replaces_the_popularity(ns: Namespace) -> None:
+    settings = ApiSettings(**ns.settings.model_dump())
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+
+    def load(items: list[str]) -> None:
+        interactions = [Interaction("u", item, float(n)) for n, item in enumerate(items)]
+        load_catalog(client, keys, Dataset("t", interactions, {}, {}))
+
+    try:
+        load(["a", "b", "b", "c", "c", "c"])
+        load(["z", "y", "y"])
+    finally:
+        client.close()
+    ((_, _, body),) = asyncio.run(_calls(settings, [("/v1/users/7/recommendations", {})]))
+    items = Recommendations.model_validate_json(body).items
+    assert [(i.item_id, i.score) for i in items] == [("y", 1.0), ("z", 0.5)]

@@ -1,18 +1,34 @@
-"""The read API's input rule and its OpenAPI description, without a server."""
+"""The read API without Redis: its input rules, its errors and its generated OpenAPI document.
+
+The app here points at a Redis address nobody listens on, so every answer below comes from the
+API's own checks before any read, or from how it reports an unreachable store.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 
 from api import ApiSettings, build_app
-from api.app import valid_user_id
-from api.openapi import openapi_document
+from api.app import described, valid_user_id
+from schemas.api import ErrorResponse, Health
+from schemas.export import JSON_DIR, render
+from schemas.openapi import RECOMMENDATIONS_PATH, openapi_document
+from tests.api_contract import assert_conforms
 
 # The event contract's identifier alphabet: anything but C0/C1 control characters.
 CONTROL = [chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))]
 PRINTABLE = st.characters(blacklist_characters=CONTROL, blacklist_categories=["Cs"])
+
+NOBODY_LISTENS = SecretStr("redis://127.0.0.1:1/0")
 
 
 @given(st.text(PRINTABLE, min_size=1, max_size=64))
@@ -31,23 +47,91 @@ def test_empty_and_overlong_ids_are_not_valid() -> None:
     assert valid_user_id("u" * 64)
 
 
-def test_openapi_describes_every_route_and_the_key_only_when_set() -> None:
-    open_doc = openapi_document(ApiSettings(api_key=None))
-    keyed_doc = openapi_document(ApiSettings(api_key=SecretStr("s")))
-    route = "/v1/users/{user_id}/recommendations"
-    assert set(open_doc["paths"]) == {route, "/healthz", "/metrics"}
-    assert open_doc["paths"][route]["get"]["security"] == []
-    assert keyed_doc["paths"][route]["get"]["security"] == [{"apiKey": []}]
-    assert {"200", "400", "401"} <= set(keyed_doc["paths"][route]["get"]["responses"])
-    assert "s" not in str(keyed_doc["components"]["securitySchemes"])
+def test_committed_openapi_document_is_the_generated_one() -> None:
+    committed = (JSON_DIR / "openapi.json").read_text("utf-8")
+    assert committed == render(openapi_document()), "run `python -m schemas.export`"
 
 
-def test_app_routes() -> None:
-    app = build_app(ApiSettings(), popular=[])
+def test_openapi_components_are_the_models_json_schemas() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    assert {"Recommendations", "ScoredItem", "ModelRef", "ErrorResponse", "Health"} <= set(schemas)
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
+    assert schemas["Health"]["required"] == sorted(Health.model_fields)
+    assert schemas["ErrorResponse"]["required"] == list(ErrorResponse.model_fields)
+
+
+def test_served_document_is_the_contract_with_the_deployment_filled_in() -> None:
+    committed = json.loads((JSON_DIR / "openapi.json").read_text("utf-8"))
+    open_doc = described(ApiSettings(api_key=None, api_max_k=50, api_default_k=7, api_port=8123))
+    keyed_doc = described(ApiSettings(api_key=SecretStr("s3cret")))
+    assert open_doc["components"] == committed["components"]
+    assert set(open_doc["paths"]) == set(committed["paths"])
+    assert set(open_doc["paths"]) == {RECOMMENDATIONS_PATH, "/healthz", "/metrics", "/openapi.json"}
+    route, keyed_route = (
+        open_doc["paths"][RECOMMENDATIONS_PATH]["get"],
+        keyed_doc["paths"][RECOMMENDATIONS_PATH]["get"],
+    )
+    assert committed["paths"][RECOMMENDATIONS_PATH]["get"]["security"] == [{"apiKey": []}, {}]
+    assert route["security"] == []
+    assert keyed_route["security"] == [{"apiKey": []}]
+    assert "401" not in route["responses"]
+    assert {"200", "400", "401", "503"} <= set(keyed_route["responses"])
+    k = next(p for p in route["parameters"] if p["name"] == "k")
+    assert k["schema"] == {"type": "integer", "minimum": 1, "maximum": 50, "default": 7}
+    assert open_doc["servers"] == [{"url": "http://127.0.0.1:8123"}]
+    assert "s3cret" not in orjson.dumps(keyed_doc).decode()
+
+
+async def _get(settings: ApiSettings, paths: list[str]) -> list[tuple[int, bytes]]:
+    out = []
+    async with TestClient(TestServer(build_app(settings))) as client:
+        for path in paths:
+            response = await client.get(path)
+            out.append((response.status, await response.read()))
+    return out
+
+
+BAD_K = ["%C2%B2", "9" * 5000, "-1", "0", "101", "1.5", "", "+5", "%EF%BC%95", " 5", "0x10", "1%00"]
+BAD_IDS = ["x" * 65, "a%01b", "a%7Fb", "a%C2%85b", "%09", "a%00"]
+
+
+@pytest.mark.parametrize("k", BAD_K)
+def test_a_bad_k_is_a_400_with_the_error_model(k: str) -> None:
+    path = f"/v1/users/42/recommendations?k={k}"
+    ((status, body),) = asyncio.run(_get(ApiSettings(redis_url=NOBODY_LISTENS), [path]))
+    assert status == 400
+    assert ErrorResponse.model_validate_json(body) == ErrorResponse.of(
+        "bad_k", "k must be an integer from 1 to 100"
+    )
+    assert_conforms(openapi_document(), RECOMMENDATIONS_PATH, 400, body)
+
+
+@pytest.mark.parametrize("user_id", BAD_IDS)
+def test_a_bad_user_id_is_a_400_with_the_error_model(user_id: str) -> None:
+    path = f"/v1/users/{user_id}/recommendations?k=5"
+    ((status, body),) = asyncio.run(_get(ApiSettings(redis_url=NOBODY_LISTENS), [path]))
+    assert status == 400
+    assert ErrorResponse.model_validate_json(body).error.code == "bad_user_id"
+    assert_conforms(openapi_document(), RECOMMENDATIONS_PATH, 400, body)
+
+
+def test_an_unreachable_store_is_a_503_not_a_500() -> None:
+    (read, health) = asyncio.run(
+        _get(
+            ApiSettings(redis_url=NOBODY_LISTENS),
+            ["/v1/users/42/recommendations", "/healthz"],
+        )
+    )
+    assert read[0] == 503
+    assert ErrorResponse.model_validate_json(read[1]).error.code == "unavailable"
+    assert_conforms(openapi_document(), RECOMMENDATIONS_PATH, 503, read[1])
+    assert health[0] == 503
+    assert Health.model_validate_json(health[1]) == Health(ok=False, redis=False)
+    assert_conforms(openapi_document(), "/healthz", 503, health[1])
+
+
+def test_app_routes_are_the_documented_ones() -> None:
+    app = build_app(ApiSettings())
     paths = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
-    assert paths == {
-        "/v1/users/{user_id}/recommendations",
-        "/healthz",
-        "/metrics",
-        "/openapi.json",
-    }
+    assert paths == set(openapi_document()["paths"])
