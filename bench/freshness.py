@@ -209,7 +209,7 @@ def pool_throughput(settings: RegenSettings, ds: Dataset, requests: int) -> dict
         n = 0
         while n < requests:
             try:
-                futures.append(pool.submit(histories[n % len(histories)], settings.recs_k))
+                futures.append(pool.submit(histories[n % len(histories)], settings.regen_k))
                 n += 1
             except PoolSaturatedError:
                 futures[-1].result(30)
@@ -261,12 +261,12 @@ def main() -> None:
         "RECSTREAM_STREAMS_DATADIR": tempfile.mkdtemp(prefix="recstream-bench-"),
         "RECSTREAM_STREAMS_BATCH_WITHIN_S": str(args.streams_batch_within_s),
         "RECSTREAM_STREAMS_LOGLEVEL": "warning",
-        "RECSTREAM_DEBOUNCE_MS": str(args.debounce_ms),
-        "RECSTREAM_WORKERS": str(args.workers),
+        "RECSTREAM_REGEN_DEBOUNCE_MS": str(args.debounce_ms),
+        "RECSTREAM_REGEN_POOL__WORKERS": str(args.workers),
         "RECSTREAM_API_PORT": str(api_port),
     }
     if args.model_dir is not None:
-        env["RECSTREAM_MODEL_DIR"] = str(args.model_dir)
+        env["RECSTREAM_REGEN_MODEL_DIR"] = str(args.model_dir)
     pipeline = Pipeline(
         args={
             "regen": ["--metrics-port", str(regen_port), "--loglevel", "warning"],
@@ -342,7 +342,7 @@ def main() -> None:
     finally:
         pipeline.stop()
 
-    regen = RegenSettings(workers=args.workers, model_dir=args.model_dir)
+    regen = RegenSettings(regen_pool={"workers": args.workers}, regen_model_dir=args.model_dir)
     pool = pool_throughput(regen, ds, args.pool_requests)
 
     ms = 1000.0

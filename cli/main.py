@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -142,45 +143,31 @@ def _on_stop_signals(stop: Any) -> None:
     help="A service that crashes this often within --crash-window-s stops the pipeline.",
 )
 @click.option("--crash-window-s", default=300.0, show_default=True, help="See --max-crashes.")
-@click.option(
-    "--streams-metrics-port", default=9101, show_default=True, help="Faust worker /metrics port."
-)
-@click.option(
-    "--regen-metrics-port", default=9102, show_default=True, help="Regeneration /metrics port."
-)
-@click.option(
-    "--cache-writer-metrics-port", default=9103, show_default=True, help="Cache writer /metrics."
-)
-def run_pipeline(  # noqa: PLR0917 - one parameter per click option
+def run_pipeline(
     without: tuple[str, ...],
     stop_timeout_s: float,
     max_crashes: int,
     crash_window_s: float,
-    streams_metrics_port: int,
-    regen_metrics_port: int,
-    cache_writer_metrics_port: int,
 ) -> None:
     """Run the whole pipeline in the foreground on the stack from `recstream stack up`.
 
     Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
-    writer and the read API as child processes, all configured by the same RECSTREAM_*
-    environment. A service that crashes is restarted with exponential backoff; one that keeps
-    crashing stops the pipeline. Ctrl-C or SIGTERM stops them in data-flow order, each draining
-    and closing.
+    writer and the read API as child processes, all configured by the same environment (each
+    service reads its own RECSTREAM_<SERVICE>_* variables). A service that crashes is restarted
+    with exponential backoff; one that keeps crashing stops the pipeline. Ctrl-C or SIGTERM stops
+    them in data-flow order, each draining and closing.
     """
     from cli.run import Pipeline
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One environment for every child, so the metrics ports are given as flags.
-    ports = {
-        "streams": ["--metrics-port", str(streams_metrics_port)],
-        "regen": ["--metrics-port", str(regen_metrics_port)],
-        "cache-writer": ["--metrics-port", str(cache_writer_metrics_port)],
-    }
+    # Every service reads its own RECSTREAM_<SERVICE>_* names, so one environment serves all
+    # children. The Faust worker's /metrics is off by default when run alone (tests start many);
+    # the pipeline exposes it beside the consumers' unless the environment says otherwise.
+    env = {"RECSTREAM_STREAMS_METRICS_PORT": "9101", **os.environ}
     pipeline = Pipeline(
         exclude=set(without),
         stop_timeout_s=stop_timeout_s,
-        args=ports,
+        env=env,
         max_crashes=max_crashes,
         crash_window_s=crash_window_s,
     )

@@ -79,13 +79,13 @@ class CacheWriter:
     ) -> None:
         self.settings = settings
         client = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
-        self.cache = RecsCache(client, Keys(settings.key_prefix), settings.recs_ttl_s)
+        self.cache = RecsCache(client, Keys(settings.key_prefix), settings.cache_ttl_s)
         self._stop = threading.Event()
         self.running = threading.Event()
         self.written = 0
         self.stale = 0
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap, settings.cache_group_id, settings.stats_interval_ms
+            settings.kafka_bootstrap, settings.cache_group_id, settings.cache_stats_interval_ms
         )
 
     def stop(self) -> None:
@@ -175,7 +175,7 @@ class CacheWriter:
 
     def _observe_freshness(self, written: list[bool], origins: list[tuple[str, float]]) -> None:
         now = time.time()
-        max_trigger_age = self.settings.freshness_trigger_max_age_s
+        max_trigger_age = self.settings.cache_freshness_trigger_max_age_s
         for ok, (source, origin) in zip(written, origins, strict=True):
             if not ok:
                 continue

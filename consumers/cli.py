@@ -37,7 +37,7 @@ def _on_stop_signals(stop: Any) -> None:
 
 
 @click.command("regen")
-@settings_options(RegenSettings, flags={"regen_group_id": "--group-id", "recs_k": "--k"})
+@settings_options(RegenSettings, strip="regen_")
 @click.option("--loglevel", default="info", show_default=True, help="Log level.")
 def serve_regen(loglevel: str, **flags: Any) -> None:
     """Regenerate recommendations on every profile change (profiles.changed → recommendations).
@@ -54,21 +54,16 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
     try:
         service = RegenService(settings, pool)
         _on_stop_signals(service.stop)
-        with serving_metrics(settings.metrics_host, settings.metrics_port, service.health):
+        with serving_metrics(
+            settings.regen_metrics_host, settings.regen_metrics_port, service.health
+        ):
             service.run()
     finally:
         pool.close()
 
 
 @click.command("cache-writer")
-@settings_options(
-    CacheWriterSettings,
-    flags={
-        "cache_group_id": "--group-id",
-        "recs_ttl_s": "--ttl-s",
-        "cache_batch_size": "--batch-size",
-    },
-)
+@settings_options(CacheWriterSettings, strip="cache_")
 @click.option("--loglevel", default="info", show_default=True, help="Log level.")
 def serve_cache_writer(loglevel: str, **flags: Any) -> None:
     """Write the recommendations topic into Redis recs:{user}, never going backwards."""
@@ -79,7 +74,7 @@ def serve_cache_writer(loglevel: str, **flags: Any) -> None:
     settings = CacheWriterSettings(**given(flags))
     writer = CacheWriter(settings)
     _on_stop_signals(writer.stop)
-    with serving_metrics(settings.metrics_host, settings.metrics_port, writer.health):
+    with serving_metrics(settings.cache_metrics_host, settings.cache_metrics_port, writer.health):
         writer.run()
 
 

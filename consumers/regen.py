@@ -69,22 +69,13 @@ log = logging.getLogger(__name__)
 
 def build_pool(settings: RegenSettings) -> WorkerPool:
     """The worker pool the settings describe (not started): model, fallback and catalog."""
-    from inference.pool import PoolConfig
     from inference.worker import DatasetModelLoader, PopularityRecommender
     from lab.datasets import load_dataset
 
     ds = load_dataset(settings.dataset, settings.data_dir)
     fallback = PopularityRecommender.from_interactions([it.item_id for it in ds.interactions])
-    loader = DatasetModelLoader(settings.dataset, settings.data_dir, settings.model_dir)
-    config = PoolConfig(
-        workers=settings.workers,
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-        queue_size=settings.queue_size,
-        request_timeout_s=settings.request_timeout_s,
-        threads_per_worker=settings.threads_per_worker,
-    )
-    return WorkerPool(loader, fallback, ds.items, config, warmup_history=fallback.items[:20])
+    loader = DatasetModelLoader(settings.dataset, settings.data_dir, settings.regen_model_dir)
+    return WorkerPool(loader, fallback, ds.items, settings.regen_pool, warmup_history=fallback.items[:20])
 
 
 @dataclass
@@ -103,7 +94,7 @@ class RegenService:
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
-        self.coalescer = Coalescer(settings.debounce_ms / 1000.0)
+        self.coalescer = Coalescer(settings.regen_debounce_ms / 1000.0)
         self.offsets = OffsetTracker()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -113,7 +104,7 @@ class RegenService:
         self.regenerations = 0
         self.pauses = 0  # times input was paused for backpressure
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap, settings.regen_group_id, settings.stats_interval_ms
+            settings.kafka_bootstrap, settings.regen_group_id, settings.regen_stats_interval_ms
         )
         self.producer = Producer(
             {
@@ -156,7 +147,7 @@ class RegenService:
         """Stop reading; start whatever waits and finish what runs, up to the drain timeout."""
         log.info("draining: %d waiting, %d running", len(self.coalescer), self._running_count())
         self._pause()
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        deadline = time.monotonic() + self.settings.regen_drain_timeout_s
         while (len(self.coalescer) or self._running_count()) and time.monotonic() < deadline:
             self._step(flush=True)
         self.producer.flush(max(deadline - time.monotonic(), 1.0))
@@ -230,7 +221,7 @@ class RegenService:
                 continue
             history = list(reversed(profile.recent_items))  # the model wants oldest → newest
             try:
-                future = self.pool.submit(history, self.settings.recs_k)
+                future = self.pool.submit(history, self.settings.regen_k)
             except PoolSaturatedError:
                 self.coalescer.put_back(entry)
                 break
@@ -260,7 +251,7 @@ class RegenService:
                 items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
                 profile_version=running.read_version,
                 model=ModelRef(name=result.model_name, version=result.model_version),
-                variant=self.settings.variant,
+                variant=self.settings.regen_variant,
                 source=result.source,
                 generated_at=datetime.now(UTC),
                 trigger_ts=running.trigger_ts,
@@ -309,10 +300,11 @@ class RegenService:
     # -- backpressure and rebalancing --------------------------------------------------------
 
     def _backpressure(self) -> None:
-        full = self.pool.capacity == 0 or len(self.coalescer) >= self.settings.max_pending_users
+        pending = len(self.coalescer)
+        full = self.pool.capacity == 0 or pending >= self.settings.regen_max_pending_users
         roomy = (
             self.pool.capacity >= self.pool.config.queue_size // 2
-            and len(self.coalescer) < self.settings.max_pending_users // 2
+            and pending < self.settings.regen_max_pending_users // 2
         )
         if full and not self._paused:
             self._pause()

@@ -40,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field
 
 from inference.exceptions import InferenceError
 from inference.recommender import Recommender
@@ -91,20 +92,33 @@ class PoolStartError(InferenceError):
     """Workers did not become ready."""
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    """How the pool runs; the regeneration service fills it from its settings."""
+class PoolConfig(BaseModel):
+    """How the pool runs: the regeneration settings carry it as their ``regen_pool`` sub-model."""
 
-    workers: int | None = 1  # None: one per CUDA device, else 1
-    max_batch_size: int = 32
-    max_wait_ms: float = 2.0
-    queue_size: int = 256
-    request_timeout_s: float = 2.0
-    max_attempts: int = 3
-    start_timeout_s: float = 180.0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Worker processes; unset = one per GPU when CUDA is present, else 1.",
+    )
+    max_batch_size: int = Field(32, ge=1, description="Largest batch a worker gets.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Longest wait to fill a partial batch.")
+    queue_size: int = Field(256, ge=1, description="Request queue bound.")
+    request_timeout_s: float = Field(
+        2.0, gt=0, description="A request unanswered this long gets the fallback list."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Tries of a request whose worker died before it is given up."
+    )
+    start_timeout_s: float = Field(
+        180.0, gt=0, description="How long workers may take to load and warm up."
+    )
     # One intra-op thread by default: on a shared CPU, torch's spinning OpenMP threads fight
     # the consumers and each other (measured: 2 threads were 10x slower under load than 1).
-    threads_per_worker: int = 1
+    threads_per_worker: int = Field(
+        1, ge=1, description="torch threads per worker (clamped to cores / workers)."
+    )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Commands of the operator tools: ``recstream catalog load``, ``recstream replay-dataset`` and
 ``recstream replay profiles | regen | compare``.
 
-Options also read ``RECSTREAM_*`` environment variables through :class:`ops.settings.OpsSettings`;
-heavy modules (Faust, torch) are imported inside the commands.
+Settings options are generated from :class:`ops.settings.OpsSettings` (recstream.options) and
+fall back to their environment variables; heavy modules (Faust, torch) are imported inside the
+commands.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from typing import Any
 
 import click
 
+from ops.settings import OpsSettings
+from recstream.options import given, settings_options
+
 __all__ = ["register"]
 
 
-def _settings(**overrides: Any) -> Any:
+def _settings(**overrides: Any) -> OpsSettings:
     """OpsSettings from the environment, with the flags that were given on top."""
-    from ops.settings import OpsSettings
-
-    return OpsSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return OpsSettings(**given(overrides))
 
 
 def _rfc3339(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
@@ -140,13 +142,10 @@ def replay() -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print partitions, offsets and counts; write nothing."
 )
-@click.option(
-    "--batch-size",
-    "replay_batch_size",
-    type=click.IntRange(min=1),
-    help="Records per fold. [env RECSTREAM_REPLAY_BATCH_SIZE; 2000]",
+@settings_options(
+    OpsSettings, only=("replay_batch_size",), flags={"replay_batch_size": "--batch-size"}
 )
-@click.option("--topic", help="Clickstream topic to read. [env RECSTREAM_TOPIC_CLICKSTREAM]")
+@click.option("--topic", help="Clickstream topic to read (default: the configured clickstream).")
 @_progress_option
 def replay_profiles(
     *,
@@ -243,21 +242,20 @@ def replay_profiles(
     "--artifact",
     type=click.Path(file_okay=False, path_type=Path),
     help="Model folder written by `recstream train`. Without it the co-occurrence model of "
-    "--dataset is used (the live consumer's default).",
+    "--dataset is used.",
 )
-@click.option("--dataset", help="Dataset of the co-occurrence model. [env RECSTREAM_DATASET]")
 @click.option("--out-topic", required=True, help="Topic for the replayed lists (created if new).")
 @click.option(
-    "--live-topic", help="Live lists to compare with. [env RECSTREAM_TOPIC_RECOMMENDATIONS]"
+    "--live-topic", help="Live lists to compare with (default: the configured recommendations)."
 )
-@click.option(
-    "--k", "recs_k", type=click.IntRange(1, 200), help="Items per list. [env RECSTREAM_RECS_K; 10]"
-)
-@click.option(
-    "--batch-size",
-    "replay_regen_batch_size",
-    type=click.IntRange(min=1),
-    help="Users per model call. [env RECSTREAM_REPLAY_REGEN_BATCH_SIZE; 64]",
+@settings_options(
+    OpsSettings,
+    only=("replay_dataset", "replay_k", "replay_regen_batch_size"),
+    flags={
+        "replay_dataset": "--dataset",
+        "replay_k": "--k",
+        "replay_regen_batch_size": "--batch-size",
+    },
 )
 @click.option("--dry-run", is_flag=True, help="List what would be regenerated; write nothing.")
 @_progress_option
@@ -290,7 +288,7 @@ def replay_regen(
     click.echo(
         f"{len(changes)} users changed between {from_time.isoformat()} and {to_time.isoformat()}"
     )
-    model_desc = str(artifact) if artifact else f"co-occurrence model of {settings.dataset}"
+    model_desc = str(artifact) if artifact else f"co-occurrence model of {settings.replay_dataset}"
     if dry_run:
         click.echo(
             f"would regenerate them with {model_desc} in batches of "
@@ -308,7 +306,7 @@ def replay_regen(
         [out_topic], settings.topic_partitions
     )
     click.echo(f"loading {model_desc}")
-    recommender = DatasetModelLoader(settings.dataset, settings.data_dir, artifact)()
+    recommender = DatasetModelLoader(settings.replay_dataset, settings.data_dir, artifact)()
     model = ModelRef(
         name=str(getattr(recommender, "name", "model")),
         version=str(getattr(recommender, "version", "unknown")),
@@ -325,9 +323,7 @@ def replay_regen(
 
 @replay.command("compare")
 @click.option("--topic", "topics", multiple=True, required=True, help="Give exactly two.")
-@click.option(
-    "--k", "recs_k", type=click.IntRange(1, 200), help="k of overlap@k. [env RECSTREAM_RECS_K; 10]"
-)
+@settings_options(OpsSettings, only=("replay_k",), flags={"replay_k": "--k"})
 @_progress_option
 def replay_compare(topics: tuple[str, ...], progress: bool, **flags: Any) -> None:
     """Compare the latest list per user on two recommendation topics.

@@ -151,7 +151,7 @@ def compare_topics(
     """Compare the latest list per user on two topics (restricted to ``users`` if given)."""
     a = latest_lists(settings, topic_a, users, progress=progress)
     b = latest_lists(settings, topic_b, users, progress=progress)
-    return compare(item_lists(a), item_lists(b), settings.recs_k)
+    return compare(item_lists(a), item_lists(b), settings.replay_k)
 
 
 class RegenReplay:
@@ -204,7 +204,7 @@ class RegenReplay:
                 stats.missing_profiles += len(chunk) - len(present)
                 # The model wants each history oldest -> newest, as the live consumer sends it.
                 histories = [list(reversed(p.recent_items)) for _, p in present]
-                ranked = self.recommender.recommend(histories, self.settings.recs_k)
+                ranked = self.recommender.recommend(histories, self.settings.replay_k)
                 now = datetime.now(UTC)
                 for (user, profile), items in zip(present, ranked, strict=True):
                     recs = Recommendations(

@@ -1,9 +1,10 @@
 """Settings of the operator tools (``recstream replay profiles | regen | compare``).
 
-Every field reads ``RECSTREAM_<FIELD>`` from the environment (e.g. ``RECSTREAM_REPLAY_BATCH_SIZE``);
-command-line flags override them. The fold itself uses the stream processor's settings
-(:class:`streams.settings.StreamsSettings`: weights, half-life, thresholds), so a rebuild folds
-exactly as the live agent does.
+The tools' own fields start with ``replay_`` and read ``RECSTREAM_REPLAY_<SETTING>`` (e.g.
+``RECSTREAM_REPLAY_BATCH_SIZE``), the rule of every service's settings (recstream/settings.py);
+command-line flags, generated from these fields, override them. The fold itself uses the stream
+processor's settings (:class:`streams.settings.StreamsSettings`: weights, half-life, thresholds),
+so a rebuild folds exactly as the live agent does.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class OpsSettings(CommonSettings):
     replay_variant: str = Field(
         "replay", min_length=1, max_length=64, description="Variant written on replayed lists."
     )
-    recs_k: int = Field(10, ge=1, le=200, description="Items per list (and k of overlap@k).")
-    dataset: str = Field(
+    replay_k: int = Field(10, ge=1, le=200, description="Items per list (and k of overlap@k).")
+    replay_dataset: str = Field(
         "ml-100k",
         description="Dataset whose co-occurrence model a regeneration replay uses when no "
-        "artifact is given (as the live regeneration consumer does).",
+        "artifact is given.",
     )

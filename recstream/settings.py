@@ -1,8 +1,13 @@
 """Settings shared by every service.
 
 Each service has one frozen settings object deriving from :class:`CommonSettings`; these classes
-are the only code that reads the environment. Every variable carries the ``RECSTREAM_`` prefix,
-e.g. ``RECSTREAM_KAFKA_BOOTSTRAP``. Secrets are :class:`pydantic.SecretStr` so they never print.
+are the only code that reads the environment. Every variable carries the ``RECSTREAM_`` prefix.
+The fields here are shared by every service and read ``RECSTREAM_<SETTING>`` (e.g.
+``RECSTREAM_KAFKA_BOOTSTRAP``); a field a service owns starts with the service's name
+(``RECSTREAM_STREAMS_METRICS_PORT``, ``RECSTREAM_REGEN_K``, ``RECSTREAM_API_PORT``), so the
+children of `recstream run`, which share one environment, never read each other's settings.
+Sub-models add ``__``: ``RECSTREAM_REGEN_POOL__WORKERS``. Secrets are
+:class:`pydantic.SecretStr` so they never print.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ class CommonSettings(BaseSettings):
     """Addresses, topic names and key prefixes that all services agree on."""
 
     model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="ignore"
+        # Sub-models read RECSTREAM_<FIELD>__<SUBFIELD> (e.g. RECSTREAM_REGEN_POOL__WORKERS).
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
     )
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")

@@ -63,9 +63,9 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
     ),
     "regen": (
         lambda port, ns, _tmp: {
-            "RECSTREAM_METRICS_PORT": str(port),
+            "RECSTREAM_REGEN_METRICS_PORT": str(port),
             "RECSTREAM_REGEN_GROUP_ID": ns.group("regen"),
-            "RECSTREAM_WORKERS": "1",
+            "RECSTREAM_REGEN_POOL__WORKERS": "1",
         },
         {
             "recs_regen_changes_total",
@@ -87,7 +87,7 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
     ),
     "cache-writer": (
         lambda port, ns, _tmp: {
-            "RECSTREAM_METRICS_PORT": str(port),
+            "RECSTREAM_CACHE_METRICS_PORT": str(port),
             "RECSTREAM_CACHE_GROUP_ID": ns.group("cache"),
         },
         {
@@ -207,8 +207,8 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_p
             "RECSTREAM_STREAMS_LAG_INTERVAL_S": "0.5",
             "RECSTREAM_STREAMS_BATCH_WITHIN_S": "0.05",
         },
-        "regen": {"RECSTREAM_STATS_INTERVAL_MS": "500", "RECSTREAM_DEBOUNCE_MS": "20"},
-        "cache-writer": {"RECSTREAM_STATS_INTERVAL_MS": "500"},
+        "regen": {"RECSTREAM_REGEN_STATS_INTERVAL_MS": "500", "RECSTREAM_REGEN_DEBOUNCE_MS": "20"},
+        "cache-writer": {"RECSTREAM_CACHE_STATS_INTERVAL_MS": "500"},
     }
     running: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
     try:

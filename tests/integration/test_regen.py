@@ -50,7 +50,9 @@ def dataset(stack_ready: CommonSettings) -> Dataset:
 
 @pytest.fixture(scope="module")
 def pool(stack_ready: CommonSettings) -> Iterator[WorkerPool]:
-    settings = RegenSettings(**stack_ready.model_dump(), workers=1, request_timeout_s=10.0)
+    settings = RegenSettings(
+        **stack_ready.model_dump(), regen_pool={"workers": 1, "request_timeout_s": 10.0}
+    )
     started = build_pool(settings).start()
     yield started
     started.close()
@@ -74,7 +76,7 @@ class Services:
 def services(ns: Namespace, pool: WorkerPool) -> Iterator[Services]:
     common = ns.settings.model_dump()
     regen = RegenService(
-        RegenSettings(**common, regen_group_id=ns.group("regen"), debounce_ms=20.0), pool
+        RegenSettings(**common, regen_group_id=ns.group("regen"), regen_debounce_ms=20.0), pool
     )
     writer = CacheWriter(CacheWriterSettings(**common, cache_group_id=ns.group("cache")))
     threads = [
@@ -407,7 +409,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     slow.start()
     common = settings.model_dump()
     regen = RegenService(
-        RegenSettings(**common, regen_group_id=ns.group("regen"), debounce_ms=0.0), slow
+        RegenSettings(**common, regen_group_id=ns.group("regen"), regen_debounce_ms=0.0), slow
     )
     writer = CacheWriter(CacheWriterSettings(**common, cache_group_id=ns.group("cache")))
     threads = [threading.Thread(target=svc.run, daemon=True) for svc in (regen, writer)]

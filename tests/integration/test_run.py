@@ -53,17 +53,12 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(ns: Namespace, tmp_path: P
         "RECSTREAM_REGEN_GROUP_ID": ns.group("regen"),
         "RECSTREAM_CACHE_GROUP_ID": ns.group("cache"),
         "RECSTREAM_API_PORT": str(api),
+        "RECSTREAM_REGEN_METRICS_PORT": str(regen),
+        "RECSTREAM_CACHE_METRICS_PORT": str(cache),
+        "RECSTREAM_STREAMS_METRICS_PORT": "0",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "cli",
-        "run",
-        "--regen-metrics-port",
-        str(regen),
-        "--cache-writer-metrics-port",
-        str(cache),
-    ]
+    # No per-service flags: each service reads its own variables from the one environment.
+    command = [sys.executable, "-m", "cli", "run"]
     run = Child.spawn("run", command, tmp_path / "run.log", env)
     ports = (api, regen, cache)
     try:

@@ -81,7 +81,7 @@ def counts() -> dict[str, tuple[float, float]]:
 
 
 def test_freshness_from_the_header_else_a_recent_trigger_and_never_for_stale_lists() -> None:
-    writer = CacheWriter(CacheWriterSettings(freshness_trigger_max_age_s=60))
+    writer = CacheWriter(CacheWriterSettings(cache_freshness_trigger_max_age_s=60))
     writer.consumer = FakeConsumer()  # type: ignore[assignment]  # no broker needed
     now_ms = round(time.time() * 1000)
     messages = [

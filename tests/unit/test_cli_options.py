@@ -46,12 +46,12 @@ def test_a_flag_wins_over_the_env_var_and_the_env_var_over_the_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("RECSTREAM_REGEN_GROUP_ID", "from-env")
-    monkeypatch.setenv("RECSTREAM_DEBOUNCE_MS", "7")
+    monkeypatch.setenv("RECSTREAM_REGEN_DEBOUNCE_MS", "7")
     ctx = _command("regen").make_context("regen", ["--group-id", "from-flag", "--k", "3"])
     settings = RegenSettings(**given(ctx.params))
     assert settings.regen_group_id == "from-flag"
-    assert settings.recs_k == 3
-    assert settings.debounce_ms == 7.0  # no flag: the environment applies
+    assert settings.regen_k == 3
+    assert settings.regen_debounce_ms == 7.0  # no flag: the environment applies
 
 
 def test_boolean_fields_take_a_negative_flag() -> None:

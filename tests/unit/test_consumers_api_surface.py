@@ -40,15 +40,18 @@ def test_settings_read_the_environment_and_hide_the_api_key(
     from api import ApiSettings
     from consumers import CacheWriterSettings, RegenSettings
 
-    monkeypatch.setenv("RECSTREAM_METRICS_PORT", "9999")
-    monkeypatch.setenv("RECSTREAM_DEBOUNCE_MS", "5")
+    monkeypatch.setenv("RECSTREAM_REGEN_METRICS_PORT", "9999")
+    monkeypatch.setenv("RECSTREAM_REGEN_DEBOUNCE_MS", "5")
     monkeypatch.setenv("RECSTREAM_API_KEY", "hunter2")
-    assert RegenSettings().metrics_port == 9999
-    assert RegenSettings().debounce_ms == 5.0
-    assert CacheWriterSettings().metrics_port == 9999
+    assert RegenSettings().regen_metrics_port == 9999
+    assert RegenSettings().regen_debounce_ms == 5.0
+    assert CacheWriterSettings().cache_metrics_port == 9103  # its own variable
     settings = ApiSettings()
     assert settings.api_key is not None
     assert settings.api_key.get_secret_value() == "hunter2"
     assert "hunter2" not in repr(settings)
-    monkeypatch.delenv("RECSTREAM_METRICS_PORT")
-    assert (RegenSettings().metrics_port, CacheWriterSettings().metrics_port) == (9102, 9103)
+    monkeypatch.delenv("RECSTREAM_REGEN_METRICS_PORT")
+    assert (RegenSettings().regen_metrics_port, CacheWriterSettings().cache_metrics_port) == (
+        9102,
+        9103,
+    )
