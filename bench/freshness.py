@@ -50,6 +50,7 @@ from inference.pool import PoolResult, PoolSaturatedError
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import dataset_tag, events_for
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 
@@ -275,13 +276,7 @@ def main() -> None:
         },
         env=env,
     )
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "linger.ms": 0,
-            "partitioner": "murmur2_random",
-        }
-    )
+    producer = idempotent_producer(settings.kafka_bootstrap, linger_ms=0)
     watcher = Watcher(client, keys)
     results: dict[str, Any] = {}
     try:

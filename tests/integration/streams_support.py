@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
 from lab.datasets import Dataset, Item
 from ops.catalog import load_catalog
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import Profile
@@ -60,9 +61,7 @@ def event(
 
 
 def produce(settings: CommonSettings, records: Iterable[tuple[bytes | None, bytes]]) -> int:
-    producer = Producer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "partitioner": "murmur2_random"}
-    )
+    producer = idempotent_producer(settings.kafka_bootstrap)
     count = 0
     for key, value in records:
         producer.produce(settings.topic_clickstream, key=key, value=value)

@@ -12,11 +12,11 @@ import orjson
 import pytest
 import redis
 import redis.asyncio
-from confluent_kafka import Producer
 
 from ops.exceptions import ReplayError
 from ops.rebuild import ProfileRebuild, RebuildStats
 from ops.settings import OpsSettings
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import Profile
@@ -206,9 +206,7 @@ def test_from_time_starts_at_the_first_record_at_or_after_it(ns: Namespace) -> N
     events = history(per_user=10)
     old, new = events[:16], events[16:]
     cut = datetime.now(UTC) - timedelta(minutes=30)
-    producer = Producer(
-        {"bootstrap.servers": ns.settings.kafka_bootstrap, "partitioner": "murmur2_random"}
-    )
+    producer = idempotent_producer(ns.settings.kafka_bootstrap)
     for batch, when in ((old, cut - timedelta(minutes=5)), (new, cut + timedelta(minutes=5))):
         for key, value in records(batch):
             producer.produce(

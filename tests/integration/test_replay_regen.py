@@ -10,13 +10,13 @@ import pytest
 import redis
 import redis.asyncio
 from click.testing import CliRunner
-from confluent_kafka import Producer
 
 from cli.main import main
 from cli.stack import Stack
 from inference.worker import PopularityRecommender
 from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
 from ops.settings import OpsSettings
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
@@ -76,7 +76,7 @@ def live_list(user: str, items: list[str], version: int) -> Recommendations:
 
 
 def produce_at(bootstrap: str, topic: str, rows: list[tuple[str, bytes, datetime]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    producer = idempotent_producer(bootstrap)
     for key, value, when in rows:
         producer.produce(
             topic, key=key.encode(), value=value, timestamp=int(when.timestamp() * 1e3)
