@@ -31,6 +31,7 @@ from lab.datasets import load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
 from recstream.keys import Keys
+from schemas import Envelope
 from streams.app import build_app
 from streams.fold import Folded
 from streams.settings import StreamsSettings
@@ -110,10 +111,12 @@ def main() -> None:
         handle = folder.handle
         busy = [0.0]
 
-        async def timed_handle(records: Sequence[Any]) -> None:
+        async def timed_handle(
+            records: Sequence[Envelope], arrived: Sequence[float | None] | None = None
+        ) -> None:
             began = time.perf_counter()
             try:
-                await handle(records)
+                await handle(records, arrived)
             finally:
                 busy[0] += time.perf_counter() - began
 

@@ -1,7 +1,7 @@
 """Operator tools: replay topic history to rebuild profiles or re-run regeneration, compare outputs.
 
 The comparison metrics, settings and errors load with the package. The Kafka- and Redis-backed
-tools load on first access (``ProfileRebuild`` pulls in the Faust app's batch handler), so the
+tools load on first access (``ProfileRebuild`` pulls in Redis and the fold), so the
 command line stays fast.
 """
 

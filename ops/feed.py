@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from lab.datasets import Dataset, Interaction
+from ops.exceptions import ReplayError
 from schemas import SCHEMA_VERSION
-from streams.exceptions import ReplayError
 
 MS_PER_STAR = 24_000
 
@@ -89,7 +89,9 @@ def produce(
     timeout_s: float = 60.0,
 ) -> int:
     """Produce ``records`` (paced to ``rate`` events/s if given); returns the count delivered."""
-    from confluent_kafka import KafkaError, Producer
+    from confluent_kafka import KafkaError
+
+    from recstream.kafka import idempotent_producer
 
     failures: list[KafkaError] = []
 
@@ -97,16 +99,7 @@ def produce(
         if err is not None:
             failures.append(err)
 
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "linger.ms": 20,
-            "batch.num.messages": 10000,
-            # Java clients' partitioner, so every producer maps a user to the same partition.
-            "partitioner": "murmur2_random",
-        }
-    )
+    producer = idempotent_producer(bootstrap, linger_ms=20, batch_num_messages=10000)
     # Serve delivery callbacks, report progress and pace once per step: about 20 steps a second
     # when paced (so a slow rate is a steady trickle, not bursts), every 1000 events otherwise.
     step = 1000 if rate is None else max(1, min(1000, int(rate / 20)))

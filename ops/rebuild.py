@@ -2,11 +2,11 @@
 
 **Rebuild.** The records of ``clickstream`` from the beginning (or from a time, via
 offsets-for-times) up to the end offsets captured when the rebuild starts are read in batches and
-handed to :class:`streams.app.ProfileFolder`, the live agent's own batch handler: the same
-validation, weights and Lua fold (``streams/fold.lua``), only with the namespace's key prefix
-(``{prefix}ns:{name}:``), no dead-lettering (the live agent did that) and no ``profiles.changed``
-announcements. The fold reads item categories under its prefix, so the catalog's ``item:*``
-hashes are copied into the namespace first.
+handed, as :class:`schemas.Envelope` records, to :class:`streams.ProfileFolder`, the live agent's
+own batch handler: the same validation, weights and Lua fold (``streams/fold.lua``), only with the
+namespace's key prefix (``{prefix}ns:{name}:``), no dead-lettering (the live agent did that) and
+no ``profiles.changed`` announcements. The fold reads item categories under its prefix, so the
+catalog's ``item:*`` hashes are copied into the namespace first.
 
 **Checkpoints.** After each batch the next offset of every partition in it is written to the
 namespace's ``replay:state`` hash; an interrupted rebuild started again with the same namespace
@@ -38,11 +38,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
 
 import redis
 import redis.asyncio
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from redis.typing import EncodableT, FieldT
 from tqdm import tqdm
 
@@ -51,7 +50,8 @@ from ops.settings import OpsSettings
 from ops.topics import PartitionRange, TopicReader
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
-from streams.app import ProfileFolder
+from schemas import Envelope
+from streams import ProfileFolder
 from streams.fold import Folded
 from streams.settings import StreamsSettings
 
@@ -133,42 +133,28 @@ class SwitchResult:
     tail: RebuildStats
 
 
-@dataclass(frozen=True, slots=True)
-class _Message:
-    """The attributes of a Faust message that :class:`ProfileFolder` reads."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    time_in: float | None = None
-    timestamp: float | None = None  # no changes are announced, so no origin time is needed
-
-    @property
-    def message(self) -> _Message:
-        """The record's message: the handler may be given records or bare messages."""
-        return self
-
-    @classmethod
-    def of(cls, message: Message) -> _Message:
-        return cls(
-            topic=message.topic() or "",
-            partition=message.partition() or 0,
-            offset=message.offset() or 0,
-            key=message.key(),
-            value=message.value() or b"",
-        )
+def envelope(message: Message) -> Envelope:
+    """A confluent-kafka record as the fold's envelope (the rebuild's adapter)."""
+    kind, ms = message.timestamp()
+    # A consumed record's headers are a list of pairs; the stub also allows the producer's forms.
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return Envelope(
+        message.topic() or "",
+        message.partition() or 0,
+        message.offset() or 0,
+        message.key(),
+        message.value() or b"",
+        tuple(
+            (name, value.encode() if isinstance(value, str) else value or b"")
+            for name, value in pairs
+        ),
+        ms if kind != TIMESTAMP_NOT_AVAILABLE else None,
+    )
 
 
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-def _done() -> asyncio.Future[None]:
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    future.set_result(None)
-    return future
 
 
 def _text(value: bytes | str) -> str:
@@ -324,14 +310,17 @@ class ProfileRebuild:
         settings = self.streams.model_copy(update={"key_prefix": keys.prefix})
         client = redis.asyncio.Redis.from_url(self.settings.redis_url.get_secret_value())
 
-        async def send_dlq(**kwargs: Any) -> asyncio.Future[None]:
+        async def send_dlq(
+            *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
+        ) -> None:
             # Already dead-lettered by the live agent: counted here, not sent again.
-            headers = dict(kwargs.get("headers") or ())
-            stats.invalid[_text(headers.get("dlq.reason", b"unknown"))] += 1
-            return _done()
+            reason = dict(headers or ()).get("dlq.reason", b"unknown")
+            stats.invalid[_text(reason)] += 1
 
-        async def send_changed(**_: Any) -> asyncio.Future[None]:
-            return _done()
+        async def send_changed(
+            *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
+        ) -> None:
+            return None  # a rebuild announces nothing: the switch bumps versions instead
 
         folder = ProfileFolder(settings, client, send_dlq, send_changed)
         folder.hooks.append(lambda _n, _lat, results: stats.add(results))
@@ -353,7 +342,7 @@ class ProfileRebuild:
                 for batch in reader.read(
                     ranges, self.settings.replay_batch_size, self.settings.replay_idle_timeout_s
                 ):
-                    runner.run(folder.handle([_Message.of(m) for m in batch]))
+                    runner.run(folder.handle([envelope(m) for m in batch]))
                     if checkpoint:
                         nxt: dict[FieldT, EncodableT] = {}
                         for m in batch:

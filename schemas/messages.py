@@ -3,20 +3,18 @@
 ``ProfileChanged`` (topic ``profiles.changed``, key = user_id) tells the regeneration consumer
 that a profile moved enough to matter. ``Recommendations`` (topic ``recommendations`` and Redis
 ``recs:{user}``, key = user_id) is the public output contract of DESIGN.md. ``Profile`` is the
-decoded view of what the stream processor keeps in Redis. ``Envelope`` carries Kafka metadata
-beside a payload, never inside it.
+decoded view of what the stream processor keeps in Redis. ``Envelope`` is a Kafka record as read:
+its metadata beside the payload, never inside it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, ClassVar, Generic, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import Id
-
-T = TypeVar("T")
 
 
 class _Frozen(BaseModel):
@@ -99,13 +97,21 @@ class Profile(_Frozen):
         return [name for name, _ in ranked[:n]]
 
 
-class Envelope(_Frozen, Generic[T]):
-    """A Kafka record's metadata beside its payload (``value``)."""
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One Kafka record as read: its metadata beside the raw payload, never inside it.
+
+    Every reader of the clickstream (the Faust agent, batch delivery, the rebuild's
+    confluent-kafka reader, tests) hands the fold these, so the fold knows no client library.
+    A plain slotted dataclass rather than a model: one is built per record on the hot path,
+    and nothing here needs validating (the payload is validated by its own contract).
+    """
 
     topic: str
-    partition: Annotated[int, Field(ge=0)]
-    offset: Annotated[int, Field(ge=0)]
-    key: bytes | None = None
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
-    timestamp: datetime | None = None
-    value: T
+    timestamp_ms: int | None = None
+    """The record's Kafka timestamp (produce time, epoch milliseconds), if it has one."""

@@ -1,14 +1,18 @@
-"""The stream processor: a Faust agent that folds clickstream events into Redis profiles."""
+"""The stream processor: clickstream events folded into Redis profiles, and reading them back.
 
-from streams.exceptions import CatalogError, ReplayError, StoreUnavailable, StreamsError
+The fold (:class:`ProfileFolder`) is plain code; the Faust app that feeds it lives in
+``streams.app`` and is not imported here, so readers of profiles never load Faust.
+"""
+
+from streams.exceptions import StoreUnavailable, StreamsError
 from streams.fold import FoldParams, Weights
+from streams.folder import ProfileFolder
 from streams.profile import read_profile, read_profile_async
 from streams.settings import StreamsSettings
 
 __all__ = [
-    "CatalogError",
     "FoldParams",
-    "ReplayError",
+    "ProfileFolder",
     "StoreUnavailable",
     "StreamsError",
     "StreamsSettings",

@@ -1,21 +1,12 @@
 """The Faust app: one agent folds ``clickstream`` into Redis profiles, batch by batch.
 
-Per batch (``stream.take_events(streams_batch_size, within=streams_batch_within_s)``):
-
-1. every record is validated from its raw bytes (:func:`schemas.parse_event`); a bad one goes to
-   ``clickstream.dlq`` with its original key and bytes and headers ``dlq.reason``,
-   ``dlq.detail``, ``dlq.source.topic``, ``dlq.source.partition``, ``dlq.source.offset``;
-   a record whose key is not its ``user_id`` is dead-lettered too (``key_mismatch``), since
-   per-user order relies on the key;
-2. the valid events, grouped by user, are folded by one EVALSHA of ``streams/fold.lua``;
-3. a ``ProfileChanged`` goes to ``profiles.changed`` for each user with a new item or a category
-   mix shift of at least ``profile_shift_threshold``, with header ``recs.origin_ts``: the Kafka
-   timestamp (produce time, epoch milliseconds) of the user's newest clickstream record in the
-   batch, which the regeneration consumer passes on so the cache writer can measure end-to-end
-   freshness;
-4. the batch's records are acked once their sends are queued; Faust flushes the producer before
-   it commits offsets, so offsets are committed only after the work is durable. A crash replays
-   the uncommitted records and the seen-set makes their second fold a no-op.
+Per batch (``stream.take_events(streams_batch_size, within=streams_batch_within_s)``) the agent
+turns Faust's messages into :class:`schemas.Envelope` records and hands them to
+:class:`streams.folder.ProfileFolder`, which validates, dead-letters to ``clickstream.dlq``, folds
+into Redis and announces changes on ``profiles.changed`` (see there). The batch's records are
+acked once those sends are queued; Faust flushes the producer before it commits offsets, so
+offsets are committed only after the work is durable. A crash replays the uncommitted records and
+the seen-set makes their second fold a no-op.
 
 A timer reports the worker's consumer lag per topic/partition every ``streams_lag_interval_s``
 (``recs_consumer_lag_messages``, group = the app id) from the client's cached high watermarks and
@@ -30,177 +21,41 @@ time, instead of by the agent (see ``streams/consumer.py``); everything above st
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from collections.abc import Sequence
 from typing import Any
 
 import faust
-import orjson
 from aiokafka.errors import IllegalStateError  # type: ignore[import-untyped]  # no stubs
 from faust.exceptions import ConsumerNotStarted
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from schemas import Reason, ValidationFailed, parse_event
+from schemas import Envelope
 from streams import metrics
 from streams.exceptions import StoreUnavailable
-from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, to_datetime
-from streams.metrics import ORIGIN_HEADER
+from streams.folder import ProfileFolder
 from streams.settings import StreamsSettings
 
 log = logging.getLogger(__name__)
 
 EXIT_STORE_UNAVAILABLE = 70  # EX_SOFTWARE: the worker cannot make progress
 
-BatchHook = Callable[[int, Sequence[float], Sequence[Folded]], None]
-"""Called after each batch with (records, per-event latencies in seconds, per-user results)."""
 
-
-class ProfileFolder:
-    """Validates, dead-letters, folds and announces one batch of clickstream records."""
-
-    def __init__(
-        self,
-        settings: StreamsSettings,
-        redis: Redis,
-        send_dlq: Callable[..., Awaitable[Any]],
-        send_changed: Callable[..., Awaitable[Any]],
-    ) -> None:
-        self.settings = settings
-        self.redis = redis
-        self.script = FoldScript(redis, settings.key_prefix, FoldParams.from_settings(settings))
-        self.weights = Weights.from_settings(settings)
-        self.max_future = timedelta(seconds=settings.event_max_future_s)
-        self._send_dlq = send_dlq
-        self._send_changed = send_changed
-        self._out_changed = metrics.EVENTS_OUT.labels(settings.topic_profiles_changed)
-        self._out_dlq = metrics.EVENTS_OUT.labels(settings.topic_dlq)
-        self.hooks: list[BatchHook] = []
-        # Completion of the latest batch's fold: batches may be validated concurrently, but
-        # they are folded and announced strictly in the order handle() was called.
-        self._last_fold: asyncio.Future[None] | None = None
-
-    async def handle(self, records: Sequence[Any]) -> None:
-        """Process one batch of Kafka records (Faust ``Message`` objects); effects are queued.
-
-        Calls may overlap (batch delivery validates the next poll while Redis folds the
-        previous one); folds and announcements still happen in call order.
-        """
-        previous, mine = self._last_fold, asyncio.get_running_loop().create_future()
-        self._last_fold = mine
-        try:
-            await self._handle(records, previous)
-        finally:
-            mine.set_result(None)
-
-    async def _handle(self, records: Sequence[Any], previous: asyncio.Future[None] | None) -> None:
-        started = time.monotonic()
-        valid: list[tuple[str, str, str, float, float]] = []
-        # Per user, the Kafka timestamp of its newest record (records of a user come in order).
-        produced: dict[str, float | None] = {}
-        weight_of = self.weights.of
-        topic = ""
-        for message in records:
-            topic = message.topic
-            try:
-                event = parse_event(message.value, max_future=self.max_future)
-                if message.key != event.user_id.encode():
-                    raise ValidationFailed(
-                        Reason.KEY_MISMATCH, "record key must equal the event's user_id"
-                    )
-            except ValidationFailed as failure:
-                await self._dead_letter(message, failure)
-                continue
-            produced[event.user_id] = message.timestamp
-            valid.append(
-                (
-                    event.user_id,
-                    event.event_id,
-                    event.item_id,
-                    event.ts.timestamp(),
-                    weight_of(event),
-                )
-            )
-        metrics.EVENTS_IN.labels(topic).inc(len(records))
-        if previous is not None:
-            await previous
-        folded = await self._fold(group_by_user(valid))
-        announced = 0
-        for result in folded:
-            if result.emit:
-                await self._announce(result, produced.get(result.user_id))
-                announced += 1
-        if announced:
-            self._out_changed.inc(announced)
-        done = time.monotonic()
-        latencies = [done - (m.time_in or started) for m in records]
-        metrics.observe_many(metrics.FOLD_SECONDS, latencies)
-        metrics.BATCH_SIZE.observe(len(records))
-        for hook in self.hooks:
-            hook(len(records), latencies, folded)
-
-    async def _dead_letter(self, message: Any, failure: ValidationFailed) -> Any:
-        metrics.DEAD_LETTERED.labels(failure.reason.value).inc()
-        self._out_dlq.inc()
-        headers = [
-            ("dlq.reason", failure.reason.value.encode()),
-            ("dlq.detail", failure.detail.encode("utf-8", "replace")[:512]),
-            ("dlq.source.topic", message.topic.encode()),
-            ("dlq.source.partition", str(message.partition).encode()),
-            ("dlq.source.offset", str(message.offset).encode()),
-        ]
-        return await self._send_dlq(key=message.key, value=message.value, headers=headers)
-
-    async def _announce(self, result: Folded, produced: float | None) -> Any:
-        # Built as a plain dict (a ProfileChanged in JSON form; a unit test holds it to the
-        # model): validating a model per change costs more than the fold of its events.
-        change = {
-            "schema_version": 1,
-            "user_id": result.user_id,
-            "profile_version": result.version,
-            "changes": {
-                "new_items": list(result.new_items),
-                "affinity_shift": min(result.shift, 1.0),
-                "events": result.folded,
-            },
-            "event_id": result.trigger_event_id,
-            "trigger_ts": to_datetime(result.trigger_ts).isoformat(),
-        }
-        metrics.PROFILE_CHANGES.inc()
-        headers = None if produced is None else [(ORIGIN_HEADER, b"%d" % round(produced * 1000))]
-        return await self._send_changed(
-            key=result.user_id.encode(), value=orjson.dumps(change), headers=headers
-        )
-
-    async def _fold(self, groups: dict[str, list[tuple[str, str, float, float]]]) -> list[Folded]:
-        """Run the fold script, retrying while Redis is briefly unreachable."""
-        deadline = time.monotonic() + self.settings.streams_redis_retry_s
-        delay = 0.1
-        while True:
-            try:
-                results = await self.script.run(groups)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise StoreUnavailable(
-                        f"Redis unreachable for {self.settings.streams_redis_retry_s:.0f}s: {exc}"
-                    ) from exc
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            break
-        for result in results:
-            metrics.FOLDED.inc(result.folded)
-            if result.duplicates:
-                metrics.IGNORED.labels("duplicate").inc(result.duplicates)
-            if result.late:
-                metrics.IGNORED.labels("too_late").inc(result.late)
-        return results
+def envelope(message: Any) -> Envelope:
+    """A Faust ``Message`` as the fold's envelope (Faust keeps the Kafka timestamp in seconds)."""
+    ts = message.timestamp
+    return Envelope(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value,
+        tuple(message.headers or ()),
+        None if ts is None else round(ts * 1000),
+    )
 
 
 def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
@@ -239,17 +94,22 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     changed = raw_topic(settings.topic_profiles_changed)
     redis = Redis.from_url(settings.redis_url.get_secret_value())
 
-    async def send_dlq(**kwargs: Any) -> Any:
-        return await dlq.send(**kwargs)
+    async def send_dlq(
+        *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
+    ) -> object:
+        return await dlq.send(key=key, value=value, headers=headers)
 
-    async def send_changed(**kwargs: Any) -> Any:
-        return await changed.send(**kwargs)
+    async def send_changed(
+        *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
+    ) -> object:
+        return await changed.send(key=key, value=value, headers=headers)
 
     folder = ProfileFolder(settings, redis, send_dlq, send_changed)
 
     async def fold(messages: Sequence[Any]) -> None:
+        # The Faust adapter: envelopes for the fold, the monitor's arrival stamps for latency.
         try:
-            await folder.handle(messages)
+            await folder.handle([envelope(m) for m in messages], [m.time_in for m in messages])
         except StoreUnavailable as exc:
             # Faust acks a batch even when its handler fails, and a graceful stop commits
             # acked offsets: that would drop this batch. Exiting at once leaves it uncommitted,

@@ -9,11 +9,3 @@ class StreamsError(RecstreamError):
 
 class StoreUnavailable(StreamsError):  # noqa: N818 - reads as a state, like "TimeoutError"
     """Redis stayed unreachable past the retry budget; the worker stops instead of spinning."""
-
-
-class CatalogError(StreamsError):
-    """The catalog could not be loaded into Redis."""
-
-
-class ReplayError(StreamsError):
-    """A dataset could not be replayed into Kafka."""

@@ -1,8 +1,11 @@
-"""The fold agent's batch handler, with Redis and Kafka replaced by recorders."""
+"""The fold's batch handler fed plain envelopes (Redis and Kafka replaced by recorders), and the
+Faust adapter's side: turning Faust messages into envelopes, reporting lag."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,22 +14,17 @@ import orjson
 import redis.asyncio
 
 import streams
-from schemas import ProfileChanged
-from streams import metrics
-from streams.app import ProfileFolder, observe_lag
+from schemas import Envelope, ProfileChanged
+from streams import ProfileFolder, metrics
+from streams.app import envelope, observe_lag
 from streams.fold import Folded
 from streams.settings import StreamsSettings
 
 
-@dataclass
-class FakeMessage:
-    key: bytes | None
-    value: bytes
-    topic: str = "clickstream"
-    partition: int = 2
-    offset: int = 0
-    time_in: float | None = None
-    timestamp: float | None = None  # Kafka record timestamp, seconds
+def record(
+    key: bytes | None, value: bytes, offset: int = 0, timestamp_ms: int | None = None
+) -> Envelope:
+    return Envelope("clickstream", 2, offset, key, value, timestamp_ms=timestamp_ms)
 
 
 class FakeScript:
@@ -44,7 +42,7 @@ class FakeScript:
 
 
 def run_batch(
-    records: list[FakeMessage],
+    records: list[Envelope],
 ) -> tuple[FakeScript, list[dict[str, Any]], list[dict[str, Any]]]:
     dlq: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
@@ -82,11 +80,9 @@ def click(user: str, eid: str, ts: str = "2024-01-01T00:00:00Z") -> bytes:
 
 def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
     records = [
-        FakeMessage(b"u1", click("u1", "e1"), offset=1, timestamp=1700000000.0),
-        FakeMessage(b"u2", click("u2", "e2"), offset=2),
-        FakeMessage(
-            b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), offset=3, timestamp=1.7e9 + 2.5
-        ),
+        record(b"u1", click("u1", "e1"), offset=1, timestamp_ms=1_700_000_000_000),
+        record(b"u2", click("u2", "e2"), offset=2),
+        record(b"u1", click("u1", "e3", "2024-01-01T00:01:00Z"), 3, 1_700_000_002_500),
     ]
     out = metrics.EVENTS_OUT.labels(StreamsSettings().topic_profiles_changed)
     before = out._value.get()
@@ -112,9 +108,9 @@ def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
 def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
     bad = b'{"schema_version": 1'
     records = [
-        FakeMessage(b"u1", bad, offset=41),
-        FakeMessage(b"zz", click("u1", "e1"), offset=42),
-        FakeMessage(b"u1", click("u1", "e2"), offset=43),
+        record(b"u1", bad, offset=41),
+        record(b"zz", click("u1", "e1"), offset=42),
+        record(b"u1", click("u1", "e2"), offset=43),
     ]
     dead = metrics.EVENTS_OUT.labels(StreamsSettings().topic_dlq)
     before = dead._value.get()
@@ -133,6 +129,38 @@ def test_bad_records_are_dead_lettered_with_original_bytes_and_source() -> None:
 def test_public_surface() -> None:
     for name in streams.__all__:
         assert hasattr(streams, name), name
+
+
+def test_the_fold_loads_without_faust() -> None:
+    # The fold is plain code: only the Faust adapter (streams.app, streams.consumer) loads Faust.
+    probe = (
+        "import sys, streams, streams.folder; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('faust', 'aiokafka')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@dataclass
+class FaustMessage:
+    """The attributes of a Faust ``Message`` that the adapter reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None
+    timestamp: float | None  # Faust keeps the Kafka timestamp in seconds
+
+
+def test_faust_messages_become_envelopes_with_millisecond_timestamps() -> None:
+    message = FaustMessage("clicks", 3, 17, b"u", b"{}", [("h", b"v")], 1_700_000_002.5)
+    assert envelope(message) == Envelope(
+        "clicks", 3, 17, b"u", b"{}", (("h", b"v"),), 1_700_000_002_500
+    )
+    bare = FaustMessage("clicks", 0, 0, None, b"", None, None)
+    assert envelope(bare) == Envelope("clicks", 0, 0, None, b"")
 
 
 def test_observe_many_matches_observe() -> None:
@@ -171,8 +199,8 @@ def test_overlapping_batches_fold_in_call_order() -> None:
         folder = ProfileFolder(StreamsSettings(), client, slow_dlq, no_changes)
         script = FakeScript()
         folder.script = script  # type: ignore[assignment]  # a recorder instead of Redis
-        first = [FakeMessage(b"u1", b"not json"), FakeMessage(b"u1", click("u1", "a"))]
-        second = [FakeMessage(b"u1", click("u1", "b"))]
+        first = [record(b"u1", b"not json"), record(b"u1", click("u1", "a"))]
+        second = [record(b"u1", click("u1", "b"))]
         await asyncio.gather(folder.handle(first), folder.handle(second))
         await client.aclose()
         return [[e[0] for e in groups["u1"]] for groups in script.groups]
