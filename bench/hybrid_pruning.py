@@ -30,7 +30,7 @@ def _score_all(
 
 
 def _top10(scores: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-    from lab.baselines import top_k_unseen
+    from inference.scoring import top_k_unseen
 
     top, _ = top_k_unseen(scores.copy(), histories, 10)
     return top
@@ -47,9 +47,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from inference.artifact import load_recommender
-    from inference.hybrid import Hybrid
+    from inference.scoring import EaseScorer
     from lab.baselines import EASE
     from lab.datasets import load_dataset
+    from lab.hybrid import Hybrid
     from lab.protocol import leave_one_out, metrics_from_ranks, target_ranks
     from recstream.settings import CommonSettings
 
@@ -85,7 +86,7 @@ def main() -> None:
     row(f"artifact top_k={section['top_k']} fp32", _score_all(fp32.score, hist))
     row(f"artifact top_k={section['top_k']} int8", _score_all(int8.score, hist))
     for k in (int(x) for x in args.top_k.split(",") if x.strip()):
-        pruned = EASE.from_arrays(dense.to_arrays(k), split.n_items, **params)
+        pruned = EaseScorer.from_arrays(dense.to_arrays(k), split.n_items, **params)
         mixed = Hybrid(pruned, fp32.scorer, fp32.alpha)
         row(f"in-memory, EASE top_k={k} fp32", _score_all(mixed.score, hist))
     size = (args.artifact / "cf.safetensors").stat().st_size

@@ -39,8 +39,8 @@ def _histories(dataset: str, users: int) -> list[list[str]]:
 
 
 def _untrained_artifact(dataset: str, folder: Path) -> Path:
-    from inference.artifact import save_artifact
     from inference.generative import GenConfig, ItemTransformer
+    from lab.artifact import save_artifact
     from lab.datasets import load_dataset
     from lab.evaluate import gen_preset
     from lab.protocol import leave_one_out

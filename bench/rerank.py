@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from lab.baselines import ItemKNN, top_k_unseen
+from inference.scoring import top_k_unseen
+from lab.baselines import ItemKNN
 from lab.datasets import Item, load_dataset
 from lab.protocol import leave_one_out, ndcg_per_user
 from lab.reranker import LLMReranker, RerankerConfig

@@ -68,14 +68,29 @@ log = logging.getLogger(__name__)
 
 
 def build_pool(settings: RegenSettings) -> WorkerPool:
-    """The worker pool the settings describe (not started): model, fallback and catalog."""
-    from inference.worker import DatasetModelLoader, PopularityRecommender
-    from lab.datasets import load_dataset
+    """The worker pool the settings describe (not started), serving a verified artifact.
 
-    ds = load_dataset(settings.dataset, settings.data_dir)
-    fallback = PopularityRecommender.from_interactions([it.item_id for it in ds.interactions])
-    loader = DatasetModelLoader(settings.dataset, settings.data_dir, settings.regen_model_dir)
-    return WorkerPool(loader, fallback, ds.items, settings.regen_pool, warmup_history=fallback.items[:20])
+    The catalog, the popularity fallback and the warm-up history come from the artifact itself,
+    so the service needs no dataset; the model loads in the workers.
+    """
+    from inference.artifact import read_catalog
+    from inference.exceptions import ArtifactError
+    from inference.worker import ArtifactLoader
+
+    if settings.regen_model_dir is None:
+        raise ArtifactError(
+            "the regeneration service serves a trained artifact: set the model directory "
+            "(a folder written by `recstream train`)"
+        )
+    catalog = read_catalog(settings.regen_model_dir)
+    fallback = catalog.popularity
+    return WorkerPool(
+        ArtifactLoader(settings.regen_model_dir),
+        fallback,
+        catalog.item_ids,
+        settings.regen_pool,
+        warmup_history=fallback.items[:20],
+    )
 
 
 @dataclass

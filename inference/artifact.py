@@ -1,11 +1,12 @@
-"""Trained-model artifacts: write one folder per training run, load it back verified.
+"""Trained-model artifacts: load the folder of one training run, verified, and serve it.
 
 An artifact folder holds ``config.json`` (architecture, training settings, version, dataset),
 ``model.safetensors`` (weights), ``items.json`` (the item vocabulary in token order and training
 popularity), ``training.json`` (the run's log), the FAISS index of the items' text embeddings
 (``index/``, when built) and ``manifest.json`` with the SHA-256 of every file and of the training
 data. :func:`load_recommender` verifies the manifest first and raises :class:`ArtifactError` on a
-missing, altered or extra file, so a tampered model is never served.
+missing, altered or extra file, so a tampered model is never served. The lab writes the folder
+(``lab.artifact.save_artifact``) with the file names defined here.
 
 An artifact of the ``gen+ease`` hybrid also holds ``cf.safetensors`` (EASE's item-item weights
 pruned to the largest ``top_k`` per column, CSC arrays, and its Markov transitions, CSR arrays)
@@ -20,23 +21,26 @@ quantization of every linear layer.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from inference.exceptions import ArtifactError
 from inference.hybrid import mix
-from inference.integrity import verify_manifest, write_manifest
-from lab.protocol import Split
+from inference.integrity import verify_manifest
+from inference.popularity import Popularity
+from inference.scoring import EaseScorer, top_k_unseen
 
-if TYPE_CHECKING:
-    from inference.hybrid import Hybrid
-    from lab.baselines import EASE
-
-__all__ = ["ARTIFACT_FORMAT", "ArtifactRecommender", "load_recommender", "save_artifact"]
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ArtifactCatalog",
+    "ArtifactRecommender",
+    "load_recommender",
+    "read_catalog",
+]
 
 ARTIFACT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -48,100 +52,42 @@ CF_FILE = "cf.safetensors"
 DEFAULT_CF_TOP_K = 256
 
 
-def save_artifact(
-    folder: Path,
-    model: Any,
-    split: Split,
-    training_log: dict[str, Any],
-    *,
-    text_embeddings: np.ndarray | None = None,
-    hybrid: Hybrid | None = None,
-    cf_top_k: int = DEFAULT_CF_TOP_K,
-) -> str:
-    """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
+@dataclass(frozen=True)
+class ArtifactCatalog:
+    """What a service needs from an artifact without loading the model: its catalog and popularity.
 
-    ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
-    ``cf.safetensors`` and the config's ``"hybrid"`` section.
+    ``popularity`` is the training popularity stored in ``items.json``: the pool's fallback, and
+    its head is the warm-up history.
     """
-    from safetensors.torch import save_model
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if any(folder.iterdir()):
-        raise ArtifactError(f"{folder} is not empty; give a new --out folder per training run")
-    data_digest = "".join(f"{k}:{v};" for k, v in sorted(split.sha256.items()))
-    import hashlib
-
-    version = (
-        f"gen-{split.dataset}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
-        f"{hashlib.sha256(data_digest.encode()).hexdigest()[:8]}"
-    )
-    config: dict[str, Any] = {
-        "format": ARTIFACT_FORMAT,
-        "version": version,
-        "model": "gen",
-        "dataset": split.dataset,
-        "gen": model.cfg.to_json(),
-    }
-    if hybrid is not None:
-        config["model"] = "gen+ease"
-        config["hybrid"] = _save_cf(folder, hybrid, split, cf_top_k)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    save_model(model, str(folder / WEIGHTS_FILE))
-    popularity = np.bincount(np.concatenate(split.train), minlength=split.n_items)
-    items = {"item_ids": split.item_ids, "popularity": popularity.tolist()}
-    (folder / ITEMS_FILE).write_text(json.dumps(items), encoding="utf-8")
-    (folder / TRAINING_FILE).write_text(json.dumps(training_log, indent=2), encoding="utf-8")
-    if text_embeddings is not None:
-        from inference.index import ItemIndex
-
-        ItemIndex.build(split.item_ids, text_embeddings).save(folder / INDEX_DIR)
-    write_manifest(
-        folder,
-        {"version": version, "dataset": split.dataset, "training_data_sha256": split.sha256},
-    )
-    return version
+    version: str
+    item_ids: list[str]
+    popularity: Popularity
 
 
-def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str, Any]:
-    """Write ``cf.safetensors``; return the config's ``"hybrid"`` section."""
-    from safetensors.numpy import save_file
-
-    from lab.baselines import EASE
-
-    ease = hybrid.cf
-    if not isinstance(ease, EASE):
-        raise ArtifactError(f"the hybrid's CF part must be EASE, not {type(ease).__name__}")
-    if ease.n_items != split.n_items:
-        raise ArtifactError("the hybrid's CF part was not fitted on this split's catalog")
-    if top_k < 1:
-        raise ArtifactError(f"cf top_k must be at least 1, not {top_k}")
-    save_file(ease.to_arrays(top_k), str(folder / CF_FILE), metadata={"layout": "ease=csc"})
-    valid = hybrid.valid_ndcg
-    return {
-        "cf": "ease",
-        "alpha": float(hybrid.alpha),
-        "params": {
-            "lam": float(ease.lam),
-            "decay": float(ease.decay),
-            "beta": float(ease.beta),
-            "markov_last": int(ease.markov_last),
-        },
-        "top_k": int(top_k),
-        # alpha 1 is the transformer alone, alpha 0 EASE alone (standardising keeps the order).
-        "valid_ndcg@10": {
-            "gen": valid.get(1.0),
-            "ease": valid.get(0.0),
-            "hybrid": valid.get(hybrid.alpha),
-        },
-    }
+def read_catalog(folder: str | Path) -> ArtifactCatalog:
+    """Verify the artifact's manifest and read its vocabulary and training popularity (no torch)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder {path} does not exist")
+    verify_manifest(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        items = json.loads((path / ITEMS_FILE).read_text(encoding="utf-8"))
+        item_ids = [str(i) for i in items["item_ids"]]
+        counts = [int(n) for n in items["popularity"]]
+        version = str(config["version"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} has a malformed config or vocabulary: {exc}") from exc
+    if len(counts) != len(item_ids):
+        raise ArtifactError(f"{path}: popularity does not match the vocabulary")
+    return ArtifactCatalog(version, item_ids, Popularity(dict(zip(item_ids, counts, strict=True))))
 
 
-def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EASE, float]:
+def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EaseScorer, float]:
     """The pruned EASE model and ``alpha`` of a hybrid artifact."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
-
-    from lab.baselines import EASE
 
     try:
         if section.get("cf") != "ease":
@@ -150,7 +96,7 @@ def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EASE,
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha {alpha} outside [0, 1]")
         params = section["params"]
-        cf = EASE.from_arrays(
+        cf = EaseScorer.from_arrays(
             load_file(str(folder / CF_FILE)),
             n_items,
             lam=float(params["lam"]),
@@ -180,7 +126,7 @@ class ArtifactRecommender:
         import torch
         from safetensors.torch import load_model
 
-        from inference.generative import GenConfig, GenRecommender, ItemTransformer, quantize_int8
+        from inference.generative import GenConfig, GenScorer, ItemTransformer, quantize_int8
 
         self.manifest = verify_manifest(folder)
         try:
@@ -215,11 +161,11 @@ class ArtifactRecommender:
             self.precision = "int8"
         else:
             self.precision = "fp32"
-        self.scorer = GenRecommender(
+        self.scorer = GenScorer(
             model, cfg, device=str(self.device), dtype=dtype, precision=self.precision
         )
         self.n_items = cfg.n_items
-        self.cf: EASE | None = None
+        self.cf: EaseScorer | None = None
         self.alpha = 1.0
         section = config.get("hybrid")
         if hybrid and section is not None:
@@ -244,8 +190,6 @@ class ArtifactRecommender:
 
         A history with no known item gets the training popularity ranking.
         """
-        from lab.baselines import top_k_unseen
-
         known = [self.to_indices(h) for h in histories]
         out: list[list[tuple[str, float]]] = [[] for _ in histories]
         rows = [r for r, h in enumerate(known) if len(h)]

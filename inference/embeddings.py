@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from inference.exceptions import InferenceError
 from inference.integrity import MINILM
-from lab.datasets import Item
+from schemas.catalog import Item
 
 if TYPE_CHECKING:
     import torch

@@ -1,26 +1,16 @@
-"""The hybrid of the generative transformer and collaborative filtering.
+"""The fusion of the generative transformer and collaborative filtering: one definition.
 
 Each component's catalog scores are standardised per user (zero mean, unit variance), then mixed:
-``(1 - alpha) * z(cf) + alpha * z(gen)``. ``alpha`` is chosen on validation NDCG@10 only. The two
-models draw on different evidence (EASE on co-occurrence, the transformer on order); 0 and 1 are in
-the grid, so the hybrid falls back to a single component when mixing does not help.
-
-:func:`mix` is the one definition of the fusion: :class:`Hybrid` (evaluation) and the served
-artifact (``inference.artifact.ArtifactRecommender``) both call it.
+``(1 - alpha) * z(cf) + alpha * z(gen)``. The served artifact
+(``inference.artifact.ArtifactRecommender``) and the lab's evaluation ``lab.hybrid.Hybrid``, which
+picks ``alpha`` on validation, both call :func:`mix`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from lab.baselines import Recommender
-from lab.protocol import Split, metrics_from_ranks, target_ranks
-
-__all__ = ["ALPHAS", "Hybrid", "mix"]
-
-ALPHAS = tuple(round(a, 1) for a in np.linspace(0.0, 1.0, 11))
+__all__ = ["mix"]
 
 
 def _standardise(scores: np.ndarray) -> np.ndarray:
@@ -35,29 +25,3 @@ def mix(cf: np.ndarray, gen: np.ndarray, alpha: float) -> np.ndarray:
     z_cf = _standardise(np.asarray(cf, dtype=np.float32))
     z_gen = _standardise(np.asarray(gen, dtype=np.float32))
     return ((1.0 - alpha) * z_cf + alpha * z_gen).astype(np.float32)
-
-
-class Hybrid(Recommender):
-    """Per-user standardised score fusion of a CF model and the generative model."""
-
-    def __init__(self, cf: Recommender, gen: Recommender, alpha: float = 0.5) -> None:
-        if cf.n_items and gen.n_items and cf.n_items != gen.n_items:
-            raise ValueError("both components must score the same catalog")
-        self.cf, self.gen, self.alpha = cf, gen, alpha
-        self.n_items = cf.n_items or gen.n_items
-        self.name = f"{gen.name}+{cf.name}"
-        self.valid_ndcg: dict[float, float] = {}
-
-    def fit(self, split: Split) -> Hybrid:
-        """The components are fitted already; fitting the hybrid picks ``alpha`` on validation."""
-        hist, targets = split.histories("valid"), split.targets("valid")
-        cf, gen = self.cf.score(hist), self.gen.score(hist)
-        self.valid_ndcg = {
-            alpha: metrics_from_ranks(target_ranks(mix(cf, gen, alpha), hist, targets))["ndcg@10"]
-            for alpha in ALPHAS
-        }
-        self.alpha = max(self.valid_ndcg, key=lambda a: self.valid_ndcg[a])
-        return self
-
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        return mix(self.cf.score(histories), self.gen.score(histories), self.alpha)

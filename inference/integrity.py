@@ -8,6 +8,7 @@ recommendations. Artifact folders carry a ``manifest.json`` listing the SHA-256 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from inference.exceptions import ArtifactError
-from lab.datasets import sha256_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -32,6 +32,15 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class PinnedModel:

@@ -1,4 +1,4 @@
-"""What runs inside one pool worker process, and the recommenders the pool can load there.
+"""What runs inside one pool worker process, and the loader of the artifact it serves.
 
 A worker is started by :class:`inference.pool.WorkerPool` with the ``spawn`` start method. It sizes
 torch's thread pool, loads its recommender once, warms it up with a real batch, answers a ready
@@ -20,8 +20,7 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,153 +28,24 @@ from typing import Any
 
 import numpy as np
 
-from inference.recommender import Ranked, Recommender
+from inference.recommender import Recommender
 
-__all__ = [
-    "CooccurrenceRecommender",
-    "DatasetModelLoader",
-    "PopularityRecommender",
-    "worker_main",
-]
-
-
-class PopularityRecommender:
-    """Most-interacted items, seen items excluded: cheap enough to answer inside the parent.
-
-    The pool's fallback: it needs no torch and answers in microseconds, so a timed-out or failed
-    request still gets a real, catalog-only list.
-    """
-
-    name = "pop"
-    version = "1"
-
-    def __init__(self, counts: dict[str, int]) -> None:
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        top = ranked[0][1] if ranked else 1
-        self._ranked: list[tuple[str, float]] = [(item, n / top) for item, n in ranked]
-
-    @classmethod
-    def from_interactions(cls, item_ids: Sequence[str]) -> PopularityRecommender:
-        return cls(dict(Counter(item_ids)))
-
-    @property
-    def items(self) -> list[str]:
-        return [item for item, _ in self._ranked]
-
-    def recommend(self, histories: list[list[str]], k: int) -> list[Ranked]:
-        out: list[Ranked] = []
-        for history in histories:
-            seen = set(history)
-            picks: Ranked = []
-            for item, score in self._ranked:
-                if item not in seen:
-                    picks.append((item, score))
-                    if len(picks) == k:
-                        break
-            out.append(picks)
-        return out
-
-
-class CooccurrenceRecommender:
-    """Item co-occurrence collaborative filtering, scored with torch on the worker's device.
-
-    A user's score for item j is the recency-weighted sum, over the items in the history, of how
-    many training users interacted with both (rows normalised so very popular items do not swamp
-    the list), plus a small popularity prior that breaks ties for short histories.
-    """
-
-    name = "cooc"
-    version = "1"
-
-    def __init__(
-        self,
-        item_ids: list[str],
-        user_histories: Sequence[Sequence[str]],
-        decay: float = 0.9,
-        max_history: int = 50,
-    ) -> None:
-        import scipy.sparse as sp
-        import torch
-
-        self.item_ids = item_ids
-        self.index = {item: i for i, item in enumerate(item_ids)}
-        self.decay = decay
-        self.max_history = max_history
-        rows, cols = [], []
-        for u, history in enumerate(user_histories):
-            for item in set(history):
-                if item in self.index:
-                    rows.append(u)
-                    cols.append(self.index[item])
-        ui = sp.csr_matrix(
-            (np.ones(len(rows), dtype=np.float32), (rows, cols)),
-            shape=(len(user_histories), len(item_ids)),
-        )
-        co = (ui.T @ ui).toarray().astype(np.float32)
-        popularity = np.diag(co).copy()
-        np.fill_diagonal(co, 0.0)
-        co /= np.maximum(co.sum(axis=1, keepdims=True), 1.0)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._co = torch.from_numpy(co).to(self.device)
-        prior = popularity / max(float(popularity.max()), 1.0)
-        self._prior = torch.from_numpy(prior * 1e-3).to(self.device)
-
-    def recommend(self, histories: list[list[str]], k: int) -> list[Ranked]:
-        import torch
-
-        n = len(self.item_ids)
-        # Built in numpy: per-element torch indexing costs microseconds each, numpy is cheap.
-        weights = np.zeros((len(histories), n), dtype=np.float32)
-        seen = np.zeros((len(histories), n), dtype=bool)
-        for row, history in enumerate(histories):
-            known = [self.index[i] for i in history if i in self.index]
-            if not known:
-                continue
-            seen[row, known] = True
-            recent = known[-self.max_history :][::-1]  # newest first: age 0, 1, 2, ...
-            np.add.at(weights[row], recent, self.decay ** np.arange(len(recent), dtype=np.float32))
-        with torch.inference_mode():
-            w = torch.from_numpy(weights).to(self.device)
-            scores = w @ self._co + self._prior
-            scores = scores.masked_fill(torch.from_numpy(seen).to(self.device), float("-inf"))
-            top = torch.topk(scores, min(k, n), dim=1)
-        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        return [
-            [
-                (self.item_ids[i], float(v))
-                for i, v in zip(idx_row, val_row, strict=True)
-                if v != float("-inf")
-            ]
-            for idx_row, val_row in zip(indices, values, strict=True)
-        ]
+__all__ = ["ArtifactLoader", "worker_main"]
 
 
 @dataclass(frozen=True)
-class DatasetModelLoader:
-    """Builds a recommender in the worker: a trained artifact when given, else co-occurrence CF.
+class ArtifactLoader:
+    """Loads a verified artifact (a folder written by ``recstream train``) in the worker.
 
-    Picklable, so the parent passes it to spawned workers. ``artifact`` is a folder written by
-    ``recstream train``; without one, the co-occurrence model is fitted on ``dataset``.
+    Picklable, so the parent passes it to spawned workers; the parent itself never loads torch.
     """
 
-    dataset: str
-    data_dir: Path
-    artifact: Path | None = None
+    artifact: Path
 
     def __call__(self) -> Recommender:
-        if self.artifact is not None:
-            import importlib
+        from inference.artifact import load_recommender
 
-            # The trained-artifact loader lives beside the models; imported by name so this
-            # module does not depend on it until an artifact is asked for.
-            artifact_module = importlib.import_module("inference.artifact")
-            loaded: Recommender = artifact_module.load_recommender(self.artifact)
-            return loaded
-        from lab.datasets import load_dataset
-
-        ds = load_dataset(self.dataset, self.data_dir)
-        histories = [[it.item_id for it in h] for h in ds.histories().values()]
-        return CooccurrenceRecommender(list(ds.items), histories)
+        return load_recommender(self.artifact)
 
 
 def _touch_device(model: object) -> dict[str, Any]:

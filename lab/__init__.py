@@ -21,7 +21,8 @@ __all__ = [
     "ItemKNN",
     "LLMReranker",
     "LabError",
-    "Popularity",
+    "PopularityRanker",
+    "Ranker",
     "RerankerConfig",
     "leave_one_out",
     "load_dataset",
@@ -31,9 +32,10 @@ __all__ = [
 _LAZY = {
     "EASE": "lab.baselines",
     "ItemKNN": "lab.baselines",
-    "Popularity": "lab.baselines",
+    "PopularityRanker": "lab.baselines",
+    "Ranker": "lab.baselines",
     "leave_one_out": "lab.protocol",
-    "save_artifact": "inference.artifact",
+    "save_artifact": "lab.artifact",
     "LLMReranker": "lab.reranker",
     "RerankerConfig": "lab.reranker",
 }

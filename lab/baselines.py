@@ -1,18 +1,18 @@
-"""Collaborative-filtering baselines behind the one recommender interface.
+"""Collaborative-filtering baselines behind the lab's ranking interface, :class:`Ranker`.
 
 Every model scores the whole catalog for a batch of histories (item-index arrays, oldest first)
-and :meth:`Recommender.recommend` turns those scores into the top ``k`` unseen items. Because the
+and :meth:`Ranker.recommend` turns those scores into the top ``k`` unseen items. Because the
 answer is a position in the score vector, no model can return an item outside the catalog.
 
-- ``pop``: most popular in the training data.
+- ``pop``: most popular in the training data (the served ``inference.popularity.Popularity``).
 - ``itemknn``: item-kNN on cosine similarity of the user-item matrix, each history item weighted
   by recency (``decay ** age``), neighbours cut at ``k_neighbours``.
 - ``ease``: EASE (Steck 2019, a closed-form item-item linear model) with the same recency weights,
   mixed with a first-order Markov term (next-item transition frequencies from the last few
   items). All hyper-parameters are tuned on validation NDCG@10 only. For serving, the fitted
   model exports its item-item weights pruned to the largest ``top_k`` per column and its
-  transition matrix as sparse arrays (:meth:`EASE.to_arrays`), and scores from them again with
-  scipy.sparse (:meth:`EASE.from_arrays`).
+  transition matrix as sparse arrays (:meth:`EASE.to_arrays`); serving scores from them with
+  ``inference.scoring.EaseScorer``, through the same ``ease_scores`` as the fitted model.
 """
 
 from __future__ import annotations
@@ -20,34 +20,33 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from inference.popularity import Popularity
+from inference.scoring import EaseScorer, recency_weights, top_k_unseen
 from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = [
     "EASE",
     "ItemKNN",
-    "Popularity",
-    "Recommender",
+    "PopularityRanker",
+    "Ranker",
     "interaction_matrix",
-    "recency_weights",
-    "top_k_unseen",
     "tune",
     "validation_ndcg",
 ]
 
 
-class Recommender(ABC):
+class Ranker(ABC):
     """Scores the catalog for histories of item indices; recommends the top unseen items."""
 
     name: str = "model"
     n_items: int = 0
 
     @abstractmethod
-    def fit(self, split: Split) -> Recommender:
+    def fit(self, split: Split) -> Ranker:
         """Learn from ``split.train`` (the validation and test items stay unseen)."""
 
     @abstractmethod
@@ -70,21 +69,6 @@ class Recommender(ABC):
         return np.concatenate(ids), np.concatenate(vals)
 
 
-def top_k_unseen(
-    scores: np.ndarray, histories: Sequence[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mask seen items in place and take the ``k`` best per row (ties broken by item index)."""
-    scores = np.asarray(scores, dtype=np.float32)
-    for row, hist in enumerate(histories):
-        scores[row, np.asarray(hist, dtype=np.int64)] = -np.inf
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    top = np.take_along_axis(part, order, axis=1)
-    return top.astype(np.int64), np.take_along_axis(scores, top, axis=1)
-
-
 def interaction_matrix(split: Split) -> sp.csr_matrix:
     """Binary users x items matrix of the training data."""
     rows = np.concatenate([np.full(len(s), u) for u, s in enumerate(split.train)])
@@ -95,50 +79,25 @@ def interaction_matrix(split: Split) -> sp.csr_matrix:
     return mat
 
 
-def recency_weights(
-    histories: Sequence[np.ndarray], n_items: int, decay: float, last: int | None = None
-) -> sp.csr_matrix:
-    """Sparse ``(batch, n_items)``: ``decay ** age`` per history item (age 0 = newest).
-
-    A repeated item keeps its newest weight; ``last`` keeps only the most recent items.
-    """
-    rows, cols, vals = [], [], []
-    for r, hist in enumerate(histories):
-        h = np.asarray(hist, dtype=np.int64)
-        if last is not None:
-            h = h[-last:]
-        ages = np.arange(len(h) - 1, -1, -1, dtype=np.float64)
-        w = decay**ages
-        # Reverse so the newest occurrence of a repeated item comes first; np.unique keeps it.
-        uniq, first = np.unique(h[::-1], return_index=True)
-        rows.append(np.full(len(uniq), r))
-        cols.append(uniq)
-        vals.append(w[::-1][first])
-    if not rows:
-        return sp.csr_matrix((0, n_items), dtype=np.float32)
-    return sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(len(histories), n_items),
-        dtype=np.float32,
-    )
-
-
-class Popularity(Recommender):
-    """Most-popular items in the training data, the same list for everyone."""
+class PopularityRanker(Ranker):
+    """The ``pop`` baseline: the served :class:`~inference.popularity.Popularity` over indices."""
 
     name = "pop"
 
-    def fit(self, split: Split) -> Popularity:
+    def fit(self, split: Split) -> PopularityRanker:
         self.n_items = split.n_items
         counts = np.bincount(np.concatenate(split.train), minlength=split.n_items)
-        self.counts = counts.astype(np.float32)
+        self.model = Popularity(dict(zip(split.item_ids, counts.tolist(), strict=True)))
+        self.counts = np.asarray(
+            [self.model.counts[item] for item in split.item_ids], dtype=np.float32
+        )
         return self
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         return np.tile(self.counts, (len(histories), 1))
 
 
-class ItemKNN(Recommender):
+class ItemKNN(Ranker):
     """Recency-weighted item-kNN over cosine similarity of item columns."""
 
     name = "itemknn"
@@ -170,11 +129,10 @@ class ItemKNN(Recommender):
         return np.asarray(w @ self.sim, dtype=np.float32)
 
 
-class EASE(Recommender):
-    """EASE item-item weights with recency-weighted input, plus a first-order Markov term.
+class EASE(EaseScorer, Ranker):
+    """EASE fitted in closed form on the training split, with its Markov transitions.
 
-    ``score = (w * history) · B / max + beta · (last-items transitions) / max``, each part scaled
-    to a maximum of 1 per user so ``beta`` is comparable across datasets.
+    Scoring is the served :class:`~inference.scoring.EaseScorer`'s, on the dense weights.
     """
 
     name = "ease"
@@ -250,63 +208,13 @@ class EASE(Recommender):
             "markov.indptr": trans.indptr.astype(np.int64),
         }
 
-    @classmethod
-    def from_arrays(
-        cls,
-        arrays: dict[str, np.ndarray],
-        n_items: int,
-        *,
-        lam: float,
-        decay: float,
-        beta: float,
-        markov_last: int,
-    ) -> EASE:
-        """A scoring-only model from :meth:`to_arrays` output; ``ValueError`` if inconsistent."""
-        shape = (n_items, n_items)
-        try:
-            weights = sp.csc_matrix(
-                (arrays["ease.data"], arrays["ease.indices"], arrays["ease.indptr"]), shape=shape
-            )
-            trans = sp.csr_matrix(
-                (arrays["markov.data"], arrays["markov.indices"], arrays["markov.indptr"]),
-                shape=shape,
-            )
-            # Sparse constructors trust the arrays; a full check catches out-of-range indices
-            # that would otherwise read outside the buffers.
-            weights.check_format(full_check=True)
-            trans.check_format(full_check=True)
-        except KeyError as exc:
-            raise ValueError(f"missing array {exc}") from exc
-        model = cls(lam=lam, decay=decay, beta=beta, markov_last=markov_last)
-        model.n_items = n_items
-        # Rows are source items: the product with a history's row vector walks CSR rows.
-        model.weights = weights.astype(np.float32).tocsr()
-        model.trans = trans.astype(np.float32)
-        model._solved_lam = lam
-        return model
-
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         if self._solved_lam != self.lam:
             self._solve()
-        w = recency_weights(histories, self.n_items, self.decay)
-        s = _dense(w @ self.weights)
-        s /= np.maximum(np.abs(s).max(axis=1, keepdims=True), 1e-9)
-        if self.beta > 0:
-            m = recency_weights(histories, self.n_items, 0.5, last=self.markov_last)
-            t = _dense(m @ self.trans)
-            t /= np.maximum(t.max(axis=1, keepdims=True), 1e-9)
-            s += self.beta * t
-        return s
+        return super().score(histories)
 
 
-def _dense(product: Any) -> np.ndarray:
-    """A float32 array of a product that is dense (fitted model) or sparse (loaded model)."""
-    if sp.issparse(product):
-        product = product.toarray()
-    return np.asarray(product, dtype=np.float32)
-
-
-def validation_ndcg(model: Recommender, split: Split) -> float:
+def validation_ndcg(model: Ranker, split: Split) -> float:
     """NDCG@10 on the validation targets (the only number hyper-parameters may be tuned on)."""
     hist, targets = split.histories("valid"), split.targets("valid")
     parts = [
@@ -318,7 +226,7 @@ def validation_ndcg(model: Recommender, split: Split) -> float:
 
 
 def tune(
-    model: Recommender,
+    model: Ranker,
     split: Split,
     grid: dict[str, Sequence[float]],
     say: Callable[[str], None] = lambda _: None,

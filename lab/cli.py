@@ -158,10 +158,11 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     """
     chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
     _threads(threads)
-    from inference.artifact import save_artifact
     from inference.embeddings import catalog_vectors
-    from inference.generative import GenConfig, train_gen
+    from inference.generative import GenConfig
+    from lab.artifact import save_artifact
     from lab.evaluate import gen_preset
+    from lab.training import train_gen
 
     split = _split(dataset)
     overrides = _gen_overrides(
@@ -214,13 +215,13 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     """EASE tuned on validation, then the gen+ease mixing weight picked on validation."""
     import time
 
-    from inference.generative import GenRecommender
-    from inference.hybrid import Hybrid
+    from inference.generative import GenScorer
     from lab.evaluate import baseline
+    from lab.hybrid import Hybrid
 
     started = time.perf_counter()
     ease = baseline("ease", split, say=click.echo)
-    hybrid = Hybrid(ease, GenRecommender(model, cfg)).fit(split)
+    hybrid = Hybrid(ease, GenScorer(model, cfg)).fit(split)
     click.echo(f"gen+ease fitted in {time.perf_counter() - started:.0f}s")
     return hybrid
 

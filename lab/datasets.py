@@ -11,14 +11,26 @@ recorded so results can name exactly what they were computed from.
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from inference.integrity import sha256_file
 from lab.exceptions import DatasetError
+from schemas.catalog import Item
+
+__all__ = [
+    "NAMED",
+    "Dataset",
+    "Interaction",
+    "Item",
+    "core_filter",
+    "load_dataset",
+    "resolve",
+    "sha256_file",
+]
 
 NAMED = ("ml-100k", "ml-latest-small", "ml-latest-small-llamarec")
 # Variants read another dataset's files and filter them; name -> (source folder, min count).
@@ -45,17 +57,6 @@ _ML100K_GENRES = (
     "War",
     "Western",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One catalog item."""
-
-    item_id: str
-    title: str
-    categories: tuple[str, ...] = ()
-    year: int | None = None
-    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +89,6 @@ class Dataset:
         for it in self.interactions:
             out.setdefault(it.user_id, []).append(it)
         return out
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve(name_or_path: str | Path, data_dir: Path) -> tuple[str, Path]:

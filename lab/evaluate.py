@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from inference.exceptions import InferenceError
-from lab.baselines import EASE, ItemKNN, Popularity, Recommender, top_k_unseen, tune
+from inference.scoring import CatalogScorer, top_k_unseen
+from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
     METRIC_KEYS,
     Split,
@@ -72,11 +73,11 @@ def gen_preset(dataset: str) -> dict[str, Any]:
     return {**common, **presets.get(dataset, {})}
 
 
-def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Recommender:
+def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Ranker:
     """Fit a baseline, tuning its hyper-parameters on validation NDCG@10."""
     if name == "pop":
-        return Popularity().fit(split)
-    model: Recommender = ItemKNN() if name == "itemknn" else EASE()
+        return PopularityRanker().fit(split)
+    model: Ranker = ItemKNN() if name == "itemknn" else EASE()
     if name not in GRIDS:
         raise InferenceError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
     best = tune(model, split, GRIDS[name])
@@ -85,7 +86,7 @@ def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Rec
 
 
 def evaluate(
-    model: Recommender,
+    model: CatalogScorer,
     split: Split,
     stage: str = "test",
     batch_size: int = 256,
@@ -115,7 +116,7 @@ def evaluate(
     timings = []
     for h in hist[:latency_users]:
         t0 = time.perf_counter()
-        model.recommend([h], 10)
+        top_k_unseen(model.score([h]), [h], 10)
         timings.append(time.perf_counter() - t0)
     if timings:
         result.update(latency_summary(timings))
@@ -222,7 +223,7 @@ def run_eval(
         raise InferenceError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     report: dict[str, Any] = {}
     per_user: dict[str, np.ndarray] = {}
-    fitted: dict[str, Recommender] = {}
+    fitted: dict[str, Ranker] = {}
     for name in (m for m in models if m in BASELINES):
         model = fitted[name] = baseline(name, split, say)
         report[name], per_user[name] = evaluate(model, split)
@@ -257,7 +258,7 @@ def run_eval(
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
     if "gen+ease" in models:
-        from inference.hybrid import Hybrid
+        from lab.hybrid import Hybrid
 
         ease = fitted.get("ease") or baseline("ease", split, say)
         runs, users = [], []
@@ -334,10 +335,11 @@ def _gen_models(
     overrides: dict[str, Any] | None,
     minutes: float | None,
     say: Callable[[str], None],
-) -> Iterator[tuple[int, Recommender, Recommender]]:
+) -> Iterator[tuple[int, CatalogScorer, CatalogScorer]]:
     """Yield ``(seed, served model, fp32 model)`` per seed: loaded artifacts or fresh training."""
     from inference.artifact import load_recommender
-    from inference.generative import GenConfig, GenRecommender, train_gen
+    from inference.generative import GenConfig, GenScorer
+    from lab.training import train_gen
 
     if artifacts:
         for path in artifacts:
@@ -369,5 +371,5 @@ def _gen_models(
             f"gen seed {seed}: best valid ndcg@10 {log['valid_ndcg@10']:.4f} "
             f"at epoch {log['best_epoch']} in {log['train_seconds']:.0f}s"
         )
-        fp32 = GenRecommender(model, cfg)
-        yield seed, GenRecommender(quantize_int8(model), cfg, precision="int8"), fp32
+        fp32 = GenScorer(model, cfg)
+        yield seed, GenScorer(quantize_int8(model), cfg, precision="int8"), fp32

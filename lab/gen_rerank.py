@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lab.baselines import Recommender, top_k_unseen
+from inference.scoring import CatalogScorer, top_k_unseen
+from lab.baselines import Ranker
 from lab.datasets import Item
 from lab.protocol import Split, metrics_from_ranks, target_ranks
 
@@ -34,14 +35,14 @@ def fuse(gen_rank: np.ndarray, llm_scores: np.ndarray, weight: float) -> np.ndar
     return (1.0 - weight) / (RRF_C + gen_rank) + weight / (RRF_C + llm_rank)
 
 
-class GenRerank(Recommender):
+class GenRerank(Ranker):
     """Transformer candidates, reranked by the language model and fused by rank."""
 
     name = "gen+rerank"
 
     def __init__(
         self,
-        gen: Recommender,
+        gen: CatalogScorer,
         split: Split,
         *,
         top_n: int = 20,

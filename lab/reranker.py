@@ -32,7 +32,6 @@ import string
 import tempfile
 import threading
 import unicodedata
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ __all__ = [
     "LLMReranker",
     "RerankerConfig",
     "build_messages",
-    "quantize_int8",
     "sanitize",
 ]
 
@@ -196,26 +194,14 @@ def _converted_folder(cache_dir: Path) -> Path:
     return folder
 
 
-def quantize_int8(model: Any) -> Any:
-    """Dynamic INT8 quantization of every ``nn.Linear`` (CPU inference)."""
-    import torch
-
-    with warnings.catch_warnings():
-        # Eager-mode dynamic quantization still works in this torch, but announces its move
-        # to torchao; the warnings are about the API's future, not about this model.
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", ".*quantized tensor creation functions", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]  # untyped
-            model, {torch.nn.Linear}, dtype=torch.qint8
-        )
-
-
 class LLMReranker:
     """Scores up to 20 candidates per user with SmolLM2's letter logits (higher is better)."""
 
     def __init__(self, config: RerankerConfig | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from inference.generative import quantize_int8
 
         self.config = config or RerankerConfig()
         folder = _converted_folder(self.config.cache_dir)

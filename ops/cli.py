@@ -299,14 +299,20 @@ def replay_regen(
     if not changes:
         return
     from cli.stack import Stack, StackSettings
-    from inference.worker import DatasetModelLoader
+    from inference import Recommender
+    from inference.worker import ArtifactLoader
+    from lab.cooccurrence import fit_cooccurrence
     from schemas import ModelRef
 
     Stack(StackSettings(kafka_bootstrap=settings.kafka_bootstrap)).create_topics(
         [out_topic], settings.topic_partitions
     )
     click.echo(f"loading {model_desc}")
-    recommender = DatasetModelLoader(settings.replay_dataset, settings.data_dir, artifact)()
+    recommender: Recommender = (
+        ArtifactLoader(artifact)()
+        if artifact
+        else fit_cooccurrence(settings.replay_dataset, settings.data_dir)
+    )
     model = ModelRef(
         name=str(getattr(recommender, "name", "model")),
         version=str(getattr(recommender, "version", "unknown")),

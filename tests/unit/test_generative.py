@@ -13,19 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.artifact import load_recommender, save_artifact
+from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError
-from inference.generative import (
-    GenConfig,
-    GenRecommender,
-    ItemTransformer,
-    future_loss,
-    train_gen,
-)
-from lab.baselines import EASE, Popularity
+from inference.generative import GenConfig, GenScorer, ItemTransformer
+from lab.artifact import save_artifact
+from lab.baselines import EASE, PopularityRanker
 from lab.datasets import Dataset, load_dataset
 from lab.gen_rerank import GenRerank, fuse
 from lab.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
+from lab.training import GenRanker, future_loss, train_gen
 from recstream.settings import CommonSettings
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
@@ -60,8 +56,8 @@ def test_training_is_deterministic_and_beats_popularity(
 ) -> None:
     model, cfg, log = trained
     hist = small_split.histories("test")
-    gen = _test_ndcg(GenRecommender(model, cfg).score(hist), small_split)
-    pop = _test_ndcg(Popularity().fit(small_split).score(hist), small_split)
+    gen = _test_ndcg(GenScorer(model, cfg).score(hist), small_split)
+    pop = _test_ndcg(PopularityRanker().fit(small_split).score(hist), small_split)
     assert gen > pop, (gen, pop)
     # Same seed, same data: the same first-epoch loss.
     again_cfg = GenConfig(**{**cfg.to_json(), "epochs": 1})
@@ -74,7 +70,7 @@ def test_recommendations_stay_in_catalog_and_skip_seen_items(
     small_split: Split, trained: tuple[ItemTransformer, GenConfig, dict[str, object]]
 ) -> None:
     model, cfg, _ = trained
-    rec = GenRecommender(model, cfg)
+    rec = GenRanker(model, cfg)
     hist = small_split.histories("test")
     top, scores = rec.recommend(hist, 20)
     assert top.shape == (len(hist), 20)
@@ -159,7 +155,7 @@ def test_gen_rerank_reorders_only_the_candidates_and_stays_in_catalog(
     small_split: Split, trained: tuple[ItemTransformer, GenConfig, dict[str, object]]
 ) -> None:
     model, cfg, _ = trained
-    gen = GenRecommender(model, cfg)
+    gen = GenRanker(model, cfg)
     combo = GenRerank(gen, small_split, top_n=5, reranker=_ReverseReranker(), say=lambda _: None)
     combo.weight = 1.0
     hist = small_split.histories("test")[:20]
@@ -172,7 +168,7 @@ def test_gen_rerank_reorders_only_the_candidates_and_stays_in_catalog(
         assert not np.isin(row, h).any()
 
 
-def testfuture_loss_weights_each_next_item() -> None:
+def test_future_loss_weights_each_next_item() -> None:
     logits = torch.randn(2, 3, 5)
     targets = torch.tensor(
         [
@@ -212,7 +208,7 @@ def test_future_targets_and_weight_averaging_train(small_split: Split) -> None:
     # Windows shorter than the future horizon still train (targets past the end are ignored).
     far, far_log = train_gen(small_split, GenConfig(**base, future=25), progress=False, say=print)
     assert np.isfinite(far_log["history"][-1]["loss"])
-    scores = GenRecommender(far, far.cfg).score(small_split.histories("test")[:5])
+    scores = GenScorer(far, far.cfg).score(small_split.histories("test")[:5])
     assert scores.shape == (5, small_split.n_items)
 
 

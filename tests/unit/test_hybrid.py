@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from inference.hybrid import Hybrid
-from lab.baselines import Recommender
+from lab.baselines import Ranker
 from lab.datasets import Dataset, Interaction, Item
+from lab.hybrid import Hybrid
 from lab.protocol import Split, leave_one_out
 
 
@@ -23,7 +23,7 @@ def _split() -> Split:
     return leave_one_out(Dataset("cycle", rows, items))
 
 
-class _Oracle(Recommender):
+class _Oracle(Ranker):
     """Scores the true next item of the cycle highest."""
 
     name = "oracle"
@@ -44,7 +44,7 @@ class _Oracle(Recommender):
         return out
 
 
-class _Noise(Recommender):
+class _Noise(Ranker):
     name = "noise"
 
     def __init__(self, n_items: int, seed: int = 0) -> None:

@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from inference.artifact import load_recommender, save_artifact
+from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError
-from inference.generative import GenConfig, GenRecommender, ItemTransformer
-from inference.hybrid import Hybrid
+from inference.generative import GenConfig, GenScorer, ItemTransformer
 from inference.integrity import write_manifest
+from inference.scoring import EaseScorer
+from lab.artifact import save_artifact
 from lab.baselines import EASE
 from lab.datasets import Dataset, Interaction, Item
+from lab.hybrid import Hybrid
 from lab.protocol import Split, leave_one_out
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
@@ -60,7 +62,7 @@ def parts(split: Split) -> tuple[ItemTransformer, GenConfig, EASE]:
 
 def _hybrid(parts: tuple[ItemTransformer, GenConfig, EASE], split: Split) -> Hybrid:
     model, cfg, ease = parts
-    hybrid = Hybrid(ease, GenRecommender(model, cfg)).fit(split)
+    hybrid = Hybrid(ease, GenScorer(model, cfg)).fit(split)
     hybrid.alpha = ALPHA  # both parts count, whatever validation picked for random weights
     return hybrid
 
@@ -112,7 +114,7 @@ def test_pruning_keeps_the_largest_weights_per_item_and_markov_exactly(
 ) -> None:
     ease = parts[2]
     arrays = ease.to_arrays(top_k=3)
-    loaded = EASE.from_arrays(arrays, N_ITEMS, lam=10.0, decay=0.9, beta=0.5, markov_last=2)
+    loaded = EaseScorer.from_arrays(arrays, N_ITEMS, lam=10.0, decay=0.9, beta=0.5, markov_last=2)
     pruned = loaded.weights.toarray()
     dense = ease.weights
     for col in range(N_ITEMS):
@@ -130,8 +132,8 @@ def test_pruned_artifact_still_mixes_both_parts(
     folder = _save(tmp_path / "art", parts, split, top_k=3)
     rec = load_recommender(folder, device="cpu", quantize=False)
     hist = split.histories("test")
-    gen = GenRecommender(parts[0], parts[1]).score(hist)
-    pruned_ease = EASE.from_arrays(
+    gen = GenScorer(parts[0], parts[1]).score(hist)
+    pruned_ease = EaseScorer.from_arrays(
         load_file(str(folder / "cf.safetensors")),
         N_ITEMS,
         lam=10.0,
@@ -141,7 +143,7 @@ def test_pruned_artifact_still_mixes_both_parts(
     )
     np.testing.assert_allclose(
         rec.score(hist),
-        Hybrid(pruned_ease, GenRecommender(*parts[:2]), ALPHA).score(hist),
+        Hybrid(pruned_ease, GenScorer(*parts[:2]), ALPHA).score(hist),
         rtol=0,
         atol=1e-5,
     )
@@ -177,7 +179,7 @@ def test_gen_alone_without_the_section_or_when_asked(
     tmp_path: Path, parts: tuple[ItemTransformer, GenConfig, EASE], split: Split
 ) -> None:
     hist = split.histories("test")
-    gen = GenRecommender(parts[0], parts[1]).score(hist)
+    gen = GenScorer(parts[0], parts[1]).score(hist)
     plain = _save(tmp_path / "plain", parts, split, top_k=None)
     assert "hybrid" not in json.loads((plain / "config.json").read_text())
     assert not (plain / "cf.safetensors").exists()

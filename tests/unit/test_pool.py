@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from inference.pool import REJECTED_ITEMS, PoolConfig, PoolSaturatedError, WorkerPool
-from inference.worker import PopularityRecommender
+from inference.popularity import Popularity
 from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo
 
-FALLBACK = PopularityRecommender({item: 100 - n for n, item in enumerate(CATALOG)})
+FALLBACK = Popularity({item: 100 - n for n, item in enumerate(CATALOG)})
 
 
 def _pool(config: PoolConfig, delay_s: float = 0.0, fail: bool = False) -> WorkerPool:

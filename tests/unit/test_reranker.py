@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from inference.exceptions import ArtifactError, InferenceError
+from inference.generative import quantize_int8
 from lab.datasets import Item
 from lab.reranker import (
     LETTERS,
     LLMReranker,
     _converted_folder,
     build_messages,
-    quantize_int8,
     sanitize,
 )
 

@@ -1,0 +1,158 @@
+"""Scoring the catalog from item-index histories: the pieces serving and the lab share.
+
+A scorer takes histories of catalog indices (oldest first) and returns one score per catalog
+item; :func:`top_k_unseen` turns scores into the best unseen items. EASE's scores are defined
+once here (:meth:`EaseScorer.score`): the served model scores from the pruned sparse arrays of an
+artifact, and the lab's fitted ``EASE`` (a subclass) from its dense weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "CatalogScorer",
+    "EaseScorer",
+    "recency_weights",
+    "top_k_unseen",
+]
+
+
+class CatalogScorer(Protocol):
+    """Scores every catalog item for histories of item indices."""
+
+    name: str
+    n_items: int
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """``(len(histories), n_items)`` float32 scores; higher is better."""
+        ...
+
+
+def top_k_unseen(
+    scores: np.ndarray, histories: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mask seen items in place and take the ``k`` best per row (ties broken by item index)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    for row, hist in enumerate(histories):
+        scores[row, np.asarray(hist, dtype=np.int64)] = -np.inf
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -part_scores), axis=1)
+    top = np.take_along_axis(part, order, axis=1)
+    return top.astype(np.int64), np.take_along_axis(scores, top, axis=1)
+
+
+def recency_weights(
+    histories: Sequence[np.ndarray], n_items: int, decay: float, last: int | None = None
+) -> sp.csr_matrix:
+    """Sparse ``(batch, n_items)``: ``decay ** age`` per history item (age 0 = newest).
+
+    A repeated item keeps its newest weight; ``last`` keeps only the most recent items.
+    """
+    rows, cols, vals = [], [], []
+    for r, hist in enumerate(histories):
+        h = np.asarray(hist, dtype=np.int64)
+        if last is not None:
+            h = h[-last:]
+        ages = np.arange(len(h) - 1, -1, -1, dtype=np.float64)
+        w = decay**ages
+        # Reverse so the newest occurrence of a repeated item comes first; np.unique keeps it.
+        uniq, first = np.unique(h[::-1], return_index=True)
+        rows.append(np.full(len(uniq), r))
+        cols.append(uniq)
+        vals.append(w[::-1][first])
+    if not rows:
+        return sp.csr_matrix((0, n_items), dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(len(histories), n_items),
+        dtype=np.float32,
+    )
+
+
+def _dense(product: Any) -> np.ndarray:
+    """A float32 array of a product that is dense (fitted model) or sparse (loaded model)."""
+    if sp.issparse(product):
+        product = product.toarray()
+    return np.asarray(product, dtype=np.float32)
+
+
+class EaseScorer:
+    """EASE with a first-order Markov term, scored from item-item weights and transitions.
+
+    ``score = (w * history) · B / max + beta · (last-items transitions) / max``, each part scaled
+    to a maximum of 1 per user so ``beta`` is comparable across datasets. ``B`` and the
+    transitions are dense arrays (the lab's fitted model) or sparse matrices (an artifact's
+    arrays, written by the lab's ``EASE.to_arrays``).
+    """
+
+    name = "ease"
+
+    def __init__(
+        self,
+        weights: Any,
+        trans: Any,
+        *,
+        lam: float,
+        decay: float,
+        beta: float,
+        markov_last: int,
+    ) -> None:
+        self.weights: Any = weights
+        self.trans: Any = trans
+        self.n_items = int(weights.shape[0])
+        self.lam, self.decay, self.beta, self.markov_last = lam, decay, beta, markov_last
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: dict[str, np.ndarray],
+        n_items: int,
+        *,
+        lam: float,
+        decay: float,
+        beta: float,
+        markov_last: int,
+    ) -> EaseScorer:
+        """The scorer of ``EASE.to_arrays`` output; ``ValueError`` if the arrays disagree."""
+        shape = (n_items, n_items)
+        try:
+            weights = sp.csc_matrix(
+                (arrays["ease.data"], arrays["ease.indices"], arrays["ease.indptr"]), shape=shape
+            )
+            trans = sp.csr_matrix(
+                (arrays["markov.data"], arrays["markov.indices"], arrays["markov.indptr"]),
+                shape=shape,
+            )
+            # Sparse constructors trust the arrays; a full check catches out-of-range indices
+            # that would otherwise read outside the buffers.
+            weights.check_format(full_check=True)
+            trans.check_format(full_check=True)
+        except KeyError as exc:
+            raise ValueError(f"missing array {exc}") from exc
+        # Rows are source items: the product with a history's row vector walks CSR rows.
+        return cls(
+            weights.astype(np.float32).tocsr(),
+            trans.astype(np.float32),
+            lam=lam,
+            decay=decay,
+            beta=beta,
+            markov_last=markov_last,
+        )
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        w = recency_weights(histories, self.n_items, self.decay)
+        s = _dense(w @ self.weights)
+        s /= np.maximum(np.abs(s).max(axis=1, keepdims=True), 1e-9)
+        if self.beta > 0:
+            m = recency_weights(histories, self.n_items, 0.5, last=self.markov_last)
+            t = _dense(m @ self.trans)
+            t /= np.maximum(t.max(axis=1, keepdims=True), 1e-9)
+            s += self.beta * t
+        return s

@@ -1,0 +1,117 @@
+"""Writing a trained-model artifact: the folder that ``inference.artifact`` loads and verifies.
+
+See :mod:`inference.artifact` for the format; the file names and format number are defined there,
+the manifest in :mod:`inference.integrity`, so the writer and the reader cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.artifact import (
+    ARTIFACT_FORMAT,
+    CF_FILE,
+    CONFIG_FILE,
+    DEFAULT_CF_TOP_K,
+    INDEX_DIR,
+    ITEMS_FILE,
+    TRAINING_FILE,
+    WEIGHTS_FILE,
+)
+from inference.exceptions import ArtifactError
+from inference.integrity import write_manifest
+from lab.baselines import EASE
+from lab.hybrid import Hybrid
+from lab.protocol import Split
+
+__all__ = ["save_artifact"]
+
+
+def save_artifact(
+    folder: Path,
+    model: Any,
+    split: Split,
+    training_log: dict[str, Any],
+    *,
+    text_embeddings: np.ndarray | None = None,
+    hybrid: Hybrid | None = None,
+    cf_top_k: int = DEFAULT_CF_TOP_K,
+) -> str:
+    """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
+
+    ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
+    ``cf.safetensors`` and the config's ``"hybrid"`` section.
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise ArtifactError(f"{folder} is not empty; give a new --out folder per training run")
+    data_digest = "".join(f"{k}:{v};" for k, v in sorted(split.sha256.items()))
+    version = (
+        f"gen-{split.dataset}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
+        f"{hashlib.sha256(data_digest.encode()).hexdigest()[:8]}"
+    )
+    config: dict[str, Any] = {
+        "format": ARTIFACT_FORMAT,
+        "version": version,
+        "model": "gen",
+        "dataset": split.dataset,
+        "gen": model.cfg.to_json(),
+    }
+    if hybrid is not None:
+        config["model"] = "gen+ease"
+        config["hybrid"] = _save_cf(folder, hybrid, split, cf_top_k)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_model(model, str(folder / WEIGHTS_FILE))
+    popularity = np.bincount(np.concatenate(split.train), minlength=split.n_items)
+    items = {"item_ids": split.item_ids, "popularity": popularity.tolist()}
+    (folder / ITEMS_FILE).write_text(json.dumps(items), encoding="utf-8")
+    (folder / TRAINING_FILE).write_text(json.dumps(training_log, indent=2), encoding="utf-8")
+    if text_embeddings is not None:
+        from inference.index import ItemIndex
+
+        ItemIndex.build(split.item_ids, text_embeddings).save(folder / INDEX_DIR)
+    write_manifest(
+        folder,
+        {"version": version, "dataset": split.dataset, "training_data_sha256": split.sha256},
+    )
+    return version
+
+
+def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str, Any]:
+    """Write ``cf.safetensors``; return the config's ``"hybrid"`` section."""
+    from safetensors.numpy import save_file
+
+    ease = hybrid.cf
+    if not isinstance(ease, EASE):
+        raise ArtifactError(f"the hybrid's CF part must be EASE, not {type(ease).__name__}")
+    if ease.n_items != split.n_items:
+        raise ArtifactError("the hybrid's CF part was not fitted on this split's catalog")
+    if top_k < 1:
+        raise ArtifactError(f"cf top_k must be at least 1, not {top_k}")
+    save_file(ease.to_arrays(top_k), str(folder / CF_FILE), metadata={"layout": "ease=csc"})
+    valid = hybrid.valid_ndcg
+    return {
+        "cf": "ease",
+        "alpha": float(hybrid.alpha),
+        "params": {
+            "lam": float(ease.lam),
+            "decay": float(ease.decay),
+            "beta": float(ease.beta),
+            "markov_last": int(ease.markov_last),
+        },
+        "top_k": int(top_k),
+        # alpha 1 is the transformer alone, alpha 0 EASE alone (standardising keeps the order).
+        "valid_ndcg@10": {
+            "gen": valid.get(1.0),
+            "ease": valid.get(0.0),
+            "hybrid": valid.get(hybrid.alpha),
+        },
+    }

@@ -1,0 +1,195 @@
+"""Training the generative transformer (``inference.generative.ItemTransformer``).
+
+Full-softmax cross-entropy over the catalog on windows of the training histories, optionally
+against the near future (next ``K`` items) and with an exponential moving average of the weights;
+early stopping on validation NDCG@10. Serving never imports this: it loads what
+``lab.artifact.save_artifact`` wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from inference.generative import GenConfig, GenScorer, ItemTransformer
+from lab.baselines import Ranker
+from lab.protocol import Split, metrics_from_ranks, target_ranks
+
+__all__ = ["GenRanker", "evaluate_ndcg", "future_loss", "train_gen", "training_windows"]
+
+
+class GenRanker(GenScorer, Ranker):
+    """The served transformer scorer as a lab ranker (it is trained by :func:`train_gen`)."""
+
+    def fit(self, split: Split) -> GenRanker:
+        return self
+
+
+def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut each sequence from its end into windows of ``max_len + 1`` items (shared boundary).
+
+    Every transition of every training sequence is a target exactly once; long histories become
+    several windows instead of being truncated.
+    """
+    out = []
+    for seq in seqs:
+        end = len(seq)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            out.append(np.asarray(seq[start:end], dtype=np.int64))
+            end = start + 1
+            if start == 0:
+                break
+    return out
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def future_loss(
+    logits: torch.Tensor, targets: torch.Tensor, decay: float, loss_fn: nn.Module
+) -> torch.Tensor:
+    """Cross-entropy against each of the ``K`` next items (``targets`` is ``(K, B, T)``)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if targets.shape[0] == 1:
+        loss: torch.Tensor = loss_fn(flat, targets[0].reshape(-1))
+        return loss
+    logp = torch.log_softmax(flat, dim=-1)
+    total, norm = logp.new_zeros(()), 0.0
+    for k in range(targets.shape[0]):
+        t = targets[k].reshape(-1)
+        if bool((t >= 0).any()):
+            total = total + decay**k * nn.functional.nll_loss(logp, t, ignore_index=-100)
+            norm += decay**k
+    return total / max(norm, 1e-9)
+
+
+def evaluate_ndcg(rec: GenScorer, split: Split, stage: str, batch: int = 256) -> float:
+    hist, targets = split.histories(stage), split.targets(stage)
+    ranks = np.concatenate(
+        [
+            target_ranks(
+                rec.score(hist[s : s + batch]), hist[s : s + batch], targets[s : s + batch]
+            )
+            for s in range(0, len(hist), batch)
+        ]
+    )
+    return metrics_from_ranks(ranks)["ndcg@10"]
+
+
+def train_gen(
+    split: Split,
+    cfg: GenConfig,
+    *,
+    text_embeddings: np.ndarray | None = None,
+    time_budget_s: float | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> tuple[ItemTransformer, dict[str, Any]]:
+    """Train on ``split.train`` with full-softmax CE; early-stop on validation NDCG@10.
+
+    Returns the best model (by validation NDCG@10) and a training log.
+    """
+    _seed_all(cfg.seed)
+    cfg.n_items = split.n_items
+    model = ItemTransformer(cfg)
+    if cfg.text_init:
+        if text_embeddings is None:
+            raise ValueError("text_init needs the items' text embeddings")
+        model.init_from_text(text_embeddings, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+    windows = training_windows(split.train, cfg.max_len)
+    # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
+    rng = np.random.default_rng(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    averaged = (
+        torch.optim.swa_utils.AveragedModel(
+            model,
+            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),  # type: ignore[no-untyped-call]
+        )
+        if cfg.ema > 0
+        else None
+    )
+    judged: ItemTransformer = averaged.module if averaged is not None else model  # type: ignore[assignment]
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
+    started = time.monotonic()
+    stale = 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train gen", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        if cfg.lr_schedule == "cosine":
+            warm = min(1.0, epoch / 2)
+            decay = 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(cfg.epochs, 1)))
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * warm * decay
+        order = rng.permutation(len(windows))
+        buckets = [
+            order[i : i + cfg.batch_size * 16] for i in range(0, len(order), cfg.batch_size * 16)
+        ]
+        batches: list[list[int]] = []
+        for bucket in buckets:
+            ordered = sorted(bucket.tolist(), key=lambda i: len(windows[i]))
+            batches += [
+                ordered[i : i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)
+            ]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        total, count = 0.0, 0
+        for batch in batches:
+            seqs = [windows[i] for i in batch]
+            width = max(len(s) for s in seqs) - 1
+            inputs = torch.zeros(len(seqs), width, dtype=torch.long)
+            targets = torch.full((cfg.future, len(seqs), width), -100, dtype=torch.long)
+            for row, s in enumerate(seqs):
+                inputs[row, : len(s) - 1] = torch.from_numpy(s[:-1] + 1)
+                for k in range(min(cfg.future, len(s) - 1)):
+                    targets[k, row, : len(s) - 1 - k] = torch.from_numpy(s[1 + k :])
+            logits = model.catalog_logits(model.hidden_states(inputs))
+            loss = future_loss(logits, targets, cfg.future_decay, loss_fn)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+            total += loss.item() * len(seqs)
+            count += len(seqs)
+        entry = {"epoch": float(epoch), "loss": total / max(count, 1)}
+        if epoch % cfg.eval_every == 0:
+            ndcg = evaluate_ndcg(GenScorer(judged, cfg), split, "valid")
+            entry["valid_ndcg@10"] = ndcg
+            if ndcg > best[0]:
+                best = (ndcg, epoch, copy.deepcopy(judged.state_dict()))
+                stale = 0
+            else:
+                stale += 1
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{best[0]:.4f}")
+        history.append(entry)
+        if stale >= cfg.patience:
+            say(f"early stop at epoch {epoch}: best valid ndcg@10 {best[0]:.4f} (epoch {best[1]})")
+            break
+        if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+            say(f"time budget reached at epoch {epoch}: best valid ndcg@10 {best[0]:.4f}")
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    log = {
+        "best_epoch": best[1],
+        "valid_ndcg@10": best[0],
+        "epochs_run": len(history),
+        "train_seconds": time.monotonic() - started,
+        "history": history,
+    }
+    return model, log
