@@ -37,12 +37,11 @@ from api.metrics import FALLBACKS, LATENCY, REQUESTS
 from api.settings import ApiSettings
 from inference.popularity import Popularity
 from recstream.keys import Keys
-from schemas.api import ErrorResponse, Health
+from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
 from schemas.events import Id
-from schemas.messages import ModelRef, Recommendations, ScoredItem
 from schemas.openapi import RECOMMENDATIONS_PATH, openapi_document
 
-__all__ = ["build_app", "described", "valid_user_id"]
+__all__ = ["build_app", "served_openapi", "valid_user_id"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json(ErrorResponse.of(code, message), status)
 
 
-def described(settings: ApiSettings) -> dict[str, Any]:
+def served_openapi(settings: ApiSettings) -> dict[str, Any]:
     """The OpenAPI document this deployment serves: the contract with its own limits filled in."""
     return openapi_document(
         max_k=settings.api_max_k,
@@ -177,7 +176,7 @@ def build_app(settings: ApiSettings) -> web.Application:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    document = orjson.dumps(described(settings))
+    document = orjson.dumps(served_openapi(settings))
 
     async def openapi(_request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")

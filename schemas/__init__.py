@@ -1,5 +1,7 @@
-"""The wire contracts of recstream: clickstream events and the messages built from them."""
+"""The wire contracts of recstream: clickstream events, the messages built from them, and the
+read API's response bodies."""
 
+from schemas.api import ErrorBody, ErrorResponse, Health
 from schemas.events import (
     MAX_EVENT_BYTES,
     SCHEMA_VERSION,
@@ -26,7 +28,10 @@ __all__ = [
     "ClickEvent",
     "DwellEvent",
     "Envelope",
+    "ErrorBody",
+    "ErrorResponse",
     "Event",
+    "Health",
     "ModelRef",
     "Profile",
     "ProfileChanged",

@@ -46,13 +46,18 @@ def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def orphans(directory: Path = JSON_DIR) -> list[str]:
+    """Names of JSON files in ``directory`` that no model generates: contracts nobody maintains."""
+    return sorted(path.name for path in directory.glob("*.json") if path.name not in documents())
+
+
 def stale(directory: Path = JSON_DIR) -> list[str]:
-    """Names of files in ``directory`` that are missing or differ from the models."""
+    """Names of files in ``directory`` that are missing or differ from the models, then orphans."""
     return [
         name
         for name, doc in documents().items()
         if not (directory / name).is_file() or (directory / name).read_text("utf-8") != render(doc)
-    ]
+    ] + orphans(directory)
 
 
 def export(directory: Path = JSON_DIR) -> list[Path]:
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=JSON_DIR, help="Output folder.")
     args = parser.parse_args(argv)
     if args.check:
-        out_of_date = stale(args.dir)
+        out_of_date, unowned = stale(args.dir), orphans(args.dir)
         for name in out_of_date:
-            print(f"stale: {args.dir / name} (run `python -m schemas.export`)", file=sys.stderr)
+            hint = "no model generates it: delete it" if name in unowned else "run export"
+            print(f"stale: {args.dir / name} ({hint})", file=sys.stderr)
         return 1 if out_of_date else 0
     for path in export(args.dir):
         print(path)

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 
 from api import ApiSettings, build_app
-from api.app import described, valid_user_id
+from api.app import served_openapi, valid_user_id
 from schemas.api import ErrorResponse, Health
 from schemas.export import JSON_DIR, render
 from schemas.openapi import RECOMMENDATIONS_PATH, openapi_document
@@ -63,8 +63,9 @@ def test_openapi_components_are_the_models_json_schemas() -> None:
 
 def test_served_document_is_the_contract_with_the_deployment_filled_in() -> None:
     committed = json.loads((JSON_DIR / "openapi.json").read_text("utf-8"))
-    open_doc = described(ApiSettings(api_key=None, api_max_k=50, api_default_k=7, api_port=8123))
-    keyed_doc = described(ApiSettings(api_key=SecretStr("s3cret")))
+    deployment = ApiSettings(api_key=None, api_max_k=50, api_default_k=7, api_port=8123)
+    open_doc = served_openapi(deployment)
+    keyed_doc = served_openapi(ApiSettings(api_key=SecretStr("s3cret")))
     assert open_doc["components"] == committed["components"]
     assert set(open_doc["paths"]) == set(committed["paths"])
     assert set(open_doc["paths"]) == {RECOMMENDATIONS_PATH, "/healthz", "/metrics", "/openapi.json"}

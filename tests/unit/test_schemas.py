@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,7 +21,7 @@ from schemas import (
     ViewEvent,
     parse_event,
 )
-from schemas.export import stale
+from schemas.export import export, stale
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -227,6 +228,15 @@ def test_valid_events_round_trip(
 
 def test_json_schema_files_are_in_sync_with_models() -> None:
     assert stale() == [], "run `python -m schemas.export` and commit schemas/json"
+
+
+def test_export_writes_every_contract_and_flags_files_no_model_writes(tmp_path: Path) -> None:
+    written = {path.name for path in export(tmp_path)}
+    assert {"clickstream-event.json", "recommendations.json", "openapi.json"} <= written
+    assert stale(tmp_path) == []
+    (tmp_path / "retired.json").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "openapi.json").write_text("{}\n", encoding="utf-8")
+    assert stale(tmp_path) == ["openapi.json", "retired.json"]
 
 
 def test_public_surface() -> None:
