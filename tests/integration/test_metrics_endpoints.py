@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.supervise import Child
 from tests.conftest import Namespace, settings_env
 
 pytestmark = pytest.mark.integration
@@ -110,68 +110,64 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
 }
 
 
-def scrape(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> str:
+def scrape(url: str, child: Child, timeout_s: float) -> str:
     """GET ``url`` once the service answers; fail with its log if it dies or never answers."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"service exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+    bodies: list[str] = []
+
+    def answered() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                assert response.status == 200
-                return str(response.read().decode())
+                bodies.append(response.read().decode())
+                return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{url} did not answer in {timeout_s}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+            return False
+
+    child.wait_healthy(answered, timeout_s)
+    return bodies[-1]
 
 
-def service_env(service: str, port: int, ns: Namespace, tmp: Path) -> dict[str, str]:
+def service_env(
+    service: str, port: int, ns: Namespace, tmp: Path, artifact: Path
+) -> dict[str, str]:
     """The environment of ``recstream serve service``: the test's topics, prefix and groups."""
-    return {**settings_env(ns.settings), **SERVICES[service][0](port, ns, tmp)}
+    return {
+        **settings_env(ns.settings),
+        "RECSTREAM_REGEN_MODEL_DIR": str(artifact),  # read by the regeneration service only
+        **SERVICES[service][0](port, ns, tmp),
+    }
 
 
-def start(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", service],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def start(service: str, env: dict[str, str], log: Path) -> Child:
+    return Child.spawn(service, [sys.executable, "-m", "cli", "serve", service], log, env)
 
 
-def stop(service: str, proc: subprocess.Popen[bytes], log: Path, *, signalled: bool = False) -> int:
+def stop(child: Child, *, signalled: bool = False) -> int:
     """SIGTERM (unless ``signalled`` already); fail with the log if the service ignores it.
 
     A second SIGTERM must not be sent: one that lands while the interpreter is finalizing (its
     handlers already reset) would kill a service that was shutting down cleanly.
     """
-    if proc.poll() is None:
-        if not signalled:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-            pytest.fail(f"{service} ignored SIGTERM:\n{log.read_text()[-3000:]}")
-    return proc.returncode
+    code = child.stop(30, signalled=signalled)
+    if code == -signal.SIGKILL:
+        pytest.fail(f"{child.name} ignored SIGTERM:\n{child.log_tail()}")
+    return code
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
-def test_service_exposes_its_metrics(service: str, ns: Namespace, tmp_path: Path) -> None:
+def test_service_exposes_its_metrics(
+    service: str, ns: Namespace, tmp_path: Path, tiny_artifact: Path
+) -> None:
     expected = SERVICES[service][1]
     port = free_port()
-    log = tmp_path / f"{service}.log"
-    proc = start(service, service_env(service, port, ns, tmp_path), log)
+    env = service_env(service, port, ns, tmp_path, tiny_artifact)
+    child = start(service, env, tmp_path / f"{service}.log")
     try:
-        exposition = scrape(f"http://127.0.0.1:{port}/metrics", proc, log, timeout_s=90)
+        exposition = scrape(f"http://127.0.0.1:{port}/metrics", child, timeout_s=90)
     finally:
-        code = stop(service, proc, log)
+        code = stop(child)
     missing = expected - families(exposition)
     assert not missing, f"{service} /metrics lacks {sorted(missing)}"
-    assert code == 0, f"{service} exited with {code}:\n{log.read_text()[-3000:]}"
+    assert code == 0, f"{service} exited with {code}:\n{child.log_tail()}"
 
 
 Sample = tuple[str, dict[str, str], float]
@@ -200,7 +196,9 @@ def lag_partitions(found: list[Sample], group: str, topic: str) -> set[str]:
     }
 
 
-def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_path: Path) -> None:
+def test_traffic_shows_lag_latency_events_out_and_freshness(
+    ns: Namespace, tmp_path: Path, tiny_artifact: Path
+) -> None:
     s = ns.settings
     extra = {
         "streams": {
@@ -210,16 +208,16 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_p
         "regen": {"RECSTREAM_REGEN_STATS_INTERVAL_MS": "500", "RECSTREAM_REGEN_DEBOUNCE_MS": "20"},
         "cache-writer": {"RECSTREAM_CACHE_STATS_INTERVAL_MS": "500"},
     }
-    running: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
+    running: dict[str, tuple[Child, int]] = {}
     try:
         for service, more in extra.items():
-            port, log = free_port(), tmp_path / f"{service}.log"
-            env = {**service_env(service, port, ns, tmp_path), **more}
-            running[service] = (start(service, env, log), log, port)
+            port = free_port()
+            env = {**service_env(service, port, ns, tmp_path, tiny_artifact), **more}
+            running[service] = (start(service, env, tmp_path / f"{service}.log"), port)
 
         def scraped(service: str) -> list[Sample]:
-            proc, log, port = running[service]
-            return samples(scrape(f"http://127.0.0.1:{port}/metrics", proc, log, timeout_s=90))
+            child, port = running[service]
+            return samples(scrape(f"http://127.0.0.1:{port}/metrics", child, timeout_s=90))
 
         for service in running:  # every service is up (the regeneration pool has loaded)
             scraped(service)
@@ -302,12 +300,9 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(ns: Namespace, tmp_p
         latency = value(regen, "recs_regen_latency_seconds_sum")
         assert 0 < latency / value(regen, "recs_regen_latency_seconds_count") <= elapsed
     finally:
-        codes = {}
-        for proc, _log, _port in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # all at once: they drain in parallel
-        for service, (proc, log, _) in running.items():
-            codes[service] = stop(service, proc, log, signalled=True)
+        for child, _port in running.values():
+            child.signal(signal.SIGTERM)  # all at once: they drain in parallel
+        codes = {service: stop(child, signalled=True) for service, (child, _) in running.items()}
     for service, code in codes.items():
-        log = running[service][1]
-        assert code == 0, f"{service} exited with {code}:\n{log.read_text()[-3000:]}"
+        child = running[service][0]
+        assert code == 0, f"{service} exited with {code}:\n{child.log_tail()}"

@@ -38,7 +38,9 @@ def _healthy(port: int) -> bool:
         conn.close()
 
 
-def test_run_starts_the_pipeline_and_stops_it_cleanly(ns: Namespace, tmp_path: Path) -> None:
+def test_run_starts_the_pipeline_and_stops_it_cleanly(
+    ns: Namespace, tmp_path: Path, tiny_artifact: Path
+) -> None:
     s = ns.settings
     api, regen, cache = _free_port(), _free_port(), _free_port()
     env = {
@@ -56,6 +58,7 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(ns: Namespace, tmp_path: P
         "RECSTREAM_REGEN_METRICS_PORT": str(regen),
         "RECSTREAM_CACHE_METRICS_PORT": str(cache),
         "RECSTREAM_STREAMS_METRICS_PORT": "0",
+        "RECSTREAM_REGEN_MODEL_DIR": str(tiny_artifact),
     }
     # No per-service flags: each service reads its own variables from the one environment.
     command = [sys.executable, "-m", "cli", "run"]
