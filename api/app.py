@@ -83,7 +83,7 @@ def served_openapi(settings: ApiSettings) -> dict[str, Any]:
     )
 
 
-async def popular(store: redis.asyncio.Redis, keys: Keys, k: int) -> list[tuple[str, float]]:
+async def _popular(store: redis.asyncio.Redis, keys: Keys, k: int) -> list[tuple[str, float]]:
     """The ``k`` most popular items of the loaded catalog, scored by the one popularity model.
 
     ``catalog load`` stores minus each item's count, so Redis's ascending order (ties by id) is
@@ -113,7 +113,8 @@ def build_app(settings: ApiSettings) -> web.Application:
         try:
             return await handler(request)
         except web.HTTPException as exc:  # aiohttp's own 404/405, as JSON like every error
-            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            code = re.sub(r"[^a-z0-9]+", "_", exc.reason.lower()).strip("_")
+            return _error(exc.status, code or f"http_{exc.status}", exc.reason[:256])
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -153,7 +154,7 @@ def build_app(settings: ApiSettings) -> web.Application:
             user_id=user_id,
             items=[
                 ScoredItem(item_id=item, score=score)
-                for item, score in await popular(request.app[REDIS], keys, k)
+                for item, score in await _popular(request.app[REDIS], keys, k)
             ],
             profile_version=0,
             model=_POPULARITY,

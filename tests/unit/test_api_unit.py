@@ -136,3 +136,18 @@ def test_app_routes_are_the_documented_ones() -> None:
     app = build_app(ApiSettings())
     paths = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
     assert paths == set(openapi_document()["paths"])
+
+
+def test_aiohttp_own_errors_answer_the_error_model() -> None:
+    async def calls() -> list[tuple[int, bytes]]:
+        app = build_app(ApiSettings(redis_url=NOBODY_LISTENS))
+        async with TestClient(TestServer(app)) as client:
+            missing = await client.get("/v2/nothing")
+            wrong_method = await client.post("/v1/users/42/recommendations")
+            return [(r.status, await r.read()) for r in (missing, wrong_method)]
+
+    (missing, wrong_method) = asyncio.run(calls())
+    assert missing[0] == 404
+    assert ErrorResponse.model_validate_json(missing[1]).error.code == "not_found"
+    assert wrong_method[0] == 405
+    assert ErrorResponse.model_validate_json(wrong_method[1]).error.code == "method_not_allowed"
