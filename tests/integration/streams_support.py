@@ -16,6 +16,7 @@ import orjson
 import redis
 from confluent_kafka import Consumer
 
+from cli.supervise import Child
 from lab.datasets import Dataset, Item
 from ops.catalog import load_catalog
 from recstream.kafka import idempotent_producer
@@ -150,7 +151,8 @@ class Worker:
     app_id: str
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
+    proc: subprocess.Popen[bytes] | None = None  # child.process, for tests that wait on it
     log_path: Path | None = None
 
     def env(self) -> dict[str, str]:
@@ -169,13 +171,9 @@ class Worker:
 
     def start(self) -> Worker:
         self.log_path = self.workdir / f"worker-{time.monotonic_ns()}.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", "serve", "streams", "--loglevel", "warning"],
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        cmd = [sys.executable, "-m", "cli", "serve", "streams", "--loglevel", "warning"]
+        self.child = Child.spawn("streams worker", cmd, self.log_path, self.env(), append=False)
+        self.proc = self.child.process
         return self
 
     def log_tail(self, lines: int = 30) -> str:
@@ -185,13 +183,10 @@ class Worker:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait; a worker that does not exit in time is killed and reported."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError("worker ignored SIGTERM") from None
-        return self.proc.returncode
+        assert self.child is not None
+        if self.child.returncode is not None:
+            return self.child.stop(0)  # exited already (a test may have killed it): reap only
+        code = self.child.stop(timeout_s)
+        if code == -signal.SIGKILL:
+            raise AssertionError("worker ignored SIGTERM")
+        return code
