@@ -1,19 +1,24 @@
-"""confluent-kafka consumers: change-triggered regeneration and the recommendations cache writer."""
+"""confluent-kafka consumers: change-triggered regeneration and the recommendations cache writer.
+
+The regeneration core (:func:`model_history`, :class:`RecsPublisher`) is public because the
+operator replay (``ops.regen``) regenerates through it too.
+"""
 
 from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.coalesce import Coalescer, OffsetTracker
-from consumers.exceptions import ConsumerError
 from consumers.regen import RegenService, build_pool
+from consumers.regenerate import RecsPublisher, model_history
 from consumers.settings import CacheWriterSettings, RegenSettings
 
 __all__ = [
     "CacheWriter",
     "CacheWriterSettings",
     "Coalescer",
-    "ConsumerError",
     "OffsetTracker",
     "RecsCache",
+    "RecsPublisher",
     "RegenService",
     "RegenSettings",
     "build_pool",
+    "model_history",
 ]

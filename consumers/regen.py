@@ -30,18 +30,16 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
 from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
-    ORIGIN_HEADER,
     REGEN_COALESCED,
     REGEN_FRESHNESS,
     REGEN_INVALID,
@@ -56,10 +54,12 @@ from consumers.metrics import (
     REGEN_REGENERATIONS,
     origin_ts,
 )
+from consumers.regenerate import RecsPublisher, model_history
 from consumers.settings import RegenSettings
 from inference.pool import PoolResult, PoolSaturatedError, WorkerPool
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
-from schemas import ModelRef, ProfileChanged, Recommendations, ScoredItem
+from schemas import ModelRef, ProfileChanged
 from streams.profile import read_profile
 
 __all__ = ["RegenService", "build_pool"]
@@ -121,14 +121,9 @@ class RegenService:
         self.consumer = at_least_once_consumer(
             settings.kafka_bootstrap, settings.regen_group_id, settings.regen_stats_interval_ms
         )
-        self.producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                "linger.ms": 1,
-                # Java clients' partitioner, so a user maps to the same partition everywhere.
-                "partitioner": "murmur2_random",
-            }
+        self.producer = idempotent_producer(settings.kafka_bootstrap, linger_ms=1)
+        self.publisher = RecsPublisher(
+            self.producer, settings.topic_recommendations, settings.regen_variant
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -234,9 +229,8 @@ class RegenService:
                 log.warning("no profile for user %r; change dropped", entry.user_id)
                 self._mark_done(entry.positions)
                 continue
-            history = list(reversed(profile.recent_items))  # the model wants oldest → newest
             try:
-                future = self.pool.submit(history, self.settings.regen_k)
+                future = self.pool.submit(model_history(profile), self.settings.regen_k)
             except PoolSaturatedError:
                 self.coalescer.put_back(entry)
                 break
@@ -261,22 +255,14 @@ class RegenService:
             result = done.future.result()
             REGEN_REGENERATIONS.labels(result.source).inc()
             self.regenerations += 1
-            recs = Recommendations(
-                user_id=running.user_id,
-                items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
+            self.publisher.publish(
+                running.user_id,
+                result.items,
                 profile_version=running.read_version,
                 model=ModelRef(name=result.model_name, version=result.model_version),
-                variant=self.settings.regen_variant,
                 source=result.source,
-                generated_at=datetime.now(UTC),
                 trigger_ts=running.trigger_ts,
-            )
-            origin = running.origin_ts
-            self.producer.produce(
-                self.settings.topic_recommendations,
-                key=running.user_id.encode(),
-                value=recs.model_dump_json().encode(),
-                headers=None if origin is None else [(ORIGIN_HEADER, b"%d" % round(origin * 1000))],
+                origin_ts=running.origin_ts,
                 on_delivery=partial(self._delivered, running),
             )
 

@@ -2,9 +2,10 @@
 
 The users are those with a ``ProfileChanged`` on ``profiles.changed`` between ``--from-time`` and
 ``--to-time`` (offsets-for-times on both ends). Each user's profile is read from Redis as the live
-regeneration consumer reads it (:func:`streams.profile.read_profile`, history = recent items
-oldest first), the model answers in batches, and each list is published to the output topic in
-the public ``Recommendations`` contract (key = user_id, ``variant`` = the replay variant). Profiles
+regeneration consumer reads it (:func:`streams.profile.read_profile`), the model answers in
+batches, and each list is published to the output topic through the live consumer's own
+regeneration core (:func:`consumers.model_history`, :class:`consumers.RecsPublisher`): the public
+``Recommendations`` contract, key = user_id, ``variant`` = the replay variant. Profiles
 are the current ones: Redis keeps no history, so a user changed since the range is regenerated
 from their newer profile, exactly as the live consumer would do now.
 
@@ -18,24 +19,26 @@ import logging
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any
 
 import redis
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from consumers import RecsPublisher, model_history
+from inference.recommender import Recommender
 from ops.compare import Comparison, compare
 from ops.exceptions import ReplayError
 from ops.settings import OpsSettings
 from ops.topics import TopicReader
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
-from schemas import ModelRef, ProfileChanged, Recommendations, ScoredItem
+from schemas import ModelRef, ProfileChanged, Recommendations
 from streams.profile import read_profile
 
 __all__ = [
-    "ListRecommender",
     "RegenReplay",
     "RegenStats",
     "changed_users",
@@ -44,12 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ListRecommender(Protocol):
-    """What the replay needs of a model (``inference.worker.Recommender``)."""
-
-    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]: ...
 
 
 @dataclass
@@ -160,7 +157,7 @@ class RegenReplay:
     def __init__(
         self,
         settings: OpsSettings,
-        recommender: ListRecommender,
+        recommender: Recommender,
         model: ModelRef,
         *,
         progress: bool = False,
@@ -182,16 +179,8 @@ class RegenReplay:
             if err is not None:
                 errors.append(err)
 
-        producer = Producer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                # The Java clients' partitioner, as the live consumer uses: same user, same
-                # partition.
-                "partitioner": "murmur2_random",
-            }
-        )
+        producer = idempotent_producer(self.settings.kafka_bootstrap, linger_ms=5)
+        publisher = RecsPublisher(producer, out_topic, self.settings.replay_variant)
         users = sorted(changes)
         size = self.settings.replay_regen_batch_size
         with tqdm(
@@ -202,25 +191,16 @@ class RegenReplay:
                 profiles = [(u, read_profile(self.redis, self.keys, u)) for u in chunk]
                 present = [(u, p) for u, p in profiles if p is not None]
                 stats.missing_profiles += len(chunk) - len(present)
-                # The model wants each history oldest -> newest, as the live consumer sends it.
-                histories = [list(reversed(p.recent_items)) for _, p in present]
+                histories = [model_history(p) for _, p in present]
                 ranked = self.recommender.recommend(histories, self.settings.replay_k)
-                now = datetime.now(UTC)
                 for (user, profile), items in zip(present, ranked, strict=True):
-                    recs = Recommendations(
-                        user_id=user,
-                        items=[ScoredItem(item_id=i, score=s) for i, s in items],
+                    publisher.publish(
+                        user,
+                        items,
                         profile_version=profile.version,
                         model=self.model,
-                        variant=self.settings.replay_variant,
                         source="model",
-                        generated_at=now,
                         trigger_ts=changes[user].trigger_ts,
-                    )
-                    producer.produce(
-                        out_topic,
-                        key=user.encode(),
-                        value=recs.model_dump_json().encode(),
                         on_delivery=delivered,
                     )
                     stats.published += 1
