@@ -265,13 +265,15 @@ def main() -> None:
         "RECSTREAM_REGEN_DEBOUNCE_MS": str(args.debounce_ms),
         "RECSTREAM_REGEN_POOL__WORKERS": str(args.workers),
         "RECSTREAM_API_PORT": str(api_port),
+        "RECSTREAM_REGEN_METRICS_PORT": str(regen_port),
+        "RECSTREAM_CACHE_METRICS_PORT": str(cache_port),
     }
     if args.model_dir is not None:
         env["RECSTREAM_REGEN_MODEL_DIR"] = str(args.model_dir)
     pipeline = Pipeline(
         args={
-            "regen": ["--metrics-port", str(regen_port), "--loglevel", "warning"],
-            "cache-writer": ["--metrics-port", str(cache_port), "--loglevel", "warning"],
+            "regen": ["--loglevel", "warning"],
+            "cache-writer": ["--loglevel", "warning"],
             "api": ["--loglevel", "warning"],
         },
         env=env,

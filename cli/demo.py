@@ -108,7 +108,6 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
         **os.environ,
         "RECSTREAM_KEY_PREFIX": settings.key_prefix,
         "RECSTREAM_REGEN_MODEL_DIR": str(options.artifact_dir.resolve()),
-        "RECSTREAM_DATASET": options.dataset,  # the API's fallback, until it reads Redis
     }
     try:
         _step(

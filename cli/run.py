@@ -50,6 +50,7 @@ class Pipeline:
         stop_timeout_s: float = 60.0,
         env: dict[str, str] | None = None,
         *,
+        args: dict[str, list[str]] | None = None,
         max_crashes: int = 5,
         crash_window_s: float = 300.0,
         backoff_s: float = 1.0,
@@ -58,6 +59,7 @@ class Pipeline:
         self.names = [name for name in SERVICES if name not in (exclude or set())]
         self.stop_timeout_s = stop_timeout_s
         self.env = env
+        self.args = args or {}  # extra command-line arguments per service (e.g. --loglevel)
         self.max_crashes = max_crashes
         self.crash_window_s = crash_window_s
         self.backoff_s = backoff_s
@@ -65,7 +67,7 @@ class Pipeline:
         self.services = {name: _Service(name) for name in self.names}
 
     def command(self, name: str) -> list[str]:
-        return [sys.executable, "-m", "cli", "serve", name]
+        return [sys.executable, "-m", "cli", "serve", name, *self.args.get(name, [])]
 
     def _start(self, service: _Service) -> None:
         service.child = Child.spawn(service.name, self.command(service.name), env=self.env)
