@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from recstream.errors import RecstreamError
 
 
 class _Group(click.Group):
-    """Turns the project's own errors into a one-line message and exit status 1, no traceback."""
+    """Turns the project's own errors into a one-line message and exit status 1, no traceback.
+
+    A setting out of its range (from a flag or an environment variable) is a usage error: the
+    settings classes validate every value, so the message names the field and its rule.
+    """
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -30,6 +35,9 @@ class _Group(click.Group):
         except RecstreamError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except ValidationError as exc:
+            click.secho(f"error: invalid settings: {exc}", fg="red", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

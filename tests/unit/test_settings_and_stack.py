@@ -1,12 +1,16 @@
-"""Shared settings, key naming and the stack's pure helpers."""
+"""Shared settings, key naming, the stack's pure helpers and the child-process supervisor."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from cli.stack import Stack, StackSettings, _kafka_cluster_id
+from cli.supervise import Child, ChildFailedError, terminate_group
 from recstream.keys import Keys
 from recstream.settings import CommonSettings, redact_url
 
@@ -78,3 +82,36 @@ def test_status_of_an_unstarted_stack_reports_down(tmp_path: Path) -> None:
     assert status["kafka"]["ready"] is False
     assert status["redis"]["ready"] is False
     assert status["kafka"]["started_by_stack"] is False
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    child = Child.spawn("stubborn", _python(code), tmp_path / "stubborn.log")
+    assert child.wait_healthy(lambda: "ready" in child.log_tail(), timeout_s=30)
+    assert child.stop(grace_s=0.2) == -signal.SIGKILL
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left behind
+        os.waitpid(child.pid, os.WNOHANG)
+
+
+def test_waiting_for_health_fails_fast_with_the_log_when_the_child_exits(tmp_path: Path) -> None:
+    code = "print('cannot start: no model', flush=True); raise SystemExit(3)"
+    child = Child.spawn("broken", _python(code), tmp_path / "broken.log")
+    with pytest.raises(ChildFailedError, match=r"(?s)exited during start-up \(3\).*no model"):
+        child.wait_healthy(lambda: False, timeout_s=600)
+
+
+def test_terminate_group_reaps_its_own_child(tmp_path: Path) -> None:
+    # The demo starts the stack and stops it in one process: `down` must reap what `up` spawned,
+    # or the exited broker stays a zombie that looks alive for the whole grace period.
+    child = Child.spawn("sleeper", _python("import time; time.sleep(60)"), tmp_path / "s.log")
+    terminate_group(child.pid, grace_s=600)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
+    child.process.poll()  # the Popen handle learns its process is gone (no ResourceWarning)
