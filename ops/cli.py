@@ -53,7 +53,8 @@ def catalog() -> None:
     "--dataset", required=True, help="ml-100k, ml-latest-small, or a folder in the generic format."
 )
 def catalog_load(dataset: str) -> None:
-    """Load item titles, categories and years into Redis `item:{id}` hashes."""
+    """Load item titles, categories and years into Redis `item:{id}` hashes, and item
+    popularity (interaction counts) into `catalog:popular`, the read API's fallback."""
     import redis
 
     from lab.datasets import load_dataset
