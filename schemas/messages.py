@@ -9,8 +9,7 @@ its metadata beside the payload, never inside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -97,14 +96,14 @@ class Profile(_Frozen):
         return [name for name, _ in ranked[:n]]
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """One Kafka record as read: its metadata beside the raw payload, never inside it.
 
     Every reader of the clickstream (the Faust agent, batch delivery, the rebuild's
     confluent-kafka reader, tests) hands the fold these, so the fold knows no client library.
-    A plain slotted dataclass rather than a model: one is built per record on the hot path,
-    and nothing here needs validating (the payload is validated by its own contract).
+    A named tuple rather than a model: one is built per record on the hot path (a tuple builds
+    about three times faster than a frozen dataclass), and nothing here needs validating (the
+    payload is validated by its own contract).
     """
 
     topic: str
