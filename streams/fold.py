@@ -38,14 +38,18 @@ AnyEvent = ClickEvent | ViewEvent | DwellEvent
 LUA_SOURCE = resources.files("streams").joinpath("fold.lua").read_text("utf-8")
 
 
+# The settings' own defaults (no environment read), so the fold's defaults are stated once.
+_DEFAULTS = StreamsSettings.model_construct()
+
+
 @dataclass(frozen=True, slots=True)
 class Weights:
     """How much each kind of interaction counts, before decay."""
 
-    view: float = 1.0
-    click: float = 2.0
-    dwell_max: float = 4.0
-    dwell_cap_ms: int = 120_000
+    view: float = _DEFAULTS.weight_view
+    click: float = _DEFAULTS.weight_click
+    dwell_max: float = _DEFAULTS.weight_dwell_max
+    dwell_cap_ms: int = _DEFAULTS.dwell_cap_ms
 
     @classmethod
     def from_settings(cls, settings: StreamsSettings) -> Weights:
@@ -68,11 +72,11 @@ class Weights:
 class FoldParams:
     """The profile rules the script applies (from :class:`StreamsSettings`)."""
 
-    half_life_s: float = 7 * 24 * 3600.0
-    recent_max: int = 50
-    retention_s: float = 30 * 24 * 3600.0
-    rebase_after_s: float = 32 * 7 * 24 * 3600.0
-    shift_threshold: float = 0.05
+    half_life_s: float = _DEFAULTS.profile_half_life_s
+    recent_max: int = _DEFAULTS.profile_recent_max
+    retention_s: float = _DEFAULTS.profile_seen_retention_s
+    rebase_after_s: float = _DEFAULTS.rebase_after_s
+    shift_threshold: float = _DEFAULTS.profile_shift_threshold
 
     @classmethod
     def from_settings(cls, settings: StreamsSettings) -> FoldParams:
