@@ -1,7 +1,9 @@
 """Settings of the read API (``recstream serve api``).
 
-Every field reads ``RECSTREAM_<FIELD>`` from the environment, e.g. ``RECSTREAM_API_PORT`` or
-``RECSTREAM_API_KEY``; command-line flags override them.
+Every field the API owns starts with ``api_`` and reads ``RECSTREAM_API_<SETTING>`` (e.g.
+``RECSTREAM_API_PORT``, ``RECSTREAM_API_KEY``), the rule of every service's settings
+(recstream/settings.py); command-line flags, generated from these fields, override them. The key
+is a secret: it has no flag, so it never shows in a process list.
 """
 
 from __future__ import annotations

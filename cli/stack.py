@@ -19,15 +19,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 from urllib.parse import urlparse
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 from cli.supervise import Child, terminate_group
 from recstream.errors import StackError
-from recstream.settings import ENV_PREFIX, REPO_ROOT, CommonSettings, redact_url
+from recstream.settings import REPO_ROOT, CommonSettings, redact_url
 
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
@@ -37,17 +35,15 @@ Say = Callable[[str], None]
 
 
 class StackSettings(CommonSettings):
-    """Where the stack keeps its files and how long it waits."""
-
-    model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, frozen=True, extra="ignore"
-    )
+    """Where the stack keeps its files and how long it waits (``RECSTREAM_STACK_*``)."""
 
     stack_dir: Path = Field(
         Path.home() / ".cache" / "recstream", description="Kafka jars, data and logs."
     )
-    kafka_heap: str = Field("768m", description="Broker JVM heap (-Xmx).")
-    start_timeout_s: float = Field(90.0, gt=0, description="How long `up` waits for readiness.")
+    stack_kafka_heap: str = Field("768m", description="Broker JVM heap (-Xmx).")
+    stack_start_timeout_s: float = Field(
+        90.0, gt=0, description="How long `up` waits for readiness."
+    )
 
 
 @dataclass
@@ -299,7 +295,7 @@ class Stack:
         log = self.logs / "kafka.log"
         cmd = [
             java,
-            f"-Xmx{self.settings.kafka_heap}",
+            f"-Xmx{self.settings.stack_kafka_heap}",
             "-Xms256m",
             "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
@@ -384,7 +380,7 @@ class Stack:
         return proc
 
     def _wait(self, ready: Callable[[], bool], name: str, proc: Proc | None) -> None:
-        deadline = time.monotonic() + self.settings.start_timeout_s
+        deadline = time.monotonic() + self.settings.stack_start_timeout_s
         delay = 0.1
         while time.monotonic() < deadline:
             if ready():
@@ -394,7 +390,7 @@ class Stack:
                 raise StackError(f"{name} exited during start-up; end of {proc.log}:\n{tail}")
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-        raise StackError(f"{name} not ready after {self.settings.start_timeout_s:.0f}s")
+        raise StackError(f"{name} not ready after {self.settings.stack_start_timeout_s:.0f}s")
 
     @staticmethod
     def _fmt(hostport: tuple[str, int]) -> str:

@@ -91,7 +91,7 @@ def _rate(text: str) -> float | None:
     show_default=True,
     help="Events per second, or 'max' for as fast as Kafka takes them.",
 )
-@click.option("--topic", help="Target topic. [env RECSTREAM_TOPIC_CLICKSTREAM]")
+@click.option("--topic", help="Target topic (default: the configured clickstream).")
 def replay_dataset(dataset: str, limit: int | None, rate: str, topic: str | None) -> None:
     """Produce a dataset's interactions to `clickstream` in time order.
 

@@ -1,7 +1,11 @@
 """Settings of the stream processor (``recstream serve streams``) and its data tools.
 
-Every field reads ``RECSTREAM_<FIELD>`` from the environment, e.g. ``RECSTREAM_STREAMS_APP_ID`` or
-``RECSTREAM_PROFILE_HALF_LIFE_S``; command-line flags override them.
+The worker's own fields start with ``streams_`` and read ``RECSTREAM_STREAMS_<SETTING>`` (e.g.
+``RECSTREAM_STREAMS_METRICS_PORT``), the rule of every service's settings (recstream/settings.py).
+The fold's rules (``profile_*``, ``weight_*``, ``dwell_cap_ms``, ``event_max_future_s``) keep the
+names of what they describe because the profile rebuild (`recstream replay profiles`) reads them
+too, so a rebuild folds exactly as the live worker does. Command-line flags, generated from these
+fields, override the environment.
 """
 
 from __future__ import annotations
