@@ -183,6 +183,12 @@ class GenScorer:
 
     @torch.inference_mode()
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        if self.precision == "int8" and len(histories) > 1:
+            # Dynamic INT8 quantizes activations with one scale per tensor, so in a batch a
+            # user's list would depend on its neighbours and their padding. Alone it does not,
+            # at a small cost (16 histories of 5-200 items, ml-100k artifact, one thread:
+            # 27 ms one by one, 23 ms as one padded batch; best of 15).
+            return np.concatenate([self.score([h]) for h in histories])
         tokens, lengths = _pad_right(histories, self.cfg.max_len)
         tokens = tokens.to(self.device)
         with torch.autocast(

@@ -25,9 +25,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.regen import RegenService, build_pool
 from consumers.settings import CacheWriterSettings, RegenSettings
+from inference.artifact import load_recommender
 from inference.pool import WorkerPool
 from inference.recommender import Recommender
-from inference.worker import DatasetModelLoader
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
@@ -49,9 +49,11 @@ def dataset(stack_ready: CommonSettings) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def pool(stack_ready: CommonSettings) -> Iterator[WorkerPool]:
+def pool(stack_ready: CommonSettings, tiny_artifact: Path) -> Iterator[WorkerPool]:
     settings = RegenSettings(
-        **stack_ready.model_dump(), regen_pool={"workers": 1, "request_timeout_s": 10.0}
+        **stack_ready.model_dump(),
+        regen_model_dir=tiny_artifact,
+        regen_pool={"workers": 1, "request_timeout_s": 10.0},
     )
     started = build_pool(settings).start()
     yield started
@@ -59,9 +61,9 @@ def pool(stack_ready: CommonSettings) -> Iterator[WorkerPool]:
 
 
 @pytest.fixture(scope="module")
-def model(stack_ready: CommonSettings) -> Recommender:
-    """The same model the pool serves, built here to compute the expected answers."""
-    return DatasetModelLoader("ml-100k", stack_ready.data_dir)()
+def model(tiny_artifact: Path) -> Recommender:
+    """The same artifact the pool serves, loaded here to compute the expected answers."""
+    return load_recommender(tiny_artifact)
 
 
 @dataclass
@@ -380,7 +382,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     import functools
 
     from inference.pool import PoolConfig
-    from inference.worker import PopularityRecommender
+    from inference.popularity import Popularity
     from tests.unit.pool_models import CATALOG, expected, make_echo
 
     settings = ns.settings
@@ -404,7 +406,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     assert producer.flush(10) == 0
 
     config = PoolConfig(workers=1, max_batch_size=1, queue_size=2, request_timeout_s=30)
-    fallback = PopularityRecommender({item: 1 for item in CATALOG})
+    fallback = Popularity({item: 1 for item in CATALOG})
     slow = WorkerPool(functools.partial(make_echo, delay_s=0.03), fallback, CATALOG, config)
     slow.start()
     common = settings.model_dump()

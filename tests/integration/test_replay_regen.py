@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from cli.stack import Stack
-from inference.worker import PopularityRecommender
+from inference.popularity import Popularity
 from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
 from ops.settings import OpsSettings
 from recstream.kafka import idempotent_producer
@@ -126,7 +126,7 @@ def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_to
     assert changes["u1"].profile_version == 2
 
     # The replayed model: popularity over 30 items, seen items excluded.
-    recommender = PopularityRecommender({item: 100 - n for n, item in enumerate(ITEMS)})
+    recommender = Popularity({item: 100 - n for n, item in enumerate(ITEMS)})
     expected = {
         u: [i for i, _ in recommender.recommend([HISTORIES[u]], 10)[0]] for u in ("u1", "u2", "u3")
     }

@@ -15,7 +15,7 @@ import torch
 
 from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError
-from inference.generative import GenConfig, GenScorer, ItemTransformer
+from inference.generative import GenConfig, GenScorer, ItemTransformer, quantize_int8
 from lab.artifact import save_artifact
 from lab.baselines import EASE, PopularityRanker
 from lab.datasets import Dataset, load_dataset
@@ -82,6 +82,19 @@ def test_recommendations_stay_in_catalog_and_skip_seen_items(
     ease_top, _ = EASE(lam=300).fit(small_split).recommend(hist, 20)
     for row, h in zip(ease_top, hist, strict=True):
         assert not np.isin(row, h).any()
+
+
+def test_int8_scores_do_not_depend_on_the_batch(
+    small_split: Split, trained: tuple[ItemTransformer, GenConfig, dict[str, object]]
+) -> None:
+    # Dynamic INT8 scales activations per tensor: scored together, histories of other lengths
+    # would change each other's lists. A user's answer must be the same in any batch.
+    model, cfg, _ = trained
+    rec = GenScorer(quantize_int8(model), cfg, precision="int8")
+    hist = small_split.histories("test")[:8]
+    together = rec.score(hist)
+    for row, h in enumerate(hist):
+        np.testing.assert_array_equal(together[row], rec.score([h])[0])
 
 
 @pytest.fixture(scope="session")
