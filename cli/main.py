@@ -19,7 +19,9 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from cli.run import RunSettings
 from recstream.errors import RecstreamError
+from recstream.options import given, settings_options
 
 
 class _Group(click.Group):
@@ -143,20 +145,8 @@ def _on_stop_signals(stop: Any) -> None:
     type=click.Choice(["streams", "regen", "cache-writer", "api"]),
     help="Leave a service out (repeatable).",
 )
-@click.option("--stop-timeout-s", default=60.0, show_default=True, help="Per service, on shutdown.")
-@click.option(
-    "--max-crashes",
-    default=5,
-    show_default=True,
-    help="A service that crashes this often within --crash-window-s stops the pipeline.",
-)
-@click.option("--crash-window-s", default=300.0, show_default=True, help="See --max-crashes.")
-def run_pipeline(
-    without: tuple[str, ...],
-    stop_timeout_s: float,
-    max_crashes: int,
-    crash_window_s: float,
-) -> None:
+@settings_options(RunSettings, strip="run_")
+def run_pipeline(without: tuple[str, ...], **flags: Any) -> None:
     """Run the whole pipeline in the foreground on the stack from `recstream stack up`.
 
     Starts the Faust worker (`serve streams`), the regeneration consumer with its pool, the cache
@@ -167,18 +157,13 @@ def run_pipeline(
     """
     from cli.run import Pipeline
 
+    settings = RunSettings(**given(flags))
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Every service reads its own RECSTREAM_<SERVICE>_* names, so one environment serves all
     # children. The Faust worker's /metrics is off by default when run alone (tests start many);
     # the pipeline exposes it beside the consumers' unless the environment says otherwise.
     env = {"RECSTREAM_STREAMS_METRICS_PORT": "9101", **os.environ}
-    pipeline = Pipeline(
-        exclude=set(without),
-        stop_timeout_s=stop_timeout_s,
-        env=env,
-        max_crashes=max_crashes,
-        crash_window_s=crash_window_s,
-    )
+    pipeline = Pipeline(exclude=set(without), env=env, settings=settings)
     stop = threading.Event()
     _on_stop_signals(stop.set)
     pipeline.run(stop)

@@ -22,15 +22,39 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
 from cli.supervise import Child
 from recstream.errors import RecstreamError
+from recstream.settings import CommonSettings
 
-__all__ = ["SERVICES", "Pipeline"]
+__all__ = ["SERVICES", "Pipeline", "RunSettings"]
 
 log = logging.getLogger(__name__)
 
 # Data-flow order; started reversed, stopped in this order.
 SERVICES = ("streams", "regen", "cache-writer", "api")
+
+
+class RunSettings(BaseSettings):
+    """How `recstream run` supervises its children (``RECSTREAM_RUN_*``)."""
+
+    model_config = CommonSettings.model_config  # same prefix; no addresses of its own
+
+    run_stop_timeout_s: float = Field(
+        60.0, gt=0, description="Per service, on shutdown: how long it may drain before SIGKILL."
+    )
+    run_max_crashes: int = Field(
+        5, ge=1, description="A service that crashes this often within the window stops all."
+    )
+    run_crash_window_s: float = Field(
+        300.0, gt=0, description="The window in which crashes of one service are counted."
+    )
+    run_backoff_s: float = Field(
+        1.0, gt=0, description="Delay before the first restart; doubled for each further crash."
+    )
+    run_backoff_max_s: float = Field(30.0, gt=0, description="Longest delay before a restart.")
 
 
 @dataclass
@@ -47,23 +71,15 @@ class Pipeline:
     def __init__(
         self,
         exclude: set[str] | None = None,
-        stop_timeout_s: float = 60.0,
         env: dict[str, str] | None = None,
         *,
         args: dict[str, list[str]] | None = None,
-        max_crashes: int = 5,
-        crash_window_s: float = 300.0,
-        backoff_s: float = 1.0,
-        backoff_max_s: float = 30.0,
+        settings: RunSettings | None = None,
     ) -> None:
         self.names = [name for name in SERVICES if name not in (exclude or set())]
-        self.stop_timeout_s = stop_timeout_s
         self.env = env
         self.args = args or {}  # extra command-line arguments per service (e.g. --loglevel)
-        self.max_crashes = max_crashes
-        self.crash_window_s = crash_window_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
+        self.settings = settings or RunSettings()
         self.services = {name: _Service(name) for name in self.names}
 
     def command(self, name: str) -> list[str]:
@@ -85,9 +101,9 @@ class Pipeline:
             if child is None or child.returncode is not None:
                 continue
             log.info("stopping %s", name)
-            code = child.stop(self.stop_timeout_s)
-            if code == -signal.SIGKILL:
-                log.error("%s did not stop in %.0fs; killed it", name, self.stop_timeout_s)
+            grace = self.settings.run_stop_timeout_s
+            if child.stop(grace) == -signal.SIGKILL:
+                log.error("%s did not stop in %.0fs; killed it", name, grace)
 
     def _check(self, service: _Service, now: float) -> None:
         """Notice a crash and schedule its restart; raise when the service keeps crashing."""
@@ -95,22 +111,23 @@ class Pipeline:
         if service.restart_at is not None or child is None or child.returncode is None:
             return
         child.stop(0)  # reap, and kill anything it left in its group
+        s = self.settings
         service.crashes.append(now)
-        while service.crashes and service.crashes[0] < now - self.crash_window_s:
+        while service.crashes and service.crashes[0] < now - s.run_crash_window_s:
             service.crashes.popleft()
         count = len(service.crashes)
-        if count >= self.max_crashes:
+        if count >= s.run_max_crashes:
             raise RecstreamError(
-                f"{service.name} crashed {count} times within {self.crash_window_s:.0f}s "
+                f"{service.name} crashed {count} times within {s.run_crash_window_s:.0f}s "
                 f"(last exit status {child.returncode}); pipeline stopped"
             )
-        delay = min(self.backoff_s * 2 ** (count - 1), self.backoff_max_s)
+        delay = min(s.run_backoff_s * 2 ** (count - 1), s.run_backoff_max_s)
         log.error(
             "%s exited with status %s (crash %d within %.0fs); restarting in %.1fs",
             service.name,
             child.returncode,
             count,
-            self.crash_window_s,
+            s.run_crash_window_s,
             delay,
         )
         service.restart_at = now + delay
