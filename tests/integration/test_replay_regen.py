@@ -84,6 +84,17 @@ def produce_at(bootstrap: str, topic: str, rows: list[tuple[str, bytes, datetime
     assert producer.flush(30) == 0
 
 
+def cli_env(ns: Namespace) -> dict[str, str]:
+    """The replay command's environment: this test's broker, Redis prefix and topics."""
+    return {
+        "RECSTREAM_KAFKA_BOOTSTRAP": ns.settings.kafka_bootstrap,
+        "RECSTREAM_REDIS_URL": ns.settings.redis_url.get_secret_value(),
+        "RECSTREAM_KEY_PREFIX": ns.settings.key_prefix,
+        "RECSTREAM_TOPIC_PROFILES_CHANGED": ns.settings.topic_profiles_changed,
+        "RECSTREAM_TOPIC_RECOMMENDATIONS": ns.settings.topic_recommendations,
+    }
+
+
 def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_topic: str) -> None:
     settings = OpsSettings(**ns.settings.model_dump(), replay_regen_batch_size=2)
     fold_histories(ns)
@@ -199,13 +210,7 @@ def test_regen_dry_run_lists_users_and_writes_nothing(ns: Namespace, out_topic: 
         ns.settings.topic_profiles_changed,
         [("u1", body.encode(), now - timedelta(minutes=2))],
     )
-    env = {
-        "RECSTREAM_KAFKA_BOOTSTRAP": ns.settings.kafka_bootstrap,
-        "RECSTREAM_REDIS_URL": ns.settings.redis_url.get_secret_value(),
-        "RECSTREAM_KEY_PREFIX": ns.settings.key_prefix,
-        "RECSTREAM_TOPIC_PROFILES_CHANGED": ns.settings.topic_profiles_changed,
-        "RECSTREAM_TOPIC_RECOMMENDATIONS": ns.settings.topic_recommendations,
-    }
+    env = cli_env(ns)
     result = CliRunner().invoke(
         main,
         [
@@ -267,13 +272,7 @@ def test_regen_command_with_the_live_default_model(ns: Namespace, out_topic: str
             for user, items in histories.items()
         ],
     )
-    env = {
-        "RECSTREAM_KAFKA_BOOTSTRAP": ns.settings.kafka_bootstrap,
-        "RECSTREAM_REDIS_URL": ns.settings.redis_url.get_secret_value(),
-        "RECSTREAM_KEY_PREFIX": ns.settings.key_prefix,
-        "RECSTREAM_TOPIC_PROFILES_CHANGED": ns.settings.topic_profiles_changed,
-        "RECSTREAM_TOPIC_RECOMMENDATIONS": ns.settings.topic_recommendations,
-    }
+    env = cli_env(ns)
     args = ["replay", "regen", "--from-time", (now - timedelta(minutes=5)).isoformat()]
     args += ["--to-time", now.isoformat(), "--out-topic", out_topic, "--no-progress"]
     result = CliRunner().invoke(main, args, env=env)
