@@ -26,6 +26,7 @@ from pydantic import Field
 from cli.supervise import Child, terminate_group
 from recstream.errors import StackError
 from recstream.settings import REPO_ROOT, CommonSettings, redact_url
+from recstream.topics import create_topics, delete_topics
 
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
@@ -192,40 +193,11 @@ class Stack:
 
     def create_topics(self, topics: list[str], partitions: int) -> list[str]:
         """Create the topics that do not exist yet; return the names created."""
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        existing = set(admin.list_topics(timeout=10.0).topics)
-        missing = [t for t in topics if t not in existing]
-        if not missing:
-            return []
-        futures = admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
-        )
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=30.0)
-            except Exception as exc:  # a concurrent creator is fine, others are not
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise StackError(f"cannot create topic {name!r}: {exc}") from exc
-        return missing
+        return create_topics(self.settings.kafka_bootstrap, topics, partitions)
 
     def delete_topics(self, topics: list[str]) -> None:
-        """Delete ``topics`` and wait for the broker to confirm; absent ones are fine.
-
-        The wait matters: a request left pending dies with its client, and the topics stay.
-        """
-        from confluent_kafka import KafkaError, KafkaException
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        futures = admin.delete_topics(topics, operation_timeout=30)
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=60.0)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise StackError(f"cannot delete topic {name!r}: {exc}") from exc
+        """Delete ``topics`` and wait for the broker to confirm; absent ones are fine."""
+        delete_topics(self.settings.kafka_bootstrap, topics)
 
     # -- starting ----------------------------------------------------------------------------
     def _start_redis(self) -> None:

@@ -299,15 +299,13 @@ def replay_regen(
         return
     if not changes:
         return
-    from cli.stack import Stack, StackSettings
     from inference import Recommender
     from inference.worker import ArtifactLoader
     from lab.cooccurrence import fit_cooccurrence
+    from recstream.topics import create_topics
     from schemas import ModelRef
 
-    Stack(StackSettings(kafka_bootstrap=settings.kafka_bootstrap)).create_topics(
-        [out_topic], settings.topic_partitions
-    )
+    create_topics(settings.kafka_bootstrap, [out_topic], settings.topic_partitions)
     click.echo(f"loading {model_desc}")
     recommender: Recommender = (
         ArtifactLoader(artifact)()

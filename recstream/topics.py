@@ -1,0 +1,52 @@
+"""Creating and deleting Kafka topics, for the local stack, the operator tools and the tests.
+
+The stack creates the pipeline's topics at `stack up`, `recstream replay regen` creates its output
+topic, and tests and benchmarks make and remove their own; all of them go through these two
+functions, which wait for the broker's answer (a request left pending dies with its client).
+"""
+
+from __future__ import annotations
+
+from recstream.errors import RecstreamError
+
+__all__ = ["TopicError", "create_topics", "delete_topics"]
+
+
+class TopicError(RecstreamError):
+    """The broker refused to create or delete a topic."""
+
+
+def create_topics(bootstrap: str, topics: list[str], partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10.0).topics)
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=30.0)
+        except Exception as exc:  # a concurrent creator is fine, others are not
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise TopicError(f"cannot create topic {name!r}: {exc}") from exc
+    return missing
+
+
+def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Delete ``topics`` and wait for the broker to confirm; absent ones are fine."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.delete_topics(topics, operation_timeout=30)
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=60.0)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TopicError(f"cannot delete topic {name!r}: {exc}") from exc
