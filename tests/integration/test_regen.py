@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.regen import RegenService, build_pool
@@ -31,6 +31,7 @@ from inference.recommender import Recommender
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
@@ -258,7 +259,7 @@ def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profil
     user = "burst-user"
     items = list(dataset.items)[:50]
     versions = _fold_one_by_one(settings, user, items, datetime(2026, 1, 1, tzinfo=UTC))
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    producer = idempotent_producer(settings.kafka_bootstrap)
     # A poison message in the same partition must not hold its offset back.
     producer.produce(settings.topic_profiles_changed, key=user.encode(), value=b"{not json")
     for n, (version, ts) in enumerate(versions):
@@ -340,7 +341,7 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
     from consumers.metrics import CACHE_BATCH_SIZE, CACHE_INVALID
 
     settings = ns.settings
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    producer = idempotent_producer(settings.kafka_bootstrap)
     users = [f"u{n}" for n in range(100)]
     for user in users:
         for version in (1, 2):
@@ -391,7 +392,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     folds = {
         u: _fold_one_by_one(settings, u, [CATALOG[n % 40]], start)[0] for n, u in enumerate(users)
     }
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    producer = idempotent_producer(settings.kafka_bootstrap)
     for user, (version, ts) in folds.items():
         change = ProfileChanged(
             user_id=user,
