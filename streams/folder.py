@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import Envelope, Reason, ValidationFailed, parse_event
+from schemas.deadletter import dead_letter_headers
 from streams import metrics
 from streams.exceptions import StoreUnavailable
 from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, to_datetime
@@ -155,13 +156,7 @@ class ProfileFolder:
     async def _dead_letter(self, record: Envelope, failure: ValidationFailed) -> object:
         metrics.DEAD_LETTERED.labels(failure.reason.value).inc()
         self._out_dlq.inc()
-        headers = [
-            ("dlq.reason", failure.reason.value.encode()),
-            ("dlq.detail", failure.detail.encode("utf-8", "replace")[:512]),
-            ("dlq.source.topic", record.topic.encode()),
-            ("dlq.source.partition", str(record.partition).encode()),
-            ("dlq.source.offset", str(record.offset).encode()),
-        ]
+        headers = dead_letter_headers(record, failure.reason.value, failure.detail)
         return await self._send_dlq(key=record.key, value=record.value, headers=headers)
 
     async def _announce(self, result: Folded, produced_ms: int | None) -> object:
