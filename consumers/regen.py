@@ -85,7 +85,7 @@ def build_pool(settings: RegenSettings) -> WorkerPool:
     catalog = read_catalog(settings.regen_model_dir)
     fallback = catalog.popularity
     return WorkerPool(
-        ArtifactLoader(settings.regen_model_dir),
+        ArtifactLoader(settings.regen_model_dir, settings.regen_post),
         fallback,
         catalog.item_ids,
         settings.regen_pool,

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from inference.pool import PoolConfig
+from inference.postprocess import PostConfig
 from recstream.settings import CommonSettings
 
 __all__ = ["CacheWriterSettings", "RegenSettings"]
@@ -40,6 +41,10 @@ class RegenSettings(CommonSettings):
     )
     regen_pool: PoolConfig = Field(
         default_factory=PoolConfig, description="The worker pool that runs the model."
+    )
+    regen_post: PostConfig = Field(
+        default_factory=PostConfig,
+        description="Cosine floor and MMR on the model's candidates (needs the artifact's index).",
     )
     regen_max_pending_users: int = Field(
         10_000, ge=1, description="Users waiting in the debounce window before input pauses."

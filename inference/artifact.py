@@ -32,6 +32,7 @@ from inference.exceptions import ArtifactError
 from inference.hybrid import mix
 from inference.integrity import verify_manifest
 from inference.popularity import Popularity
+from inference.postprocess import CatalogPost, PostConfig
 from inference.scoring import EaseScorer, top_k_unseen
 
 __all__ = [
@@ -122,6 +123,7 @@ class ArtifactRecommender:
         device: str | None = None,
         quantize: bool = True,
         hybrid: bool = True,
+        post: PostConfig | None = None,
     ) -> None:
         import torch
         from safetensors.torch import load_model
@@ -173,6 +175,21 @@ class ArtifactRecommender:
                 raise ArtifactError(f"{folder} has a malformed hybrid section")
             self.cf, self.alpha = _load_cf(folder, section, self.n_items)
         self.name = "gen" if self.cf is None else "gen+ease"
+        self.post: CatalogPost | None = None
+        if post is not None and post.active:
+            self.post = CatalogPost(self.item_ids, self._item_vectors(folder), post)
+            self.name += "+post"
+
+    def _item_vectors(self, folder: Path) -> np.ndarray:
+        """The item text embeddings of the artifact's FAISS index, in catalog order."""
+        from inference.index import ItemIndex
+
+        if not (folder / INDEX_DIR).is_dir():
+            raise ArtifactError(f"{folder} has no item index ({INDEX_DIR}/) for post-processing")
+        index = ItemIndex.load(folder / INDEX_DIR)
+        if set(index.item_ids) != set(self.item_ids):
+            raise ArtifactError(f"{folder}: the item index does not cover the vocabulary")
+        return index.vectors(self.item_ids)
 
     def to_indices(self, history: list[str]) -> np.ndarray:
         """Catalog indices of a history; unknown ids are skipped (they cannot be scored)."""
@@ -196,9 +213,14 @@ class ArtifactRecommender:
         scores = np.tile(self._popularity, (len(histories), 1))
         if rows:
             scores[rows] = self.score([known[r] for r in rows])
-        top, vals = top_k_unseen(scores, known, k)
-        for r in range(len(histories)):
-            for i, v in zip(top[r], vals[r], strict=True):
+        picked: list[tuple[Sequence[int], Sequence[float]]]
+        if self.post is None:
+            top, vals = top_k_unseen(scores, known, k)
+            picked = [(top[r].tolist(), vals[r].tolist()) for r in range(len(histories))]
+        else:
+            picked = [self.post.top(scores[r], known[r], k) for r in range(len(histories))]
+        for r, (top_r, vals_r) in enumerate(picked):
+            for i, v in zip(top_r, vals_r, strict=True):
                 if not np.isfinite(v):
                     break  # fewer unseen items than k
                 # By construction an index is a catalog position; checked because serving
@@ -210,13 +232,19 @@ class ArtifactRecommender:
 
 
 def load_recommender(
-    folder: str | Path, device: str | None = None, quantize: bool = True, hybrid: bool = True
+    folder: str | Path,
+    device: str | None = None,
+    quantize: bool = True,
+    hybrid: bool = True,
+    post: PostConfig | None = None,
 ) -> ArtifactRecommender:
     """Verify and load an artifact written by ``recstream train``.
 
     ``hybrid=False`` serves the transformer alone even when the artifact carries the hybrid.
+    ``post`` (when it sets a step) runs the cosine floor and MMR on the model's candidates with
+    the artifact's item index; an artifact without the index is then refused.
     """
     path = Path(folder)
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
-    return ArtifactRecommender(path, device=device, quantize=quantize, hybrid=hybrid)
+    return ArtifactRecommender(path, device=device, quantize=quantize, hybrid=hybrid, post=post)

@@ -4,6 +4,10 @@ In order: drop candidates with a non-finite score and duplicates, drop items the
 seen, drop anything that is not in the catalog (counted, since a model that proposes unknown items
 is broken), optionally drop items whose cosine similarity to the user's profile embedding is below
 a floor, and optionally diversify with maximal marginal relevance (MMR) before taking the top k.
+
+:class:`CatalogPost` runs those optional steps in the served path (``ArtifactRecommender`` with an
+artifact that carries the item index) and in ``recstream eval`` (the ``gen+ease+post`` row), on
+the model's best unseen candidates, with the index's item text embeddings.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
 
 from inference.exceptions import InferenceError
 
-__all__ = ["Postprocessed", "mmr", "postprocess"]
+__all__ = ["CatalogPost", "PostConfig", "Postprocessed", "mmr", "postprocess"]
 
 VectorLookup = Callable[[Sequence[str]], npt.NDArray[np.float32]]
 
@@ -141,3 +146,80 @@ def postprocess(
         rejected_unknown=unknown,
         dropped_floor=floor_n,
     )
+
+
+class PostConfig(BaseModel):
+    """The optional served post-processing steps, both off unless set: the regeneration settings
+    carry it as their ``regen_post`` sub-model.
+
+    Off by default because on ml-100k neither step paid for itself (``recstream eval``'s
+    ``gen+ease+post`` rows, docs/models.md): MiniLM cosines of a profile to any movie lie between
+    about 0.5 and 0.75, so a floor up to 0.5 changes nothing and 0.6 costs NDCG@10; MMR trades a
+    little NDCG@10 for diversity.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cosine_floor: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="Drop candidates whose text cosine to the user's profile is below this.",
+    )
+    mmr_lambda: float | None = Field(
+        None, ge=0.0, le=1.0, description="Diversify with MMR at this lambda (1 = relevance only)."
+    )
+    candidates: int = Field(
+        100, ge=1, description="The model's best unseen items the steps choose from."
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.cosine_floor is not None or self.mmr_lambda is not None
+
+
+class CatalogPost:
+    """Cosine floor and MMR over a catalog in index order, with one text embedding per item.
+
+    The profile is the mean embedding of the history's items (``profile_embedding``); a history
+    with no item has no profile, so the floor is skipped for it.
+    """
+
+    def __init__(
+        self, item_ids: Sequence[str], vectors: npt.NDArray[np.float32], config: PostConfig
+    ) -> None:
+        if vectors.shape[0] != len(item_ids):
+            raise InferenceError(f"{vectors.shape[0]} vectors for {len(item_ids)} items")
+        self.item_ids = list(item_ids)
+        self.vectors = vectors
+        self.config = config
+        self._pos = {item: i for i, item in enumerate(self.item_ids)}
+
+    def _lookup(self, ids: Sequence[str]) -> npt.NDArray[np.float32]:
+        return self.vectors[[self._pos[i] for i in ids]]
+
+    def top(
+        self, scores: npt.NDArray[np.float32], history: npt.NDArray[np.int64], k: int
+    ) -> tuple[list[int], list[float]]:
+        """The ``k`` catalog indices (and model scores) left after the steps, best first."""
+        from inference.embeddings import profile_embedding
+        from inference.scoring import top_k_unseen
+
+        cand, cand_scores = top_k_unseen(
+            scores[None, :].copy(), [history], max(self.config.candidates, k)
+        )
+        finite = np.isfinite(cand_scores[0])
+        ids = [self.item_ids[i] for i in cand[0][finite]]
+        floor = self.config.cosine_floor
+        profile = profile_embedding(self.vectors[history]) if len(history) else None
+        result = postprocess(
+            ids,
+            cand_scores[0][finite],
+            k=k,
+            catalog=self._pos,
+            profile=profile,
+            item_vectors=self._lookup,
+            cosine_floor=floor if profile is not None else None,
+            mmr_lambda=self.config.mmr_lambda,
+        )
+        return [self._pos[i] for i in result.item_ids], result.scores

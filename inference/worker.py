@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.postprocess import PostConfig
 from inference.recommender import Recommender
 
 __all__ = ["ArtifactLoader", "worker_main"]
@@ -41,11 +42,12 @@ class ArtifactLoader:
     """
 
     artifact: Path
+    post: PostConfig | None = None
 
     def __call__(self) -> Recommender:
         from inference.artifact import load_recommender
 
-        return load_recommender(self.artifact)
+        return load_recommender(self.artifact, post=self.post)
 
 
 def _touch_device(model: object) -> dict[str, Any]:

@@ -9,6 +9,11 @@ from typing import Any
 
 import click
 
+from inference.postprocess import PostConfig
+
+# The eval options of the served post-processing read their help from its settings fields.
+_POST = PostConfig.model_fields
+
 _DATASET_HELP = (
     "Dataset name (ml-100k, ml-latest-small, ml-latest-small-llamarec; found under "
     "RECSTREAM_DATA_DIR) or a folder with interactions.csv [+ items.csv]."
@@ -232,7 +237,8 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     "--models",
     default="pop,itemknn,ease,gen,gen+ease,gen+rerank",
     show_default=True,
-    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), gen+rerank.",
+    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), gen+ease+post "
+    "(the hybrid with the served cosine floor / MMR), gen+rerank.",
 )
 @click.option(
     "--out",
@@ -276,6 +282,25 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     help="Run gen+rerank on the first N test users only (the language model is slow on CPU); "
     "gen is compared on the same users.",
 )
+@click.option(
+    "--cosine-floor",
+    type=float,
+    default=None,
+    help=f"gen+ease+post: {_POST['cosine_floor'].description} (0.0 when neither step is given).",
+)
+@click.option(
+    "--mmr-lambda",
+    type=float,
+    default=None,
+    help=f"gen+ease+post: {_POST['mmr_lambda'].description}",
+)
+@click.option(
+    "--post-candidates",
+    type=int,
+    default=_POST["candidates"].default,
+    show_default=True,
+    help=f"gen+ease+post: {_POST['candidates'].description}",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 def eval_cmd(  # noqa: PLR0917 (click passes every option)
     dataset: str,
@@ -286,6 +311,9 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     gen_minutes: float,
     rerank_top: int,
     rerank_users: int | None,
+    cosine_floor: float | None,
+    mmr_lambda: float | None,
+    post_candidates: int,
     threads: int,
 ) -> None:
     """Evaluate models on DATASET's test split: table, JSON report and PNG plot.
@@ -306,6 +334,9 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         gen_minutes=gen_minutes,
         rerank_top=rerank_top,
         rerank_users=rerank_users,
+        post=PostConfig(
+            cosine_floor=cosine_floor, mmr_lambda=mmr_lambda, candidates=post_candidates
+        ),
         say=click.echo,
     )
     click.echo(table(report))
@@ -314,7 +345,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         f"dataset {meta['dataset']}: {meta['users']} users, {meta['items']} items; "
         f"out-of-catalog recommendations: {meta['out_of_catalog_total']}"
     )
-    for name in ("gen", "gen+ease", "gen+rerank"):
+    for name in ("gen", "gen+ease", "gen+ease+post", "gen+rerank"):
         if name in report and "vs_best_baseline" in report[name]:
             v = report[name]["vs_best_baseline"]
             click.echo(

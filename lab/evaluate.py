@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from inference.exceptions import InferenceError
+from inference.postprocess import CatalogPost, PostConfig
 from inference.scoring import CatalogScorer, top_k_unseen
 from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
@@ -32,6 +33,7 @@ from lab.protocol import (
 __all__ = [
     "BASELINES",
     "MODELS",
+    "PostRanked",
     "baseline",
     "evaluate",
     "gen_preset",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 BASELINES = ("pop", "itemknn", "ease")
-MODELS = (*BASELINES, "gen", "gen+ease", "gen+rerank")
+MODELS = (*BASELINES, "gen", "gen+ease", "gen+ease+post", "gen+rerank")
 LATENCY_USERS = 200
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
@@ -215,6 +217,7 @@ def run_eval(
     gen_minutes: float | None = None,
     rerank_top: int = 20,
     rerank_users: int | None = None,
+    post: PostConfig | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the test split; see the module docstring."""
@@ -229,7 +232,7 @@ def run_eval(
         report[name], per_user[name] = evaluate(model, split)
         say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
     gens = []
-    if {"gen", "gen+ease", "gen+rerank"} & set(models):
+    if {"gen", "gen+ease", "gen+ease+post", "gen+rerank"} & set(models):
         gens = list(
             _gen_models(
                 split,
@@ -257,21 +260,24 @@ def run_eval(
         report["gen"] = mean_over_seeds(runs)
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
-    if "gen+ease" in models:
+    if {"gen+ease", "gen+ease+post"} & set(models):
         from lab.hybrid import Hybrid
 
         ease = fitted.get("ease") or baseline("ease", split, say)
-        runs, users = [], []
-        for seed, rec, _ in gens:
-            hybrid = Hybrid(ease, rec).fit(split)
-            res, nd = evaluate(hybrid, split)
-            res["seed"] = seed
-            res["alpha"] = hybrid.alpha
-            runs.append(res)
-            users.append(nd)
-            say(f"gen+ease seed {seed}: test ndcg@10={res['ndcg@10']:.4f} (alpha {hybrid.alpha})")
-        report["gen+ease"] = mean_over_seeds(runs)
-        per_user["gen+ease"] = np.mean(users, axis=0)
+        hybrids = [(seed, Hybrid(ease, rec).fit(split)) for seed, rec, _ in gens]
+        if "gen+ease" in models:
+            alphas = [(seed, h, {"alpha": float(h.alpha)}) for seed, h in hybrids]
+            report["gen+ease"], per_user["gen+ease"] = _seed_rows("gen+ease", alphas, split, say)
+        if "gen+ease+post" in models:
+            config = post if post is not None and post.active else PostConfig(cosine_floor=0.0)
+            steps = CatalogPost(split.item_ids, _item_vectors(split, artifacts), config)
+            settings = config.model_dump()
+            report["gen+ease+post"], per_user["gen+ease+post"] = _seed_rows(
+                "gen+ease+post",
+                [(seed, PostRanked(h, steps), settings) for seed, h in hybrids],
+                split,
+                say,
+            )
     if "gen+rerank" in models:
         from lab.gen_rerank import GenRerank
 
@@ -316,7 +322,7 @@ def run_eval(
     if present:
         best = max(present, key=lambda b: report[b]["ndcg@10"])
         meta["best_baseline"] = best
-        for name in ("gen", "gen+ease", "gen+rerank"):
+        for name in ("gen", "gen+ease", "gen+ease+post", "gen+rerank"):
             if name in report:
                 ours = per_user[name]
                 theirs = per_user[best][: len(ours)]  # same users, same order
@@ -325,6 +331,58 @@ def run_eval(
                 report[name]["vs_best_baseline"] = {"baseline": best, **sig}
     report["_meta"] = meta
     return report
+
+
+def _seed_rows(
+    name: str,
+    models: Sequence[tuple[int, CatalogScorer, dict[str, Any]]],
+    split: Split,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One model's report row over seeds (each run notes ``extra``) and its per-user NDCG."""
+    runs, users = [], []
+    for seed, model, extra in models:
+        res, nd = evaluate(model, split)
+        res.update(seed=seed, **extra)
+        runs.append(res)
+        users.append(nd)
+        say(f"{name} seed {seed}: test ndcg@10={res['ndcg@10']:.4f} {extra}")
+    return mean_over_seeds(runs), np.mean(users, axis=0)
+
+
+class PostRanked:
+    """A scorer whose best items are the served post-processed list, in its order.
+
+    Only the first ``depth`` positions are the served list; the rest keep the model's order
+    below them. (When the floor leaves fewer than ``depth`` items, the model's next items fill
+    the gap, so a very high floor is judged a little kindly.)
+    """
+
+    def __init__(self, base: CatalogScorer, steps: CatalogPost, depth: int = 10) -> None:
+        self.base, self.steps, self.depth = base, steps, depth
+        self.name = f"{base.name}+post"
+        self.n_items = base.n_items
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        scores = self.base.score(histories)
+        out = np.asarray(scores, dtype=np.float32).copy()
+        for row, history in enumerate(histories):
+            top, _ = self.steps.top(scores[row], np.asarray(history, dtype=np.int64), self.depth)
+            lift = float(np.abs(out[row]).max()) + 1.0
+            out[row, top] = lift + np.arange(len(top), 0, -1, dtype=np.float32)
+        return out
+
+
+def _item_vectors(split: Split, artifacts: Sequence[Path]) -> np.ndarray:
+    """Item text embeddings in catalog order: the first artifact's index, else MiniLM now."""
+    if artifacts:
+        from inference.index import ItemIndex
+
+        index = ItemIndex.load(artifacts[0] / "index")
+        return index.vectors(split.item_ids)
+    from inference.embeddings import catalog_vectors
+
+    return catalog_vectors(split.item_ids, split.items)
 
 
 def _gen_models(

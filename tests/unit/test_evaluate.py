@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
-from lab.evaluate import mean_over_seeds, significance, table
+from inference.postprocess import CatalogPost, PostConfig
+from inference.scoring import top_k_unseen
+from lab.evaluate import PostRanked, mean_over_seeds, significance, table
 from lab.protocol import METRIC_KEYS
 
 
@@ -38,3 +42,25 @@ def test_paired_tests_detect_a_consistent_gain_and_ignore_no_change() -> None:
     assert significance(theirs, theirs)["wilcoxon_p"] == 1.0
     better = significance(theirs + 0.05 + 0.01 * rng.random(200), theirs)
     assert better["mean_diff"] > 0 and better["wilcoxon_p"] < 1e-6
+
+
+class _Fixed:
+    """Scores item i as ``n - i`` for everyone: the model's order is the catalog order."""
+
+    name = "fixed"
+    n_items = 6
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.tile(np.arange(6, 0, -1, dtype=np.float32), (len(histories), 1))
+
+
+def test_post_ranked_puts_the_served_list_first() -> None:
+    # Items 0-2 point one way, 3-5 the other; the user saw item 0.
+    vectors = np.array([[1, 0]] * 3 + [[0, 1]] * 3, dtype=np.float32)
+    ids = [f"i{i}" for i in range(6)]
+    history = [np.array([0])]
+    floored = PostRanked(_Fixed(), CatalogPost(ids, vectors, PostConfig(cosine_floor=0.5)), 3)
+    top, _ = top_k_unseen(floored.score(history), history, 3)
+    assert top[0].tolist() == [1, 2, 3]  # the two kept items, then the model's next one
+    same = PostRanked(_Fixed(), CatalogPost(ids, vectors, PostConfig(mmr_lambda=1.0)), 3)
+    assert top_k_unseen(same.score(history), history, 5)[0][0].tolist() == [1, 2, 3, 4, 5]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from inference.exceptions import InferenceError
-from inference.postprocess import mmr, postprocess
+from inference.postprocess import CatalogPost, PostConfig, mmr, postprocess
 
 VECTORS = {
     "a": np.array([1.0, 0.0, 0.0], np.float32),
@@ -82,3 +82,23 @@ def test_options_without_their_inputs_are_refused() -> None:
         postprocess(["a"], [1.0], k=1, catalog=VECTORS, item_vectors=lookup, cosine_floor=0.1)
     with pytest.raises(InferenceError):
         postprocess(["a", "b"], [1.0], k=1, catalog=VECTORS)
+
+
+def test_catalog_post_applies_the_floor_and_mmr_to_the_model_candidates() -> None:
+    ids = ["a", "a2", "b", "c"]
+    vectors = lookup(ids)
+    history = np.array([0], dtype=np.int64)  # the user saw "a": the profile points along it
+    scores = np.array([9.0, 3.0, 5.0, 1.0], np.float32)  # "b" is the model's best unseen item
+    plain = CatalogPost(ids, vectors, PostConfig(mmr_lambda=1.0))
+    assert plain.top(scores, history, 3)[0] == [2, 1, 3]  # relevance order, "a" excluded
+    floored = CatalogPost(ids, vectors, PostConfig(cosine_floor=0.5))
+    top, kept_scores = floored.top(scores, history, 3)
+    assert top == [1]  # only "a2" is close to the profile
+    assert kept_scores == [3.0]  # the model's own score
+    # Without a history there is no profile, so the floor cannot apply.
+    assert floored.top(scores, np.array([], dtype=np.int64), 2)[0] == [0, 2]
+
+
+def test_catalog_post_refuses_mismatched_vectors() -> None:
+    with pytest.raises(InferenceError):
+        CatalogPost(["a", "b"], lookup(["a"]), PostConfig(cosine_floor=0.1))
