@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import click
 
 from api.settings import ApiSettings
 from recstream.options import given, settings_options
+from recstream.process import configure_logging
 
 __all__ = ["register"]
 
@@ -24,9 +24,7 @@ def serve_api(loglevel: str, **flags: Any) -> None:
     """
     from api.app import run
 
-    logging.basicConfig(
-        level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(loglevel)
     run(ApiSettings(**given(flags)))
 
 

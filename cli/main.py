@@ -8,9 +8,7 @@ settings classes; a flag given on the command line wins.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +20,7 @@ from pydantic import ValidationError
 from cli.run import RunSettings
 from recstream.errors import RecstreamError
 from recstream.options import given, settings_options
+from recstream.process import configure_logging, on_stop_signals
 
 
 class _Group(click.Group):
@@ -127,17 +126,6 @@ def demo(  # noqa: PLR0917 - one parameter per click option
     )
 
 
-def _on_stop_signals(stop: Any) -> None:
-    """SIGTERM and SIGINT only set the stop flag; the service then drains and closes."""
-
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).info("signal %d: stopping", signum)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 @main.command("run")
 @click.option(
     "--without",
@@ -158,14 +146,14 @@ def run_pipeline(without: tuple[str, ...], **flags: Any) -> None:
     from cli.run import Pipeline
 
     settings = RunSettings(**given(flags))
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info")
     # Every service reads its own RECSTREAM_<SERVICE>_* names, so one environment serves all
     # children. The Faust worker's /metrics is off by default when run alone (tests start many);
     # the pipeline exposes it beside the consumers' unless the environment says otherwise.
     env = {"RECSTREAM_STREAMS_METRICS_PORT": "9101", **os.environ}
     pipeline = Pipeline(exclude=set(without), env=env, settings=settings)
     stop = threading.Event()
-    _on_stop_signals(stop.set)
+    on_stop_signals(stop.set)
     pipeline.run(stop)
 
 

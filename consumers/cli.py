@@ -7,33 +7,15 @@ commands.
 
 from __future__ import annotations
 
-import logging
-import signal
 from typing import Any
 
 import click
 
 from consumers.settings import CacheWriterSettings, RegenSettings
 from recstream.options import given, settings_options
+from recstream.process import configure_logging, on_stop_signals
 
 __all__ = ["register"]
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def _on_stop_signals(stop: Any) -> None:
-    """SIGTERM and SIGINT only set the stop flag; the service then drains and closes."""
-
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).info("signal %d: stopping", signum)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 @click.command("regen")
@@ -48,12 +30,12 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
     from consumers.metrics import serving_metrics
     from consumers.regen import RegenService, build_pool
 
-    _logging(loglevel)
+    configure_logging(loglevel)
     settings = RegenSettings(**given(flags))
     pool = build_pool(settings).start()
     try:
         service = RegenService(settings, pool)
-        _on_stop_signals(service.stop)
+        on_stop_signals(service.stop)
         with serving_metrics(
             settings.regen_metrics_host, settings.regen_metrics_port, service.health
         ):
@@ -70,10 +52,10 @@ def serve_cache_writer(loglevel: str, **flags: Any) -> None:
     from consumers.cache_writer import CacheWriter
     from consumers.metrics import serving_metrics
 
-    _logging(loglevel)
+    configure_logging(loglevel)
     settings = CacheWriterSettings(**given(flags))
     writer = CacheWriter(settings)
-    _on_stop_signals(writer.stop)
+    on_stop_signals(writer.stop)
     with serving_metrics(settings.cache_metrics_host, settings.cache_metrics_port, writer.health):
         writer.run()
 
