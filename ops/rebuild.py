@@ -256,10 +256,9 @@ class ProfileRebuild:
     def _users(self, keys: Keys) -> set[str]:
         # Every profile has a seen-set (its newest event id is always retained), and seen keys
         # have no suffixes, so they name the users unambiguously.
-        head = keys.seen("")
         return {
-            _text(key)[len(head) :]
-            for key in self.redis.scan_iter(match=_glob_escape(head) + "*", count=1000)
+            keys.user_of(key)
+            for key in self.redis.scan_iter(match=keys.user_pattern("seen"), count=1000)
         }
 
     # -- folding -----------------------------------------------------------------------------

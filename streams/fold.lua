@@ -1,22 +1,39 @@
 -- Fold a batch of clickstream events into per-user profiles, atomically (one EVALSHA per batch).
 --
--- ARGV: prefix, half_life_s, recent_max, retention_s, rebase_after_s, shift_threshold, batch;
--- batch is JSON: [[user_id, [[event_id, item_id, ts, weight], ...]], ...] (one argument, because
--- packing thousands of separate arguments costs the client more than the fold costs Redis).
+-- ARGV: prefix (unused: every key arrives built by recstream.keys.Keys), half_life_s, recent_max,
+-- retention_s, rebase_after_s, shift_threshold, batch, item_keys, seen_max, items_max,
+-- cats_max, idle_ttl_s.
+-- batch is JSON: [[user_id, user_key_base, [[event_id, item_id, ts, weight], ...]], ...] (one
+-- argument, because packing thousands of separate arguments costs the client more than the fold
+-- costs Redis); a user's keys are user_key_base .. 'profile' | 'items' | 'cats' | 'recent' |
+-- 'seen' (Keys.user_base: the id is escaped and hash-tagged there, never here). item_keys is
+-- JSON {item_id: item key} for the batch's items (their catalog hashes, read for categories).
 -- Weights are stored scaled to the profile's base time B: an event (w, t) adds w * 2^((t-B)/h).
 -- Read at the reference time T (newest ts folded) a stored value s means s * 2^(-(T-B)/h), i.e.
 -- the sum of w * 2^(-(T-t)/h): the same whatever order the events arrived in. When T runs more
 -- than rebase_after_s past B, every stored value is rescaled and B moves to T (no overflow).
 --
+-- Bounds (0 = no bound): the seen-set keeps at most seen_max ids (the newest), the items and
+-- categories hashes at most items_max / cats_max fields (the heaviest), and every key of a user
+-- folded in this batch gets an idle TTL of idle_ttl_s seconds.
+--
+-- A user one of whose keys holds the wrong Redis type is left untouched (checked before any
+-- write) and reported with version -1 and 'WRONGTYPE' in place of the trigger event id, so the
+-- caller dead-letters that user's records while the rest of the batch folds.
+--
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
 -- trigger_ts, new_item...}; numbers that are not integers travel as strings.
-local prefix = ARGV[1]
 local h = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
 local rebase_after = tonumber(ARGV[5])
 local threshold = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
+local item_keys = cjson.decode(ARGV[8])
+local seen_max = tonumber(ARGV[9])
+local items_max = tonumber(ARGV[10])
+local cats_max = tonumber(ARGV[11])
+local idle_ttl = tonumber(ARGV[12])
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -49,8 +66,10 @@ local function categories(item)
   local cats = categories_of[item]
   if cats == nil then
     cats = {}
-    local text = redis.call('HGET', prefix .. 'item:' .. item, 'categories')
-    if text then
+    -- pcall: a damaged catalog entry costs the item its categories, not the user's fold.
+    local key = item_keys[item]
+    local text = key and redis.pcall('HGET', key, 'categories')
+    if type(text) == 'string' then
       for cat in string.gmatch(text, '[^|]+') do
         cats[#cats + 1] = cat
       end
@@ -101,143 +120,197 @@ local function mix(values)
   return out
 end
 
+-- Keep the heaviest `limit` fields of a hash of weights (ties: the smaller field name stays).
+local function cap_hash(key, limit)
+  if limit <= 0 or redis.call('HLEN', key) <= limit then
+    return false
+  end
+  local flat = redis.call('HGETALL', key)
+  local entries = {}
+  for j = 1, #flat, 2 do
+    entries[#entries + 1] = { flat[j], tonumber(flat[j + 1]) or 0 }
+  end
+  table.sort(entries, function(a, b)
+    if a[2] ~= b[2] then
+      return a[2] < b[2]
+    end
+    return a[1] > b[1]
+  end)
+  local drop = {}
+  for j = 1, #entries - limit do
+    drop[#drop + 1] = entries[j][1]
+  end
+  call_sliced('HDEL', key, drop)
+  return true
+end
+
+local EXPECTED = { profile = 'hash', items = 'hash', cats = 'hash', recent = 'zset', seen = 'zset' }
+local KINDS = { 'profile', 'items', 'cats', 'recent', 'seen' }
+
+local function wrong_type(base)
+  for _, kind in ipairs(KINDS) do
+    local found = redis.call('TYPE', base .. kind)['ok']
+    if found ~= 'none' and found ~= EXPECTED[kind] then
+      return true
+    end
+  end
+  return false
+end
+
 local results = {}
 for _, group in ipairs(batch) do
   local user = group[1]
-  local events = group[2]
+  local base_key = group[2]
+  local events = group[3]
 
-  local pkey = prefix .. 'profile:' .. user
-  local ikey = pkey .. ':items'
-  local ckey = pkey .. ':cats'
-  local rkey = pkey .. ':recent'
-  local skey = prefix .. 'seen:' .. user
+  local pkey = base_key .. 'profile'
+  local ikey = base_key .. 'items'
+  local ckey = base_key .. 'cats'
+  local rkey = base_key .. 'recent'
+  local skey = base_key .. 'seen'
 
-  local state = redis.call('HMGET', pkey, 'version', 'events', 'ref_ts', 'base_ts', 'emitted_mix')
-  local version = tonumber(state[1]) or 0
-  local count = tonumber(state[2]) or 0
-  local ref = tonumber(state[3])
-  local base = tonumber(state[4])
+  if wrong_type(base_key) then
+    results[#results + 1] = { user, -1, 0, 0, 0, 0, '0', 'WRONGTYPE', '0' }
+  else
+    local state = redis.call('HMGET', pkey, 'version', 'events', 'ref_ts', 'base_ts', 'emitted_mix')
+    local version = tonumber(state[1]) or 0
+    local count = tonumber(state[2]) or 0
+    local ref = tonumber(state[3])
+    local base = tonumber(state[4])
 
-  local newest = ref
-  for _, ev in ipairs(events) do
-    local ts = ev[3]
-    if newest == nil or ts > newest then
-      newest = ts
+    local newest = ref
+    for _, ev in ipairs(events) do
+      local ts = ev[3]
+      if newest == nil or ts > newest then
+        newest = ts
+      end
     end
-  end
-  if base == nil then
-    base = newest
-  elseif newest - base > rebase_after then
-    local factor = 2 ^ (-(newest - base) / h)
-    rescale(ikey, factor)
-    rescale(ckey, factor)
-    base = newest
-  end
-  local cutoff = newest - retention
+    if base == nil then
+      base = newest
+    elseif newest - base > rebase_after then
+      local factor = 2 ^ (-(newest - base) / h)
+      rescale(ikey, factor)
+      rescale(ckey, factor)
+      base = newest
+    end
+    local cutoff = newest - retention
 
-  -- Values are summed here in doubles and written once per batch with 17 significant
-  -- digits (HINCRBYFLOAT would round small values to 17 decimal places).
-  local folded, duplicates, late = 0, 0, 0
-  local deltas, order, newest_of = {}, {}, {}
-  local cat_values, cats_touched = nil, {}
-  local trigger_id, trigger_ts = nil, nil
-  for _, ev in ipairs(events) do
-    local event_id, item, ts, weight = ev[1], ev[2], ev[3], ev[4]
-    if ts < cutoff then
-      late = late + 1
-    elseif redis.call('ZADD', skey, 'NX', ts, event_id) == 0 then
-      duplicates = duplicates + 1
-    else
-      folded = folded + 1
-      local scaled = weight * 2 ^ ((ts - base) / h)
-      if deltas[item] == nil then
-        deltas[item] = 0
-        order[#order + 1] = item
+    -- Values are summed here in doubles and written once per batch with 17 significant
+    -- digits (HINCRBYFLOAT would round small values to 17 decimal places).
+    local folded, duplicates, late = 0, 0, 0
+    local deltas, order, newest_of = {}, {}, {}
+    local cat_values, cats_touched = nil, {}
+    local trigger_id, trigger_ts = nil, nil
+    for _, ev in ipairs(events) do
+      local event_id, item, ts, weight = ev[1], ev[2], ev[3], ev[4]
+      if ts < cutoff then
+        late = late + 1
+      elseif redis.call('ZADD', skey, 'NX', ts, event_id) == 0 then
+        duplicates = duplicates + 1
+      else
+        folded = folded + 1
+        local scaled = weight * 2 ^ ((ts - base) / h)
+        if deltas[item] == nil then
+          deltas[item] = 0
+          order[#order + 1] = item
+        end
+        deltas[item] = deltas[item] + scaled
+        if newest_of[item] == nil or ts > newest_of[item] then
+          newest_of[item] = ts
+        end
+        local cats = categories(item)
+        if #cats > 0 then
+          if cat_values == nil then
+            cat_values = read_hash(ckey)
+          end
+          for _, cat in ipairs(cats) do
+            cat_values[cat] = (cat_values[cat] or 0) + scaled / #cats
+            cats_touched[cat] = true
+          end
+        end
+        if trigger_ts == nil or ts >= trigger_ts then
+          trigger_id, trigger_ts = event_id, ts
+        end
       end
-      deltas[item] = deltas[item] + scaled
-      if newest_of[item] == nil or ts > newest_of[item] then
-        newest_of[item] = ts
+    end
+
+    local emit, shift = 0, 0
+    local new_items = {}
+    if folded > 0 then
+      local old = call_sliced('HMGET', ikey, order)
+      local item_args, recent_args = {}, {}
+      for j, item in ipairs(order) do
+        local previous = tonumber(old[j])
+        if previous == nil then
+          new_items[#new_items + 1] = item
+          previous = 0
+        end
+        item_args[#item_args + 1] = item
+        item_args[#item_args + 1] = fmt(previous + deltas[item])
+        recent_args[#recent_args + 1] = fmt(newest_of[item])
+        recent_args[#recent_args + 1] = item
       end
-      local cats = categories(item)
-      if #cats > 0 then
-        if cat_values == nil then
+      call_sliced('HSET', ikey, item_args)
+      call_sliced('ZADD', rkey, recent_args, 'GT')
+      redis.call('ZREMRANGEBYRANK', rkey, 0, -(recent_max + 1))
+      redis.call('ZREMRANGEBYSCORE', skey, '-inf', '(' .. fmt(cutoff))
+      if seen_max > 0 then
+        redis.call('ZREMRANGEBYRANK', skey, 0, -(seen_max + 1))
+      end
+      cap_hash(ikey, items_max)
+      if cat_values == nil then
+        cat_values = read_hash(ckey)
+      else
+        local cat_args = {}
+        for cat in pairs(cats_touched) do
+          cat_args[#cat_args + 1] = cat
+          cat_args[#cat_args + 1] = fmt(cat_values[cat])
+        end
+        call_sliced('HSET', ckey, cat_args)
+        if cap_hash(ckey, cats_max) then
           cat_values = read_hash(ckey)
         end
-        for _, cat in ipairs(cats) do
-          cat_values[cat] = (cat_values[cat] or 0) + scaled / #cats
-          cats_touched[cat] = true
+      end
+      version = version + 1
+      local now_mix = mix(cat_values)
+      local before = {}
+      if state[5] then
+        before = cjson.decode(state[5])
+      end
+      local distance = 0
+      for k, v in pairs(now_mix) do
+        distance = distance + math.abs(v - (before[k] or 0))
+      end
+      for k, v in pairs(before) do
+        if now_mix[k] == nil then
+          distance = distance + math.abs(v)
         end
       end
-      if trigger_ts == nil or ts >= trigger_ts then
-        trigger_id, trigger_ts = event_id, ts
+      shift = distance / 2
+      local fields = {
+        'version', version, 'events', count + folded, 'ref_ts', fmt(newest),
+        'base_ts', fmt(base), 'half_life_s', fmt(h),
+      }
+      if #new_items > 0 or shift >= threshold then
+        emit = 1
+        fields[#fields + 1] = 'emitted_mix'
+        fields[#fields + 1] = cjson.encode(now_mix)
       end
+      redis.call('HSET', pkey, unpack(fields))
     end
-  end
-
-  local emit, shift = 0, 0
-  local new_items = {}
-  if folded > 0 then
-    local old = call_sliced('HMGET', ikey, order)
-    local item_args, recent_args = {}, {}
-    for j, item in ipairs(order) do
-      local previous = tonumber(old[j])
-      if previous == nil then
-        new_items[#new_items + 1] = item
-        previous = 0
-      end
-      item_args[#item_args + 1] = item
-      item_args[#item_args + 1] = fmt(previous + deltas[item])
-      recent_args[#recent_args + 1] = fmt(newest_of[item])
-      recent_args[#recent_args + 1] = item
-    end
-    call_sliced('HSET', ikey, item_args)
-    call_sliced('ZADD', rkey, recent_args, 'GT')
-    redis.call('ZREMRANGEBYRANK', rkey, 0, -(recent_max + 1))
-    redis.call('ZREMRANGEBYSCORE', skey, '-inf', '(' .. fmt(cutoff))
-    if cat_values == nil then
-      cat_values = read_hash(ckey)
-    else
-      local cat_args = {}
-      for cat in pairs(cats_touched) do
-        cat_args[#cat_args + 1] = cat
-        cat_args[#cat_args + 1] = fmt(cat_values[cat])
-      end
-      call_sliced('HSET', ckey, cat_args)
-    end
-    version = version + 1
-    local now_mix = mix(cat_values)
-    local before = {}
-    if state[5] then
-      before = cjson.decode(state[5])
-    end
-    local distance = 0
-    for k, v in pairs(now_mix) do
-      distance = distance + math.abs(v - (before[k] or 0))
-    end
-    for k, v in pairs(before) do
-      if now_mix[k] == nil then
-        distance = distance + math.abs(v)
-      end
-    end
-    shift = distance / 2
-    local fields = {
-      'version', version, 'events', count + folded, 'ref_ts', fmt(newest),
-      'base_ts', fmt(base), 'half_life_s', fmt(h),
+    local row = {
+      user, version, folded, duplicates, late, emit, fmt(shift), trigger_id or '',
+      fmt(trigger_ts or 0),
     }
-    if #new_items > 0 or shift >= threshold then
-      emit = 1
-      fields[#fields + 1] = 'emitted_mix'
-      fields[#fields + 1] = cjson.encode(now_mix)
+    for _, item in ipairs(new_items) do
+      row[#row + 1] = item
     end
-    redis.call('HSET', pkey, unpack(fields))
+    results[#results + 1] = row
+    if idle_ttl > 0 then
+      for _, kind in ipairs(KINDS) do
+        redis.call('EXPIRE', base_key .. kind, idle_ttl)
+      end
+    end
   end
-  local row = {
-    user, version, folded, duplicates, late, emit, fmt(shift), trigger_id or '',
-    fmt(trigger_ts or 0),
-  }
-  for _, item in ipairs(new_items) do
-    row[#row + 1] = item
-  end
-  results[#results + 1] = row
 end
 return results

@@ -10,7 +10,7 @@ Decay: with half-life h and reference time T = the newest event ts folded for th
 of weight w at ts t contributes ``w * 2 ** (-(T - t) / h)``. The sum does not depend on arrival
 order, so a late event simply contributes its (smaller) decayed weight.
 
-Exactly-once effect: each user's folded event ids are kept in ``seen:{user}`` (sorted by ts) for
+Exactly-once effect: each user's folded event ids are kept in its seen-set (sorted by ts) for
 ``profile_seen_retention_s`` of event time; an id seen before is ignored (a duplicate or a replay),
 and an event older than ``T - retention`` is ignored as too late, because its id may already have
 been forgotten. Both are counted, never dead-lettered: they are valid events.
@@ -31,6 +31,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from recstream.keys import Keys
 from schemas import ClickEvent, DwellEvent, ViewEvent
 from streams.settings import StreamsSettings
 
@@ -77,6 +78,10 @@ class FoldParams:
     retention_s: float = _DEFAULTS.profile_seen_retention_s
     rebase_after_s: float = _DEFAULTS.rebase_after_s
     shift_threshold: float = _DEFAULTS.profile_shift_threshold
+    seen_max: int = _DEFAULTS.profile_seen_max
+    items_max: int = _DEFAULTS.profile_items_max
+    categories_max: int = _DEFAULTS.profile_categories_max
+    idle_ttl_s: int = _DEFAULTS.profile_idle_ttl_s
 
     @classmethod
     def from_settings(cls, settings: StreamsSettings) -> FoldParams:
@@ -86,6 +91,10 @@ class FoldParams:
             settings.profile_seen_retention_s,
             settings.rebase_after_s,
             settings.profile_shift_threshold,
+            settings.profile_seen_max,
+            settings.profile_items_max,
+            settings.profile_categories_max,
+            settings.profile_idle_ttl_s,
         )
 
 
@@ -103,12 +112,16 @@ class Folded:
     trigger_event_id: str
     trigger_ts: float
     new_items: tuple[str, ...]
+    rejected: str = ""
+    """Why Redis refused the user's keys (e.g. ``WRONGTYPE``); nothing of the user was written."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Folded:
         def text(value: Any) -> str:
             return value.decode() if isinstance(value, bytes) else str(value)
 
+        if int(row[1]) < 0:
+            return cls.refused(text(row[0]), text(row[7]))
         return cls(
             user_id=text(row[0]),
             version=int(row[1]),
@@ -121,6 +134,11 @@ class Folded:
             trigger_ts=float(text(row[8])),
             new_items=tuple(text(item) for item in row[9:]),
         )
+
+    @classmethod
+    def refused(cls, user_id: str, why: str) -> Folded:
+        """The outcome of a user whose keys Redis refused (its records are dead-lettered)."""
+        return cls(user_id, -1, 0, 0, 0, False, 0.0, "", 0.0, (), why)
 
 
 def group_by_user(
@@ -137,17 +155,25 @@ def group_by_user(
 
 
 def script_args(
-    prefix: str, params: FoldParams, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+    keys: Keys, params: FoldParams, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
 ) -> list[str | bytes]:
-    """ARGV of ``fold.lua``: the rules, then the whole batch as one JSON argument."""
+    """ARGV of ``fold.lua``: the rules, the batch with each user's key base, the item keys."""
+    item_key = keys.item
+    items = {item: item_key(item) for events in groups.values() for _, item, _, _ in events}
+    user_base = keys.user_base
     return [
-        prefix,
+        keys.prefix,
         repr(params.half_life_s),
         str(params.recent_max),
         repr(params.retention_s),
         repr(params.rebase_after_s),
         repr(params.shift_threshold),
-        orjson.dumps(list(groups.items())),
+        orjson.dumps([(user, user_base(user), events) for user, events in groups.items()]),
+        orjson.dumps(items),
+        str(params.seen_max),
+        str(params.items_max),
+        str(params.categories_max),
+        str(params.idle_ttl_s),
     ]
 
 
@@ -156,7 +182,7 @@ class FoldScript:
 
     def __init__(self, redis: Redis, prefix: str, params: FoldParams) -> None:
         self._redis = redis
-        self._prefix = prefix
+        self._keys = Keys(prefix)
         self._params = params
         self._sha: str | None = None
 
@@ -170,7 +196,7 @@ class FoldScript:
         if not groups:
             return []
         sha = self._sha or await self.load()
-        args = script_args(self._prefix, self._params, groups)
+        args = script_args(self._keys, self._params, groups)
         try:
             rows = await self._redis.evalsha(sha, 0, *args)
         except NoScriptError:

@@ -1,14 +1,18 @@
 """Read a user's profile as the stream processor stores it in Redis (for other services).
 
-Layout (prefix = ``RECSTREAM_KEY_PREFIX``), written only by ``streams/fold.lua``:
+Layout (prefix = ``RECSTREAM_KEY_PREFIX``; ``{u}`` is the escaped, hash-tagged user id, see
+``recstream/keys.py``), written only by ``streams/fold.lua``:
 
-- ``profile:{user}`` hash: ``version`` (+1 per change), ``events`` (events folded), ``ref_ts``
+- ``u:{u}:profile`` hash: ``version`` (+1 per change), ``events`` (events folded), ``ref_ts``
   (reference time T = newest event ts, epoch seconds), ``base_ts`` (B), ``half_life_s`` (h),
   ``emitted_mix`` (JSON category mix at the last ProfileChanged).
-- ``profile:{user}:items`` / ``profile:{user}:cats`` hashes: item / category -> weight scaled to
-  B; the value at T is ``stored * 2 ** (-(T - B) / h)``.
-- ``profile:{user}:recent`` sorted set: item -> newest interaction ts, bounded.
-- ``seen:{user}`` sorted set: event id -> ts, for de-duplication.
+- ``u:{u}:items`` / ``u:{u}:cats`` hashes: item / category -> weight scaled to B (the heaviest
+  ``profile_items_max`` / ``profile_categories_max`` kept); the value at T is
+  ``stored * 2 ** (-(T - B) / h)``.
+- ``u:{u}:recent`` sorted set: item -> newest interaction ts, bounded.
+- ``u:{u}:seen`` sorted set: event id -> ts, for de-duplication, bounded.
+
+Every one of them expires ``profile_idle_ttl_s`` after the user's last fold.
 
 Use :func:`read_profile` with a ``redis.Redis`` client or :func:`read_profile_async` with a
 ``redis.asyncio.Redis`` client; both return a :class:`schemas.Profile` or ``None``.

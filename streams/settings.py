@@ -77,6 +77,24 @@ class StreamsSettings(CommonSettings):
         description="Event ids are remembered this long (event time) for de-duplication; events "
         "older than the profile's newest ts minus this are ignored as too late.",
     )
+    profile_seen_max: int = Field(
+        5000,
+        ge=0,
+        description="Event ids remembered per user for de-duplication (the newest; 0 = no cap), "
+        "on top of the retention window; trimmed at each fold.",
+    )
+    profile_items_max: int = Field(
+        500, ge=0, description="Items kept per profile: the heaviest (0 = no cap)."
+    )
+    profile_categories_max: int = Field(
+        64, ge=0, description="Categories kept per profile: the heaviest (0 = no cap)."
+    )
+    profile_idle_ttl_s: int = Field(
+        90 * 24 * 3600,
+        ge=0,
+        description="Every key of a user expires this long after its last fold (wall-clock "
+        "seconds; 0 = never), so idle profiles do not stay forever.",
+    )
     profile_rebase_after_s: float = Field(
         0.0,
         ge=0,

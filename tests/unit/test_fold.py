@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recstream.keys import USER_KINDS, Keys
 from schemas import ClickEvent, DwellEvent, ViewEvent
 from streams.fold import (
     Folded,
@@ -150,12 +151,128 @@ def test_script_args_layout() -> None:
     params = FoldParams(
         half_life_s=10.0, recent_max=5, retention_s=20.0, rebase_after_s=30.0, shift_threshold=0.1
     )
-    args = script_args("p:", params, {"u": [("e1", "a", 1.5, 2.0)], "v": []})
+    groups = {"u": [("e1", "a", 1.5, 2.0)], "v:x": [("e2", "b:c", 1.0, 1.0)]}
+    args = script_args(Keys("p:"), params, groups)
     assert args[:6] == ["p:", "10.0", "5", "20.0", "30.0", "0.1"]
-    assert orjson.loads(args[6]) == [["u", [["e1", "a", 1.5, 2.0]]], ["v", []]]
+    # Each user travels with its key base and each item with its key, built by Keys: the
+    # script never builds a key from a raw id.
+    assert orjson.loads(args[6]) == [
+        ["u", "p:u:{u}:", [["e1", "a", 1.5, 2.0]]],
+        ["v:x", "p:u:{v%3Ax}:", [["e2", "b:c", 1.0, 1.0]]],
+    ]
+    assert orjson.loads(args[7]) == {"a": "p:item:a", "b:c": "p:item:b%3Ac"}
+    defaults = FoldParams()
+    assert args[8:] == [
+        str(defaults.seen_max),
+        str(defaults.items_max),
+        str(defaults.categories_max),
+        str(defaults.idle_ttl_s),
+    ]
 
 
 def test_folded_decodes_script_rows() -> None:
     row = [b"u", 3, 2, 1, 0, 1, b"0.25", b"e9", b"1700000000.5", b"a", b"b"]
     folded = Folded.from_row(row)
     assert folded == Folded("u", 3, 2, 1, 0, True, 0.25, "e9", 1700000000.5, ("a", "b"))
+    assert not folded.rejected
+
+
+def test_folded_decodes_a_refused_user() -> None:
+    row = [b"u", -1, 0, 0, 0, 0, b"0", b"WRONGTYPE", b"0"]
+    assert Folded.from_row(row) == Folded.refused("u", "WRONGTYPE")
+    assert Folded.from_row(row).rejected == "WRONGTYPE"
+
+
+# -- key layout: ids are escaped and hash-tagged, so no id reaches another user's keys --------
+
+HOSTILE_IDS = [
+    "bob",
+    "bob:recent",
+    "bob:items",
+    "bob:profile",
+    "bob}",
+    "{bob}",
+    "a}{b",
+    "%41",
+    "A",
+    "x\u2028y",
+    "u:{bob}:seen",
+    "ü" * 64,
+    "\U0001f600" * 64,
+]
+
+
+def crc16_xmodem(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum of the Redis Cluster spec (written out, not imported)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def hash_slot(key: str) -> int:
+    """The cluster slot of ``key``: CRC16 of its hash tag (first non-empty {...}) mod 16384."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return crc16_xmodem(raw) % 16384
+
+
+def test_crc16_matches_the_spec_example() -> None:
+    # The Redis Cluster spec: CRC16 of "123456789" is 0x31C3.
+    assert crc16_xmodem(b"123456789") == 0x31C3
+    assert hash_slot("{user1000}.following") == hash_slot("{user1000}.followers")
+
+
+@pytest.mark.parametrize("prefix", ["", "app:", "app:ns:r1:"])
+def test_hostile_ids_never_reach_another_users_keys(prefix: str) -> None:
+    keys = Keys(prefix)
+    owner: dict[str, str] = {}
+    for user in HOSTILE_IDS:
+        mine = keys.user_keys(user)
+        assert len(set(mine)) == len(USER_KINDS)
+        # One slot per user: a script or transaction over a user's keys is cluster-valid.
+        assert len({hash_slot(k) for k in mine}) == 1
+        for key in mine:
+            assert key not in owner, (user, owner.get(key))
+            owner[key] = user
+            assert keys.user_of(key) == user
+    for key, user in owner.items():
+        for other_key, other in owner.items():
+            if user != other:
+                # Neither equal nor a prefix: a SCAN of one user's keys never lists another's.
+                assert not other_key.startswith(key)
+    assert keys.profile("bob") == f"{prefix}u:{{bob}}:profile"
+    assert keys.recs("bob") == f"{prefix}u:{{bob}}:recs"
+
+
+@given(st.text(min_size=1, max_size=64))
+def test_any_id_escapes_reversibly_into_one_tag(user: str) -> None:
+    keys = Keys("p:")
+    try:
+        user.encode()
+    except UnicodeEncodeError:
+        return  # lone surrogates: the JSON parser refuses them before any key is built
+    base = keys.user_base(user)
+    tag = base[len("p:u:{") : -2]
+    assert base == f"p:u:{{{tag}}}:"
+    assert set(tag) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.~-%")
+    assert keys.user_of(keys.seen(user)) == user
+    assert keys.item(user).startswith("p:item:") and ":" not in keys.item(user)[7:]
+
+
+def test_user_pattern_matches_only_this_prefix() -> None:
+    live, side = Keys("app:"), Keys("app:").namespace("r1")
+    assert live.user_pattern("seen") == "app:u:{*}:seen"
+    assert not side.seen("u").startswith("app:u:")
+    assert Keys("a*b:").user_pattern("seen") == "a\\*b:u:{*}:seen"
+    with pytest.raises(ValueError, match="kind"):
+        live.user_pattern("nope")
+    with pytest.raises(ValueError, match="prefix"):
+        Keys("{x}:")

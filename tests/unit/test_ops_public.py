@@ -21,10 +21,10 @@ def test_namespace_keys_nest_under_the_live_prefix() -> None:
     live = Keys("app:")
     side = live.namespace("r1")
     assert side.prefix == "app:ns:r1:"
-    assert side.profile("u") == "app:ns:r1:profile:u"
+    assert side.profile("u") == "app:ns:r1:u:{u}:profile"
     assert side.replay_state() == "app:ns:r1:replay:state"
-    # A live scan for "app:seen:*" cannot match the namespace's seen-sets.
-    assert not side.seen("u").startswith(live.seen(""))
+    # A live scan for "app:u:{*}:seen" cannot match the namespace's seen-sets.
+    assert not side.seen("u").startswith("app:u:")
 
 
 def test_bad_namespace_names_are_refused() -> None:

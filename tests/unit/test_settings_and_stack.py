@@ -50,10 +50,10 @@ def test_settings_are_frozen() -> None:
 
 def test_keys_apply_prefix() -> None:
     keys = Keys("ns1:")
-    assert keys.profile("42") == "ns1:profile:42"
-    assert keys.recs("42") == "ns1:recs:42"
+    assert keys.profile("42") == "ns1:u:{42}:profile"
+    assert keys.recs("42") == "ns1:u:{42}:recs"
     assert keys.item("7") == "ns1:item:7"
-    assert Keys().profile("42") == "profile:42"
+    assert Keys().profile("42") == "u:{42}:profile"
 
 
 def test_cluster_id_is_22_url_safe_chars() -> None:
