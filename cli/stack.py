@@ -2,23 +2,34 @@
 
 `recstream stack up` assembles the Kafka broker from Maven Central artifacts (the committed
 `deploy/kafka/pom.xml`, resolved into a cache folder outside the repository and reused), formats its
-storage once, starts it on the system JDK, starts `redis-server` with persistence off, creates the
-pipeline's topics and waits until both answer. What `up` started is recorded in a state file so
-`down` stops exactly that and nothing else; a broker or Redis that was already answering is reused.
+storage once, starts it on the system JDK, starts `redis-server`, creates the pipeline's topics and
+waits until both answer. What `up` started is recorded in a state file so `down` stops exactly that
+and nothing else; a broker or Redis that was already answering is reused.
+
+Redis persists: an append-only file under ``{stack_dir}/redis`` fsynced every second, so a Redis
+killed at any moment comes back with all but its last second of writes (the stream worker re-feeds
+that gap from the Kafka offsets it stores in Redis with each fold). Its ``maxmemory`` policy is
+``noeviction``: a full Redis refuses writes (the fold retries them as transient errors) instead of
+silently evicting profiles, de-duplication sets or offsets. ``restart_redis`` and
+``restart_kafka`` kill a component the stack started and start it again on the same data, which
+is what the chaos benchmark (``bench/chaos.py``) does to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field
@@ -31,6 +42,7 @@ from recstream.topics import create_topics, delete_topics
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
 MIN_JAVA = 17
+COMPONENTS = ("redis", "kafka")
 
 Say = Callable[[str], None]
 
@@ -44,6 +56,17 @@ class StackSettings(CommonSettings):
     stack_kafka_heap: str = Field("768m", description="Broker JVM heap (-Xmx).")
     stack_start_timeout_s: float = Field(
         90.0, gt=0, description="How long `up` waits for readiness."
+    )
+    stack_redis_appendfsync: Literal["always", "everysec", "no"] = Field(
+        "everysec",
+        description="When Redis fsyncs its append-only file: everysec loses at most ~1 s of "
+        "writes on a crash.",
+    )
+    stack_redis_maxmemory: str = Field(
+        "2gb",
+        pattern=r"^[0-9]+([kmg]b?)?$",
+        description="Redis memory limit; when reached, writes fail (noeviction), never an evicted "
+        "profile.",
     )
 
 
@@ -95,8 +118,11 @@ class Stack:
         self.dir = self.settings.stack_dir
         self.kafka_libs = self.dir / "kafka" / "libs"
         self.kafka_data = self.dir / "kafka" / "data"
+        self.redis_data = self.dir / "redis"
         self.logs = self.dir / "logs"
         self.state = StackState.load(self.dir / "stack.json")
+        # Handles of what this object spawned, so stopping them also reaps them.
+        self.children: dict[str, Child] = {}
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -111,25 +137,32 @@ class Stack:
         return url.hostname or "127.0.0.1", url.port or 6379
 
     # -- public verbs ------------------------------------------------------------------------------
-    def up(self, say: Say = print) -> None:
-        """Start whatever is not already answering, create the topics, wait until ready."""
+    def up(self, say: Say = print, *, only: Collection[str] = COMPONENTS) -> None:
+        """Start whatever is not already answering, create the topics, wait until ready.
+
+        ``only`` limits it to some components (a Redis alone for a test of its persistence).
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        if self.redis_ready():
-            say(f"redis: reusing {redact_url(self.settings.redis_url.get_secret_value())}")
-        else:
-            self._start_redis()
-            say(f"redis: started on {self._fmt(self.redis_hostport)}")
-        if self.kafka_ready():
-            say(f"kafka: reusing {self.settings.kafka_bootstrap}")
-        else:
-            self._start_kafka(say)
-            say(f"kafka: started on {self.settings.kafka_bootstrap}")
-        self._wait(self.redis_ready, "redis", self.state.procs.get("redis"))
-        self._wait(self.kafka_ready, "kafka", self.state.procs.get("kafka"))
-        created = self.create_topics(self.settings.topics(), self.settings.topic_partitions)
-        if created:
-            say(f"topics: created {', '.join(created)}")
+        if "redis" in only:
+            if self.redis_ready():
+                say(f"redis: reusing {redact_url(self.settings.redis_url.get_secret_value())}")
+            else:
+                self._start_redis()
+                say(f"redis: started on {self._fmt(self.redis_hostport)}")
+        if "kafka" in only:
+            if self.kafka_ready():
+                say(f"kafka: reusing {self.settings.kafka_bootstrap}")
+            else:
+                self._start_kafka(say)
+                say(f"kafka: started on {self.settings.kafka_bootstrap}")
+        if "redis" in only:
+            self._wait(self.redis_ready, "redis", self.state.procs.get("redis"))
+        if "kafka" in only:
+            self._wait(self.kafka_ready, "kafka", self.state.procs.get("kafka"))
+            created = self.create_topics(self.settings.topics(), self.settings.topic_partitions)
+            if created:
+                say(f"topics: created {', '.join(created)}")
         say(f"stack ready; logs under {self.logs}")
 
     def down(self, say: Say = print) -> None:
@@ -139,11 +172,49 @@ class Stack:
             if proc is None:
                 continue
             if proc.alive():
-                terminate_group(proc.pid, grace_s=30.0)
+                self._stop(name, proc, kill=False)
                 say(f"{name}: stopped (pid {proc.pid})")
             else:
                 say(f"{name}: was not running")
         self.state.save()
+
+    def restart_redis(self, *, kill: bool = True) -> float:
+        """Stop the Redis this stack started (SIGKILL when ``kill``, as a crash would), start it
+        again on its append-only file and wait until it answers; returns the seconds it took."""
+        return self._restart("redis", self._start_redis, self.redis_ready, kill)
+
+    def restart_kafka(self, *, kill: bool = True) -> float:
+        """Stop the broker this stack started (SIGKILL when ``kill``), start it again on the same
+        log directory and wait until it answers; returns the seconds it took."""
+        return self._restart(
+            "kafka", lambda: self._start_kafka(lambda _: None), self.kafka_ready, kill
+        )
+
+    def _restart(
+        self, name: str, start: Callable[[], None], ready: Callable[[], bool], kill: bool
+    ) -> float:
+        proc = self.state.procs.get(name)
+        if proc is None or not proc.alive():
+            raise StackError(f"{name} was not started by this stack ({self.dir}); not restarting")
+        started = time.monotonic()
+        self._stop(name, proc, kill=kill)
+        host, port = self.redis_hostport if name == "redis" else self.kafka_hostport
+        for taken in (port,) if name == "redis" else (port, port + 1):  # + its controller
+            _wait_port_free(host, taken)
+        start()
+        self._wait(ready, name, self.state.procs.get(name))
+        return time.monotonic() - started
+
+    def _stop(self, name: str, proc: Proc, *, kill: bool) -> None:
+        """SIGKILL (a crash) or SIGTERM with a grace period (in order), and reap."""
+        child = self.children.pop(name, None)
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if child is not None and child.pid == proc.pid:
+            child.stop(grace_s=30.0, signalled=kill)
+        else:
+            terminate_group(proc.pid, grace_s=30.0)
 
     def status(self) -> dict[str, dict[str, object]]:
         """What runs, who started it, where it logs."""
@@ -214,22 +285,38 @@ class Stack:
                 "redis-server not found: install it (Debian: apt-get install redis-server)"
             )
         log = self.logs / "redis.log"
-        cmd = [
-            binary,
+        self.redis_data.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, *self.redis_args(port)]
+        self.state.procs["redis"] = self._spawn("redis", cmd, log, f"{host}:{port}")
+
+    def redis_args(self, port: int) -> list[str]:
+        """redis-server's arguments: loopback only, the append-only file in the stack's dir."""
+        s = self.settings
+        return [
             "--bind",
             "127.0.0.1",
             "--port",
             str(port),
-            "--save",
-            "",
+            "--dir",
+            str(self.redis_data),
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            s.stack_redis_appendfsync,
+            "--save",
+            "",  # the AOF is the persistence; no RDB snapshots on top of it
+            "--maxmemory",
+            s.stack_redis_maxmemory,
+            "--maxmemory-policy",
+            "noeviction",
+            # Freeing a replaced profile (a rebuild's switch) off the main thread.
+            "--lazyfree-lazy-server-del",
+            "yes",
             "--daemonize",
             "no",
             "--protected-mode",
             "yes",
         ]
-        self.state.procs["redis"] = self._spawn("redis", cmd, log, f"{host}:{port}")
 
     def _start_kafka(self, say: Say) -> None:
         host, port = self.kafka_hostport
@@ -346,6 +433,7 @@ class Stack:
     def _spawn(self, name: str, cmd: list[str], log: Path, address: str) -> Proc:
         # Started as a supervised child, but outliving this command: `down` stops it by pid.
         child = Child.spawn(name, cmd, log)
+        self.children[name] = child
         proc = Proc(name=name, pid=child.pid, log=str(log), address=address)
         self.state.procs[name] = proc
         self.state.save()
@@ -367,6 +455,15 @@ class Stack:
     @staticmethod
     def _fmt(hostport: tuple[str, int]) -> str:
         return f"{hostport[0]}:{hostport[1]}"
+
+
+def _wait_port_free(host: str, port: int, timeout_s: float = 30.0) -> None:
+    """A killed server's port is free once the kernel closed its socket; wait for that."""
+    deadline = time.monotonic() + timeout_s
+    while _port_open(host, port):
+        if time.monotonic() > deadline:
+            raise StackError(f"port {port} still taken {timeout_s:.0f}s after its server stopped")
+        time.sleep(0.05)
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -115,3 +115,21 @@ def test_terminate_group_reaps_its_own_child(tmp_path: Path) -> None:
     with pytest.raises(ChildProcessError):
         os.waitpid(child.pid, os.WNOHANG)
     child.process.poll()  # the Popen handle learns its process is gone (no ResourceWarning)
+
+
+def test_redis_runs_with_an_aof_in_the_stack_dir_and_never_evicts(tmp_path: Path) -> None:
+    stack = Stack(StackSettings(stack_dir=tmp_path, stack_redis_maxmemory="512mb"))
+    args = stack.redis_args(16379)
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert flags["--bind"] == "127.0.0.1"
+    assert flags["--port"] == "16379"
+    assert flags["--dir"] == str(tmp_path / "redis")
+    assert flags["--appendonly"] == "yes"
+    assert flags["--appendfsync"] == "everysec"
+    assert flags["--maxmemory"] == "512mb"
+    assert flags["--maxmemory-policy"] == "noeviction"
+
+
+def test_stack_settings_refuse_a_malformed_memory_limit() -> None:
+    with pytest.raises(ValueError, match="stack_redis_maxmemory"):
+        StackSettings(stack_redis_maxmemory="lots")
