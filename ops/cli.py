@@ -165,8 +165,10 @@ def replay_profiles(
     Folds with the live agent's own code and settings (RECSTREAM_PROFILE_*, RECSTREAM_WEIGHT_*)
     up to the end offsets captured at the start. Safe to interrupt: offsets are checkpointed in
     the namespace and a second run with the same --namespace resumes. With --switch the rebuilt
-    profiles replace the live ones in one atomic Redis script, live profiles absent from the
-    rebuild are deleted, and events that arrived meanwhile are folded in afterwards.
+    profiles replace the live ones in one atomic Redis script and events that arrived meanwhile
+    are folded in afterwards. A live profile absent from the rebuild is deleted only when the
+    rebuild could have seen its events: a profile whose newest event is older than the first
+    record the rebuild read (history lost to retention, or before --from-time) is kept.
     """
     from ops.rebuild import ProfileRebuild
 
@@ -194,7 +196,8 @@ def replay_profiles(
                 click.echo(
                     f"would then switch: the rebuilt profiles replace the live ones under "
                     f"{settings.key_prefix!r} ({live} live profiles now; those absent from the "
-                    "rebuild are deleted) and the records that arrived meanwhile are folded in"
+                    "rebuild are deleted unless their newest event is older than what the "
+                    "rebuild read) and the records that arrived meanwhile are folded in"
                 )
             click.echo("dry run: nothing was written")
             return
@@ -219,8 +222,9 @@ def replay_profiles(
         click.echo(
             f"switched {result.switched} profiles live in {result.script_s * 1000:.1f} ms "
             f"({result.versions_bumped} versions raised "
-            f"above the old live ones), removed {result.removed} live profiles absent from the "
-            f"rebuild; tail: {result.tail.describe()}"
+            f"above the old live ones); of the live profiles absent from the rebuild, removed "
+            f"{result.removed} and kept {result.kept} (newest event older than the history the "
+            f"rebuild read); tail: {result.tail.describe()}"
         )
 
 

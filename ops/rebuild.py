@@ -14,9 +14,13 @@ resumes from there (a batch folded but not yet checkpointed is folded again, and
 make that a no-op).
 
 **Switch** (``ops/switch.lua``, one EVAL, so readers see all old or all new profiles): each
-rebuilt user's profile keys and seen-set are RENAMEd over the live ones, live users absent from
-the rebuild lose their profile, and a rebuilt version that is not above the live one becomes
-live + 1 (versions never go back, so caches accept the lists regenerated from it). The script is
+rebuilt user's profile keys and seen-set are RENAMEd over the live ones, and a rebuilt version
+that is not above the live one becomes live + 1 (versions never go back, so caches accept the
+lists regenerated from it). A live user absent from the rebuild is deleted only if the rebuild
+could have seen its events: when every partition was read from offset 0, or when the user's
+newest event is after the *horizon*, the time of the first record read from a partition whose
+head was not read (retention, ``delete_records`` or ``--from-time``). What a rebuild cannot
+see, it keeps (:meth:`ProfileRebuild.horizon`). The script is
 O(users + size of the replaced profiles): Redis serves nothing else while it runs. Measured here
 on ML-100K profiles (943 users, 300k events, ``bench/replay.py``) it took about 50 ms into an
 empty live namespace and 90-130 ms replacing all 943 profiles (freeing the replaced hashes;
@@ -127,7 +131,8 @@ class RebuildStats:
 @dataclass(frozen=True)
 class SwitchResult:
     switched: int
-    removed: int
+    removed: int  # live users absent from a rebuild that saw all their history
+    kept: int  # live users absent from the rebuild whose events it could not see
     versions_bumped: int
     script_s: float  # how long the atomic switch held Redis (0 when resumed after it)
     tail: RebuildStats
@@ -151,6 +156,17 @@ def envelope(message: Message) -> Envelope:
         ),
         ms if kind != TIMESTAMP_NOT_AVAILABLE else None,
     )
+
+
+# The keys that make up one user's profile, the hash (version, ref_ts) first; the switch moves
+# them together. Built here by Keys, never in Lua from a raw id.
+PROFILE_PARTS: tuple[Callable[[Keys, str], str], ...] = (
+    Keys.profile,
+    Keys.profile_items,
+    Keys.profile_categories,
+    Keys.profile_recent,
+    Keys.seen,
+)
 
 
 def _glob_escape(text: str) -> str:
@@ -343,10 +359,7 @@ class ProfileRebuild:
                 ):
                     runner.run(folder.handle([envelope(m) for m in batch]))
                     if checkpoint:
-                        nxt: dict[FieldT, EncodableT] = {}
-                        for m in batch:
-                            nxt[f"next:{m.partition()}"] = (m.offset() or 0) + 1
-                        self.redis.hset(self.state_key, mapping=nxt)
+                        self._checkpoint(batch)
                     stats.records += len(batch)
                     bar.update(len(batch))
                     if after_batch is not None:
@@ -355,13 +368,55 @@ class ProfileRebuild:
                 runner.run(client.aclose())
         return stats
 
+    def _checkpoint(self, batch: list[Message]) -> None:
+        """Store the next offset of each partition in ``batch``, and the time of the first
+        record the rebuild read from it (the switch's horizon; kept from the first batch on)."""
+        nxt: dict[FieldT, EncodableT] = {}
+        first: dict[int, int] = {}
+        for m in batch:
+            partition = m.partition() or 0
+            nxt[f"next:{partition}"] = (m.offset() or 0) + 1
+            kind, ms = m.timestamp()
+            if partition not in first and kind != TIMESTAMP_NOT_AVAILABLE:
+                first[partition] = ms
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.state_key, mapping=nxt)
+        for partition, ms in first.items():
+            pipe.hsetnx(self.state_key, f"first_ms:{partition}", ms)
+        pipe.execute()
+
     # -- switching ---------------------------------------------------------------------------
+
+    def horizon(self, plan: RebuildPlan) -> float | None:
+        """Epoch seconds before which the rebuild cannot see a user's events; None when it read
+        every partition's whole history (then a live user absent from it had no events there).
+
+        A partition read from offset 0 holds all its history. One read from a later offset (the
+        retention or ``delete_records`` removed its head, or the rebuild started ``--from-time``)
+        saw nothing before the time of its first record read; one with nothing left to read saw
+        nothing at all. The horizon is the latest of those times, because a user's partition is
+        not known here: whatever partition held a user's events, a last event before the horizon
+        may have been in the part the rebuild did not read. Events carry their own ``ts``, which
+        may run ahead of the record's time by up to ``event_max_future_s`` (the validator's
+        bound), so that slack is added too.
+        """
+        incomplete = [r for r in plan.ranges if r.start > 0]
+        if not incomplete:
+            return None
+        state = {_text(k): _text(v) for k, v in self.redis.hgetall(self.state_key).items()}
+        newest = 0.0
+        for r in incomplete:
+            first = state.get(f"first_ms:{r.partition}")
+            if r.count == 0 or first is None:
+                return float("inf")  # nothing read there: everything before now is unseen
+            newest = max(newest, int(first) / 1000)
+        return newest + self.streams.event_max_future_s
 
     def switch(self, plan: RebuildPlan) -> SwitchResult:
         """Make the rebuilt profiles the live ones, fold the tail, delete the namespace."""
         if plan.phase not in ("folded", "switched"):
             raise ReplayError(f"namespace {self.namespace!r} is not fully rebuilt yet")
-        switched = removed = bumped = 0
+        switched = removed = kept = bumped = 0
         script_s = 0.0
         if plan.phase == "folded":
             rebuilt = sorted(self.rebuilt_users())
@@ -371,25 +426,36 @@ class ProfileRebuild:
                     f"the rebuild holds no profiles; switching would delete {len(stale)} live "
                     "profiles, refused"
                 )
+            horizon = self.horizon(plan)
+            keys = [self.state_key]
+            for user in rebuilt:
+                keys += [
+                    *self._profile_keys(self.target, user),
+                    *self._profile_keys(self.live, user),
+                ]
+            for user in stale:
+                keys += self._profile_keys(self.live, user)
             started = time.perf_counter()
             reply = self.redis.eval(
                 SWITCH_LUA,
-                0,
-                self.live.prefix,
-                self.target.prefix,
-                self.state_key,
+                len(keys),
+                *keys,
                 len(rebuilt),
-                *rebuilt,
-                *stale,
+                len(PROFILE_PARTS),
+                "none" if horizon is None else repr(horizon),
             )
             script_s = time.perf_counter() - started
-            switched, removed, bumped = (int(x) for x in reply)
+            switched, removed, kept, bumped = (int(x) for x in reply)
         tail = [
             PartitionRange(r.partition, r.end, high) for r, high in self._tail_ends(plan.ranges)
         ]
         tail_stats = self._fold(self.live, tail, False, "tail")
         self._drop_namespace()
-        return SwitchResult(switched, removed, bumped, script_s, tail_stats)
+        return SwitchResult(switched, removed, kept, bumped, script_s, tail_stats)
+
+    @staticmethod
+    def _profile_keys(keys: Keys, user: str) -> list[str]:
+        return [part(keys, user) for part in PROFILE_PARTS]
 
     def _tail_ends(self, ranges: Iterable[PartitionRange]) -> list[tuple[PartitionRange, int]]:
         with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:

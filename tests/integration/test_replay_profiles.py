@@ -261,3 +261,145 @@ def test_dry_run_writes_nothing_and_drop_removes_a_rebuild(ns: Namespace) -> Non
     dropped = CliRunner().invoke(main, [*base, "--drop"], env=env)
     assert dropped.exit_code == 0, dropped.output
     assert keys_under(ns.settings, Keys(ns.settings.key_prefix).namespace("dry").prefix) == []
+
+
+def fold_directly(settings: CommonSettings, user: str, ts: float) -> None:
+    """A live profile made without the topic (so no rebuild can see its events)."""
+
+    async def fold() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            await FoldScript(client, settings.key_prefix, FoldParams()).run(
+                {user: [(f"{user}-direct", "a", ts, 1.0)]}
+            )
+        finally:
+            await client.aclose()
+
+    asyncio.run(fold())
+
+
+def produce_at(
+    settings: CommonSettings,
+    events: list[dict[str, Any]],
+    when: datetime,
+    partition: int | None = None,
+) -> None:
+    producer = idempotent_producer(settings.kafka_bootstrap)
+    extra = {} if partition is None else {"partition": partition}
+    for key, value in records(events):
+        producer.produce(
+            settings.topic_clickstream,
+            key=key,
+            value=value,
+            timestamp=int(when.timestamp() * 1000),
+            **extra,
+        )
+    assert producer.flush(30) == 0
+
+
+def timed(user: str, n: int, when: datetime) -> dict[str, Any]:
+    return event(f"{user}-{when.timestamp():.0f}-{n}", user, "abcde"[n % 5], when.timestamp() + n)
+
+
+def test_switch_keeps_users_whose_history_fell_out_of_the_topic(ns: Namespace) -> None:
+    """Retention (here ``delete_records``) removed the head of the topic: users whose events were
+    all there are absent from a rebuild, and the switch must keep them, not delete them."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from ops.topics import TopicReader
+
+    load_test_catalog(ns.settings)
+    now = datetime.now(UTC).replace(microsecond=0)
+    old_t, new_t = now - timedelta(hours=3), now - timedelta(hours=1)
+    idle = ["idle", "idle:2", "idle%3"]  # users with old events only
+    old = [timed(u, n, old_t) for n in range(4) for u in [*idle, "both"]]
+    new = [timed(u, n, new_t) for n in range(3) for u in ["both", "fresh"]]
+    produce_at(ns.settings, old, old_t)
+    settings = ops_settings(ns)
+    with TopicReader(ns.settings.kafka_bootstrap, ns.settings.topic_clickstream) as reader:
+        cut = {p: high for p, (_, high) in reader.watermarks().items()}
+    produce_at(ns.settings, new, new_t)
+    # A partition whose whole history is gone tells nothing about when its users were last
+    # seen (the horizon is then "now"): give each partition a newer record so the horizon is
+    # the time of the new records.
+    fillers = [f"filler{p}" for p in range(ns.settings.topic_partitions)]
+    for p, user in enumerate(fillers):
+        produce_at(ns.settings, [timed(user, 0, new_t)], new_t, partition=p)
+
+    # The live profiles: the whole history, folded and switched in while it was all on the topic.
+    with ProfileRebuild(settings, "seed", progress=False) as seed:
+        seed.run(seed.plan(from_beginning=True))
+        assert seed.switch(seed.plan()).removed == 0
+    # Two live users the topic never held: one newer than anything the next rebuild will read
+    # (it could have seen such a user, so it is removed), one older (it could not: kept).
+    fold_directly(ns.settings, "ghost", (now - timedelta(minutes=30)).timestamp())
+    fold_directly(ns.settings, "ancient", (now - timedelta(days=2)).timestamp())
+    everyone = [*idle, "both", "fresh", "ghost", "ancient"]
+    before = profiles(ns.settings, everyone)
+    assert all(p is not None for p in before.values())
+
+    # Retention: the old records are gone from every partition that held some.
+    cut = {p: offset for p, offset in cut.items() if offset > 0}
+    admin = AdminClient({"bootstrap.servers": ns.settings.kafka_bootstrap})
+    doomed = [TopicPartition(ns.settings.topic_clickstream, p, o) for p, o in cut.items()]
+    for future in admin.delete_records(doomed, operation_timeout=30).values():
+        future.result(30)
+
+    with ProfileRebuild(settings, "after", progress=False) as rebuild:
+        plan = rebuild.plan(from_beginning=True)
+        assert {r.partition: r.start for r in plan.ranges if r.start > 0} == cut
+        assert plan.total == len(new) + len(fillers)
+        rebuild.run(plan)
+        horizon = rebuild.horizon(rebuild.plan())
+        assert horizon is not None
+        assert new_t.timestamp() <= horizon < (now - timedelta(minutes=30)).timestamp()
+        result = rebuild.switch(rebuild.plan())
+
+    assert (result.switched, result.removed, result.kept) == (2 + len(fillers), 1, len(idle) + 1)
+    after = profiles(ns.settings, everyone)
+    assert after["ghost"] is None
+    for user in [*idle, "ancient"]:
+        assert after[user] == before[user], f"{user} must be kept as it was"
+    fresh_before, fresh_after = before["fresh"], after["fresh"]
+    assert fresh_before is not None and fresh_after is not None
+    assert_same_profile(fresh_before, fresh_after)
+    both = after["both"]
+    assert both is not None and both.event_count == 3  # rebuilt from what the topic still has
+
+
+def test_switch_after_a_rebuild_from_time_keeps_users_seen_only_before_it(ns: Namespace) -> None:
+    """`replay profiles --from-time T --switch`: users whose events all precede T stay live."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    load_test_catalog(ns.settings)
+    now = datetime.now(UTC).replace(microsecond=0)
+    old_t, new_t = now - timedelta(hours=3), now - timedelta(hours=1)
+    # One partition: another one with only old records would have nothing after --from-time,
+    # which tells the switch nothing about its users' last events (it would keep the ghost too).
+    produce_at(ns.settings, [timed("before", n, old_t) for n in range(3)], old_t, partition=0)
+    produce_at(ns.settings, [timed("after", n, new_t) for n in range(3)], new_t, partition=0)
+    settings = ops_settings(ns)
+    with ProfileRebuild(settings, "seed", progress=False) as seed:
+        seed.run(seed.plan(from_beginning=True))
+        seed.switch(seed.plan())
+    fold_directly(ns.settings, "ghost", now.timestamp())
+    before = profiles(ns.settings, ["before", "after", "ghost"])
+
+    env = {
+        "RECSTREAM_KAFKA_BOOTSTRAP": ns.settings.kafka_bootstrap,
+        "RECSTREAM_REDIS_URL": ns.settings.redis_url.get_secret_value(),
+        "RECSTREAM_KEY_PREFIX": ns.settings.key_prefix,
+        "RECSTREAM_TOPIC_CLICKSTREAM": ns.settings.topic_clickstream,
+    }
+    since = (now - timedelta(hours=2)).isoformat()
+    args = ["replay", "profiles", "--from-time", since, "--switch", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "--namespace", "recent"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "removed 1 and kept 1" in result.output
+    after = profiles(ns.settings, ["before", "after", "ghost"])
+    assert after["before"] == before["before"]
+    assert after["ghost"] is None
+    assert after["after"] is not None and after["after"].event_count == 3
