@@ -17,9 +17,9 @@
 -- categories hashes at most items_max / cats_max fields (the heaviest), and every key of a user
 -- folded in this batch gets an idle TTL of idle_ttl_s seconds.
 --
--- A user one of whose keys holds the wrong Redis type is left untouched (checked before any
--- write) and reported with version -1 and 'WRONGTYPE' in place of the trigger event id, so the
--- caller dead-letters that user's records while the rest of the batch folds.
+-- A user one of whose keys holds the wrong Redis type is left untouched (every user is checked
+-- before the first write) and reported with version -1 and 'WRONGTYPE' in place of the trigger
+-- event id, so the caller dead-letters that user's records while the rest of the batch folds.
 --
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
 -- trigger_ts, new_item...}; numbers that are not integers travel as strings.
@@ -157,8 +157,15 @@ local function wrong_type(base)
   return false
 end
 
+-- Every user's keys are checked before the first write, so a refusal (or an error raised by
+-- Redis itself on one of them, e.g. an ACL) leaves the whole batch unwritten.
+local refused = {}
+for index, group in ipairs(batch) do
+  refused[index] = wrong_type(group[2])
+end
+
 local results = {}
-for _, group in ipairs(batch) do
+for index, group in ipairs(batch) do
   local user = group[1]
   local base_key = group[2]
   local events = group[3]
@@ -169,7 +176,7 @@ for _, group in ipairs(batch) do
   local rkey = base_key .. 'recent'
   local skey = base_key .. 'seen'
 
-  if wrong_type(base_key) then
+  if refused[index] then
     results[#results + 1] = { user, -1, 0, 0, 0, 0, '0', 'WRONGTYPE', '0' }
   else
     local state = redis.call('HMGET', pkey, 'version', 'events', 'ref_ts', 'base_ts', 'emitted_mix')
@@ -275,7 +282,11 @@ for _, group in ipairs(batch) do
       local now_mix = mix(cat_values)
       local before = {}
       if state[5] then
-        before = cjson.decode(state[5])
+        -- A damaged mix (written by hand) only costs the comparison, not the fold half-done.
+        local ok, decoded = pcall(cjson.decode, state[5])
+        if ok and type(decoded) == 'table' then
+          before = decoded
+        end
       end
       local distance = 0
       for k, v in pairs(now_mix) do

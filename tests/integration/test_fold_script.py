@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis.asyncio
 
 from recstream.keys import Keys
-from schemas import ClickEvent, DwellEvent, Profile, ViewEvent
+from schemas import ClickEvent, DwellEvent, Envelope, Profile, ViewEvent
+from schemas.deadletter import HEADER_DETAIL, HEADER_REASON
+from streams import ProfileFolder, StoreUnavailable, StreamsSettings
 from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, reference_fold
 from streams.profile import read_profile_async
 from tests.conftest import Namespace
@@ -120,3 +128,207 @@ def test_large_batches_and_profiles_fold_in_slices(ns: Namespace) -> None:
     assert profile.item_weights["i0"] == pytest.approx(2.0 + 2.0**-10, rel=1e-12)
     assert profile.recent_items[0] == "i0"
     assert len(profile.recent_items) == 1500
+
+
+# -- bounded state, refused users, Redis errors ----------------------------------------------
+
+
+def rows_of(events: list[AnyEvent]) -> list[tuple[str, str, str, float, float]]:
+    weights = Weights()
+    return [(e.user_id, e.event_id, e.item_id, e.ts.timestamp(), weights.of(e)) for e in events]
+
+
+def views(user: str, n: int, items: int, start: float = 1_600_000_000.0) -> list[AnyEvent]:
+    """n views of ``user``, item k % items at start + k seconds (later items weigh more)."""
+    return [
+        ViewEvent(
+            type="view",
+            event_id=f"{user}-{k}",
+            user_id=user,
+            item_id=f"i{k % items}",
+            ts=datetime.fromtimestamp(start + k, UTC),
+        )
+        for k in range(n)
+    ]
+
+
+def test_caps_keep_the_newest_ids_and_heaviest_items_and_every_key_expires(ns: Namespace) -> None:
+    params = FoldParams(seen_max=30, items_max=10, categories_max=2, idle_ttl_s=1000)
+    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    keys = Keys(ns.settings.key_prefix)
+    for item, cats in {"i0": "A|B", "i1": "C", "i2": "D"}.items():
+        client.hset(keys.item(item), "categories", cats)
+    events = views("u", 100, items=25)
+    aclient = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+
+    async def run() -> list[Folded]:
+        try:
+            script = FoldScript(aclient, ns.settings.key_prefix, params)
+            return [
+                r
+                for batch in (events[:50], events[50:])
+                for r in await script.run(group_by_user(rows_of(batch)))
+            ]
+        finally:
+            await aclient.aclose()
+
+    results = asyncio.run(run())
+    try:
+        assert sum(r.folded for r in results) == 100
+        seen = [m.decode() for m in client.zrange(keys.seen("u"), 0, -1)]
+        assert seen == [f"u-{k}" for k in range(70, 100)]  # the newest 30 ids
+        # Items 0..24 each got 4 views; the later views of items 15..24 weigh more (decay), so
+        # those ten are the heaviest.
+        items = {k.decode() for k in client.hkeys(keys.profile_items("u"))}
+        assert items == {f"i{k}" for k in range(15, 25)}
+        assert client.hlen(keys.profile_categories("u")) == 2
+        for key in keys.user_keys("u")[:5]:
+            assert 0 < client.ttl(key) <= 1000, key
+    finally:
+        client.close()
+
+
+def test_a_user_with_a_wrong_type_key_is_refused_whole_and_the_rest_folds(ns: Namespace) -> None:
+    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    keys = Keys(ns.settings.key_prefix)
+    # Corruption of one user's state (planted by hand): its items key is a string.
+    client.set(keys.profile_items("bad"), "not a hash")
+    events = views("ok1", 3, 3) + views("bad", 3, 3) + views("ok2", 3, 3)
+    aclient = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+
+    async def run() -> list[Folded]:
+        try:
+            return await FoldScript(aclient, ns.settings.key_prefix, FoldParams()).run(
+                group_by_user(rows_of(events))
+            )
+        finally:
+            await aclient.aclose()
+
+    try:
+        by_user = {r.user_id: r for r in asyncio.run(run())}
+        assert by_user["bad"].rejected == "WRONGTYPE"
+        assert by_user["ok1"].folded == by_user["ok2"].folded == 3
+        # Nothing of the refused user was written: only the planted key exists.
+        assert [client.exists(k) for k in keys.user_keys("bad")] == [0, 1, 0, 0, 0, 0]
+        assert client.get(keys.profile_items("bad")) == b"not a hash"
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A throwaway redis-server on a free port (memory limits and ACLs stay out of the stack's)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is required (the stack uses it too)"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not answer"
+                time.sleep(0.05)  # readiness poll of a process we just started, not a test wait
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+class Collect:
+    """A folder's sender that keeps what it is given (the test reads it back)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
+
+    async def __call__(
+        self, *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
+    ) -> None:
+        self.records.append((key, value, headers))
+
+
+def envelopes_of(events: list[AnyEvent]) -> list[Envelope]:
+    return [
+        Envelope("clicks", 0, n, e.user_id.encode(), e.model_dump_json().encode(), (), 1)
+        for n, e in enumerate(events)
+    ]
+
+
+def test_out_of_memory_is_retried_then_stops_the_worker_with_nothing_written(
+    own_redis: str,
+) -> None:
+    admin = redis.Redis.from_url(own_redis)
+    settings = StreamsSettings(redis_url=own_redis, streams_redis_retry_s=1.0)
+    keys = Keys(settings.key_prefix)
+    events = views("u1", 5, 5) + views("u2", 5, 5)
+
+    async def fold() -> Collect:
+        client = redis.asyncio.Redis.from_url(own_redis)
+        dlq, changed = Collect(), Collect()
+        try:
+            await ProfileFolder(settings, client, dlq, changed).handle(envelopes_of(events))
+        finally:
+            await client.aclose()
+        return changed
+
+    try:
+        admin.set("ballast", b"x" * 4_000_000)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1mb")
+        # OOM is transient: retried for streams_redis_retry_s, then the worker must stop (not
+        # ack, not spin), and no half-batch is left behind.
+        with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+            asyncio.run(fold())
+        assert not any(admin.exists(k) for u in ("u1", "u2") for k in keys.user_keys(u))
+        # Memory back: the same batch (redelivered, uncommitted) folds and is announced.
+        admin.delete("ballast")
+        admin.config_set("maxmemory", "0")
+        changed = asyncio.run(fold())
+        assert sorted(k for k, _, _ in changed.records) == [b"u1", b"u2"]
+    finally:
+        admin.close()
+
+
+def test_a_refusal_of_one_users_keys_is_isolated_to_that_user(own_redis: str) -> None:
+    admin = redis.Redis.from_url(own_redis)
+    # An ACL user that may touch item keys and every key with "ok" in it, not "denied"'s: Redis
+    # refuses the script with NOPERM on that user's keys, a refusal that is not WRONGTYPE.
+    admin.acl_setuser(
+        "limited", enabled=True, passwords=["+pw"], keys=["*ok*", "item:*"], commands=["+@all"]
+    )
+    url = own_redis.replace("redis://", "redis://limited:pw@")
+    settings = StreamsSettings(redis_url=url)
+    keys = Keys(settings.key_prefix)
+    events = views("ok1", 3, 3) + views("denied", 3, 3) + views("ok2", 3, 3)
+
+    async def fold() -> tuple[Collect, Collect]:
+        client = redis.asyncio.Redis.from_url(url)
+        dlq, changed = Collect(), Collect()
+        try:
+            await ProfileFolder(settings, client, dlq, changed).handle(envelopes_of(events))
+        finally:
+            await client.aclose()
+        return dlq, changed
+
+    try:
+        dlq, changed = asyncio.run(fold())
+        assert sorted(k for k, _, _ in changed.records) == [b"ok1", b"ok2"]
+        assert [k for k, _, _ in dlq.records] == [b"denied"] * 3
+        for _, _, headers in dlq.records:
+            found = dict(headers or [])
+            assert found[HEADER_REASON] == b"store_rejected"
+            # The error class only, never Redis's message (which may quote keys or data).
+            assert found[HEADER_DETAIL] == b"Redis refused the user's keys: ResponseError"
+        assert admin.hget(keys.profile("ok2"), "events") == b"3"
+        assert not any(admin.exists(k) for k in keys.user_keys("denied"))
+    finally:
+        admin.close()
