@@ -243,6 +243,8 @@ def main() -> None:
         "topic_dlq": f"bench-clickstream.dlq-{token}",
         "topic_profiles_changed": f"bench-profiles.changed-{token}",
         "topic_recommendations": f"bench-recommendations-{token}",
+        "topic_profiles_changed_dlq": f"bench-profiles.changed.dlq-{token}",
+        "topic_recommendations_dlq": f"bench-recommendations.dlq-{token}",
     }
     settings = base.model_copy(update={"key_prefix": f"bench:{token}:", **names})
     Stack().create_topics(settings.topics(), settings.topic_partitions)

@@ -48,6 +48,14 @@ class CommonSettings(BaseSettings):
     topic_recommendations: str = Field(
         "recommendations", description="Topic of regenerated recommendation lists."
     )
+    topic_profiles_changed_dlq: str = Field(
+        "profiles.changed.dlq",
+        description="Dead letters of profiles.changed (records the regeneration service refused).",
+    )
+    topic_recommendations_dlq: str = Field(
+        "recommendations.dlq",
+        description="Dead letters of recommendations (records the cache writer refused).",
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 
@@ -57,7 +65,9 @@ class CommonSettings(BaseSettings):
             self.topic_clickstream,
             self.topic_dlq,
             self.topic_profiles_changed,
+            self.topic_profiles_changed_dlq,
             self.topic_recommendations,
+            self.topic_recommendations_dlq,
         ]
 
 

@@ -33,6 +33,8 @@ def settings_env(settings: CommonSettings) -> dict[str, str]:
             f"{ENV_PREFIX}TOPIC_DLQ": settings.topic_dlq,
             f"{ENV_PREFIX}TOPIC_PROFILES_CHANGED": settings.topic_profiles_changed,
             f"{ENV_PREFIX}TOPIC_RECOMMENDATIONS": settings.topic_recommendations,
+            f"{ENV_PREFIX}TOPIC_PROFILES_CHANGED_DLQ": settings.topic_profiles_changed_dlq,
+            f"{ENV_PREFIX}TOPIC_RECOMMENDATIONS_DLQ": settings.topic_recommendations_dlq,
             f"{ENV_PREFIX}TOPIC_PARTITIONS": str(settings.topic_partitions),
         }
     )
@@ -86,6 +88,8 @@ def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[
             "topic_dlq": f"clickstream.dlq-{token}",
             "topic_profiles_changed": f"profiles.changed-{token}",
             "topic_recommendations": f"recommendations-{token}",
+            "topic_profiles_changed_dlq": f"profiles.changed.dlq-{token}",
+            "topic_recommendations_dlq": f"recommendations.dlq-{token}",
             "topic_partitions": partitions,
         }
     )
