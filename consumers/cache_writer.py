@@ -2,9 +2,22 @@
 
 Each list is written with a TTL by an atomic compare-and-set (``cache_cas.lua``): a stored list
 with a newer ``profile_version`` is never replaced by an older one, so the cache never goes
-backwards, whatever order redeliveries or replays arrive in. Messages are written in batches, one
-pipelined round trip per batch; offsets are stored only after the batch is in Redis
-(at-least-once; rewriting the same version is harmless).
+backwards, whatever order redeliveries or replays arrive in. The same script refuses a list whose
+``profile_version`` is ahead of the user's stored profile (or whose user has no profile): a forged
+version could otherwise lock the cache against every real list for the whole TTL. Messages are
+written in batches, one pipelined round trip per batch; offsets are stored only after the batch is
+in Redis and its dead letters are delivered (at-least-once; rewriting the same version is
+harmless).
+
+Every record ends as one outcome of ``recs_records_total{service="cache_writer"}``: ``folded``
+(written), ``duplicate`` (older than the cached list) or ``dead_lettered`` (on
+``recommendations.dlq`` with its original key and bytes and a :class:`~consumers.deadletter.
+DeadReason`: unreadable, wrong contract, key not its user, oversize, version ahead, no profile).
+
+A Redis error is retried with doubling backoff for ``cache_retry_budget_s``, the batch unacked;
+past the budget the writer raises :class:`~consumers.exceptions.CacheWriteError` and exits
+non-zero for its supervisor (never acked-and-lost, never an endless spin). Dead-letter deliveries
+are retried the same way.
 
 The stored value is the message's JSON exactly as published (the contract of DESIGN.md).
 
@@ -23,29 +36,50 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from enum import IntEnum
 from importlib import resources
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
-from pydantic import ValidationError
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumers.deadletter import DeadReason, RecordRefusedError, decode, envelope
+from consumers.exceptions import CacheWriteError, DeliveryError
 from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
     CACHE_BATCH_SIZE,
     CACHE_FRESHNESS,
     CACHE_INVALID,
+    CACHE_REDIS_ERRORS,
     CACHE_STALE,
     CACHE_WRITES,
     origin_ts,
 )
+from consumers.regenerate import Headers
 from consumers.settings import CacheWriterSettings
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.metrics import count
 from schemas import Recommendations
+from schemas.deadletter import dead_letter_headers
 
-__all__ = ["CacheWriter", "RecsCache"]
+__all__ = ["CacheWriter", "CasOutcome", "RecsCache"]
 
 log = logging.getLogger(__name__)
+
+SERVICE = "cache_writer"
+
+_REFUSALS = {3: DeadReason.NO_PROFILE, 2: DeadReason.VERSION_AHEAD}
+
+
+class CasOutcome(IntEnum):
+    """What ``cache_cas.lua`` did with one list."""
+
+    STALE = 0
+    WRITTEN = 1
+    VERSION_AHEAD = 2
+    NO_PROFILE = 3
 
 
 class RecsCache:
@@ -58,17 +92,32 @@ class RecsCache:
         source = resources.files("consumers").joinpath("cache_cas.lua").read_text()
         self._script = client.register_script(source)
 
-    def write_many(self, lists: list[tuple[str, int, bytes]]) -> list[bool]:
-        """Write ``(user_id, profile_version, json)`` triples; per triple, written (not stale)."""
+    def write_many(self, lists: list[tuple[str, int, bytes]]) -> list[CasOutcome]:
+        """Write ``(user_id, profile_version, json)`` triples; per triple, what the CAS did."""
         if not lists:
             return []
         pipe = self.client.pipeline(transaction=False)
         for user_id, version, payload in lists:
             self._script(
-                keys=[self.keys.recs(user_id)], args=[payload, version, self.ttl_ms], client=pipe
+                keys=[self.keys.recs(user_id), self.keys.profile(user_id)],
+                args=[payload, version, self.ttl_ms],
+                client=pipe,
             )
         replies = pipe.execute()
-        return [int(r) == 1 for r in replies]
+        return [CasOutcome(int(r)) for r in replies]
+
+
+_Dead = tuple[Message, DeadReason, str]
+
+
+def _collect_failure(
+    item: _Dead, failed: list[tuple[_Dead, KafkaError]]
+) -> Callable[[KafkaError | None, Message], None]:
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            failed.append((item, err))
+
+    return on_delivery
 
 
 class CacheWriter:
@@ -78,14 +127,23 @@ class CacheWriter:
         self, settings: CacheWriterSettings, redis_client: redis.Redis | None = None
     ) -> None:
         self.settings = settings
-        client = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
+        # A socket timeout: a Redis that hangs is an error to retry, not a writer stuck forever.
+        client = redis_client or redis.Redis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=5.0, socket_connect_timeout=5.0
+        )
         self.cache = RecsCache(client, Keys(settings.key_prefix), settings.cache_ttl_s)
         self._stop = threading.Event()
         self.running = threading.Event()
         self.written = 0
         self.stale = 0
+        self.dead_lettered = 0
         self.consumer = at_least_once_consumer(
             settings.kafka_bootstrap, settings.cache_group_id, settings.cache_stats_interval_ms
+        )
+        self.producer = idempotent_producer(
+            settings.kafka_bootstrap,
+            linger_ms=1,
+            message_timeout_ms=settings.cache_delivery_timeout_ms,
         )
 
     def stop(self) -> None:
@@ -93,7 +151,11 @@ class CacheWriter:
         self._stop.set()
 
     def run(self) -> None:
-        """Consume until :meth:`stop`; each batch is written before its offsets are stored."""
+        """Consume until :meth:`stop`; each batch is written before its offsets are stored.
+
+        Raises :class:`CacheWriteError` or :class:`DeliveryError` when Redis or the dead-letter
+        topic keeps failing past the retry budget; stored offsets are committed either way.
+        """
         self.consumer.subscribe([self.settings.topic_recommendations], on_revoke=self._on_revoke)
         self.running.set()
         try:
@@ -103,6 +165,7 @@ class CacheWriter:
             self.running.clear()
             self._commit()
             self.consumer.close()
+            self.producer.flush(5.0)
             log.info("cache writer closed")
 
     def step(self) -> int:
@@ -129,25 +192,34 @@ class CacheWriter:
 
     def _write(self, messages: list[Message]) -> None:
         lists: list[tuple[str, int, bytes]] = []
+        accepted: list[Message] = []
         origins: list[tuple[str, float]] = []  # per list: (source, origin epoch seconds)
+        dead: list[_Dead] = []
         positions: dict[tuple[str, int], int] = {}
         for message in messages:
             where = position(message)
             if where is None:
                 continue
             topic, partition, offset = where
+            count(SERVICE, topic, "in")
             positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
-            payload = message.value() or b""
             try:
-                recs = Recommendations.model_validate_json(payload)
-            except ValidationError as exc:
+                recs = decode(
+                    Recommendations,
+                    message.key(),
+                    message.value(),
+                    self.settings.cache_max_message_bytes,
+                )
+            except RecordRefusedError as refused:
                 CACHE_INVALID.inc()
                 log.warning(
-                    "invalid recommendations at %s/%d@%d: %s", topic, partition, offset, exc
+                    "refused recommendations at %s/%d@%d: %s", topic, partition, offset, refused
                 )
+                dead.append((message, refused.reason, refused.detail))
                 continue
-            lists.append((recs.user_id, recs.profile_version, payload))
-            origin = origin_ts(message)
+            lists.append((recs.user_id, recs.profile_version, message.value() or b""))
+            accepted.append(message)
+            origin = origin_ts(message, SERVICE)
             origins.append(
                 ("trigger_ts", recs.trigger_ts.timestamp())
                 if origin is None
@@ -155,13 +227,13 @@ class CacheWriter:
             )
         if lists:
             CACHE_BATCH_SIZE.observe(len(lists))
-            written = self.cache.write_many(lists)
-            n_written = sum(written)
-            self.written += n_written
-            self.stale += len(written) - n_written
-            CACHE_WRITES.inc(n_written)
-            CACHE_STALE.inc(len(written) - n_written)
-            self._observe_freshness(written, origins)
+            outcomes = self._write_retrying(lists)
+            if outcomes is None:  # stopping during an outage: nothing stored, all re-read
+                return
+            self._account(outcomes, accepted, lists, dead)
+            self._observe_freshness(outcomes, origins)
+        if dead and not self._dead_letter(dead):
+            return
         if positions:
             try:
                 self.consumer.store_offsets(
@@ -173,11 +245,91 @@ class CacheWriter:
             except KafkaException as exc:  # revoked meanwhile: the new owner rewrites (harmless)
                 log.info("offsets not stored: %s", exc)
 
-    def _observe_freshness(self, written: list[bool], origins: list[tuple[str, float]]) -> None:
+    def _account(
+        self,
+        outcomes: list[CasOutcome],
+        accepted: list[Message],
+        lists: list[tuple[str, int, bytes]],
+        dead: list[_Dead],
+    ) -> None:
+        n_written = n_stale = 0
+        for outcome, message, (user, version, _) in zip(outcomes, accepted, lists, strict=True):
+            if outcome is CasOutcome.WRITTEN:
+                n_written += 1
+            elif outcome is CasOutcome.STALE:
+                n_stale += 1
+            else:
+                reason = _REFUSALS[outcome]
+                log.warning("refused list of %r at version %d: %s", user, version, reason)
+                dead.append((message, reason, f"profile_version {version}"))
+        self.written += n_written
+        self.stale += n_stale
+        CACHE_WRITES.inc(n_written)
+        CACHE_STALE.inc(n_stale)
+        topic = self.settings.topic_recommendations
+        count(SERVICE, topic, "folded", n_written)
+        count(SERVICE, topic, "duplicate", n_stale)
+
+    def _write_retrying(self, lists: list[tuple[str, int, bytes]]) -> list[CasOutcome] | None:
+        """The batch's CAS outcomes, retrying Redis errors; ``None`` if stopped meanwhile."""
+        deadline = time.monotonic() + self.settings.cache_retry_budget_s
+        backoff = 0.05
+        while True:
+            try:
+                return self.cache.write_many(lists)
+            except redis.RedisError as exc:
+                CACHE_REDIS_ERRORS.inc()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CacheWriteError(
+                        f"Redis kept failing for {self.settings.cache_retry_budget_s:g} s: {exc}"
+                    ) from exc
+                log.warning("Redis write failed (retrying in %.2f s): %s", backoff, exc)
+                if self._stop.wait(min(backoff, left)):
+                    return None
+                backoff = min(backoff * 2, 2.0)
+
+    def _dead_letter(self, dead: list[_Dead]) -> bool:
+        """Deliver every dead letter (retrying); False if stopped before all were delivered."""
+        topic = self.settings.topic_recommendations_dlq
+        deadline = time.monotonic() + self.settings.cache_retry_budget_s
+        backoff = 0.05
+        pending = dead
+        while pending:
+            failed: list[tuple[_Dead, KafkaError]] = []
+            for item in pending:
+                message, reason, detail = item
+                headers: Headers = [*dead_letter_headers(envelope(message), reason, detail)]
+                self.producer.produce(
+                    topic,
+                    key=message.key(),
+                    value=message.value(),
+                    headers=headers,
+                    on_delivery=_collect_failure(item, failed),
+                )
+            self.producer.flush(self.settings.cache_delivery_timeout_ms / 1000.0 + 5.0)
+            delivered = len(pending) - len(failed)
+            self.dead_lettered += delivered
+            count(SERVICE, self.settings.topic_recommendations, "dead_lettered", delivered)
+            pending = [item for item, _ in failed]
+            if not pending:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeliveryError(f"dead letters to {topic!r} failed: {failed[0][1]}")
+            log.warning("%d dead letters failed (retrying): %s", len(pending), failed[0][1])
+            if self._stop.wait(min(backoff, left)):
+                return False
+            backoff = min(backoff * 2, 2.0)
+        return True
+
+    def _observe_freshness(
+        self, outcomes: list[CasOutcome], origins: list[tuple[str, float]]
+    ) -> None:
         now = time.time()
         max_trigger_age = self.settings.cache_freshness_trigger_max_age_s
-        for ok, (source, origin) in zip(written, origins, strict=True):
-            if not ok:
+        for outcome, (source, origin) in zip(outcomes, origins, strict=True):
+            if outcome is not CasOutcome.WRITTEN:
                 continue
             age = max(now - origin, 0.0)
             if source == "trigger_ts" and age > max_trigger_age:

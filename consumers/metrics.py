@@ -25,9 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from streams.metrics import CONSUMER_LAG, ORIGIN_HEADER
 
 __all__ = [
+    "BAD_HEADERS",
     "CACHE_BATCH_SIZE",
     "CACHE_FRESHNESS",
     "CACHE_INVALID",
+    "CACHE_REDIS_ERRORS",
     "CACHE_STALE",
     "CACHE_WRITES",
     "CONSUMER_LAG",
@@ -46,6 +48,7 @@ __all__ = [
     "REGEN_REGENERATIONS",
     "MetricsServer",
     "origin_ts",
+    "parse_origin_ms",
     "record_lag",
 ]
 
@@ -103,12 +106,20 @@ CACHE_STALE = Counter(
 CACHE_INVALID = Counter(
     "recs_cache_invalid_messages_total", "Messages on recommendations that failed validation."
 )
+CACHE_REDIS_ERRORS = Counter(
+    "recs_cache_redis_errors_total", "Redis round trips of the cache writer that failed (retried)."
+)
 CACHE_FRESHNESS = Histogram(
     "recs_cache_freshness_seconds",
     "Per list written: produce time of the triggering clickstream record (recs.origin_ts header; "
     "without it, the event's trigger_ts when recent) to the list's Redis write.",
     ["source"],
     buckets=_FRESHNESS_SECONDS,
+)
+BAD_HEADERS = Counter(
+    "recs_bad_headers_total",
+    "Record headers ignored because their value was malformed (treated as absent).",
+    ["service", "header"],
 )
 CACHE_BATCH_SIZE = Histogram(
     "recs_cache_batch_size",
@@ -117,17 +128,40 @@ CACHE_BATCH_SIZE = Histogram(
 )
 
 
-def origin_ts(message: Any) -> float | None:
-    """The ``recs.origin_ts`` header of a record in epoch seconds, or None (absent, malformed)."""
+# Epoch milliseconds have 13 digits until the year 2286; 15 leave room and keep every accepted
+# value far inside a float, so a hostile header can never overflow the arithmetic that uses it.
+ORIGIN_MAX_DIGITS = 15
+
+
+def parse_origin_ms(raw: bytes | str | None) -> float | None:
+    """A ``recs.origin_ts`` header value (epoch milliseconds) in epoch seconds, or ``None``.
+
+    Only 1 to :data:`ORIGIN_MAX_DIGITS` ASCII digits are accepted: no sign, no space, no
+    exponent, no NaN; anything else is treated as absent.
+    """
+    if raw is None:
+        return None
+    text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace")
+    if not 0 < len(text) <= ORIGIN_MAX_DIGITS or not text.isdigit():
+        return None
+    return int(text) / 1000.0
+
+
+def origin_ts(message: Any, service: str) -> float | None:
+    """The ``recs.origin_ts`` header of a record in epoch seconds, or None (absent, malformed).
+
+    A malformed value is ignored, as if absent, and counted in ``recs_bad_headers_total``: a
+    header is metadata for timing and must never stop a consumer.
+    """
     headers = message.headers() or []
     # A consumed record's headers are a list of pairs; the stub also allows the producer's dict.
     pairs = list(headers.items()) if isinstance(headers, dict) else headers
     for name, value in pairs:
-        if name == ORIGIN_HEADER and value:
-            try:
-                return int(value) / 1000.0
-            except ValueError:
-                return None
+        if name == ORIGIN_HEADER:
+            parsed = parse_origin_ms(value)
+            if parsed is None:
+                BAD_HEADERS.labels(service, ORIGIN_HEADER).inc()
+            return parsed
     return None
 
 

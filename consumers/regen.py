@@ -9,9 +9,21 @@ through a queue that the loop drains.
   regeneration on the newest profile; a change already covered by a running regeneration's profile
   read rides along with it (see :mod:`consumers.coalesce`).
 - **At-least-once**: ``enable.auto.offset.store`` is off; an offset is stored only once every
-  message up to it has its result delivered to the output topic (or was dropped on purpose, e.g.
-  invalid). Auto-commit commits stored offsets; a revoke commits synchronously. The output is
-  idempotent by ``profile_version`` (the cache never goes backwards).
+  message up to it has its result delivered to the output topic, or its dead letter delivered.
+  Auto-commit commits stored offsets; a revoke commits synchronously. The output is idempotent by
+  ``profile_version`` (the cache never goes backwards).
+- **Refusals**: a record that is not a ``ProfileChanged`` keyed by its user, or whose
+  ``profile_version`` is ahead of the profile stored in Redis (forged, or Redis restored from an
+  older state), or whose user has no profile, goes to ``profiles.changed.dlq`` with its original
+  key and bytes and a :class:`~consumers.deadletter.DeadReason`; a list is never served under a
+  version the profile does not have. Every record ends as one outcome of
+  ``recs_records_total{service="regen"}``: ``folded`` (one per list delivered), ``duplicate``
+  (the other changes that list answers: coalesced, superseded) or ``dead_lettered``.
+- **Delivery failures**: a list or dead letter the broker refuses is sent again with doubling
+  backoff, up to ``regen_delivery_attempts``; past them :meth:`RegenService.run` raises
+  :class:`~consumers.exceptions.DeliveryError` and the service exits non-zero (that work's offsets
+  were never stored, so the restarted service redoes it). A worker pool whose I/O thread died
+  raises from ``submit`` the same way.
 - **Backpressure**: when the pool's queue is full or too many users wait, the assigned partitions
   are paused (the loop keeps polling so the group membership stays alive) and resumed when the
   pool has room again.
@@ -28,6 +40,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -35,9 +48,10 @@ from typing import Any
 
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from pydantic import ValidationError
 
-from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending
+from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending, Position
+from consumers.deadletter import DeadReason, RecordRefusedError, decode, envelope
+from consumers.exceptions import DeliveryError
 from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
     REGEN_COALESCED,
@@ -54,17 +68,21 @@ from consumers.metrics import (
     REGEN_REGENERATIONS,
     origin_ts,
 )
-from consumers.regenerate import RecsPublisher, model_history
+from consumers.regenerate import Headers, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
 from inference.pool import PoolResult, PoolSaturatedError, WorkerPool
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.metrics import count
 from schemas import ModelRef, ProfileChanged
+from schemas.deadletter import dead_letter_headers
 from streams.profile import read_profile
 
 __all__ = ["RegenService", "build_pool"]
 
 log = logging.getLogger(__name__)
+
+SERVICE = "regen"
 
 
 def build_pool(settings: RegenSettings) -> WorkerPool:
@@ -99,6 +117,15 @@ class _Done:
     future: Future[PoolResult]
 
 
+@dataclass(eq=False)
+class _Outgoing:
+    """A record the service owes the broker (a list or a dead letter) and what it settles."""
+
+    record: Record
+    on_delivered: Callable[[], None]
+    attempts: int = 0
+
+
 class RegenService:
     """Consumes profile changes, regenerates through the pool, publishes recommendations."""
 
@@ -118,10 +145,20 @@ class RegenService:
         self.running = threading.Event()  # set once subscribed; for health checks and tests
         self.regenerations = 0
         self.pauses = 0  # times input was paused for backpressure
+        # Every open position's record and announced version, so that any of them can still be
+        # dead-lettered with its original bytes after it was coalesced.
+        self._records: dict[Position, tuple[Message, int]] = {}
+        self._retries: list[tuple[float, _Outgoing]] = []  # (due, record), waiting to resend
+        self._outstanding = 0  # records produced whose delivery is not settled
+        self._failure: DeliveryError | None = None
         self.consumer = at_least_once_consumer(
             settings.kafka_bootstrap, settings.regen_group_id, settings.regen_stats_interval_ms
         )
-        self.producer = idempotent_producer(settings.kafka_bootstrap, linger_ms=1)
+        self.producer = idempotent_producer(
+            settings.kafka_bootstrap,
+            linger_ms=1,
+            message_timeout_ms=settings.regen_delivery_timeout_ms,
+        )
         self.publisher = RecsPublisher(
             self.producer, settings.topic_recommendations, settings.regen_variant
         )
@@ -133,7 +170,11 @@ class RegenService:
         self._stop.set()
 
     def run(self) -> None:
-        """Consume until :meth:`stop`, then drain, flush and close (always closes)."""
+        """Consume until :meth:`stop`, then drain, flush and close (always closes).
+
+        Raises :class:`DeliveryError` when a record stays undeliverable past the retry budget,
+        and the pool's errors when it is broken; only finished work's offsets are committed.
+        """
         self.consumer.subscribe(
             [self.settings.topic_profiles_changed],
             on_assign=self._on_assign,
@@ -158,7 +199,9 @@ class RegenService:
         log.info("draining: %d waiting, %d running", len(self.coalescer), self._running_count())
         self._pause()
         deadline = time.monotonic() + self.settings.regen_drain_timeout_s
-        while (len(self.coalescer) or self._running_count()) and time.monotonic() < deadline:
+        while (
+            len(self.coalescer) or self._running_count() or self._outstanding
+        ) and time.monotonic() < deadline:
             self._step(flush=True)
         self.producer.flush(max(deadline - time.monotonic(), 1.0))
         self.producer.poll(0)
@@ -190,7 +233,10 @@ class RegenService:
         self._start_due(now, flush)
         self._backpressure()
         self.producer.poll(0)
+        self._resend_due(time.monotonic())
         REGEN_PENDING_USERS.set(len(self.coalescer))
+        if self._failure is not None:
+            raise self._failure
 
     def _accept(self, message: Message, now: float) -> None:
         where = position(message)
@@ -199,21 +245,28 @@ class RegenService:
         topic, partition, offset = where
         self.offsets.received(topic, partition, offset)
         REGEN_MESSAGES.inc()
+        count(SERVICE, topic, "in")
         try:
-            change = ProfileChanged.model_validate_json(message.value() or b"")
-        except ValidationError as exc:
-            # Nothing can be regenerated from it; counted, logged, and its offset moves on.
+            change = decode(
+                ProfileChanged,
+                message.key(),
+                message.value(),
+                self.settings.regen_max_message_bytes,
+            )
+        except RecordRefusedError as refused:
             REGEN_INVALID.inc()
-            log.warning("invalid change at %s/%d@%d: %s", topic, partition, offset, exc)
-            self._mark_done([(topic, partition, offset)])
+            log.warning("refused change at %s/%d@%d: %s", topic, partition, offset, refused)
+            self._records[where] = (message, 0)
+            self._dead_letter(where, refused.reason, refused.detail)
             return
+        self._records[where] = (message, change.profile_version)
         fresh = self.coalescer.add(
             change.user_id,
             change.profile_version,
             change.trigger_ts,
-            (topic, partition, offset),
+            where,
             now,
-            origin_ts=origin_ts(message),
+            origin_ts=origin_ts(message, SERVICE),
         )
         if not fresh:
             REGEN_COALESCED.inc()
@@ -226,8 +279,10 @@ class RegenService:
             profile = read_profile(self.redis, self.keys, entry.user_id)
             if profile is None:
                 REGEN_MISSING_PROFILE.inc()
-                log.warning("no profile for user %r; change dropped", entry.user_id)
-                self._mark_done(entry.positions)
+                for where in entry.positions:
+                    self._dead_letter(where, DeadReason.NO_PROFILE, "no stored profile")
+                continue
+            if not self._refuse_ahead(entry, profile.version):
                 continue
             try:
                 future = self.pool.submit(model_history(profile), self.settings.regen_k)
@@ -236,10 +291,29 @@ class RegenService:
                 break
             self._started(entry, profile.version, future)
 
+    def _refuse_ahead(self, entry: Pending, stored: int) -> bool:
+        """Dead-letter the entry's changes announcing a version the profile does not have.
+
+        Returns whether any change is left to regenerate for. A list is only ever served under
+        the version read, so a forged ``profile_version`` can never reach the cache.
+        """
+        if entry.version <= stored:
+            return True
+        kept: list[Position] = []
+        for where in entry.positions:
+            announced = self._records[where][1] if where in self._records else 0
+            if announced > stored:
+                detail = f"profile_version {announced} > stored {stored}"
+                self._dead_letter(where, DeadReason.VERSION_AHEAD, detail)
+            else:
+                kept.append(where)
+        entry.positions = kept
+        entry.changes = len(kept)
+        entry.version = stored
+        return bool(kept)
+
     def _started(self, entry: Pending, read_version: int, future: Future[PoolResult]) -> None:
-        # A profile behind its announcement (Redis restored from an older state) is served under
-        # the announced version, so the change counts as answered and is not requested again.
-        running = self.coalescer.start(entry, max(read_version, entry.version))
+        running = self.coalescer.start(entry, read_version)
         REGEN_COALESCED.inc(max(running.changes - 1, 0))
         done = _Done(running, future)
         future.add_done_callback(lambda _f: self._done.put(done))
@@ -255,31 +329,101 @@ class RegenService:
             result = done.future.result()
             REGEN_REGENERATIONS.labels(result.source).inc()
             self.regenerations += 1
-            self.publisher.publish(
+            recs = self.publisher.build(
                 running.user_id,
                 result.items,
                 profile_version=running.read_version,
                 model=ModelRef(name=result.model_name, version=result.model_version),
                 source=result.source,
                 trigger_ts=running.trigger_ts,
-                origin_ts=running.origin_ts,
-                on_delivery=partial(self._delivered, running),
             )
+            record = self.publisher.record(recs, running.origin_ts)
+            self._send(_Outgoing(record, partial(self._published, running)))
 
-    def _delivered(self, running: InFlight, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            # Offsets stay open: after a restart these changes are consumed again.
-            REGEN_PUBLISH_ERRORS.inc()
-            log.error("publishing recommendations for %r failed: %s", running.user_id, err)
-            return
+    def _published(self, running: InFlight) -> None:
         REGEN_PUBLISHED.inc()
         REGEN_LATENCY.observe(max(time.monotonic() - running.received, 0.0))
         REGEN_FRESHNESS.observe(max(time.time() - running.trigger_ts.timestamp(), 0.0))
+        # One change made the list; the others it answers were coalesced into it.
+        topic = self.settings.topic_profiles_changed
+        count(SERVICE, topic, "folded", min(len(running.positions), 1))
+        count(SERVICE, topic, "duplicate", max(len(running.positions) - 1, 0))
         self._mark_done(running.positions)
 
-    def _mark_done(self, positions: list[tuple[str, int, int]]) -> None:
-        for topic, partition, offset in positions:
-            self.offsets.done(topic, partition, offset)
+    # -- delivery: lists and dead letters, retried -------------------------------------------
+
+    def _dead_letter(self, where: Position, reason: DeadReason, detail: str) -> None:
+        """Send the record at ``where`` to the DLQ; its offset is done once that is delivered."""
+        if where not in self._records:  # its partition was revoked: the new owner decides
+            return
+        message = self._records[where][0]
+        headers: Headers = [*dead_letter_headers(envelope(message), reason, detail)]
+        record = Record(
+            self.settings.topic_profiles_changed_dlq, message.key(), message.value(), headers
+        )
+        self._send(_Outgoing(record, partial(self._dead_lettered, where)))
+
+    def _dead_lettered(self, where: Position) -> None:
+        count(SERVICE, where[0], "dead_lettered")
+        self._mark_done([where])
+
+    def _send(self, out: _Outgoing) -> None:
+        topic, key, value, headers = out.record
+        self._outstanding += 1
+        try:
+            self.producer.produce(
+                topic,
+                key=key,
+                value=value,
+                headers=headers,
+                on_delivery=partial(self._delivery, out),
+            )
+        except (BufferError, KafkaException) as exc:  # refused locally: same as a failed delivery
+            self._outstanding -= 1
+            self._attempt_failed(out, str(exc))
+
+    def _delivery(self, out: _Outgoing, err: KafkaError | None, _msg: Message) -> None:
+        self._outstanding -= 1
+        if err is None:
+            out.on_delivered()
+        else:
+            self._attempt_failed(out, str(err))
+
+    def _attempt_failed(self, out: _Outgoing, error: str) -> None:
+        REGEN_PUBLISH_ERRORS.inc()
+        out.attempts += 1
+        budget = self.settings.regen_delivery_attempts
+        if out.attempts >= budget:
+            # Offsets stay open: the restarted service consumes these changes again.
+            log.error("delivery to %r failed %d times: %s", out.record.topic, budget, error)
+            self._failure = self._failure or DeliveryError(
+                f"delivery to {out.record.topic!r} failed {budget} times: {error}"
+            )
+            return
+        backoff = self.settings.regen_retry_backoff_s * 2 ** (out.attempts - 1)
+        log.warning(
+            "delivery to %r failed (attempt %d, retrying in %.2f s): %s",
+            out.record.topic,
+            out.attempts,
+            backoff,
+            error,
+        )
+        self._outstanding += 1  # still owed: drain waits for it
+        self._retries.append((time.monotonic() + backoff, out))
+
+    def _resend_due(self, now: float) -> None:
+        if not self._retries:
+            return
+        due = [out for at, out in self._retries if at <= now]
+        self._retries = [(at, out) for at, out in self._retries if at > now]
+        for out in due:
+            self._outstanding -= 1
+            self._send(out)
+
+    def _mark_done(self, positions: list[Position]) -> None:
+        for where in positions:
+            self._records.pop(where, None)
+            self.offsets.done(*where)
         self._store_offsets({(t, p) for t, p, _ in positions})
 
     def _store_offsets(self, partitions: set[tuple[str, int]] | None = None) -> None:
@@ -342,6 +486,8 @@ class RegenService:
     def _forget(self, partitions: set[tuple[str, int]]) -> None:
         dropped = self.coalescer.forget(partitions)
         self.offsets.forget(partitions)
+        for where in [w for w in self._records if w[:2] in partitions]:
+            del self._records[where]
         self._assignment -= partitions
         log.info("revoked %s (%d waiting users handed over)", sorted(partitions), dropped)
 
@@ -353,6 +499,9 @@ class RegenService:
             "consuming": self.running.is_set(),
             "paused": self._paused,
             "waiting_users": len(self.coalescer),
+            "retrying_deliveries": len(self._retries),
+            "failure": None if self._failure is None else str(self._failure),
             "pool": pool,
         }
-        return bool(pool["ok"]) and self.running.is_set(), detail
+        ok = bool(pool["ok"]) and self.running.is_set() and self._failure is None
+        return ok, detail

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -19,7 +19,7 @@ from consumers.metrics import ORIGIN_HEADER
 from inference.recommender import Ranked
 from schemas import ModelRef, Profile, Recommendations, ScoredItem
 
-__all__ = ["RecsPublisher", "model_history", "origin_headers"]
+__all__ = ["Record", "RecsPublisher", "model_history", "origin_headers"]
 
 OnDelivery = Callable[[KafkaError | None, Message], None]
 Headers = list[tuple[str, str | bytes | None]]  # what confluent-kafka's produce() accepts
@@ -35,6 +35,15 @@ def origin_headers(origin_ts: float | None) -> Headers | None:
     return None if origin_ts is None else [(ORIGIN_HEADER, b"%d" % round(origin_ts * 1000))]
 
 
+class Record(NamedTuple):
+    """One record to produce, kept whole so that a failed delivery can be sent again."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None = None
+
+
 class RecsPublisher:
     """Builds one user's ``Recommendations`` from a model's answer and produces it (key = user)."""
 
@@ -42,6 +51,37 @@ class RecsPublisher:
         self.producer = producer
         self.topic = topic
         self.variant = variant
+
+    def build(
+        self,
+        user_id: str,
+        ranked: Ranked,
+        *,
+        profile_version: int,
+        model: ModelRef,
+        source: Literal["model", "fallback"],
+        trigger_ts: datetime,
+    ) -> Recommendations:
+        """The public message for one user's list, generated now."""
+        return Recommendations(
+            user_id=user_id,
+            items=[ScoredItem(item_id=item, score=score) for item, score in ranked],
+            profile_version=profile_version,
+            model=model,
+            variant=self.variant,
+            source=source,
+            generated_at=datetime.now(UTC),
+            trigger_ts=trigger_ts,
+        )
+
+    def record(self, recs: Recommendations, origin_ts: float | None = None) -> Record:
+        """The output record of ``recs``: keyed by its user, with the origin header if known."""
+        return Record(
+            self.topic,
+            recs.user_id.encode(),
+            recs.model_dump_json().encode(),
+            origin_headers(origin_ts),
+        )
 
     def publish(
         self,
@@ -56,21 +96,14 @@ class RecsPublisher:
         on_delivery: OnDelivery | None = None,
     ) -> Recommendations:
         """Queue the list for the output topic; ``on_delivery`` hears the broker's answer."""
-        recs = Recommendations(
-            user_id=user_id,
-            items=[ScoredItem(item_id=item, score=score) for item, score in ranked],
+        recs = self.build(
+            user_id,
+            ranked,
             profile_version=profile_version,
             model=model,
-            variant=self.variant,
             source=source,
-            generated_at=datetime.now(UTC),
             trigger_ts=trigger_ts,
         )
-        self.producer.produce(
-            self.topic,
-            key=user_id.encode(),
-            value=recs.model_dump_json().encode(),
-            headers=origin_headers(origin_ts),
-            on_delivery=on_delivery,
-        )
+        topic, key, value, headers = self.record(recs, origin_ts)
+        self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
         return recs

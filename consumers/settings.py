@@ -52,6 +52,24 @@ class RegenSettings(CommonSettings):
     regen_drain_timeout_s: float = Field(
         30.0, gt=0, description="On shutdown, how long in-flight work may take to finish."
     )
+    regen_max_message_bytes: int = Field(
+        64 * 1024, ge=1024, description="A larger profiles.changed record is dead-lettered."
+    )
+    regen_delivery_timeout_ms: int = Field(
+        30_000,
+        ge=1000,
+        description="How long the producer tries to deliver one list or dead letter (librdkafka "
+        "message.timeout.ms) before it counts as a failed attempt.",
+    )
+    regen_delivery_attempts: int = Field(
+        5,
+        ge=1,
+        description="Attempts to deliver one record, with doubling backoff between them; past "
+        "them the service exits non-zero (the work's offsets were never stored).",
+    )
+    regen_retry_backoff_s: float = Field(
+        0.2, gt=0, description="Backoff before the second delivery attempt (then doubling)."
+    )
     regen_stats_interval_ms: int = Field(
         5000, ge=0, description="librdkafka statistics interval (consumer lag metric); 0 = off."
     )
@@ -78,6 +96,21 @@ class CacheWriterSettings(CommonSettings):
         description="For lists without a recs.origin_ts header, freshness is measured from the "
         "event's trigger_ts only when it is at most this old (live traffic; a replay of old "
         "events would otherwise report their age).",
+    )
+    cache_max_message_bytes: int = Field(
+        256 * 1024, ge=1024, description="A larger recommendations record is dead-lettered."
+    )
+    cache_retry_budget_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a failing Redis write (or dead-letter delivery) is retried, with "
+        "doubling backoff, before the writer exits non-zero (the batch's offsets never stored).",
+    )
+    cache_delivery_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        description="How long the producer tries to deliver one dead letter (librdkafka "
+        "message.timeout.ms) before it counts as a failed attempt.",
     )
     cache_stats_interval_ms: int = Field(
         5000, ge=0, description="librdkafka statistics interval (consumer lag metric); 0 = off."

@@ -22,7 +22,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from consumers.cache_writer import CacheWriter, RecsCache
+from consumers.cache_writer import CacheWriter, CasOutcome, RecsCache
 from consumers.regen import RegenService, build_pool
 from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.artifact import load_recommender
@@ -323,16 +323,27 @@ def test_cache_compare_and_set_never_goes_backwards(ns: Namespace) -> None:
     client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
     keys = Keys(ns.settings.key_prefix)
     cache = RecsCache(client, keys, ttl_s=60)
+    written, stale = CasOutcome.WRITTEN, CasOutcome.STALE
     try:
+        assert cache.write_many([("u", 1, _recs("u", 1).model_dump_json().encode())]) == [
+            CasOutcome.NO_PROFILE
+        ]
+        # The CAS reads only the profile's version (the fold's field), so a test may set it.
+        client.hset(keys.profile("u"), "version", 8)
         batch = [("u", v, _recs("u", v).model_dump_json().encode()) for v in (3, 7, 5, 7)]
-        assert cache.write_many(batch) == [True, True, False, True]
+        assert cache.write_many(batch) == [written, written, stale, written]
         stored = Recommendations.model_validate_json(client.get(keys.recs("u")) or b"")
         assert stored.profile_version == 7
         assert 0 < client.pttl(keys.recs("u")) <= 60_000
-        assert cache.write_many([("u", 6, _recs("u", 6).model_dump_json().encode())]) == [False]
-        assert cache.write_many([("u", 8, _recs("u", 8).model_dump_json().encode())]) == [True]
+        assert cache.write_many([("u", 6, _recs("u", 6).model_dump_json().encode())]) == [stale]
+        assert cache.write_many([("u", 8, _recs("u", 8).model_dump_json().encode())]) == [written]
         stored = Recommendations.model_validate_json(client.get(keys.recs("u")) or b"")
         assert stored.items[0].item_id == "item-8"
+        # Ahead of the stored profile: refused, and the cached list stays.
+        forged = _recs("u", 10**15).model_dump_json().encode()
+        assert cache.write_many([("u", 10**15, forged)]) == [CasOutcome.VERSION_AHEAD]
+        stored = Recommendations.model_validate_json(client.get(keys.recs("u")) or b"")
+        assert stored.profile_version == 8
     finally:
         client.close()
 
@@ -343,6 +354,10 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
     settings = ns.settings
     producer = idempotent_producer(settings.kafka_bootstrap)
     users = [f"u{n}" for n in range(100)]
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    for user in users:
+        client.hset(keys.profile(user), "version", 2)  # the CAS reads only this field
     for user in users:
         for version in (1, 2):
             value = _recs(user, version).model_dump_json()
@@ -362,12 +377,14 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
     thread = threading.Thread(target=writer.run, daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: writer.written + writer.stale >= 200, 30, "every list written")
+        _wait_for(
+            lambda: writer.written + writer.stale + writer.dead_lettered >= 201,
+            30,
+            "every list written and the bad one dead-lettered",
+        )
     finally:
         writer.stop()
         thread.join(30)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    keys = Keys(settings.key_prefix)
     try:
         for user in users:
             stored = Recommendations.model_validate_json(client.get(keys.recs(user)) or b"")

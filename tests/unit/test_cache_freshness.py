@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumers.cache_writer import CacheWriter
+from consumers.cache_writer import CacheWriter, CasOutcome
 from consumers.metrics import CACHE_FRESHNESS, ORIGIN_HEADER
 from consumers.settings import CacheWriterSettings
 from schemas import ModelRef, Recommendations, ScoredItem
@@ -20,6 +20,7 @@ class FakeRecord:
     payload: bytes
     header: list[tuple[str, bytes]] | None
     at: int
+    user: str
 
     def error(self) -> None:
         return None
@@ -36,15 +37,18 @@ class FakeRecord:
     def value(self) -> bytes:
         return self.payload
 
+    def key(self) -> bytes:
+        return self.user.encode()
+
     def headers(self) -> list[tuple[str, bytes]] | None:
         return self.header
 
 
 class FakeCache:
-    def __init__(self, outcomes: list[bool]) -> None:
+    def __init__(self, outcomes: list[CasOutcome]) -> None:
         self.outcomes = outcomes
 
-    def write_many(self, lists: list[tuple[str, int, bytes]]) -> list[bool]:
+    def write_many(self, lists: list[tuple[str, int, bytes]]) -> list[CasOutcome]:
         assert len(lists) == len(self.outcomes)
         return self.outcomes
 
@@ -66,7 +70,7 @@ def record(user: str, offset: int, trigger_age_s: float, origin_ms: int | None) 
         trigger_ts=datetime.now(UTC) - timedelta(seconds=trigger_age_s),
     )
     header = None if origin_ms is None else [(ORIGIN_HEADER, b"%d" % origin_ms)]
-    return FakeRecord(recs.model_dump_json().encode(), header, offset)
+    return FakeRecord(recs.model_dump_json().encode(), header, offset, user)
 
 
 def counts() -> dict[str, tuple[float, float]]:
@@ -90,7 +94,8 @@ def test_freshness_from_the_header_else_a_recent_trigger_and_never_for_stale_lis
         record("c", 3, trigger_age_s=3600, origin_ms=None),  # old event (replay): not observed
         record("d", 4, trigger_age_s=1, origin_ms=now_ms - 1000),  # stale rejection: not observed
     ]
-    writer.cache = FakeCache([True, True, True, False])  # type: ignore[assignment]
+    written, stale = CasOutcome.WRITTEN, CasOutcome.STALE
+    writer.cache = FakeCache([written, written, written, stale])  # type: ignore[assignment]
     before = counts()
     writer._write(messages)  # type: ignore[arg-type]  # fakes of confluent_kafka.Message
     after = counts()
