@@ -15,6 +15,13 @@ worker pipe and does all the bookkeeping:
 - **Crashes**: a worker that dies is noticed through its process sentinel, replaced, and the
   requests it held are queued again at the front (up to ``max_attempts``), so none is lost.
 - **Validation**: every returned item must be in the catalog; others are dropped and counted.
+- **A failing I/O thread**: an answer the bookkeeping cannot read gets the fallback (a fallback
+  that fails sets the error on the future: no caller is left waiting); any other error inside
+  one round of the thread answers the requests workers held with the fallback, is logged and
+  counted, and the thread goes on. If it dies anyway (the error repeats round after round), the
+  pool is *broken*: every waiting request is answered, :meth:`WorkerPool.health` reports not ok
+  and :meth:`WorkerPool.submit` raises :class:`PoolBrokenError`, so the service fails its health
+  check and exits for its supervisor instead of hanging while it looks healthy.
 
 Workers are ``spawn``-ed (safe with torch and CUDA): one per GPU when CUDA is present, otherwise the
 ``workers`` setting, with torch threads (``threads_per_worker``, clamped so that
@@ -47,6 +54,7 @@ from inference.recommender import Recommender
 from inference.worker import worker_main
 
 __all__ = [
+    "PoolBrokenError",
     "PoolClosedError",
     "PoolConfig",
     "PoolResult",
@@ -78,6 +86,13 @@ REJECTED_ITEMS = Counter(
 )
 RESTARTS = Counter("recs_pool_worker_restarts_total", "Workers replaced after they died.")
 RETRIES = Counter("recs_pool_retried_requests_total", "Requests re-queued after a worker died.")
+IO_ERRORS = Counter(
+    "recs_pool_io_errors_total", "Rounds of the pool's I/O thread that raised (contained)."
+)
+
+# Rounds in a row that may fail before the I/O thread gives up: one bad answer is contained,
+# an error that repeats every round would otherwise spin forever.
+_MAX_IO_FAILURES = 5
 
 
 class PoolSaturatedError(InferenceError):
@@ -90,6 +105,10 @@ class PoolClosedError(InferenceError):
 
 class PoolStartError(InferenceError):
     """Workers did not become ready."""
+
+
+class PoolBrokenError(PoolClosedError):
+    """The pool's I/O thread died: no request would ever be answered; restart the service."""
 
 
 class PoolConfig(BaseModel):
@@ -210,6 +229,7 @@ class WorkerPool:
         self._stopping = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._broken: str | None = None  # why the I/O thread died, once it has
         self._start_failures: list[str] = []
         self.model_name = "unknown"
         self.model_version = "unknown"
@@ -327,6 +347,10 @@ class WorkerPool:
             deadline=now + self.config.request_timeout_s,
         )
         with self._lock:
+            # Checked under the lock that a dying I/O thread takes to drain the queue, so no
+            # request can slip in after the drain and wait forever.
+            if self._broken is not None:
+                raise PoolBrokenError(f"the pool's I/O thread died: {self._broken}")
             if len(self._queue) >= self.config.queue_size:
                 raise PoolSaturatedError(f"{len(self._queue)} requests already queued")
             self._queue.append(req)
@@ -351,11 +375,31 @@ class WorkerPool:
         """Queue slots still free; callers pause their input when this reaches zero."""
         return max(self.config.queue_size - len(self._queue), 0)
 
+    @property
+    def broken(self) -> str | None:
+        """Why the I/O thread is gone (``None`` while it runs or after a normal close)."""
+        thread = self._thread
+        if self._broken is None and thread is not None and not thread.is_alive():
+            return None if self._stopping else "the I/O thread is not running"
+        return self._broken
+
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.alive and w.process.pid is not None]
 
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Ask every live worker to compute on its device; ``ok`` only if all answered."""
+        """Ask every live worker to compute on its device; ``ok`` only if all answered.
+
+        A pool whose I/O thread died is never ok: nothing would read the workers' answers.
+        """
+        if self.broken is not None:
+            return {
+                "ok": False,
+                "io_thread": self.broken,
+                "workers": [],
+                "queued": self.queued,
+                "inflight": self.inflight,
+                "model": {"name": self.model_name, "version": self.model_version},
+            }
         pending: list[tuple[_Worker, Future[dict[str, Any]]]] = []
         for worker in list(self._workers):
             if not (worker.alive and worker.ready):
@@ -394,36 +438,79 @@ class WorkerPool:
                 self._wake_w.send_bytes(b"!")
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                idle = not self._queue
-            if self._stopping and idle and all(w.batch is None for w in self._workers):
-                return
-            timeout = self._next_timeout()
-            watched: list[Any] = [self._wake_r]
-            by_handle: dict[Any, _Worker] = {}
-            for worker in self._workers:
-                if worker.alive:
-                    watched += [worker.conn, worker.process.sentinel]
-                    by_handle[worker.conn] = worker
-                    by_handle[worker.process.sentinel] = worker
-            for ready in wait(watched, timeout):
-                if ready is self._wake_r:
-                    self._woken = False
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
-                    continue
-                worker = by_handle[ready]
-                if not worker.alive:
-                    continue
-                if ready is worker.conn:
-                    self._receive(worker)
-                else:
-                    self._replace(worker)
-            self._expire()
-            self._dispatch()
-            QUEUE_DEPTH.set(len(self._queue))
-            INFLIGHT.set(self.inflight)
+        failures = 0
+        try:
+            while True:
+                try:
+                    if self._round():
+                        return
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    IO_ERRORS.inc()
+                    log.exception("pool I/O round failed (%d in a row)", failures)
+                    if failures >= _MAX_IO_FAILURES:
+                        raise
+                    self._fail_held("io_error")
+        except BaseException as exc:
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _round(self) -> bool:
+        """One round of the I/O thread; True once it may end (stopping and nothing left)."""
+        with self._lock:
+            idle = not self._queue
+        if self._stopping and idle and all(w.batch is None for w in self._workers):
+            return True
+        timeout = self._next_timeout()
+        watched: list[Any] = [self._wake_r]
+        by_handle: dict[Any, _Worker] = {}
+        for worker in self._workers:
+            if worker.alive:
+                watched += [worker.conn, worker.process.sentinel]
+                by_handle[worker.conn] = worker
+                by_handle[worker.process.sentinel] = worker
+        for ready in wait(watched, timeout):
+            if ready is self._wake_r:
+                self._woken = False
+                while self._wake_r.poll():
+                    self._wake_r.recv_bytes()
+                continue
+            worker = by_handle[ready]
+            if not worker.alive:
+                continue
+            if ready is worker.conn:
+                self._receive(worker)
+            else:
+                self._replace(worker)
+        self._expire()
+        self._dispatch()
+        QUEUE_DEPTH.set(len(self._queue))
+        INFLIGHT.set(self.inflight)
+        return False
+
+    def _fail_held(self, reason: str) -> None:
+        """After a failed round: answer what the workers held (their answers may be lost)."""
+        for worker in self._workers:
+            if worker.batch is not None:
+                held = worker.batch[1]
+                worker.batch = None  # a late answer carries the old batch id: ignored
+                for req in held:
+                    self._answer_fallback(req, reason)
+
+    def _die(self, why: str) -> None:
+        """The I/O thread is ending abnormally: refuse new work and answer every waiting one."""
+        with self._lock:
+            self._broken = why
+            waiting = list(self._queue)
+            self._queue.clear()
+        log.critical("pool I/O thread died (%s); the pool is broken", why)
+        for worker in self._workers:
+            if worker.batch is not None:
+                waiting.extend(worker.batch[1])
+                worker.batch = None
+        for req in waiting:
+            self._answer_fallback(req, "pool_broken")
+        WORKERS_READY.set(0)
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -471,11 +558,19 @@ class WorkerPool:
             for req in requests:
                 self._answer_fallback(req, "model_error")
             return
+        try:
+            answers = [
+                (req, self._validate(ranked, req))
+                for req, ranked in zip(requests, message[2], strict=True)
+                if not req.future.done()  # timed out already and got the fallback
+            ]
+        except Exception:  # an answer of the wrong shape: the batch gets the fallback
+            log.exception("unreadable answer for a batch of %d", len(requests))
+            for req in requests:
+                self._answer_fallback(req, "bad_answer")
+            return
         now = time.monotonic()
-        for req, ranked in zip(requests, message[2], strict=True):
-            if req.future.done():  # timed out already and got the fallback
-                continue
-            items = self._validate(ranked, req)
+        for req, items in answers:
             latency = now - req.submitted
             if _settle(
                 req.future,
@@ -504,8 +599,15 @@ class WorkerPool:
     def _answer_fallback(self, req: _Request, reason: str) -> None:
         if req.future.done():
             return
-        ranked = self._fallback.recommend([req.history], req.k)[0]
-        items = self._validate(ranked, req)
+        try:
+            items = self._validate(self._fallback.recommend([req.history], req.k)[0], req)
+        except Exception as exc:  # never leave a caller waiting: it hears the error instead
+            log.exception("the fallback failed (%s)", reason)
+            with contextlib.suppress(InvalidStateError):
+                req.future.set_exception(
+                    InferenceError(f"{reason}, and the fallback failed: {exc!r}")
+                )
+            return
         latency = time.monotonic() - req.submitted
         result = PoolResult(
             items, "fallback", self._fallback_name, self._fallback_version, latency, reason

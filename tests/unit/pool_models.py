@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 CATALOG = [f"i{n}" for n in range(40)]
 BOGUS = "not-in-catalog"
@@ -21,11 +22,26 @@ class EchoRecommender:
         self.delay_s = delay_s
         self.fail = fail
 
-    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
+    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[Any, float]]]:
         if self.fail and any("boom" in h for h in histories):
             raise ValueError("boom")
+        if any("garbage" in h for h in histories):  # an answer of the wrong shape
+            return [None for _ in histories]  # type: ignore[misc]  # wrong on purpose
+        if any("unreadable" in h for h in histories):  # an answer the parent cannot unpickle
+            return [[(Unreadable(), 1.0)] for _ in histories]
         time.sleep(self.delay_s)
         return [[(BOGUS, 99.0), *expected(h, k)] for h in histories]
+
+
+def _refuse_to_unpickle() -> None:
+    raise ValueError("this answer cannot be read back")
+
+
+class Unreadable:
+    """Pickles in the worker, raises when the pool's I/O thread unpickles it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_refuse_to_unpickle, ())
 
 
 def expected(history: list[str], k: int) -> list[tuple[str, float]]:

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from inference.pool import REJECTED_ITEMS, PoolConfig, PoolSaturatedError, WorkerPool
+from inference.exceptions import InferenceError
+from inference.pool import (
+    REJECTED_ITEMS,
+    PoolBrokenError,
+    PoolConfig,
+    PoolSaturatedError,
+    WorkerPool,
+)
 from inference.popularity import Popularity
 from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo
 
@@ -117,5 +124,58 @@ def test_a_killed_worker_loses_no_request() -> None:
         assert [r.source for r in results] == ["model"] * len(histories)
         assert [r.items for r in results] == [expected(h, 4) for h in histories]
         assert pool.worker_pids() and victim not in pool.worker_pids()
+    finally:
+        pool.close(timeout=5)
+
+
+def test_an_answer_the_bookkeeping_cannot_read_gets_the_fallback_and_the_pool_goes_on(
+    fast_pool: WorkerPool,
+) -> None:
+    # Wrong shape: _validate raises on it inside the I/O thread.
+    garbage = fast_pool.submit(["i1", "garbage"], k=4).result(10)
+    assert (garbage.source, garbage.reason) == ("fallback", "bad_answer")
+    # Cannot be unpickled: the pipe's recv raises, the whole round fails and is contained.
+    unreadable = fast_pool.submit(["i1", "unreadable"], k=4).result(10)
+    assert (unreadable.source, unreadable.reason) == ("fallback", "io_error")
+    after = fast_pool.submit(["i2"], k=4).result(10)
+    assert after.source == "model" and after.items == expected(["i2"], 4)
+    assert fast_pool.health(timeout=10)["ok"] is True
+
+
+class FailingFallback:
+    name = "failing"
+
+    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
+        raise RuntimeError("fallback down")
+
+
+def test_a_failing_fallback_answers_with_the_error_instead_of_hanging() -> None:
+    loader = functools.partial(make_echo)
+    pool = WorkerPool(loader, FailingFallback(), CATALOG, PoolConfig(workers=1)).start()
+    try:
+        with pytest.raises(InferenceError, match="fallback failed"):
+            pool.submit(["garbage"], k=3).result(10)
+        assert pool.submit(["i2"], k=3).result(10).source == "model"
+    finally:
+        pool.close(timeout=5)
+
+
+def test_a_dead_io_thread_makes_the_pool_unhealthy_and_submit_raise() -> None:
+    pool = _pool(PoolConfig(workers=1, request_timeout_s=60))
+    try:
+
+        def broken_bookkeeping() -> None:
+            raise RuntimeError("bookkeeping bug")
+
+        # Fault injection: every round of the I/O thread now raises before it dispatches, so
+        # the request stays queued and containment gives up after a few rounds.
+        pool._expire = broken_bookkeeping  # type: ignore[method-assign]  # injected fault
+        waiting = pool.submit(["i1"], k=3)
+        answer = waiting.result(10)  # answered, not left hanging
+        assert (answer.source, answer.reason) == ("fallback", "pool_broken")
+        assert pool.broken is not None and "bookkeeping bug" in pool.broken
+        assert pool.health(timeout=1)["ok"] is False
+        with pytest.raises(PoolBrokenError):
+            pool.submit(["i2"], k=3)
     finally:
         pool.close(timeout=5)
