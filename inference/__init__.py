@@ -15,6 +15,8 @@ __all__ = [
     "GaussianMechanism",
     "InferenceError",
     "ItemIndex",
+    "Popularity",
+    "PostConfig",
     "Ranked",
     "Recommender",
     "WorkerPool",
@@ -22,12 +24,16 @@ __all__ = [
     "load_recommender",
     "postprocess",
     "profile_embedding",
+    "read_catalog",
     "verify_manifest",
     "write_manifest",
 ]
 
 _LAZY = {
     "load_recommender": "inference.artifact",
+    "read_catalog": "inference.artifact",
+    "Popularity": "inference.popularity",
+    "PostConfig": "inference.postprocess",
     "ItemIndex": "inference.index",
     "embed_items": "inference.embeddings",
     "profile_embedding": "inference.embeddings",
