@@ -70,7 +70,7 @@ from consumers.metrics import (
 )
 from consumers.regenerate import Headers, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
-from inference.pool import PoolResult, PoolSaturatedError, WorkerPool
+from inference.pool import PoolBrokenError, PoolResult, PoolSaturatedError, WorkerPool
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.metrics import count
@@ -237,6 +237,8 @@ class RegenService:
         REGEN_PENDING_USERS.set(len(self.coalescer))
         if self._failure is not None:
             raise self._failure
+        if self.pool.broken is not None:  # nothing would answer: exit for the supervisor
+            raise PoolBrokenError(f"the worker pool is broken: {self.pool.broken}")
 
     def _accept(self, message: Message, now: float) -> None:
         where = position(message)
