@@ -118,6 +118,18 @@ class Keys:
         """Hash of a profile rebuild's progress: phase, per-partition next and end offsets."""
         return f"{self.prefix}replay:state"
 
+    def stream_offsets(self, group: str) -> str:
+        """Hash ``topic:partition`` -> next offset to read, written by the fold of ``group``.
+
+        The stream worker (consumer group ``group``) resumes from these, not from Kafka's
+        commits: they are written in the same script as the profiles they account for.
+        """
+        return f"{self.prefix}streams:{escape(group)}:offsets"
+
+    def pending_changes(self, group: str, topic: str, partition: int) -> str:
+        """Hash user -> change notice decided by ``group``'s fold, until Kafka has it (JSON)."""
+        return f"{self.prefix}streams:{escape(group)}:pending:{escape(topic)}:{int(partition)}"
+
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)

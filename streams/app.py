@@ -8,6 +8,11 @@ acked once those sends are queued; Faust flushes the producer before it commits 
 offsets are committed only after the work is durable. A crash replays the uncommitted records and
 the seen-set makes their second fold a no-op.
 
+The fold also stores, in the same script, each partition's next offset and the change notices it
+decided (pending until Kafka has them). On every assignment the consumer resumes each partition
+from the offset in Redis rather than Kafka's commit, re-feeding what a Redis that came back older
+(or empty) lacks, and announces the pending notices again (``ProfileFolder.resume``).
+
 A timer reports the worker's consumer lag per topic/partition every ``streams_lag_interval_s``
 (``recs_consumer_lag_messages``, group = the app id) from the client's cached high watermarks and
 read positions, without a broker round trip.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import faust
@@ -107,7 +112,7 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     ) -> object:
         return await changed.send(key=key, value=value, headers=headers)
 
-    folder = ProfileFolder(settings, redis, send_dlq, send_changed)
+    folder = ProfileFolder(settings, redis, send_dlq, send_changed, group=settings.streams_app_id)
 
     async def fold(messages: Sequence[Any]) -> None:
         # The Faust adapter: envelopes for the fold, the monitor's arrival stamps for latency.
@@ -120,20 +125,28 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
             log.critical("stopping without committing: %s", exc)
             os._exit(EXIT_STORE_UNAVAILABLE)
 
-    if settings.streams_delivery == "batch":
-        from streams.consumer import FastDrainConsumer
+    async def resume(committed: Mapping[tuple[str, int], int | None]) -> Mapping[Any, int | None]:
+        try:
+            return await folder.resume(committed)
+        except StoreUnavailable as exc:
+            # Consuming from Kafka's commits instead could skip what Redis lacks: stop instead.
+            log.critical("stopping without committing: cannot resume: %s", exc)
+            os._exit(EXIT_STORE_UNAVAILABLE)
 
+    from streams.consumer import FastDrainConsumer, ResumingConsumer
+
+    consumer_cls: type[ResumingConsumer] = ResumingConsumer
+    if settings.streams_delivery == "batch":
         # The consumer hands each poll's clickstream records to `fold` itself; the topic is
         # registered with the conductor so that the consumer subscribes to it.
         consumer_cls = FastDrainConsumer.with_batches({source.get_topic_name()}, fold)
-        app.transport.Consumer = consumer_cls  # type: ignore[misc]  # ClassVar, on purpose
         app.topics.add(source)
-    else:
-        if settings.streams_fast_drain:
-            from streams.consumer import FastDrainConsumer
+    elif settings.streams_fast_drain:
+        consumer_cls = FastDrainConsumer
+    # An instance attribute shadows the transport's Consumer class for this app only.
+    app.transport.Consumer = consumer_cls.resuming(resume)  # type: ignore[misc]  # ClassVar, on purpose
 
-            # An instance attribute shadows the transport's Consumer class for this app only.
-            app.transport.Consumer = FastDrainConsumer  # type: ignore[misc]  # ClassVar, on purpose
+    if settings.streams_delivery != "batch":
 
         @app.agent(source, name="fold-profiles")
         async def fold_profiles(stream: Any) -> None:

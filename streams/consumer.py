@@ -13,25 +13,62 @@ commits, yielding to the loop every 100 records) is as in faust-streaming 0.15.
 Batch delivery (``streams_delivery = "batch"``) goes further for the clickstream topic: each poll's
 records skip the conductor, the stream and its per-record acks and go to the fold handler as one
 list, up to ``MAX_IN_FLIGHT`` polls at a time, acked when their handler returns.
+
+Both (and the plain consumer, :class:`ResumingConsumer`) resume from the offsets the fold stored in
+Redis: after Faust seeks each assigned partition to its Kafka commit, a resume hook
+(:meth:`streams.folder.ProfileFolder.resume`) says where each clickstream partition really
+resumes, and the consumer seeks there before the flow of records starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 
-__all__ = ["FastDrainConsumer"]
+__all__ = ["FastDrainConsumer", "ResumingConsumer"]
 
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+ResumeHook = Callable[[Mapping[tuple[str, int], int | None]], Awaitable[Mapping[Any, int | None]]]
+"""Given each assigned partition's Kafka commit (None: none), where partitions resume instead:
+an offset, or None for the earliest retained record; partitions it leaves out keep the commit."""
 MAX_IN_FLIGHT = 2
 
 
-class FastDrainConsumer(AIOKafkaConsumer):
+class ResumingConsumer(AIOKafkaConsumer):
+    """aiokafka consumer that seeks assigned partitions where its resume hook says."""
+
+    resume_hook: ClassVar[tuple[ResumeHook, ...]] = ()
+
+    @classmethod
+    def resuming(cls, hook: ResumeHook) -> type[ResumingConsumer]:
+        """A subclass that asks ``hook`` where partitions resume."""
+        return type(cls.__name__, (cls,), {"resume_hook": (hook,)})
+
+    async def perform_seek(self) -> None:
+        # Faust calls this once a rebalance is done, before the flow resumes (and when a fetch
+        # finds the flow stopped): first its own seek to the Kafka commits, then ours.
+        await super().perform_seek()
+        if not self.resume_hook:
+            return
+        (hook,) = self.resume_hook
+        assigned = self.assignment()
+        plan = await hook({tp: self._committed_offset.get(tp) for tp in assigned})
+        earliest = [tp for tp, offset in plan.items() if offset is None]
+        lows = await self.earliest_offsets(*earliest) if earliest else {}
+        for tp, planned in plan.items():
+            offset = lows[tp] if planned is None else planned
+            await self.seek(tp, offset)
+            # Faust commits only offsets past what it takes as committed, and only in an
+            # unbroken run from it: the resume point is the new base, ahead of or behind Kafka.
+            self._committed_offset[tp] = offset or None
+
+
+class FastDrainConsumer(ResumingConsumer):
     """aiokafka consumer with a cheaper per-record delivery path (see module docstring).
 
     With batch topics (:meth:`with_batches`), the records of those topics in each poll skip the

@@ -23,6 +23,18 @@
 --
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
 -- trigger_ts, new_item...}; numbers that are not integers travel as strings.
+--
+-- Durable progress: the LAST three ARGV (counted from the end, so arguments added before them
+-- do not move them) are offsets_key, offsets and notices. offsets is JSON [[field, next], ...]
+-- (field 'topic:partition', next the offset after the batch's last record of that partition);
+-- notices is JSON {user_id: [pending_key, field, first_offset, origin_ms]} (the user's partition
+-- hash of pending change notices, its partition field, its first record in the batch, the
+-- recs.origin_ts header or null). In the same script as the fold, each change notice decided
+-- here is kept in its pending hash (user -> JSON [origin_ms, row...], the newest replacing an
+-- older one) until the worker has seen Kafka take it, and each partition's stored offset moves
+-- forward (never back) to `next`: Redis never holds a fold without its offset and its notice.
+-- A refused user's records are dead-lettered only after this script, so its partition's offset
+-- is held at the user's first record. offsets_key '' records nothing (rebuilds, tests).
 local h = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
@@ -34,6 +46,9 @@ local seen_max = tonumber(ARGV[9])
 local items_max = tonumber(ARGV[10])
 local cats_max = tonumber(ARGV[11])
 local idle_ttl = tonumber(ARGV[12])
+local progress_key = ARGV[#ARGV - 2]
+local progress_offsets = cjson.decode(ARGV[#ARGV - 1])
+local progress_notices = cjson.decode(ARGV[#ARGV])
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -321,6 +336,33 @@ for index, group in ipairs(batch) do
       for _, kind in ipairs(KINDS) do
         redis.call('EXPIRE', base_key .. kind, idle_ttl)
       end
+    end
+  end
+end
+
+if progress_key ~= '' then
+  local held = {}
+  for _, row in ipairs(results) do
+    local notice = progress_notices[row[1]]
+    if notice then
+      if row[2] < 0 then
+        local field, first = notice[2], notice[3]
+        if held[field] == nil or first < held[field] then
+          held[field] = first
+        end
+      elseif row[6] == 1 then
+        redis.call('HSET', notice[1], row[1], cjson.encode({ notice[4], unpack(row) }))
+      end
+    end
+  end
+  for _, entry in ipairs(progress_offsets) do
+    local field, next_offset = entry[1], entry[2]
+    if held[field] ~= nil and held[field] < next_offset then
+      next_offset = held[field]
+    end
+    local stored = tonumber(redis.call('HGET', progress_key, field))
+    if stored == nil or next_offset > stored then
+      redis.call('HSET', progress_key, field, string.format('%d', next_offset))
     end
   end
 end

@@ -177,6 +177,37 @@ def script_args(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a fold records beside the profiles: the last three ARGV of ``fold.lua``.
+
+    ``offsets``: per ``topic:partition`` field, the offset after the batch's last record there
+    (stored in ``offsets_key``, never moving back). ``notices``: per user, the hash of its
+    partition's pending change notices, its partition field, the offset of its first record in
+    the batch (a refused user holds its partition's offset there) and its ``recs.origin_ts``.
+    """
+
+    offsets_key: str
+    offsets: Sequence[tuple[str, int]]
+    notices: Mapping[str, tuple[str, str, int, int | None]]
+
+    def args(self) -> list[str | bytes]:
+        return [self.offsets_key, orjson.dumps(self.offsets), orjson.dumps(self.notices)]
+
+    def without_offsets(self) -> Progress:
+        """The same notices, no offsets (a fold of part of the batch may not move them)."""
+        return Progress(self.offsets_key, (), self.notices)
+
+
+NO_PROGRESS: list[str | bytes] = ["", b"[]", b"{}"]
+
+
+def pending_notice(value: bytes | str) -> tuple[int | None, Folded]:
+    """A pending change notice as ``fold.lua`` keeps it: its origin timestamp and its row."""
+    origin, *row = orjson.loads(value)
+    return (origin if isinstance(origin, int) else None), Folded.from_row(row)
+
+
 class FoldScript:
     """The Lua fold, loaded once and run with EVALSHA (reloaded if Redis forgot it)."""
 
@@ -191,12 +222,15 @@ class FoldScript:
         return self._sha
 
     async def run(
-        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+        self,
+        groups: Mapping[str, Sequence[tuple[str, str, float, float]]],
+        progress: Progress | None = None,
     ) -> list[Folded]:
         if not groups:
             return []
         sha = self._sha or await self.load()
         args = script_args(self._keys, self._params, groups)
+        args += NO_PROGRESS if progress is None else progress.args()
         try:
             rows = await self._redis.evalsha(sha, 0, *args)
         except NoScriptError:

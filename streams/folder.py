@@ -18,16 +18,28 @@ It imports no Kafka client: the Faust agent and batch delivery (``streams/app.py
 rebuild's confluent-kafka reader (``ops/rebuild.py``) and tests are thin adapters that turn their
 records into envelopes and give it two senders. Effects are only *queued* when :meth:`handle`
 returns; the adapter acks or checkpoints the batch after that.
+
+**Durable progress** (the live worker, constructed with its consumer group): the fold script also
+stores, atomically with the profiles, each partition's next offset (``Keys.stream_offsets``) and
+the change notices it decided (``Keys.pending_changes``, per partition, user -> notice). A notice
+is removed once Kafka confirms it (only if no newer one replaced it); :meth:`ProfileFolder.resume`
+tells the consumer where each assigned partition resumes and announces the pending notices again.
+Dead letters are flushed before the next fold stores offsets past their records, so a stored
+offset never passes a record whose outcome could still be lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import os
+import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import orjson
 from redis.asyncio import Redis
@@ -42,12 +54,22 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from recstream.keys import Keys
 from recstream.metrics import count
 from schemas import Envelope, Reason, ValidationFailed, parse_event
 from schemas.deadletter import dead_letter_headers
 from streams import metrics
 from streams.exceptions import StoreUnavailable
-from streams.fold import Folded, FoldParams, FoldScript, Weights, group_by_user, to_datetime
+from streams.fold import (
+    Folded,
+    FoldParams,
+    FoldScript,
+    Progress,
+    Weights,
+    group_by_user,
+    pending_notice,
+    to_datetime,
+)
 from streams.metrics import ORIGIN_HEADER
 from streams.settings import StreamsSettings
 
@@ -112,6 +134,8 @@ class ProfileFolder:
         redis: Redis,
         send_dlq: Send,
         send_changed: Send,
+        *,
+        group: str | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -123,6 +147,14 @@ class ProfileFolder:
         self._out_changed = metrics.EVENTS_OUT.labels(settings.topic_profiles_changed)
         self._out_dlq = metrics.EVENTS_OUT.labels(settings.topic_dlq)
         self.hooks: list[BatchHook] = []
+        # Durable progress (module docstring), kept only for a consumer group (the live worker).
+        self.group = group
+        keys = Keys(settings.key_prefix)
+        self._offsets_key = keys.stream_offsets(group) if group is not None else ""
+        self._pending_key = _memo(lambda tp: keys.pending_changes(group or "", tp[0], tp[1]))
+        self._forget = redis.register_script(FORGET_DELIVERED_LUA)
+        self._unflushed: list[Awaitable[object]] = []
+        self._forgetting: set[asyncio.Future[None]] = set()
         # Completion of the latest batch's fold: batches may be validated concurrently, but
         # they are folded and announced strictly in the order handle() was called.
         self._last_fold: asyncio.Future[None] | None = None
@@ -190,7 +222,14 @@ class ProfileFolder:
         metrics.EVENTS_IN.labels(topic).inc(len(records))
         if previous is not None:
             await previous
-        folded = await self._fold(group_by_user(valid))
+        progress = None
+        if self.group is not None:
+            progress = self._progress(records, valid, valid_records, produced)
+            await self._flush_dead_letters()
+        folded = await self._fold(group_by_user(valid), progress)
+        if self.settings.streams_fault_kill_before_announce and any(r.emit for r in folded):
+            log.critical("fault injection: SIGKILL after the fold, before announcing")
+            os.kill(os.getpid(), signal.SIGKILL)
         refused = {r.user_id: r.rejected for r in folded if r.rejected}
         if refused:
             for (user, *_), record in zip(valid, valid_records, strict=True):
@@ -205,12 +244,17 @@ class ProfileFolder:
         count(SERVICE, topic, "folded", sum(r.folded for r in folded))
         count(SERVICE, topic, "duplicate", sum(r.duplicates + r.late for r in folded))
         announced = 0
+        sent: list[tuple[str, Folded, object]] = []
         for result in folded:
             if result.emit:
-                await self._announce(result, produced.get(result.user_id))
+                delivery = await self._announce(result, produced.get(result.user_id))
                 announced += 1
+                if progress is not None:
+                    sent.append((progress.notices[result.user_id][0], result, delivery))
         if announced:
             self._out_changed.inc(announced)
+        if sent:
+            self._forget_when_delivered(sent)
         done = time.monotonic()
         if arrived is None:
             latencies = [done - started] * len(records)
@@ -227,7 +271,10 @@ class ProfileFolder:
         headers = dead_letter_headers(record, reason, detail)
         # A tombstone has no bytes: its dead letter is empty, and its reason says why.
         value = b"" if record.value is None else record.value
-        return await self._send_dlq(key=record.key, value=value, headers=headers)
+        sent = await self._send_dlq(key=record.key, value=value, headers=headers)
+        if self.group is not None and inspect.isawaitable(sent):
+            self._unflushed.append(sent)
+        return sent
 
     async def _announce(self, result: Folded, produced_ms: int | None) -> object:
         # Built as a plain dict (a ProfileChanged in JSON form; a unit test holds it to the
@@ -250,7 +297,11 @@ class ProfileFolder:
             key=result.user_id.encode(), value=orjson.dumps(change), headers=headers
         )
 
-    async def _fold(self, groups: dict[str, list[tuple[str, str, float, float]]]) -> list[Folded]:
+    async def _fold(
+        self,
+        groups: dict[str, list[tuple[str, str, float, float]]],
+        progress: Progress | None = None,
+    ) -> list[Folded]:
         """Run the fold script; retry while Redis is briefly unavailable, isolate refused users.
 
         An unreachable Redis or a transient refusal (:func:`transient`) is retried with
@@ -263,10 +314,10 @@ class ProfileFolder:
         delay = 0.1
         while True:
             try:
-                results = await self.script.run(groups)
+                results = await self.script.run(groups, progress)
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and not transient(exc):
-                    results = await self._fold_each(groups)
+                    results = await self._fold_each(groups, progress)
                     break
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
@@ -287,9 +338,14 @@ class ProfileFolder:
         return results
 
     async def _fold_each(
-        self, groups: dict[str, list[tuple[str, str, float, float]]]
+        self,
+        groups: dict[str, list[tuple[str, str, float, float]]],
+        progress: Progress | None = None,
     ) -> list[Folded]:
         """Fold each user alone, so one user's refused data cannot hold back the others'.
+
+        Each user's change notice is kept pending as usual, but no offset moves: a fold of part
+        of the batch does not account for all of it (the next batch's fold moves them on).
 
         A transient or connection error here propagates to :meth:`_fold`'s caller unretried
         (StoreUnavailable semantics are kept by re-raising it as such).
@@ -297,7 +353,8 @@ class ProfileFolder:
         results: list[Folded] = []
         for user, events in groups.items():
             try:
-                results.extend(await self.script.run({user: events}))
+                notices_only = None if progress is None else progress.without_offsets()
+                results.extend(await self.script.run({user: events}, notices_only))
             except ResponseError as exc:
                 if transient(exc):
                     raise StoreUnavailable(f"Redis unavailable: {reply_class(exc)}") from exc
@@ -306,6 +363,171 @@ class ProfileFolder:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
         return results
+
+    # Durable progress: offsets and pending change notices in Redis, beside the profiles.
+
+    def _progress(
+        self,
+        records: Sequence[Envelope],
+        valid: Sequence[tuple[str, str, str, float, float]],
+        valid_records: Sequence[Envelope],
+        produced: Mapping[str, int | None],
+    ) -> Progress:
+        """The offsets and notice keys the fold of this batch records beside the profiles."""
+        ends: dict[tuple[str, int], int] = {}
+        for record in records:
+            tp = (record.topic, record.partition)
+            if record.offset >= ends.get(tp, -1):
+                ends[tp] = record.offset
+        notices: dict[str, tuple[str, str, int, int | None]] = {}
+        for row, record in zip(valid, valid_records, strict=True):
+            user = row[0]
+            if user not in notices:
+                tp = (record.topic, record.partition)
+                notices[user] = (self._pending_key(tp), _field(tp), record.offset, produced[user])
+        offsets = [(_field(tp), end + 1) for tp, end in ends.items()]
+        return Progress(self._offsets_key, offsets, notices)
+
+    async def _flush_dead_letters(self) -> None:
+        """Wait until Kafka has every dead letter sent so far.
+
+        The fold about to run stores offsets past the records these letters stand for; once
+        stored, those records are never read again, so their letters must not be lost. Dead
+        letters are rare, and a batch without any waits for nothing.
+        """
+        if self._unflushed:
+            waiting, self._unflushed = self._unflushed, []
+            await asyncio.gather(*waiting)
+
+    def _forget_when_delivered(self, sent: Sequence[tuple[str, Folded, object]]) -> None:
+        """Once Kafka has these notices, remove them from their pending hashes (in the background).
+
+        A notice is removed only if its pending entry still holds the same profile version, so a
+        newer notice decided meanwhile stays. A notice whose delivery or removal fails stays
+        pending and is announced again on the partition's next assignment (harmless: notices
+        carry the profile version).
+        """
+        task = asyncio.ensure_future(self._forget_delivered(sent))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
+
+    async def _forget_delivered(self, sent: Sequence[tuple[str, Folded, object]]) -> None:
+        deliveries = [d for _, _, d in sent if inspect.isawaitable(d)]
+        entries = [(key, result.user_id, result.version) for key, result, _ in sent]
+        try:
+            await asyncio.gather(*deliveries)
+            await self._forget(args=[orjson.dumps(entries)])
+        # Broad on purpose: a background clean-up with no caller to report to; what it could
+        # not do stays pending and is redone (see _forget_when_delivered).
+        except Exception as exc:
+            log.warning("%d change notices stay pending: %r", len(entries), exc)
+
+    async def resume(
+        self, committed: Mapping[tuple[str, int], int | None]
+    ) -> dict[tuple[str, int], int | None]:
+        """Where assigned clickstream partitions resume; their pending notices are re-announced.
+
+        ``committed``: the group's Kafka commit of each assigned partition (None: none). Returns
+        per partition the offset stored in Redis by the fold, or None (read from the earliest
+        retained offset) when Redis has none but Kafka has a commit: Redis came back empty or
+        without this partition, so the records since the start are folded again (those Redis
+        still has are duplicates). A partition with neither is left to Kafka's own
+        ``auto_offset_reset``. Called on every assignment, before consuming starts.
+        """
+        tps = sorted(tp for tp in committed if tp[0] == self.settings.topic_clickstream)
+        if self.group is None or not tps:
+            return {}
+        stored = await self._retrying(
+            "reading stored offsets",
+            lambda: self.redis.hmget(self._offsets_key, [_field(tp) for tp in tps]),
+        )
+        plan: dict[tuple[str, int], int | None] = {}
+        for tp, value in zip(tps, stored, strict=True):
+            if value is not None:
+                plan[tp] = int(value)
+                if plan[tp] != committed[tp]:
+                    log.info(
+                        "%s: resuming at stored offset %d (Kafka: %s)",
+                        _field(tp),
+                        plan[tp],
+                        committed[tp],
+                    )
+            elif committed[tp]:
+                log.warning(
+                    "%s: Redis has no offset but Kafka has %s: folding again from the "
+                    "earliest retained record",
+                    _field(tp),
+                    committed[tp],
+                )
+                plan[tp] = None
+        await self._announce_pending(tps)
+        return plan
+
+    async def _announce_pending(self, tps: Sequence[tuple[str, int]]) -> None:
+        """Announce again every notice still pending for these partitions."""
+        sent: list[tuple[str, Folded, object]] = []
+        for tp in tps:
+            key = self._pending_key(tp)
+            entries = await self._retrying(
+                "reading pending notices", partial(self.redis.hgetall, key)
+            )
+            for value in entries.values():
+                origin, result = pending_notice(value)
+                sent.append((key, result, await self._announce(result, origin)))
+        if sent:
+            log.info("announcing %d pending change notices again", len(sent))
+            self._out_changed.inc(len(sent))
+            self._forget_when_delivered(sent)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, retried while Redis is unreachable, for ``streams_redis_retry_s``."""
+        deadline = time.monotonic() + self.settings.streams_redis_retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"{what}: Redis unreachable: {exc}") from exc
+                log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+_T = TypeVar("_T")
+
+# Removes delivered notices from their pending hashes, each only if it still holds the version
+# that was delivered. ARGV[1]: JSON [[pending_key, user_id, version], ...]; a pending value is
+# JSON [origin_ms, user_id, version, ...] (fold.lua).
+FORGET_DELIVERED_LUA = """
+local removed = 0
+for _, entry in ipairs(cjson.decode(ARGV[1])) do
+  local value = redis.call('HGET', entry[1], entry[2])
+  if value and cjson.decode(value)[3] == entry[3] then
+    redis.call('HDEL', entry[1], entry[2])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+def _field(tp: tuple[str, int]) -> str:
+    """A partition's field in the stored offsets: ``topic:partition``."""
+    return f"{tp[0]}:{tp[1]}"
+
+
+def _memo(build: Callable[[tuple[str, int]], str]) -> Callable[[tuple[str, int]], str]:
+    """``build`` with its answers kept (one key per partition, built once)."""
+    cache: dict[tuple[str, int], str] = {}
+
+    def cached(tp: tuple[str, int]) -> str:
+        key = cache.get(tp)
+        if key is None:
+            key = cache[tp] = build(tp)
+        return key
+
+    return cached
 
 
 class _Refused(Exception):  # noqa: N818 - a signal inside the validation loop, never raised out

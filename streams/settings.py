@@ -64,6 +64,12 @@ class StreamsSettings(CommonSettings):
         description="Where the Faust worker keeps its local state folder.",
     )
     streams_loglevel: str = Field("info", description="Worker log level.")
+    streams_fault_kill_before_announce: bool = Field(
+        False,
+        description="Fault injection only (durability tests): the worker SIGKILLs itself after "
+        "the first fold that decides a change notice, before announcing it. Never set it in a "
+        "deployment.",
+    )
     event_max_future_s: float = Field(
         300.0, ge=0, description="Events whose ts lies further ahead than this are dead-lettered."
     )

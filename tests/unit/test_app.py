@@ -32,7 +32,7 @@ class FakeScript:
         self.groups: list[Mapping[str, Sequence[tuple[str, str, float, float]]]] = []
 
     async def run(
-        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]], progress: object = None
     ) -> list[Folded]:
         self.groups.append(groups)
         return [

@@ -1,0 +1,236 @@
+"""The stream worker's progress survives crashes and a Redis that comes back older or empty.
+
+Real Kafka and Redis, the worker as a real process. The fold stores each partition's next offset
+and its undelivered change notices in Redis in the same script as the profiles; these tests break
+the worker or Redis at the worst moments and check that nothing is lost or folded twice.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from recstream.keys import Keys
+from schemas import ProfileChanged
+from tests.conftest import Namespace
+from tests.integration.streams_support import (
+    Worker,
+    consume,
+    counts,
+    load_test_catalog,
+    produce_events,
+    profiles,
+    wait_for,
+)
+from tests.integration.test_streams import assert_matches_reference, traffic
+
+pytestmark = pytest.mark.integration
+
+KILL_BEFORE_ANNOUNCE = "RECSTREAM_STREAMS_FAULT_KILL_BEFORE_ANNOUNCE"
+
+
+@pytest.fixture(params=["agent", "batch"])
+def workers(
+    ns: Namespace, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Worker]]:
+    """Starts workers of one group in one delivery mode; stops them afterwards."""
+    started: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        env = {"RECSTREAM_STREAMS_DELIVERY": request.param, **env}
+        worker = Worker(ns.settings, ns.group("streams"), tmp_path, env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def client(ns: Namespace) -> redis.Redis:
+    return redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+
+
+def partitions(ns: Namespace) -> list[int]:
+    return list(range(ns.settings.topic_partitions))
+
+
+def end_offsets(ns: Namespace) -> dict[int, int]:
+    reader = Consumer({"bootstrap.servers": ns.settings.kafka_bootstrap, "group.id": "probe"})
+    try:
+        topic = ns.settings.topic_clickstream
+        return {
+            p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions(ns)
+        }
+    finally:
+        reader.close()
+
+
+def kafka_committed(ns: Namespace) -> dict[int, int]:
+    """The worker group's Kafka commits (partitions without one are left out)."""
+    reader = Consumer(
+        {"bootstrap.servers": ns.settings.kafka_bootstrap, "group.id": ns.group("streams")}
+    )
+    try:
+        tps = [TopicPartition(ns.settings.topic_clickstream, p) for p in partitions(ns)]
+        return {
+            tp.partition: tp.offset for tp in reader.committed(tps, timeout=10) if tp.offset >= 0
+        }
+    finally:
+        reader.close()
+
+
+def stored_offsets(ns: Namespace) -> dict[int, int]:
+    """The offsets the fold stored in Redis, by partition of the test's clickstream topic."""
+    r = client(ns)
+    try:
+        raw = r.hgetall(Keys(ns.settings.key_prefix).stream_offsets(ns.group("streams")))
+    finally:
+        r.close()
+    topic = ns.settings.topic_clickstream
+    out = {}
+    for field, value in raw.items():
+        name, _, partition = field.decode().rpartition(":")
+        assert name == topic, field
+        out[int(partition)] = int(value)
+    return out
+
+
+def pending(ns: Namespace) -> dict[str, bytes]:
+    """Every pending change notice of the worker group, user -> stored value."""
+    keys = Keys(ns.settings.key_prefix)
+    r = client(ns)
+    try:
+        out: dict[str, bytes] = {}
+        for p in partitions(ns):
+            key = keys.pending_changes(ns.group("streams"), ns.settings.topic_clickstream, p)
+            out.update({u.decode(): v for u, v in r.hgetall(key).items()})
+        return out
+    finally:
+        r.close()
+
+
+def caught_up(ns: Namespace) -> bool:
+    """Redis holds the offset after every record produced, and no notice is pending."""
+    ends = {p: e for p, e in end_offsets(ns).items() if e > 0}
+    return stored_offsets(ns) == ends and not pending(ns)
+
+
+def committed_everything(ns: Namespace) -> bool:
+    ends = {p: e for p, e in end_offsets(ns).items() if e > 0}
+    return kafka_committed(ns) == ends
+
+
+def namespace_keys(r: redis.Redis, ns: Namespace) -> set[bytes]:
+    return set(r.scan_iter(match=f"{ns.settings.key_prefix}*", count=1000))
+
+
+def test_notice_decided_before_a_kill_is_announced_after_restart(
+    ns: Namespace, workers: Callable[..., Worker]
+) -> None:
+    catalog = load_test_catalog(ns.settings)
+    users = ["k1", "k2", "k3", "k4"]
+    events = traffic(users, 6)
+    produce_events(ns.settings, events)
+    # The worker kills itself right after the first fold that decides a change notice.
+    doomed = workers(**{KILL_BEFORE_ANNOUNCE: "true"})
+    assert doomed.proc is not None
+    assert doomed.proc.wait(60) == -signal.SIGKILL, doomed.log_tail()
+    decided = pending(ns)
+    assert decided, "the fold must have recorded its notices before the kill"
+    stored = profiles(ns.settings, decided)
+    expected_versions: dict[str, int] = {}
+    for user, value in decided.items():
+        profile = stored[user]
+        assert profile is not None
+        expected_versions[user] = profile.version
+        assert f"{user}" in value.decode()
+
+    workers()
+
+    def announced(records: list) -> bool:  # type: ignore[type-arg]  # Consumed, local use
+        got = {
+            (c.user_id, c.profile_version)
+            for c in (ProfileChanged.model_validate_json(r.value) for r in records)
+        }
+        return set(expected_versions.items()) <= got
+
+    consume(ns.settings.topic_profiles_changed, ns.settings, announced)
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 6), "all folded once")
+    wait_for(lambda: caught_up(ns), "offsets stored, pending notices removed once delivered")
+    assert_matches_reference(ns, events, catalog)
+
+
+def test_redis_rolled_back_is_refed_the_gap(ns: Namespace, workers: Callable[..., Worker]) -> None:
+    catalog = load_test_catalog(ns.settings)
+    users = [f"b{n}" for n in range(6)]
+    first, second = traffic(users, 10), traffic(users, 10, start=10)
+    produce_events(ns.settings, first)
+    worker = workers(RECSTREAM_STREAMS_BATCH_SIZE="15")
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 10), "phase 1 folded")
+    wait_for(lambda: caught_up(ns), "phase 1 offsets stored")
+
+    # The snapshot Redis will come back with (DUMP of every key of the test's namespace).
+    r = client(ns)
+    try:
+        snapshot = {key: (r.dump(key), r.pttl(key)) for key in namespace_keys(r, ns)}
+        produce_events(ns.settings, second)
+        wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 20), "phase 2")
+        wait_for(lambda: committed_everything(ns), "phase 2 committed to Kafka")
+        assert worker.stop() == 0
+        for key in namespace_keys(r, ns) - snapshot.keys():
+            r.delete(key)
+        for key, (dumped, ttl_ms) in snapshot.items():
+            assert dumped is not None
+            r.restore(key, max(ttl_ms, 0), dumped, replace=True)
+    finally:
+        r.close()
+    assert counts(ns.settings, users) == dict.fromkeys(users, 10), "Redis is back at phase 1"
+    assert committed_everything(ns), "while Kafka says everything was handled"
+
+    workers(RECSTREAM_STREAMS_BATCH_SIZE="15")
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 20), "gap folded")
+    wait_for(lambda: caught_up(ns), "offsets stored again")
+    assert_matches_reference(ns, first + second, catalog)
+    keys = Keys(ns.settings.key_prefix)
+    r = client(ns)
+    try:
+        for user in users:
+            assert r.zcard(keys.seen(user)) == 20, "each event folded exactly once"
+    finally:
+        r.close()
+
+
+def test_redis_emptied_is_refed_from_the_earliest_offset(
+    ns: Namespace, workers: Callable[..., Worker]
+) -> None:
+    load_test_catalog(ns.settings)
+    users = [f"e{n}" for n in range(5)]
+    events = traffic(users, 12)
+    produce_events(ns.settings, events)
+    worker = workers()
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 12), "folded")
+    wait_for(lambda: committed_everything(ns), "committed to Kafka")
+    assert worker.stop() == 0
+
+    r = client(ns)
+    try:
+        for key in namespace_keys(r, ns):
+            r.delete(key)
+    finally:
+        r.close()
+    # The operator restores the catalog (a separate, reloadable data set); profiles, offsets and
+    # seen-sets are gone while Kafka's commits say everything was handled.
+    catalog = load_test_catalog(ns.settings)
+    assert counts(ns.settings, users) == dict.fromkeys(users, 0)
+
+    workers()
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 12), "re-fed")
+    wait_for(lambda: caught_up(ns), "offsets stored again")
+    assert_matches_reference(ns, events, catalog)
