@@ -4,11 +4,9 @@ Errors load with the package; everything that needs torch, transformers or FAISS
 access, so services that only read data stay light. Training and evaluation live in ``lab``.
 """
 
-from importlib import import_module
-from typing import Any
-
 from inference.exceptions import ArtifactError, InferenceError
 from inference.recommender import Ranked, Recommender
+from recstream.lazy import lazy_exports
 
 __all__ = [
     "ArtifactError",
@@ -45,8 +43,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'inference' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_exports("inference", _LAZY)

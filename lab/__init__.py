@@ -6,11 +6,9 @@ Nothing in a running service imports this package: the lab writes verified artif
 needs torch, transformers or FAISS loads on first access.
 """
 
-from importlib import import_module
-from typing import Any
-
 from lab.datasets import Dataset, Interaction, Item, load_dataset
 from lab.exceptions import DatasetError, LabError
+from recstream.lazy import lazy_exports
 
 __all__ = [
     "EASE",
@@ -41,8 +39,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lab' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_exports("lab", _LAZY)

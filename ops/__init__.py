@@ -5,12 +5,10 @@ tools load on first access (``ProfileRebuild`` pulls in Redis and the fold), so 
 command line stays fast.
 """
 
-from importlib import import_module
-from typing import Any
-
 from ops.compare import Comparison, compare, kendall_tau_union, overlap_at_k
 from ops.exceptions import OpsError, ReplayError
 from ops.settings import OpsSettings
+from recstream.lazy import lazy_exports
 
 __all__ = [
     "Comparison",
@@ -40,8 +38,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ops' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_exports("ops", _LAZY)
