@@ -7,6 +7,9 @@ commands.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -16,6 +19,22 @@ from recstream.options import given, settings_options
 from recstream.process import configure_logging, on_stop_signals
 
 __all__ = ["register"]
+
+
+@contextmanager
+def _exit_nonzero_on_failure() -> Iterator[None]:
+    """A service that gives up (retry budget spent, pool broken) exits 1 with one log line.
+
+    Its offsets were stored only for finished work, so the supervisor's restart redoes the rest.
+    """
+    from consumers.exceptions import ConsumerError
+    from inference.pool import PoolClosedError
+
+    try:
+        yield
+    except (ConsumerError, PoolClosedError) as exc:
+        logging.getLogger(__name__).critical("stopping: %s", exc)
+        raise SystemExit(1) from exc
 
 
 @click.command("regen")
@@ -36,8 +55,11 @@ def serve_regen(loglevel: str, **flags: Any) -> None:
     try:
         service = RegenService(settings, pool)
         on_stop_signals(service.stop)
-        with serving_metrics(
-            settings.regen_metrics_host, settings.regen_metrics_port, service.health
+        with (
+            _exit_nonzero_on_failure(),
+            serving_metrics(
+                settings.regen_metrics_host, settings.regen_metrics_port, service.health
+            ),
         ):
             service.run()
     finally:
@@ -56,7 +78,10 @@ def serve_cache_writer(loglevel: str, **flags: Any) -> None:
     settings = CacheWriterSettings(**given(flags))
     writer = CacheWriter(settings)
     on_stop_signals(writer.stop)
-    with serving_metrics(settings.cache_metrics_host, settings.cache_metrics_port, writer.health):
+    with (
+        _exit_nonzero_on_failure(),
+        serving_metrics(settings.cache_metrics_host, settings.cache_metrics_port, writer.health),
+    ):
         writer.run()
 
 

@@ -16,6 +16,7 @@ import pytest
                 "CacheWriter",
                 "CacheWriterSettings",
                 "Coalescer",
+                "DeadReason",
                 "OffsetTracker",
                 "RecsCache",
                 "RecsPublisher",
