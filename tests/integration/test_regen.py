@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
+from prometheus_client import REGISTRY
 
 from consumers.cache_writer import CacheWriter, CasOutcome, RecsCache
 from consumers.regen import RegenService, build_pool
@@ -42,6 +43,7 @@ from tests.conftest import Namespace
 pytestmark = pytest.mark.integration
 
 K = 10
+ENDS = ("folded", "duplicate", "dead_lettered")
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +288,17 @@ def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profil
     assert last.profile_version == final_version
     assert last.trigger_ts == final_ts  # reflects the last event
     assert [i.item_id for i in last.items] == _expected(model, services, user)[1]
+
+    # Every change ended in one outcome: one list folded, the burst's others coalesced into it
+    # (duplicate), the poison message dead-lettered.
+    topic = settings.topic_profiles_changed
+
+    def outcome(name: str) -> float:
+        labels = {"service": "regen", "topic": topic, "outcome": name}
+        return REGISTRY.get_sample_value("recs_records_total", labels) or 0.0
+
+    _wait_for(lambda: outcome("in") == 51 == sum(outcome(o) for o in ENDS), 30, "every outcome")
+    assert (outcome("folded"), outcome("dead_lettered")) == (len(published), 1)
 
     # Every change is accounted for: once the consumer stops, its group has committed them all.
     services.regen.stop()
