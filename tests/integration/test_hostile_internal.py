@@ -561,3 +561,35 @@ def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
             server.kill()
             server.wait(10)
         client.close()
+
+
+def test_the_cache_writer_command_exits_non_zero_when_redis_stays_down(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    import sys
+
+    from cli.supervise import Child
+    from tests.conftest import settings_env
+
+    env = {
+        **settings_env(ns.settings),
+        "RECSTREAM_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",  # nothing listens there
+        "RECSTREAM_CACHE_GROUP_ID": ns.group("cache"),
+        "RECSTREAM_CACHE_RETRY_BUDGET_S": "1",
+        "RECSTREAM_CACHE_METRICS_PORT": "0",
+    }
+    log = tmp_path / "cache-writer.log"
+    child = Child.spawn("cache", [sys.executable, "-m", "cli", "serve", "cache-writer"], log, env)
+    try:
+        _produce(
+            ns.settings.kafka_bootstrap,
+            ns.settings.topic_recommendations,
+            [(b"u", _recs("u", 1), None)],
+        )
+        assert child.process.wait(60) == 1  # for the supervisor to restart it
+    finally:
+        if child.process.poll() is None:
+            child.process.kill()
+            child.process.wait(10)
+    assert "Redis kept failing" in log.read_text()
+    assert not _committed_all(ns.settings, ns.group("cache"), ns.settings.topic_recommendations)
