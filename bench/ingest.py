@@ -129,9 +129,7 @@ def main() -> None:
         elapsed = state["last"] - state["first"]
         latencies.sort()
         sizes = [n for _, n in batches]
-        profiles = sum(
-            1 for _ in client.scan_iter(match=f"{settings.key_prefix}profile:*:items", count=1000)
-        )
+        profiles = sum(1 for _ in client.scan_iter(match=keys.user_pattern("profile"), count=1000))
         rows = [
             ("events drained", f"{state['records']:,}"),
             ("events folded", f"{state['folded']:,}"),

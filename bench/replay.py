@@ -62,7 +62,8 @@ def main() -> None:
             f"{'switch ms':>9} {'replaced':>8}"
         )
         for run in range(args.runs):
-            replaced = sum(1 for _ in client.scan_iter(match=f"{settings.key_prefix}seen:*"))
+            seen_sets = Keys(settings.key_prefix).user_pattern("seen")
+            replaced = sum(1 for _ in client.scan_iter(match=seen_sets))
             with ProfileRebuild(settings, f"run{run}", progress=False) as rebuild:
                 started = time.perf_counter()
                 stats = rebuild.run(rebuild.plan(from_beginning=True))
