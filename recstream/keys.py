@@ -71,6 +71,14 @@ class Keys:
     def recs(self, user_id: str) -> str:
         return f"{self.user_base(user_id)}recs"
 
+    def privacy_ledger(self, user_id: str) -> str:
+        """Hash of the user's spent privacy budget (``inference.privacy.PrivacyLedger``).
+
+        Not in :data:`USER_KINDS`: the fold never touches it, and it outlives an idle profile
+        (a budget that expired with the profile would be spent again).
+        """
+        return f"{self.user_base(user_id)}privacy"
+
     def user_keys(self, user_id: str) -> list[str]:
         """Every key of the user, one per :data:`USER_KINDS` (for export, erasure, tests)."""
         base = self.user_base(user_id)
