@@ -245,6 +245,7 @@ def main() -> None:
         "topic_recommendations": f"bench-recommendations-{token}",
         "topic_profiles_changed_dlq": f"bench-profiles.changed.dlq-{token}",
         "topic_recommendations_dlq": f"bench-recommendations.dlq-{token}",
+        "topic_profile_embeddings": f"bench-profiles.embeddings-{token}",
     }
     settings = base.model_copy(update={"key_prefix": f"bench:{token}:", **names})
     Stack().create_topics(settings.topics(), settings.topic_partitions)

@@ -56,6 +56,10 @@ class CommonSettings(BaseSettings):
         "recommendations.dlq",
         description="Dead letters of recommendations (records the cache writer refused).",
     )
+    topic_profile_embeddings: str = Field(
+        "profiles.embeddings",
+        description="Topic of differentially private profile embeddings (what analytics reads).",
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 
@@ -68,6 +72,7 @@ class CommonSettings(BaseSettings):
             self.topic_profiles_changed_dlq,
             self.topic_recommendations,
             self.topic_recommendations_dlq,
+            self.topic_profile_embeddings,
         ]
 
 

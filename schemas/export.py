@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from schemas.embeddings import ProfileEmbedding
 from schemas.events import Event
 from schemas.messages import Profile, ProfileChanged, Recommendations
 from schemas.openapi import openapi_document
@@ -29,6 +30,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "profile-changed.json": ProfileChanged.model_json_schema(),
         "recommendations.json": Recommendations.model_json_schema(),
         "profile.json": Profile.model_json_schema(),
+        "profile-embedding.json": ProfileEmbedding.model_json_schema(),
     }
     for name, doc in docs.items():
         doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
