@@ -220,7 +220,7 @@ BAD_INPUTS: list[tuple[str, bytes | None, bytes]] = [
     ("dwell_rules", b"x", orjson.dumps({**event("b9", "x", "a", T0), "dwell_ms": 5})),
     ("bad_context", b"x", orjson.dumps({**event("b10", "x", "a", T0), "context": {"k": [1]}})),
     ("key_mismatch", b"y", orjson.dumps(event("b11", "x", "a", T0))),
-    ("key_mismatch", None, orjson.dumps(event("b12", "x", "a", T0))),
+    ("missing_key", None, orjson.dumps(event("b12", "x", "a", T0))),
 ]
 
 
@@ -262,7 +262,8 @@ def test_bad_input_is_dead_lettered_and_good_traffic_flows(
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         exposition = reply.read().decode()
-    assert 'recs_stream_dead_lettered_total{reason="key_mismatch"} 2.0' in exposition
+    assert 'recs_stream_dead_lettered_total{reason="key_mismatch"} 1.0' in exposition
+    assert 'recs_stream_dead_lettered_total{reason="missing_key"} 1.0' in exposition
     assert 'recs_stream_dead_lettered_total{reason="oversize"} 1.0' in exposition
     assert "recs_stream_events_folded_total 48.0" in exposition
     assert "recs_stream_fold_latency_seconds_bucket" in exposition
