@@ -38,6 +38,14 @@ VICTIM = "victim"
 # Valid ids that a naive "profile:{user}:..." layout would have mapped onto the victim's keys.
 COLLIDING = ["victim:items", "victim:recent", "victim:profile", "victim}", "{victim}", "%76ictim"]
 GOOD = ["good-1", "good-2", "good-3"]
+# A valid event under headers a producer may set by mistake or malice: the worker reads none of
+# a clickstream record's headers, so it must fold and announce it as usual.
+JUNK_HEADERS: list[tuple[str, str | bytes | None]] = [
+    ("recs.origin_ts", b"9" * 400),
+    ("recs.origin_ts", b"-x"),
+    ("\xff", b"\xff" * 4096),
+]
+HEADERS_USER = "good-headers"
 WRONG_TYPE_USER = "mallory"
 
 
@@ -106,10 +114,14 @@ def hostile_records() -> list[tuple[str, bytes | None, bytes | None, str]]:
     ]
 
 
-def send(ns: Namespace, records: list[tuple[bytes | None, bytes | None]]) -> None:
+def send(
+    ns: Namespace,
+    records: list[tuple[bytes | None, bytes | None]],
+    headers: list[tuple[str, str | bytes | None]] | None = None,
+) -> None:
     producer = idempotent_producer(ns.settings.kafka_bootstrap)
     for key, value in records:
-        producer.produce(ns.settings.topic_clickstream, key=key, value=value)
+        producer.produce(ns.settings.topic_clickstream, key=key, value=value, headers=headers)
     assert producer.flush(30) == 0, "records not delivered"
 
 
@@ -172,10 +184,21 @@ def test_hostile_records_are_dead_lettered_and_touch_no_one_else(
         replayed = [good[0]]  # sent twice: the second one is a duplicate
         send(ns, [(k, v) for _, k, v, _ in hostile])
         send(ns, [(e["user_id"].encode(), js(e)) for e in colliding + good + replayed])
-        total = len(victim) + len(hostile) + len(colliding) + len(good) + len(replayed)
+        junk = event("j-1", HEADERS_USER, "d", T0, "click")
+        send(ns, [(HEADERS_USER.encode(), js(junk))], JUNK_HEADERS)
+        total = len(victim) + len(hostile) + len(colliding) + len(good) + len(replayed) + 1
 
         wait_for(lambda: counts(ns.settings, GOOD) == dict.fromkeys(GOOD, 4), "good traffic")
         assert counts(ns.settings, COLLIDING) == dict.fromkeys(COLLIDING, 1)
+        wait_for(lambda: counts(ns.settings, [HEADERS_USER])[HEADERS_USER] == 1, "junk headers")
+        changed = consume(
+            ns.settings.topic_profiles_changed,
+            ns.settings,
+            lambda rs: any(r.key == HEADERS_USER.encode() for r in rs),
+        )
+        (notice,) = [r for r in changed if r.key == HEADERS_USER.encode()]
+        # Its origin is the record's own Kafka timestamp, not the 400 digits it carried.
+        assert len(notice.headers["recs.origin_ts"]) == 13, notice.headers
         dead = consume(ns.settings.topic_dlq, ns.settings, lambda rs: len(rs) >= len(hostile))
         expected = {(k, v or b""): (kind, reason) for kind, k, v, reason in hostile}
         got = {(r.key, r.value): r.headers["dlq.reason"].decode() for r in dead}
