@@ -1,10 +1,13 @@
 """`recstream run`: the whole pipeline in the foreground, one supervised child per service.
 
-Services start in reverse data-flow order (read API, cache writer, regeneration, Faust worker) so
-each one's consumer is there before its input flows, and stop in data-flow order: the Faust worker
-stops folding first, then regeneration drains its in-flight work and flushes, then the cache
-writer writes what is left, then the API. Children run in their own process group, so Ctrl-C
-reaches only this supervisor, which sends each child SIGTERM in turn and waits for it to close.
+Services start in reverse data-flow order (read API, cache writer, embeddings publisher,
+regeneration, Faust worker) so each one's consumer is there before its input flows, and stop in
+data-flow order: the Faust worker stops folding first, then regeneration drains its in-flight work
+and flushes, then the embeddings publisher, then the cache writer writes what is left, then the
+API. The embeddings publisher (differentially private profile vectors for analytics) starts only
+when its artifact is configured (``RECSTREAM_EMBEDDINGS_MODEL_DIR``). Children run in their own
+process group, so Ctrl-C reaches only this supervisor, which sends each child SIGTERM in turn and
+waits for it to close.
 
 A child that dies on its own is restarted after an exponentially growing delay (Kafka consumer
 groups and Redis state make a restart safe: each service resumes from its committed offsets).
@@ -15,6 +18,7 @@ restart will not fix: then everything is stopped and the command fails.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,14 +31,18 @@ from pydantic_settings import BaseSettings
 
 from cli.supervise import Child
 from recstream.errors import RecstreamError
-from recstream.settings import CommonSettings
+from recstream.settings import ENV_PREFIX, CommonSettings
 
 __all__ = ["SERVICES", "Pipeline", "RunSettings"]
 
 log = logging.getLogger(__name__)
 
 # Data-flow order; started reversed, stopped in this order.
-SERVICES = ("streams", "regen", "cache-writer", "api")
+SERVICES = ("streams", "regen", "embeddings", "cache-writer", "api")
+
+# Services started only when the children's environment sets this variable (their settings
+# field): without it they have nothing to serve and would only crash-loop.
+OPTIONAL = {"embeddings": f"{ENV_PREFIX}EMBEDDINGS_MODEL_DIR"}
 
 
 class RunSettings(BaseSettings):
@@ -76,8 +84,12 @@ class Pipeline:
         args: dict[str, list[str]] | None = None,
         settings: RunSettings | None = None,
     ) -> None:
-        self.names = [name for name in SERVICES if name not in (exclude or set())]
         self.env = env
+        children_env = os.environ if env is None else env
+        unset = {name for name, var in OPTIONAL.items() if not children_env.get(var)}
+        for name in sorted(unset - (exclude or set())):
+            log.info("%s not started: %s is not set", name, OPTIONAL[name])
+        self.names = [name for name in SERVICES if name not in (exclude or set()) | unset]
         self.args = args or {}  # extra command-line arguments per service (e.g. --loglevel)
         self.settings = settings or RunSettings()
         self.services = {name: _Service(name) for name in self.names}

@@ -1,4 +1,4 @@
-"""Commands of the consumers package: the regeneration service and the cache writer.
+"""Commands of the consumers package: regeneration, the cache writer, the embeddings publisher.
 
 Every option is generated from a settings field (recstream.options) and falls back to its
 environment variable; a flag given on the command line wins. Heavy modules are imported inside the
@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from consumers.settings import CacheWriterSettings, RegenSettings
+from consumers.settings import CacheWriterSettings, EmbeddingsSettings, RegenSettings
 from recstream.options import given, settings_options
 from recstream.process import configure_logging, on_stop_signals
 
@@ -85,7 +85,38 @@ def serve_cache_writer(loglevel: str, **flags: Any) -> None:
         writer.run()
 
 
+@click.command("embeddings")
+@settings_options(EmbeddingsSettings, strip="embeddings_")
+@click.option("--loglevel", default="info", show_default=True, help="Log level.")
+def serve_embeddings(loglevel: str, **flags: Any) -> None:
+    """Publish differentially private profile embeddings (profiles.changed → profiles.embeddings).
+
+    Each release is the profile's item-embedding mean, clipped and noised (analytic Gaussian
+    mechanism, ε/δ per release), and only while the user's privacy budget lasts.
+    """
+    from consumers.embeddings import EmbeddingsService, ItemVectors
+    from consumers.metrics import serving_metrics
+    from inference.exceptions import ArtifactError
+
+    configure_logging(loglevel)
+    settings = EmbeddingsSettings(**given(flags))
+    if settings.embeddings_model_dir is None:
+        raise ArtifactError(
+            "the embeddings publisher embeds profiles with an artifact's item index: set the "
+            "model directory (a folder written by `recstream train`)"
+        )
+    service = EmbeddingsService(settings, ItemVectors.from_artifact(settings.embeddings_model_dir))
+    on_stop_signals(service.stop)
+    with (
+        _exit_nonzero_on_failure(),
+        serving_metrics(
+            settings.embeddings_metrics_host, settings.embeddings_metrics_port, service.health
+        ),
+    ):
+        service.run()
+
+
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
-    for command in (serve_regen, serve_cache_writer):
+    for command in (serve_regen, serve_cache_writer, serve_embeddings):
         serve.add_command(command)

@@ -33,6 +33,10 @@ __all__ = [
     "CACHE_STALE",
     "CACHE_WRITES",
     "CONSUMER_LAG",
+    "EMBEDDINGS_NOTICES",
+    "EMBEDDINGS_PUBLISH_ERRORS",
+    "EMBEDDINGS_SKIPPED",
+    "EMBEDDINGS_USER_EPSILON",
     "ORIGIN_HEADER",
     "REGEN_COALESCED",
     "REGEN_FRESHNESS",
@@ -115,6 +119,27 @@ CACHE_FRESHNESS = Histogram(
     "without it, the event's trigger_ts when recent) to the list's Redis write.",
     ["source"],
     buckets=_FRESHNESS_SECONDS,
+)
+EMBEDDINGS_NOTICES = Counter(
+    "recs_embeddings_notices_total",
+    "profiles.changed records read by the embeddings publisher (outcome=in) and how each ended: "
+    "published (a release delivered, or a granted one delivered again), duplicate (its profile "
+    "version was already released), over_budget (the user's privacy budget is spent), skipped "
+    "(unreadable, no profile, version ahead, no item in the index).",
+    ["outcome"],
+)
+EMBEDDINGS_SKIPPED = Counter(
+    "recs_embeddings_skipped_total",
+    "Change notices the embeddings publisher skipped, by reason (regeneration dead-letters them).",
+    ["reason"],
+)
+EMBEDDINGS_USER_EPSILON = Histogram(
+    "recs_embeddings_user_epsilon",
+    "Per granted release: the user's total ε in the current budget window after it (zCDP).",
+    buckets=(0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 15.0, 20.0),
+)
+EMBEDDINGS_PUBLISH_ERRORS = Counter(
+    "recs_embeddings_publish_errors_total", "Releases the broker did not accept (service exits)."
 )
 BAD_HEADERS = Counter(
     "recs_bad_headers_total",

@@ -1,4 +1,4 @@
-"""Settings of the consumers: the regeneration service and the cache writer.
+"""Settings of the consumers: the regeneration service, the cache writer, the embeddings publisher.
 
 The rule of every service's settings: a field the service owns starts with the service's name,
 so its variable is ``RECSTREAM_<SERVICE>_<SETTING>`` (``RECSTREAM_REGEN_METRICS_PORT``,
@@ -19,7 +19,7 @@ from inference.pool import PoolConfig
 from inference.postprocess import PostConfig
 from recstream.settings import CommonSettings
 
-__all__ = ["CacheWriterSettings", "RegenSettings"]
+__all__ = ["CacheWriterSettings", "EmbeddingsSettings", "RegenSettings"]
 
 
 class RegenSettings(CommonSettings):
@@ -118,4 +118,55 @@ class CacheWriterSettings(CommonSettings):
     cache_metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
     cache_metrics_port: int = Field(
         9103, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = off."
+    )
+
+class EmbeddingsSettings(CommonSettings):
+    """The publisher of differentially private profile embeddings (``profiles.embeddings``)."""
+
+    embeddings_group_id: str = Field("recstream-embeddings", description="Kafka consumer group.")
+    embeddings_model_dir: Path | None = Field(
+        None,
+        description="Trained artifact folder whose item index (MiniLM vectors) embeds profiles; "
+        "`recstream run` starts the service only when it is set.",
+    )
+    embeddings_epsilon: float = Field(
+        1.0, gt=0, le=50, description="ε of one release (analytic Gaussian mechanism)."
+    )
+    embeddings_delta: float = Field(1e-5, gt=0, lt=1, description="δ of one release.")
+    embeddings_clip_norm: float = Field(
+        1.0, gt=0, description="L2 clip C of a profile embedding; the sensitivity is 2C."
+    )
+    embeddings_budget_epsilon: float = Field(
+        10.0,
+        gt=0,
+        le=50,
+        description="A user's total ε per window (zCDP composition at the budget δ); a release "
+        "that would exceed it is not published.",
+    )
+    embeddings_budget_delta: float = Field(
+        1e-5, gt=0, lt=1, description="δ at which a user's total ε is stated."
+    )
+    embeddings_budget_window_s: float = Field(
+        30 * 24 * 3600.0,
+        ge=0,
+        description="Length of a budget window from a user's first release, seconds; 0 = the "
+        "budget is for the user's lifetime.",
+    )
+    embeddings_max_message_bytes: int = Field(
+        64 * 1024, ge=1024, description="A larger profiles.changed record is skipped."
+    )
+    embeddings_delivery_timeout_ms: int = Field(
+        30_000,
+        ge=1000,
+        description="How long the producer tries to deliver a release (librdkafka "
+        "message.timeout.ms); past it the service exits non-zero with its offsets not stored.",
+    )
+    embeddings_stats_interval_ms: int = Field(
+        5000, ge=0, description="librdkafka statistics interval (consumer lag metric); 0 = off."
+    )
+    embeddings_metrics_host: str = Field(
+        "127.0.0.1", description="Address of /metrics and /healthz."
+    )
+    embeddings_metrics_port: int = Field(
+        9104, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = off."
     )
