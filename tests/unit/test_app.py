@@ -8,16 +8,20 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
+import pytest
 import redis.asyncio
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 import streams
+from recstream.metrics import RECORDS
 from schemas import Envelope, ProfileChanged
 from streams import ProfileFolder, metrics
 from streams.app import envelopes, observe_lag
 from streams.fold import Folded
+from streams.folder import reply_class, transient
 from streams.settings import StreamsSettings
 
 
@@ -255,3 +259,45 @@ def test_lag_per_partition_from_cached_watermarks_and_read_offsets() -> None:
     consumer.highwaters[FakeTP("clicks-lag", 2)] = 30
     assert asyncio.run(observe_lag(consumer, "lag-test")) == 2
     assert lag_series("lag-test") == {("clicks-lag", "0"): 0.0, ("clicks-lag", "2"): 5.0}
+
+
+def test_every_record_of_a_mixed_batch_is_counted_once() -> None:
+    def total(outcome: str) -> float:
+        return float(RECORDS.labels("streams", "clickstream", outcome)._value.get())
+
+    before = {o: total(o) for o in ("in", "folded", "duplicate", "dead_lettered")}
+    records = [
+        record(b"u1", click("u1", "e1")),
+        # A tombstone: Kafka hands over None although Envelope.value is typed bytes.
+        Envelope("clickstream", 2, 1, b"u1", cast(bytes, None)),
+        record(None, click("u1", "e2")),  # no key
+        record(b"u1", click("u1", "e3", "0001-01-01T00:00:00+01:00")),  # year 1
+        record(b"u1", b"[]"),
+        record(b"u2", click("u2", "e4")),
+    ]
+    _, dlq, _ = run_batch(records)
+    reasons = [dict(d["headers"])["dlq.reason"] for d in dlq]
+    assert reasons == [b"tombstone", b"missing_key", b"bad_ts", b"not_object"]
+    assert dlq[0]["value"] == b""  # a tombstone has no bytes to keep
+    delta = {o: total(o) - before[o] for o in before}
+    assert delta == {"in": 6, "folded": 2, "duplicate": 0, "dead_lettered": 4}
+
+
+@pytest.mark.parametrize(
+    ("error", "is_transient", "name"),
+    [
+        (OutOfMemoryError("command not allowed when used memory"), True, "OutOfMemoryError"),
+        (ReadOnlyError("You can't write against a read only replica."), True, "ReadOnlyError"),
+        (ResponseError("BUSY Redis is busy running a script"), True, "BUSY"),
+        (ResponseError("MASTERDOWN Link with MASTER is down"), True, "MASTERDOWN"),
+        (ResponseError("WRONGTYPE Operation against a key holding"), False, "WRONGTYPE"),
+        (ResponseError("user_script:12: attempt to compare nil"), False, "ResponseError"),
+        (NoPermissionError("no permissions to access the 'x' key"), False, "NoPermissionError"),
+    ],
+)
+def test_redis_refusals_split_into_passing_states_and_data_refusals(
+    error: ResponseError, is_transient: bool, name: str
+) -> None:
+    assert transient(error) is is_transient
+    # The class names the refusal for the dead letter; Redis's message (keys, data) never does.
+    assert reply_class(error) == name
