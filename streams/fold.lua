@@ -35,6 +35,10 @@
 -- forward (never back) to `next`: Redis never holds a fold without its offset and its notice.
 -- A refused user's records are dead-lettered only after this script, so its partition's offset
 -- is held at the user's first record. offsets_key '' records nothing (rebuilds, tests).
+-- An offsets entry may carry a third number, the offset the worker knows Redis holds for the
+-- partition (what it read on assignment or stored since); if Redis holds less, or nothing, Redis
+-- lost progress (it came back from an older state while the worker ran): the script writes
+-- nothing and replies with an error starting 'PROGRESSLOST', so the worker restarts from Redis.
 local h = tonumber(ARGV[2])
 local recent_max = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
@@ -49,6 +53,18 @@ local idle_ttl = tonumber(ARGV[12])
 local progress_key = ARGV[#ARGV - 2]
 local progress_offsets = cjson.decode(ARGV[#ARGV - 1])
 local progress_notices = cjson.decode(ARGV[#ARGV])
+if progress_key ~= '' then
+  for _, entry in ipairs(progress_offsets) do
+    local known = entry[3]
+    if known ~= nil and known >= 0 then
+      local stored = tonumber(redis.call('HGET', progress_key, entry[1]))
+      if stored == nil or stored < known then
+        return redis.error_reply(string.format('PROGRESSLOST %s holds %s, expected %d', entry[1],
+          tostring(stored), known))
+      end
+    end
+  end
+end
 
 local function fmt(x)
   return string.format('%.17g', x)

@@ -182,13 +182,15 @@ class Progress:
     """What a fold records beside the profiles: the last three ARGV of ``fold.lua``.
 
     ``offsets``: per ``topic:partition`` field, the offset after the batch's last record there
-    (stored in ``offsets_key``, never moving back). ``notices``: per user, the hash of its
+    (stored in ``offsets_key``, never moving back) and the offset the worker knows Redis holds
+    (-1: unknown; Redis holding less fails the fold with :data:`PROGRESS_LOST`, writing
+    nothing). ``notices``: per user, the hash of its
     partition's pending change notices, its partition field, the offset of its first record in
     the batch (a refused user holds its partition's offset there) and its ``recs.origin_ts``.
     """
 
     offsets_key: str
-    offsets: Sequence[tuple[str, int]]
+    offsets: Sequence[tuple[str, int, int]]
     notices: Mapping[str, tuple[str, str, int, int | None]]
 
     def args(self) -> list[str | bytes]:
@@ -200,6 +202,8 @@ class Progress:
 
 
 NO_PROGRESS: list[str | bytes] = ["", b"[]", b"{}"]
+PROGRESS_LOST = "PROGRESSLOST"
+"""The start of the fold's error reply when Redis holds less progress than the worker knows."""
 
 
 def pending_notice(value: bytes | str) -> tuple[int | None, Folded]:

@@ -61,6 +61,7 @@ from schemas.deadletter import dead_letter_headers
 from streams import metrics
 from streams.exceptions import StoreUnavailable
 from streams.fold import (
+    PROGRESS_LOST,
     Folded,
     FoldParams,
     FoldScript,
@@ -155,6 +156,10 @@ class ProfileFolder:
         self._forget = redis.register_script(FORGET_DELIVERED_LUA)
         self._unflushed: list[Awaitable[object]] = []
         self._forgetting: set[asyncio.Future[None]] = set()
+        # Per partition field, the offset this worker knows Redis holds (read on assignment or
+        # stored by its own folds since); whether the latest fold moved the stored offsets.
+        self._known: dict[str, int] = {}
+        self._offsets_moved = False
         # Completion of the latest batch's fold: batches may be validated concurrently, but
         # they are folded and announced strictly in the order handle() was called.
         self._last_fold: asyncio.Future[None] | None = None
@@ -227,6 +232,8 @@ class ProfileFolder:
             progress = self._progress(records, valid, valid_records, produced)
             await self._flush_dead_letters()
         folded = await self._fold(group_by_user(valid), progress)
+        if progress is not None and self._offsets_moved:
+            self._remember_offsets(progress, folded)
         if self.settings.streams_fault_kill_before_announce and any(r.emit for r in folded):
             log.critical("fault injection: SIGKILL after the fold, before announcing")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -312,11 +319,17 @@ class ProfileFolder:
         """
         deadline = time.monotonic() + self.settings.streams_redis_retry_s
         delay = 0.1
+        self._offsets_moved = progress is not None
         while True:
             try:
                 results = await self.script.run(groups, progress)
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and str(exc).startswith(PROGRESS_LOST):
+                    # Redis came back older while this worker ran: folding on would leave the
+                    # gap unfolded. A new worker resumes from the offsets Redis holds.
+                    raise StoreUnavailable(f"Redis lost progress: {exc}") from exc
                 if isinstance(exc, ResponseError) and not transient(exc):
+                    self._offsets_moved = False
                     results = await self._fold_each(groups, progress)
                     break
                 if time.monotonic() + delay > deadline:
@@ -385,8 +398,25 @@ class ProfileFolder:
             if user not in notices:
                 tp = (record.topic, record.partition)
                 notices[user] = (self._pending_key(tp), _field(tp), record.offset, produced[user])
-        offsets = [(_field(tp), end + 1) for tp, end in ends.items()]
+        known = self._known
+        offsets = [
+            (field, end + 1, known.get(field, -1))
+            for field, end in ((_field(tp), end) for tp, end in ends.items())
+        ]
         return Progress(self._offsets_key, offsets, notices)
+
+    def _remember_offsets(self, progress: Progress, folded: Sequence[Folded]) -> None:
+        """What the fold just stored (as fold.lua computes it): ``next``, held at refused users."""
+        held: dict[str, int] = {}
+        for result in folded:
+            if result.rejected:
+                _, field, first, _ = progress.notices[result.user_id]
+                held[field] = min(first, held.get(field, first))
+        known = self._known
+        for field, next_offset, _ in progress.offsets:
+            stored = min(next_offset, held.get(field, next_offset))
+            if stored > known.get(field, -1):
+                known[field] = stored
 
     async def _flush_dead_letters(self) -> None:
         """Wait until Kafka has every dead letter sent so far.
@@ -442,9 +472,10 @@ class ProfileFolder:
             lambda: self.redis.hmget(self._offsets_key, [_field(tp) for tp in tps]),
         )
         plan: dict[tuple[str, int], int | None] = {}
+        self._known = {}
         for tp, value in zip(tps, stored, strict=True):
             if value is not None:
-                plan[tp] = int(value)
+                plan[tp] = self._known[_field(tp)] = int(value)
                 if plan[tp] != committed[tp]:
                     log.info(
                         "%s: resuming at stored offset %d (Kafka: %s)",

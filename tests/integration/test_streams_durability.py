@@ -7,16 +7,21 @@ the worker or Redis at the worst moments and check that nothing is lost or folde
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
+import redis.asyncio
 from confluent_kafka import Consumer, TopicPartition
 
 from recstream.keys import Keys
 from schemas import ProfileChanged
+from streams.fold import PROGRESS_LOST, FoldParams, FoldScript, Progress, pending_notice
+from streams.folder import FORGET_DELIVERED_LUA
 from tests.conftest import Namespace
 from tests.integration.streams_support import (
     Worker,
@@ -176,19 +181,15 @@ def test_redis_rolled_back_is_refed_the_gap(ns: Namespace, workers: Callable[...
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 10), "phase 1 folded")
     wait_for(lambda: caught_up(ns), "phase 1 offsets stored")
 
-    # The snapshot Redis will come back with (DUMP of every key of the test's namespace).
+    # The state Redis will come back with.
     r = client(ns)
     try:
-        snapshot = {key: (r.dump(key), r.pttl(key)) for key in namespace_keys(r, ns)}
+        older = snapshot(r, ns)
         produce_events(ns.settings, second)
         wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 20), "phase 2")
         wait_for(lambda: committed_everything(ns), "phase 2 committed to Kafka")
         assert worker.stop() == 0
-        for key in namespace_keys(r, ns) - snapshot.keys():
-            r.delete(key)
-        for key, (dumped, ttl_ms) in snapshot.items():
-            assert dumped is not None
-            r.restore(key, max(ttl_ms, 0), dumped, replace=True)
+        roll_back(r, ns, older)
     finally:
         r.close()
     assert counts(ns.settings, users) == dict.fromkeys(users, 10), "Redis is back at phase 1"
@@ -205,6 +206,119 @@ def test_redis_rolled_back_is_refed_the_gap(ns: Namespace, workers: Callable[...
             assert r.zcard(keys.seen(user)) == 20, "each event folded exactly once"
     finally:
         r.close()
+
+
+def snapshot(r: redis.Redis, ns: Namespace) -> dict[bytes, tuple[bytes, int]]:
+    """Every key of the test's namespace, DUMPed with its TTL (what Redis could come back as)."""
+    out = {}
+    for key in namespace_keys(r, ns):
+        dumped = r.dump(key)
+        assert isinstance(dumped, bytes)
+        out[key] = (dumped, r.pttl(key))
+    return out
+
+
+def roll_back(r: redis.Redis, ns: Namespace, to: dict[bytes, tuple[bytes, int]]) -> None:
+    """Put the namespace back as ``to`` holds it: keys created since go, the others RESTOREd."""
+    for key in namespace_keys(r, ns) - to.keys():
+        r.delete(key)
+    for key, (dumped, ttl_ms) in to.items():
+        r.restore(key, max(ttl_ms, 0), dumped, replace=True)
+
+
+def test_redis_rolled_back_under_a_running_worker_stops_it_and_the_next_refeeds(
+    ns: Namespace, workers: Callable[..., Worker]
+) -> None:
+    catalog = load_test_catalog(ns.settings)
+    users = [f"w{n}" for n in range(4)]
+    phases = [traffic(users, 8, start=8 * n) for n in range(3)]
+    produce_events(ns.settings, phases[0])
+    worker = workers(RECSTREAM_STREAMS_BATCH_SIZE="10")
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 8), "phase 1 folded")
+    wait_for(lambda: caught_up(ns), "phase 1 offsets stored")
+    r = client(ns)
+    try:
+        older = snapshot(r, ns)
+        produce_events(ns.settings, phases[1])
+        wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 16), "phase 2")
+        wait_for(lambda: caught_up(ns), "phase 2 offsets stored")
+        # Redis comes back older (an AOF that lost its last second) while the worker runs.
+        roll_back(r, ns, older)
+    finally:
+        r.close()
+    produce_events(ns.settings, phases[2])
+    # Its next fold finds Redis behind what it stored: it stops without folding or committing
+    # rather than fold on past a gap nobody would re-feed (`recstream run` restarts it). A
+    # rebalance in between (a slow machine missing heartbeats) would instead resume it from
+    # Redis's offsets at once, which re-feeds the gap just as well.
+    proc = worker.proc
+    assert proc is not None
+    wait_for(
+        lambda: proc.poll() is not None or counts(ns.settings, users) == dict.fromkeys(users, 24),
+        "the worker stops, or re-feeds the gap after a rebalance",
+        60,
+    )
+    if proc.poll() is not None:
+        assert proc.returncode == 70, worker.log_tail()
+        assert "Redis lost progress" in worker.log_tail()
+        workers(RECSTREAM_STREAMS_BATCH_SIZE="10")
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 24), "all folded")
+    wait_for(lambda: caught_up(ns), "offsets stored again")
+    assert_matches_reference(ns, [e for phase in phases for e in phase], catalog)
+
+
+def test_fold_script_progress_is_monotonic_held_and_checked(ns: Namespace) -> None:
+    """The script's own bookkeeping: offsets only move forward, a refused user holds its
+    partition's offset at its first record, notices are kept for users that changed, a stale
+    expectation fails the fold before any write, and a delivered notice is forgotten only while
+    it is still the pending one."""
+    keys = Keys(ns.settings.key_prefix)
+    offsets_key = keys.stream_offsets("g")
+    pend = keys.pending_changes("g", "t", 0)
+
+    def progress(offsets: list[tuple[str, int, int]], users: list[str]) -> Progress:
+        return Progress(offsets_key, offsets, {u: (pend, "t:0", 100, 123) for u in users})
+
+    async def scenario() -> None:
+        r = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        script = FoldScript(r, ns.settings.key_prefix, FoldParams())
+        try:
+            batch = {"u1": [("e1", "a", 1_700_000_000.0, 1.0)]}
+            (first,) = await script.run(batch, progress([("t:0", 110, -1)], ["u1"]))
+            assert first.emit and await r.hget(offsets_key, "t:0") == b"110"
+            stored = await r.hget(pend, "u1")
+            assert stored is not None
+            assert pending_notice(stored) == (123, first)
+            # A later fold of an older position (another worker's stale batch) does not move it
+            # back; a duplicate decides no notice, so the pending one stays as it was.
+            (again,) = await script.run(batch, progress([("t:0", 105, -1)], ["u1"]))
+            assert again.duplicates == 1 and not again.emit
+            assert await r.hget(offsets_key, "t:0") == b"110"
+            assert await r.hget(pend, "u1") == stored
+            # A user whose keys hold a wrong type is refused: the offset stops at its first record.
+            await r.set(keys.profile("bad"), "not a hash")
+            both = {**batch, "bad": [("e2", "b", 1_700_000_000.0, 1.0)]}
+            await r.hset(offsets_key, "t:0", 90)
+            results = await script.run(both, progress([("t:0", 130, 90)], ["u1", "bad"]))
+            assert [x.rejected for x in results] == ["", "WRONGTYPE"]
+            assert await r.hget(offsets_key, "t:0") == b"100", "held at the refused user's record"
+            assert await r.hget(pend, "bad") is None
+            # Redis holding less than the worker knows: the fold fails and writes nothing.
+            with pytest.raises(redis.exceptions.ResponseError, match=PROGRESS_LOST):
+                await script.run(
+                    {"u1": [("e9", "c", 1_700_000_100.0, 1.0)]},
+                    progress([("t:0", 200, 150)], ["u1"]),
+                )
+            assert await r.zscore(keys.seen("u1"), "e9") is None
+            # Forgetting a delivered notice: only the version that was delivered.
+            forget = r.register_script(FORGET_DELIVERED_LUA)
+            assert await forget(args=[orjson.dumps([[pend, "u1", first.version + 1]])]) == 0
+            assert await forget(args=[orjson.dumps([[pend, "u1", first.version]])]) == 1
+            assert await r.hget(pend, "u1") is None
+        finally:
+            await r.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_redis_emptied_is_refed_from_the_earliest_offset(
