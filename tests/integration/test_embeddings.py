@@ -227,3 +227,52 @@ def test_a_user_past_the_budget_gets_no_release(
     assert _notices("over_budget") == over + 1
     assert service.ledger.refused(user) == 1
     assert service.ledger.spent_rho(user) == pytest.approx(2 * rho)
+
+
+def test_recstream_serve_embeddings_publishes_and_stops_cleanly(
+    ns: Namespace, indexed_artifact: Path, vectors: ItemVectors, tmp_path: Path
+) -> None:
+    """The command the supervisor starts: health, one release, SIGTERM closes it (exit 0)."""
+    import http.client
+    import signal
+    import socket
+    import sys
+
+    from cli.supervise import Child
+    from tests.conftest import settings_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+
+    def healthy() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    env = {
+        **settings_env(ns.settings),
+        "RECSTREAM_EMBEDDINGS_MODEL_DIR": str(indexed_artifact),
+        "RECSTREAM_EMBEDDINGS_GROUP_ID": ns.group("embeddings-cli"),
+        "RECSTREAM_EMBEDDINGS_METRICS_PORT": str(port),
+    }
+    command = [sys.executable, "-m", "cli", "serve", "embeddings"]
+    child = Child.spawn("embeddings", command, tmp_path / "embeddings.log", env)
+    try:
+        child.wait_healthy(healthy, timeout_s=60)
+        user = "cli-user"
+        (version,) = _fold(
+            ns.settings, user, list(vectors.rows)[:1], datetime(2026, 1, 1, tzinfo=UTC)
+        )
+        _notify(ns.settings, user, version)
+        _wait_for(lambda: len(_releases(ns.settings)) == 1, 30, "the release")
+        child.signal(signal.SIGTERM)
+        assert child.stop(30, signalled=True) == 0, child.log_tail()
+    finally:
+        child.stop(5)
+    assert "embeddings publisher closed" in child.log_tail(100_000)
