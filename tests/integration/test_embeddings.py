@@ -276,3 +276,36 @@ def test_recstream_serve_embeddings_publishes_and_stops_cleanly(
     finally:
         child.stop(5)
     assert "embeddings publisher closed" in child.log_tail(100_000)
+
+
+def test_a_release_granted_before_a_crash_is_published_again_unchanged_and_free(
+    ns: Namespace, make_service: Callable[..., EmbeddingsService], vectors: ItemVectors
+) -> None:
+    # The ledger state a crash leaves between the spend and the delivery: the version granted,
+    # its payload kept. The redelivered notice must publish those bytes, not fresh noise.
+    settings = ns.settings
+    user = "crashed-user"
+    (version,) = _fold(settings, user, list(vectors.rows)[20:21], datetime(2026, 1, 1, tzinfo=UTC))
+    mech = GaussianMechanism()
+    kept = ProfileEmbedding(
+        user_id=user,
+        profile_version=version,
+        vector=[0.5] * 384,
+        epsilon=1.0,
+        delta=1e-5,
+        clip_norm=1.0,
+        sigma=mech.sigma,
+        mechanism="analytic-gaussian/zcdp",
+        generated_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    keys = Keys(settings.key_prefix)
+    ledger = PrivacyLedger(client, keys, budget_rho=1.0, window_s=0.0)
+    ledger.spend(user, version, mech.rho, kept.model_dump_json().encode())
+    make_service()
+    _notify(settings, user, version)
+    _wait_for(lambda: len(_releases(settings)) == 1, 30, "the republished release")
+    assert _releases(settings) == [kept]
+    assert ledger.spent_rho(user) == pytest.approx(mech.rho)  # not spent twice
+    _wait_for(lambda: not client.hexists(keys.privacy_ledger(user), "pending"), 10, "confirm")
+    client.close()
