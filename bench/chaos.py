@@ -167,14 +167,15 @@ class Feed:
     sent: int = 0
     bad: int = 0
     retried: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
 
 def feed(
     bootstrap: str, topic: str, records: Iterator[tuple[bytes, bytes]], args: Any, out: Feed
 ) -> None:
-    """Produce ``records`` at ``args.rate`` for ``args.minutes``; a refused record is sent again
-    (same event id, so a second copy on the topic is a duplicate the fold ignores)."""
+    """Produce ``records`` at ``args.rate`` until ``out.stop`` is set; a refused record is sent
+    again (same event id, so a second copy on the topic is a duplicate the fold ignores)."""
     producer = idempotent_producer(bootstrap, linger_ms=5, message_timeout_ms=600_000, logger=QUIET)
     lock = threading.Lock()
     failed: list[tuple[bytes, bytes]] = []
@@ -189,10 +190,9 @@ def feed(
             else:
                 failed.append((msg.key(), msg.value()))
 
-    total = int(args.rate * args.minutes * 60)
     started = time.monotonic()
     for produced, (key, value) in enumerate(records, start=1):
-        if produced > total:
+        if out.stop.is_set():
             break
         if args.bad_every and produced % args.bad_every == 0:
             producer.produce(topic, key=key, value=b"{chaos: not json", on_delivery=delivered)
@@ -390,6 +390,13 @@ def kill_one(kind: str, stack: Stack, run: Child) -> Kill:
     return Kill(kind, at, pid)
 
 
+def wait_recovery(probe: Probe, kill: Kill, cap_s: float) -> float:
+    """When ``kill`` recovered, waiting for it up to ``cap_s`` after the kill."""
+    while (at := probe.recovered_at(kill.at)) is None and time.time() < kill.at + cap_s:
+        time.sleep(0.2)
+    return at if at is not None else time.time()
+
+
 def kill_plan(n: int, rng: random.Random) -> list[str]:
     kinds = list(KINDS)
     rng.shuffle(kinds)
@@ -434,6 +441,21 @@ def differing_fields(live: Profile, clean: Profile) -> list[str]:
     return out
 
 
+def describe_difference(user: str, live: Profile, clean: Profile, fields: list[str]) -> str:
+    parts = [f"events {live.event_count} vs {clean.event_count}"]
+    for name in ("item_weights", "category_affinities"):
+        if name in fields:
+            a, b = getattr(live, name), getattr(clean, name)
+            only_live, only_clean = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            common = [k for k in b if k in a]
+            worst = max((abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in common), default=0.0)
+            parts.append(
+                f"{name}: {len(only_live)} keys only live {only_live[:3]}, {len(only_clean)} only "
+                f"rebuilt {only_clean[:3]}, max relative difference {worst:.2e}"
+            )
+    return f"{user!r}: {', '.join(fields)} ({'; '.join(parts)})"
+
+
 def seen_ids(client: redis.Redis, keys: Keys, user: str) -> set[str]:
     members: list[bytes] = client.zrange(keys.seen(user), 0, -1)  # type: ignore[assignment]  # sync client: a list of bytes
     return {m.decode() for m in members}
@@ -462,13 +484,17 @@ def dlq_count(settings: CommonSettings) -> int:
         return sum(high - low for low, high in reader.watermarks().values())
 
 
-def model_lists(model_dir: Path, histories: dict[str, list[str]], k: int) -> dict[str, list[str]]:
+def model_lists(
+    model_dir: Path, histories: dict[str, list[str]], k: int, *, unsigned: bool
+) -> dict[str, list[str]]:
     """Each user's list as the served artifact computes it, through the service's own pool."""
     from consumers.regen import build_pool
     from consumers.settings import RegenSettings
     from inference.pool import PoolSaturatedError
+    from inference.settings import ArtifactTrust
 
-    settings = RegenSettings(regen_model_dir=model_dir, regen_k=k)
+    trust = ArtifactTrust(allow_unsigned=True) if unsigned else ArtifactTrust()
+    settings = RegenSettings(regen_model_dir=model_dir, regen_k=k, regen_artifact=trust)
     pool = build_pool(settings).start()
     try:
         futures = {}
@@ -513,11 +539,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--model-dir", type=Path, default=None, help="Artifact (default: tiny).")
     parser.add_argument("--drain-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--recovery-cap-s", type=float, default=120.0, help="Longest wait for a recovery."
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the stack dir and its logs.")
     args = parser.parse_args()
     if args.kills < len(KINDS):
         parser.error(f"--kills must be at least {len(KINDS)} (each kind once)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    # SIGTERM (and SIGINT in the background) unwind through `finally`: nothing is left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(seed)
     token = uuid.uuid4().hex[:8]
 
@@ -551,7 +583,14 @@ def main() -> int:
         load_catalog(client, keys, ds)
         model_dir = args.model_dir or train_tiny(root / "artifact", settings.data_dir)
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
+        # The children see this stack only; artifact trust (verify keys) passes through.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("RECSTREAM_") or k.startswith("RECSTREAM_ARTIFACT_")
+        }
+        if args.model_dir is None:
+            env["RECSTREAM_ARTIFACT_ALLOW_UNSIGNED"] = "true"  # the bench's own tiny artifact
         env.update(
             {
                 "RECSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -594,27 +633,40 @@ def main() -> int:
         )
         started = time.time()
         feeder.start()
+        # One kill per time slot, at a random moment in it, but never before the previous kill
+        # has recovered (or ``--recovery-cap-s`` passed): each recovery time then belongs to one
+        # kill. The replay runs for ``--minutes`` and on until the last kill has recovered.
         duration = args.minutes * 60
         slot = duration / args.kills
         kills: list[Kill] = []
         for i, kind in enumerate(kill_plan(args.kills, rng)):
             due = started + slot * (i + rng.uniform(0.15, 0.85))
+            if kills:
+                recovered = wait_recovery(probe, kills[-1], args.recovery_cap_s)
+                due = max(due, recovered + rng.uniform(1.0, 5.0))
             time.sleep(max(0.0, due - time.time()))
             kill = kill_one(kind, stack, run)
             kills.append(kill)
             extra = f", restarted in {kill.restart_s:.1f}s" if kill.restart_s else ""
-            print(f"  {kill.at - started:6.1f}s kill {kind} (pid {kill.pid}){extra}")
+            print(f"  {kill.at - started:6.1f}s kill {kind} (pid {kill.pid}){extra}", flush=True)
+        if kills:
+            wait_recovery(probe, kills[-1], args.recovery_cap_s)
+        time.sleep(max(0.0, started + duration - time.time()))
+        fed.stop.set()
         feeder.join()
         fed_s = time.time() - started
-        print(f"replay done: {fed.sent} events, {fed.bad} malformed in {fed_s:.0f}s; draining")
+        print(
+            f"replay done: {fed.sent} events, {fed.bad} malformed in {fed_s:.0f}s; draining",
+            flush=True,
+        )
 
-        # Drained: every event delivered is folded (or the deadline passed: then some are lost)
-        # and the profiles and caches have not changed for a while. The probe keeps going, so a
-        # recovery that ends during the drain is still seen.
+        # Drained: every replayed event is folded (or the deadline passed: then some are lost)
+        # and those profiles and caches have not changed for a while. The probe (left out of
+        # the snapshot) keeps going, so a recovery that ends during the drain is still seen.
         def snapshot() -> tuple[int, int]:
             events = versions = 0
             try:
-                for user in users_under(client, keys):
+                for user in users_under(client, keys) - {PROBE_USER}:
                     head = client.hmget(keys.profile(user), "events")
                     events += int(head[0] or 0)
                     raw = client.get(keys.recs(user))
@@ -630,9 +682,7 @@ def main() -> int:
             now = snapshot()
             if now != last:
                 last, stable_since = now, time.monotonic()
-            # The probe's own events count too; it stops below, so allow for a few in flight.
-            folded_all = now[0] >= fed.sent + probe.delivered - 10
-            if folded_all and time.monotonic() - stable_since >= 15:
+            if now[0] >= fed.sent and time.monotonic() - stable_since >= 15:
                 break
         drained_s = time.time() - started - fed_s
         probe.stop.set()
@@ -661,6 +711,7 @@ def main() -> int:
             lost: dict[str, int] = {}
             double: dict[str, int] = {}
             differ: Counter[str] = Counter()
+            details: list[str] = []
             lost_ids: set[str] = set()
             for user in clean_users | live_users:
                 a, b = live.get(user), clean.get(user)
@@ -674,14 +725,17 @@ def main() -> int:
                 elif n_live > n_clean:
                     double[user] = n_live - n_clean
                 if a and b:
-                    differ.update(differing_fields(a, b))
+                    fields = differing_fields(a, b)
+                    differ.update(fields)
+                    if fields:
+                        details.append(describe_difference(user, a, b, fields))
                 elif a or b:
                     differ["profile missing" if b else "profile not on the topic"] += 1
             rebuild.drop()
 
         # Every cached list against the list the served model gives the final profile.
         histories = {u: list(reversed(p.recent_items)) for u, p in live.items()}
-        expected = model_lists(model_dir, histories, k=10)
+        expected = model_lists(model_dir, histories, k=10, unsigned=args.model_dir is None)
         behind: list[str] = []
         ahead = missing = fallback = 0
         for user, profile in live.items():
@@ -769,6 +823,10 @@ def main() -> int:
     print(f"{'measure':<30} {'value':<56} goal")
     for name, value, goal in rows:
         print(f"{name:<30} {value:<56} {goal}")
+    if details:
+        print("\nprofiles that differ from the clean rebuild (live vs rebuilt):")
+        for line in details[:10]:
+            print(f"  {line}")
     print("\nrecovery per kill (kill -> a probe produced after it fresh within 500 ms):")
     for kill in kills:
         rec = f"{kill.recovery_s:.1f} s" if kill.recovery_s is not None else "never"
