@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -437,12 +437,16 @@ class ProfileFolder:
         pending and is announced again on the partition's next assignment (harmless: notices
         carry the profile version).
         """
+        # A sender that returns no delivery to wait for cannot confirm anything: those stay.
+        sent = [entry for entry in sent if inspect.isawaitable(entry[2])]
+        if not sent:
+            return
         task = asyncio.ensure_future(self._forget_delivered(sent))
         self._forgetting.add(task)
         task.add_done_callback(self._forgetting.discard)
 
     async def _forget_delivered(self, sent: Sequence[tuple[str, Folded, object]]) -> None:
-        deliveries = [d for _, _, d in sent if inspect.isawaitable(d)]
+        deliveries = [cast(Awaitable[object], d) for _, _, d in sent]
         entries = [(key, result.user_id, result.version) for key, result, _ in sent]
         try:
             await asyncio.gather(*deliveries)
