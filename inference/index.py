@@ -156,19 +156,30 @@ class ItemIndex:
 
     @classmethod
     def load(cls, folder: Path) -> ItemIndex:
-        """Read an index written by :meth:`save` (verify the artifact's manifest first)."""
-        import faiss
+        """Read an index written by :meth:`save`; each file is read once, then parsed.
 
+        An artifact's index is loaded with :meth:`from_bytes` from the verified bytes instead.
+        """
         index_path, ids_path = folder / INDEX_FILE, folder / IDS_FILE
         if not index_path.is_file() or not ids_path.is_file():
             raise ArtifactError(f"{folder} lacks {INDEX_FILE} or {IDS_FILE}")
+        return cls.from_bytes(index_path.read_bytes(), ids_path.read_bytes())
+
+    @classmethod
+    def from_bytes(cls, index_bytes: bytes, ids_bytes: bytes) -> ItemIndex:
+        """An index from the bytes of ``items.faiss`` and ``item_ids.json`` (no file opened)."""
+        import faiss
+
         try:
-            meta = json.loads(ids_path.read_text(encoding="utf-8"))
+            meta = json.loads(ids_bytes)
             item_ids = [str(i) for i in meta["item_ids"]]
             kind = str(meta["kind"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{ids_path} is malformed: {exc}") from exc
-        index = faiss.read_index(str(index_path))
+            raise ArtifactError(f"{IDS_FILE} is malformed: {exc}") from exc
+        try:
+            index = faiss.deserialize_index(np.frombuffer(index_bytes, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise ArtifactError(f"{INDEX_FILE} is malformed: {exc}") from exc
         if int(index.d) != int(meta.get("dim", index.d)):
-            raise ArtifactError(f"{index_path} has dimension {index.d}, {ids_path} says otherwise")
+            raise ArtifactError(f"{INDEX_FILE} has dimension {index.d}, {IDS_FILE} says otherwise")
         return cls(index, item_ids, kind)

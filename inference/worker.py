@@ -30,6 +30,7 @@ import numpy as np
 
 from inference.postprocess import PostConfig
 from inference.recommender import Recommender
+from inference.settings import ArtifactTrust
 
 __all__ = ["ArtifactLoader", "worker_main"]
 
@@ -43,11 +44,12 @@ class ArtifactLoader:
 
     artifact: Path
     post: PostConfig | None = None
+    trust: ArtifactTrust | None = None  # None: the worker's environment
 
     def __call__(self) -> Recommender:
         from inference.artifact import load_recommender
 
-        return load_recommender(self.artifact, post=self.post)
+        return load_recommender(self.artifact, post=self.post, trust=self.trust)
 
 
 def _touch_device(model: object) -> dict[str, Any]:

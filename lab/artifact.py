@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,12 +25,16 @@ from inference.artifact import (
     WEIGHTS_FILE,
 )
 from inference.exceptions import ArtifactError
-from inference.integrity import write_manifest
+from inference.integrity import signing_key, verify_manifest, write_manifest
+from inference.settings import ArtifactSigning, ArtifactTrust
 from lab.baselines import EASE
 from lab.hybrid import Hybrid
 from lab.protocol import Split
 
-__all__ = ["save_artifact"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+__all__ = ["save_artifact", "sign_artifact"]
 
 
 def save_artifact(
@@ -42,12 +46,18 @@ def save_artifact(
     text_embeddings: np.ndarray | None = None,
     hybrid: Hybrid | None = None,
     cf_top_k: int = DEFAULT_CF_TOP_K,
+    key: Ed25519PrivateKey | None = None,
 ) -> str:
     """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
 
     ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
-    ``cf.safetensors`` and the config's ``"hybrid"`` section.
+    ``cf.safetensors`` and the config's ``"hybrid"`` section. The manifest is signed with
+    ``key``, by default the signing key of the environment (``RECSTREAM_ARTIFACT_SIGNING_KEY``
+    or ``..._FILE``); with none configured the artifact is unsigned, and services refuse it
+    unless they allow unsigned artifacts.
     """
+    if key is None:
+        key = signing_key(ArtifactSigning())
     from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,8 +91,24 @@ def save_artifact(
     write_manifest(
         folder,
         {"version": version, "dataset": split.dataset, "training_data_sha256": split.sha256},
+        key,
     )
     return version
+
+
+def sign_artifact(folder: Path, key: Ed25519PrivateKey, trust: ArtifactTrust) -> None:
+    """Sign an existing artifact with ``key`` (a key rotation, or a legacy unsigned artifact).
+
+    The artifact must first pass :func:`~inference.integrity.verify_manifest` under ``trust``
+    (allow unsigned only to adopt an artifact made before signing), so a tampered folder is
+    never blessed; the manifest is rewritten only if every file still has its verified hash.
+    """
+    verified = verify_manifest(folder, trust)
+    extra = {k: v for k, v in verified.manifest.items() if k not in {"files", "manifest_version"}}
+    written = json.loads(write_manifest(folder, extra, key).read_text(encoding="utf-8"))
+    if written["files"] != verified.manifest["files"]:
+        write_manifest(folder, extra)  # unsigned again: changed between the check and signing
+        raise ArtifactError(f"{folder} changed while it was being signed; not signed")
 
 
 def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Commands of the inference package: ``recstream train`` and ``recstream eval``."""
+"""Commands of the lab: ``recstream train``, ``recstream eval``, ``recstream artifact keygen``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,16 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     show_default=True,
     help="EASE weights kept per item in the artifact (largest |w|); the rest are pruned.",
 )
+@click.option(
+    "--signing-key-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="RECSTREAM_ARTIFACT_SIGNING_KEY_FILE",
+    show_envvar=True,
+    default=None,
+    help="Ed25519 private key that signs the manifest (`recstream artifact keygen`); the key "
+    "itself may instead come from RECSTREAM_ARTIFACT_SIGNING_KEY. Without either the artifact "
+    "is unsigned, and services refuse it unless they allow unsigned artifacts.",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train_cmd(  # noqa: PLR0917 (click passes every option)
@@ -151,6 +161,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     with_index: bool,
     hybrid: bool,
     cf_top_k: int,
+    signing_key_file: Path | None,
     threads: int,
     progress: bool,
 ) -> None:
@@ -162,9 +173,11 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     mixing weight on validation and stores the pruned EASE model, so the artifact serves gen+ease.
     """
     chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
+    key = _signing_key(signing_key_file)  # and so does a bad key
     _threads(threads)
     from inference.embeddings import catalog_vectors
     from inference.generative import GenConfig
+    from inference.integrity import key_id
     from lab.artifact import save_artifact
     from lab.evaluate import gen_preset
     from lab.training import train_gen
@@ -203,7 +216,15 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         text_embeddings=text if with_index else None,
         hybrid=mixed,
         cf_top_k=cf_top_k,
+        key=key,
     )
+    if key is None:
+        click.echo(
+            f"{out}: UNSIGNED (no signing key configured); services refuse it unless "
+            "they allow unsigned artifacts"
+        )
+    else:
+        click.echo(f"{out}: manifest signed by key {key_id(key.public_key())}")
     click.echo(
         f"trained {version}: valid ndcg@10 {log['valid_ndcg@10']:.4f} at epoch "
         f"{log['best_epoch']} ({log['train_seconds']:.0f}s) -> {out}"
@@ -359,7 +380,77 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def _signing_key(key_file: Path | None) -> Any:
+    """The configured signing key (the flag's file, else the environment's), or ``None``."""
+    from inference.integrity import signing_key
+    from inference.settings import ArtifactSigning
+
+    if key_file is not None:
+        return signing_key(ArtifactSigning(signing_key=None, signing_key_file=key_file))
+    return signing_key(ArtifactSigning())
+
+
+@click.group("artifact")
+def artifact_group() -> None:
+    """Artifact signing keys."""
+
+
+@artifact_group.command("keygen")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for artifact-signing.key (mode 0600, for `recstream train`) and "
+    "artifact-signing.pub (for the services: RECSTREAM_ARTIFACT_VERIFY_KEY or _FILE).",
+)
+def keygen_cmd(out: Path) -> None:
+    """Write a new Ed25519 key pair for signing artifacts; never overwrites a key."""
+    from inference.integrity import generate_keypair
+
+    key_path, pub_path = generate_keypair(out)
+    # The public key is safe to show; the private key is only named by its path.
+    click.echo(f"private key: {key_path} (keep it with training only)")
+    click.echo(f"public key:  {pub_path}: {pub_path.read_text(encoding='ascii').strip()}")
+
+
+@artifact_group.command("sign")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--signing-key-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="RECSTREAM_ARTIFACT_SIGNING_KEY_FILE",
+    show_envvar=True,
+    default=None,
+    help="The new signing key (else RECSTREAM_ARTIFACT_SIGNING_KEY).",
+)
+@click.option(
+    "--adopt-unsigned",
+    is_flag=True,
+    help="Accept an artifact that has no signature yet (made before signing); its hashes are "
+    "still checked.",
+)
+def sign_cmd(folder: Path, signing_key_file: Path | None, adopt_unsigned: bool) -> None:
+    """Sign FOLDER again after checking it under the current verify keys (key rotation)."""
+    from inference.exceptions import ArtifactError
+    from inference.integrity import key_id
+    from inference.settings import ArtifactTrust
+    from lab.artifact import sign_artifact
+
+    key = _signing_key(signing_key_file)
+    if key is None:
+        raise click.UsageError("no signing key (--signing-key-file or the environment)")
+    trust = ArtifactTrust()
+    if adopt_unsigned:
+        trust = trust.model_copy(update={"allow_unsigned": True})
+    try:
+        sign_artifact(folder, key, trust)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{folder}: manifest signed by key {key_id(key.public_key())}")
+
+
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
     main.add_command(train_cmd)
     main.add_command(eval_cmd)
+    main.add_command(artifact_group)

@@ -42,7 +42,15 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.exceptions import ArtifactError, InferenceError
-from inference.integrity import SMOLLM2, SMOLLM2_GGUF, verify_manifest, write_manifest
+from inference.integrity import (
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    VerifiedArtifact,
+    materialize,
+    verify_manifest,
+    write_manifest,
+)
+from inference.settings import ArtifactTrust
 from lab.datasets import Item
 
 __all__ = [
@@ -156,24 +164,31 @@ class RerankerConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
 
 
-def _converted_folder(cache_dir: Path) -> Path:
-    """A plain transformers copy of the verified GGUF model, made once and manifest-checked."""
+# The converted copy is a local cache derived from the pinned GGUF file (its manifest names the
+# GGUF digest); it is not a trained artifact and nobody signs it, so it is checked by its
+# manifest alone. Whoever can write the cache folder can rewrite it: a known gap, see
+# docs/security.md.
+_CACHE_TRUST = ArtifactTrust(verify_key="", verify_key_file=None, allow_unsigned=True)
+
+
+def _converted_folder(cache_dir: Path) -> VerifiedArtifact:
+    """A plain transformers copy of the verified GGUF model, made once; its verified bytes."""
     digest = SMOLLM2.files[SMOLLM2_GGUF]
     folder = cache_dir / f"smollm2-135m-instruct-{digest[:16]}"
     if folder.is_dir():
-        manifest = verify_manifest(folder)
-        if manifest.get("source_sha256") != digest:
+        verified = verify_manifest(folder, _CACHE_TRUST)
+        if verified.manifest.get("source_sha256") != digest:
             raise ArtifactError(f"{folder} was not converted from the pinned SmolLM2 file")
-        return folder
+        return verified
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    source = SMOLLM2.verified_folder()
-    tokenizer: Any = AutoTokenizer.from_pretrained(
-        source, gguf_file=SMOLLM2_GGUF, local_files_only=True
-    )
-    gguf_model: Any = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=SMOLLM2_GGUF, local_files_only=True
-    )
+    with SMOLLM2.verified_copy() as source:
+        tokenizer: Any = AutoTokenizer.from_pretrained(
+            source, gguf_file=SMOLLM2_GGUF, local_files_only=True
+        )
+        gguf_model: Any = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=SMOLLM2_GGUF, local_files_only=True
+        )
     config = gguf_model.config
     # The dequantised weights are ordinary fp32 tensors; dropping the GGUF marker lets
     # transformers save and reload them as a normal Llama checkpoint.
@@ -190,8 +205,7 @@ def _converted_folder(cache_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    verify_manifest(folder)
-    return folder
+    return verify_manifest(folder, _CACHE_TRUST)
 
 
 class LLMReranker:
@@ -204,20 +218,22 @@ class LLMReranker:
         from inference.generative import quantize_int8
 
         self.config = config or RerankerConfig()
-        folder = _converted_folder(self.config.cache_dir)
+        verified = _converted_folder(self.config.cache_dir)
         self.device = torch.device(self.config.device)
         on_cuda = self.device.type == "cuda"
         if self.config.quantize_int8 and on_cuda:
             raise InferenceError("INT8 dynamic quantization is for CPU; CUDA runs in bfloat16")
-        tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # Loaded from a private copy of the bytes just verified, never from the cache folder.
+        with materialize(verified.files, prefix="recstream-smollm2-") as folder:
+            tokenizer: Any = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                folder,
+                local_files_only=True,
+                dtype=torch.bfloat16 if on_cuda else torch.float32,
+            )
         tokenizer.padding_side = "left"  # the scored position is the last one in every row
         tokenizer.pad_token = "<|endoftext|>"
         self.tokenizer = tokenizer
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            folder,
-            local_files_only=True,
-            dtype=torch.bfloat16 if on_cuda else torch.float32,
-        )
         model = model.to(self.device).eval()
         self.model = quantize_int8(model) if self.config.quantize_int8 else model
         ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]

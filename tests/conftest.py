@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,12 @@ def settings_env(settings: CommonSettings) -> dict[str, str]:
     Any ``RECSTREAM_*`` variable of the test process itself is dropped, so children see only the
     test's own topics, prefix and addresses.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    # The session's artifact verify key (see artifact_keys) is kept: children serve artifacts.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(ENV_PREFIX) or k.startswith(f"{ENV_PREFIX}ARTIFACT_VERIFY_")
+    }
     env.update(
         {
             f"{ENV_PREFIX}KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -40,6 +46,24 @@ def settings_env(settings: CommonSettings) -> dict[str, str]:
         }
     )
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def artifact_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A key pair for the session: artifacts the tests train are signed, and verified, with it.
+
+    Services refuse unsigned artifacts, so every test that trains then serves one needs a key;
+    the environment carries it the way an operator's would (RECSTREAM_ARTIFACT_*).
+    """
+    from inference.integrity import generate_keypair
+
+    key, pub = generate_keypair(tmp_path_factory.mktemp("artifact-keys"))
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("SIGNING_KEY", "VERIFY_KEY", "ALLOW_UNSIGNED"):
+            mp.delenv(f"{ENV_PREFIX}ARTIFACT_{name}", raising=False)
+        mp.setenv(f"{ENV_PREFIX}ARTIFACT_SIGNING_KEY_FILE", str(key))
+        mp.setenv(f"{ENV_PREFIX}ARTIFACT_VERIFY_KEY_FILE", str(pub))
+        yield pub
 
 
 @dataclass(frozen=True)

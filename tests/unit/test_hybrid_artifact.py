@@ -17,8 +17,9 @@ from safetensors.numpy import load_file, save_file
 from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError
 from inference.generative import GenConfig, GenScorer, ItemTransformer
-from inference.integrity import write_manifest
+from inference.integrity import signing_key, write_manifest
 from inference.scoring import EaseScorer
+from inference.settings import ArtifactSigning
 from lab.artifact import save_artifact
 from lab.baselines import EASE
 from lab.datasets import Dataset, Interaction, Item
@@ -170,7 +171,8 @@ def test_tampered_removed_or_malformed_cf_is_refused(
     arrays = load_file(str(bad / "cf.safetensors"))
     arrays["ease.indices"] = arrays["ease.indices"] + N_ITEMS
     save_file(arrays, str(bad / "cf.safetensors"))
-    write_manifest(bad, {"version": "tampered"})
+    # Re-signed with the session's key: an insider with the key, caught by the loader itself.
+    write_manifest(bad, {"version": "tampered"}, signing_key(ArtifactSigning()))
     with pytest.raises(ArtifactError, match=r"cf\.safetensors"):
         load_recommender(bad, device="cpu")
 
@@ -237,3 +239,70 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
     else:
         assert "hybrid" not in config
         assert rec.name == "gen"
+
+
+def test_each_file_is_opened_once_and_loaded_from_the_verified_bytes(
+    tmp_path: Path,
+    parts: tuple[ItemTransformer, GenConfig, EASE],
+    split: Split,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import builtins
+    import io
+    import os
+
+    from inference import integrity
+    from inference.postprocess import PostConfig
+
+    rng = np.random.default_rng(1)
+    text = rng.normal(size=(split.n_items, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    folder = tmp_path / "art"
+    hybrid = _hybrid(parts, split)
+    save_artifact(folder, parts[0], split, {"n": 1}, text_embeddings=text, hybrid=hybrid)
+    post = PostConfig(cosine_floor=0.0, mmr_lambda=0.5, candidates=10)
+    hist = split.histories("test")
+    clean = load_recommender(folder, device="cpu", quantize=False, post=post)
+
+    # Other weights of the same shape, which the attacker swaps in once the check has read
+    # the file: a loader that reopened the path would serve them.
+    torch.manual_seed(99)
+    other = tmp_path / "other"
+    save_artifact(other, ItemTransformer(parts[1]).eval(), split, {"n": 2}, hybrid=hybrid)
+    swapped = (other / "model.safetensors").read_bytes()
+    opened: list[str] = []
+    read_once = integrity._read_once
+    real_os_open, real_open = os.open, builtins.open
+
+    def swap_after_read(path: Path, root: Path) -> bytes:
+        data = read_once(path, root)
+        if path.name == "model.safetensors":
+            with real_open(path, "wb") as fh:  # the attacker's write, not counted
+                fh.write(swapped)
+        return data
+
+    def os_open(path: object, *args: object, **kwargs: object) -> int:
+        opened.append(str(path))
+        return real_os_open(path, *args, **kwargs)  # type: ignore[arg-type]  # passthrough
+
+    def open_(path: object, *args: object, **kwargs: object) -> object:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]  # passthrough
+
+    monkeypatch.setattr(integrity, "_read_once", swap_after_read)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # pathlib's read_bytes opens through io.open
+    served = load_recommender(folder, device="cpu", quantize=False, post=post)
+    monkeypatch.undo()
+
+    inside = [p for p in opened if Path(p).is_relative_to(folder)]
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    expected = sorted(str(folder / rel) for rel in [*files, "manifest.json", "manifest.sig"])
+    assert sorted(inside) == expected  # every file exactly once, nothing reopened
+    assert (folder / "model.safetensors").read_bytes() == swapped  # the swap did happen
+    np.testing.assert_array_equal(served.score(hist), clean.score(hist))
+    assert served.recommend([[]], 5) == clean.recommend([[]], 5)
+    # And the next load sees the swapped file and refuses it.
+    with pytest.raises(ArtifactError, match=r"model\.safetensors fails its integrity check"):
+        load_recommender(folder, device="cpu")
