@@ -555,7 +555,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="recstream-chaos-"))
     kafka_port, redis_port = free_port_pair(), free_port()
-    ports = {name: free_port() for name in ("api", "regen", "cache", "streams")}
+    ports = {name: free_port() for name in ("api", "regen", "cache", "streams", "embeddings")}
     base = CommonSettings()
     stack_settings = StackSettings(
         stack_dir=root / "stack",
@@ -601,6 +601,8 @@ def main() -> int:
                 "RECSTREAM_REGEN_METRICS_PORT": str(ports["regen"]),
                 "RECSTREAM_CACHE_METRICS_PORT": str(ports["cache"]),
                 "RECSTREAM_STREAMS_METRICS_PORT": str(ports["streams"]),
+                # Not started without an embeddings model dir; its port is ours all the same.
+                "RECSTREAM_EMBEDDINGS_METRICS_PORT": str(ports["embeddings"]),
                 "RECSTREAM_STREAMS_WEB_PORT": "0",
                 "RECSTREAM_STREAMS_DATADIR": str(root / "faust"),
                 # Every kill is a crash to `recstream run`: it must keep restarting.
@@ -816,9 +818,10 @@ def main() -> int:
         ),
     ]
     print(
-        f"\nrecstream chaos benchmark: ML-100K at {args.rate:.0f} events/s for "
-        f"{args.minutes:g} min, {len(kills)} SIGKILLs, seed {seed} ({os.cpu_count()} CPU cores, "
-        f"load average {os.getloadavg()[0]:.1f})"
+        f"\nrecstream chaos benchmark: ML-100K at {args.rate:.0f} events/s for {fed_s / 60:.1f} "
+        f"min (--minutes {args.minutes:g}, then until the last kill recovered), {len(kills)} "
+        f"SIGKILLs, seed {seed} ({os.cpu_count()} CPU cores, load average "
+        f"{os.getloadavg()[0]:.1f})"
     )
     print(f"{'measure':<30} {'value':<56} goal")
     for name, value, goal in rows:
