@@ -168,6 +168,14 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
             start_http_server(settings.streams_metrics_port)
             log.info("metrics on :%d/metrics", settings.streams_metrics_port)
 
+    @app.timer(interval=settings.streams_progress_check_s)  # type: ignore[untyped-decorator]
+    async def check_progress() -> None:
+        try:
+            await folder.check_progress()
+        except StoreUnavailable as exc:
+            log.critical("stopping without committing: %s", exc)
+            os._exit(EXIT_STORE_UNAVAILABLE)
+
     @app.timer(interval=settings.streams_lag_interval_s)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
         await observe_lag(app.consumer, settings.streams_app_id)

@@ -160,6 +160,7 @@ class ProfileFolder:
         # stored by its own folds since); whether the latest fold moved the stored offsets.
         self._known: dict[str, int] = {}
         self._offsets_moved = False
+        self._resumes = 0
         # Completion of the latest batch's fold: batches may be validated concurrently, but
         # they are folded and announced strictly in the order handle() was called.
         self._last_fold: asyncio.Future[None] | None = None
@@ -456,6 +457,28 @@ class ProfileFolder:
         except Exception as exc:
             log.warning("%d change notices stay pending: %r", len(entries), exc)
 
+    async def check_progress(self) -> None:
+        """Raise :class:`StoreUnavailable` if Redis holds less progress than this worker stored.
+
+        The fold script makes the same check, but only for the partitions of its batch: this
+        catches a Redis that came back older when no record arrives for a partition (the end of
+        a burst). An unreachable Redis is left to the fold's own retries.
+        """
+        known, resumes = dict(self._known), self._resumes
+        if not known or not self._offsets_key:
+            return
+        try:
+            stored = await self.redis.hmget(self._offsets_key, list(known))
+        except (RedisConnectionError, RedisTimeoutError):
+            return
+        if resumes != self._resumes:
+            return  # the worker re-read Redis meanwhile: ``known`` is from before
+        for (field, offset), value in zip(known.items(), stored, strict=True):
+            if value is None or int(value) < offset:
+                raise StoreUnavailable(
+                    f"Redis lost progress: {field} holds {value and int(value)}, expected {offset}"
+                )
+
     async def resume(
         self, committed: Mapping[tuple[str, int], int | None]
     ) -> dict[tuple[str, int], int | None]:
@@ -477,6 +500,7 @@ class ProfileFolder:
         )
         plan: dict[tuple[str, int], int | None] = {}
         self._known = {}
+        self._resumes += 1
         for tp, value in zip(tps, stored, strict=True):
             if value is not None:
                 plan[tp] = self._known[_field(tp)] = int(value)

@@ -64,6 +64,12 @@ class StreamsSettings(CommonSettings):
         description="Where the Faust worker keeps its local state folder.",
     )
     streams_loglevel: str = Field("info", description="Worker log level.")
+    streams_progress_check_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between checks that Redis still holds the offsets this worker stored "
+        "(a Redis that came back older stops the worker even when no record arrives).",
+    )
     streams_fault_kill_before_announce: bool = Field(
         False,
         description="Fault injection only (durability tests): the worker SIGKILLs itself after "

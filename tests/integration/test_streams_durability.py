@@ -267,6 +267,43 @@ def test_redis_rolled_back_under_a_running_worker_stops_it_and_the_next_refeeds(
     assert_matches_reference(ns, [e for phase in phases for e in phase], catalog)
 
 
+def test_redis_rolled_back_after_the_last_record_stops_the_worker_without_traffic(
+    ns: Namespace, workers: Callable[..., Worker]
+) -> None:
+    catalog = load_test_catalog(ns.settings)
+    users = [f"q{n}" for n in range(3)]
+    first, second = traffic(users, 6), traffic(users, 6, start=6)
+    produce_events(ns.settings, first)
+    fast_check = {"RECSTREAM_STREAMS_PROGRESS_CHECK_S": "0.5", "RECSTREAM_STREAMS_BATCH_SIZE": "8"}
+    worker = workers(**fast_check)
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 6), "phase 1 folded")
+    wait_for(lambda: caught_up(ns), "phase 1 offsets stored")
+    r = client(ns)
+    try:
+        older = snapshot(r, ns)
+        produce_events(ns.settings, second)
+        wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 12), "phase 2")
+        wait_for(lambda: caught_up(ns), "phase 2 offsets stored")
+        roll_back(r, ns, older)  # and no record comes after: no fold will look at the offsets
+    finally:
+        r.close()
+    proc = worker.proc
+    assert proc is not None
+    # The periodic check finds Redis behind (or a rebalance re-reads it: the gap is re-fed).
+    wait_for(
+        lambda: proc.poll() is not None or counts(ns.settings, users) == dict.fromkeys(users, 12),
+        "the worker stops, or re-feeds the gap after a rebalance",
+        60,
+    )
+    if proc.poll() is not None:
+        assert proc.returncode == 70, worker.log_tail()
+        assert "Redis lost progress" in worker.log_tail()
+        workers(**fast_check)
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 12), "gap folded")
+    wait_for(lambda: caught_up(ns), "offsets stored again")
+    assert_matches_reference(ns, first + second, catalog)
+
+
 def test_fold_script_progress_is_monotonic_held_and_checked(ns: Namespace) -> None:
     """The script's own bookkeeping: offsets only move forward, a refused user holds its
     partition's offset at its first record, notices are kept for users that changed, a stale
