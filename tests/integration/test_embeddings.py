@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import REGISTRY
 from scipy import stats
 
@@ -134,6 +134,18 @@ def _notify(settings: CommonSettings, user: str, version: int, raw: bytes | None
     assert producer.flush(10) == 0
 
 
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    """The partition's offsets; a topic created moments ago may not have a leader yet."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, 10)
+            return int(low), int(high)
+        except KafkaException:
+            assert time.monotonic() < deadline, f"no watermarks for {tp.topic}/{tp.partition}"
+            time.sleep(0.1)  # polling interval while the new topic's leader is elected
+
+
 def _releases(settings: CommonSettings) -> list[ProfileEmbedding]:
     """Everything on the embeddings topic (read to the high watermarks)."""
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "unused"})
@@ -141,7 +153,7 @@ def _releases(settings: CommonSettings) -> list[ProfileEmbedding]:
     try:
         for partition in range(settings.topic_partitions):
             tp = TopicPartition(settings.topic_profile_embeddings, partition)
-            low, high = consumer.get_watermark_offsets(tp, 10)
+            low, high = _watermarks(consumer, tp)
             if high <= low:
                 continue
             consumer.assign([TopicPartition(tp.topic, partition, low)])
@@ -304,8 +316,8 @@ def test_a_release_granted_before_a_crash_is_published_again_unchanged_and_free(
     ledger.spend(user, version, mech.rho, kept.model_dump_json().encode())
     make_service()
     _notify(settings, user, version)
-    _wait_for(lambda: len(_releases(settings)) == 1, 30, "the republished release")
+    _wait_for(lambda: len(_releases(settings)) == 1, 60, "the republished release")
     assert _releases(settings) == [kept]
     assert ledger.spent_rho(user) == pytest.approx(mech.rho)  # not spent twice
-    _wait_for(lambda: not client.hexists(keys.privacy_ledger(user), "pending"), 10, "confirm")
+    _wait_for(lambda: not client.hexists(keys.privacy_ledger(user), "pending"), 30, "confirm")
     client.close()
