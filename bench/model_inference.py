@@ -69,12 +69,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from inference.artifact import load_recommender
+    from inference.settings import ArtifactTrust
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.artifact or _untrained_artifact(args.dataset, Path(tmp) / "gen")
+        # The bench's own untrained artifact is unsigned unless a signing key is configured.
+        trust = ArtifactTrust(allow_unsigned=args.artifact is None)
         models = {
-            "fp32": load_recommender(folder, device="cpu", quantize=False, hybrid=args.hybrid),
-            "int8": load_recommender(folder, device="cpu", quantize=True, hybrid=args.hybrid),
+            name: load_recommender(
+                folder, device="cpu", quantize=quantize, hybrid=args.hybrid, trust=trust
+            )
+            for name, quantize in (("fp32", False), ("int8", True))
         }
     first = next(iter(models.values()))
     histories = _histories(first.dataset, args.users)
