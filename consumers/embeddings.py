@@ -54,7 +54,7 @@ from consumers.metrics import (
     EMBEDDINGS_USER_EPSILON,
 )
 from consumers.settings import EmbeddingsSettings
-from inference.exceptions import ArtifactError, InferenceError
+from inference.exceptions import InferenceError
 from inference.privacy import (
     MECHANISM,
     GaussianMechanism,
@@ -84,16 +84,10 @@ class ItemVectors:
     @classmethod
     def from_artifact(cls, folder: Path) -> ItemVectors:
         """Verify the artifact's manifest, then read its FAISS item index into memory."""
-        from inference.artifact import INDEX_DIR
-        from inference.index import ItemIndex
-        from inference.integrity import verify_manifest
+        from inference.artifact import read_item_index
 
-        if not folder.is_dir():
-            raise ArtifactError(f"artifact folder {folder} does not exist")
-        verify_manifest(folder)
-        if not (folder / INDEX_DIR).is_dir():
-            raise ArtifactError(f"{folder} has no item index ({INDEX_DIR}/) to embed profiles")
-        index = ItemIndex.load(folder / INDEX_DIR)
+        # Built from the verified bytes: the index is never reopened after the check.
+        index = read_item_index(folder)
         matrix = index.vectors(index.item_ids)
         return cls({item: row for row, item in enumerate(index.item_ids)}, matrix)
 

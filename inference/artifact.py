@@ -26,7 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,12 +38,16 @@ from inference.postprocess import CatalogPost, PostConfig
 from inference.scoring import EaseScorer, top_k_unseen
 from inference.settings import ArtifactTrust
 
+if TYPE_CHECKING:
+    from inference.index import ItemIndex
+
 __all__ = [
     "ARTIFACT_FORMAT",
     "ArtifactCatalog",
     "ArtifactRecommender",
     "load_recommender",
     "read_catalog",
+    "read_item_index",
 ]
 
 ARTIFACT_FORMAT = 1
@@ -89,6 +93,23 @@ def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> Arti
     if len(counts) != len(item_ids):
         raise ArtifactError(f"{path}: popularity does not match the vocabulary")
     return ArtifactCatalog(version, item_ids, Popularity(dict(zip(item_ids, counts, strict=True))))
+
+
+def read_item_index(folder: str | Path, trust: ArtifactTrust | None = None) -> ItemIndex:
+    """Verify the artifact and build its FAISS item index from the verified bytes (no torch)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder {path} does not exist")
+    return _item_index(verify_manifest(path, trust))
+
+
+def _item_index(verified: VerifiedArtifact) -> ItemIndex:
+    from inference.index import IDS_FILE, INDEX_FILE, ItemIndex
+
+    index_file, ids_file = f"{INDEX_DIR}/{INDEX_FILE}", f"{INDEX_DIR}/{IDS_FILE}"
+    if not (verified.has(index_file) and verified.has(ids_file)):
+        raise ArtifactError(f"{verified.folder} has no item index ({INDEX_DIR}/)")
+    return ItemIndex.from_bytes(verified.read(index_file), verified.read(ids_file))
 
 
 def _load_cf(
@@ -219,13 +240,11 @@ class ArtifactRecommender:
 
     def _item_vectors(self, verified: VerifiedArtifact) -> np.ndarray:
         """The item text embeddings of the artifact's FAISS index, in catalog order."""
-        from inference.index import IDS_FILE, INDEX_FILE, ItemIndex
-
         folder = verified.folder
-        index_file, ids_file = f"{INDEX_DIR}/{INDEX_FILE}", f"{INDEX_DIR}/{IDS_FILE}"
-        if not (verified.has(index_file) and verified.has(ids_file)):
-            raise ArtifactError(f"{folder} has no item index ({INDEX_DIR}/) for post-processing")
-        index = ItemIndex.from_bytes(verified.read(index_file), verified.read(ids_file))
+        try:
+            index = _item_index(verified)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{exc} for post-processing") from exc
         if set(index.item_ids) != set(self.item_ids):
             raise ArtifactError(f"{folder}: the item index does not cover the vocabulary")
         return index.vectors(self.item_ids)

@@ -376,9 +376,9 @@ class PostRanked:
 def _item_vectors(split: Split, artifacts: Sequence[Path]) -> np.ndarray:
     """Item text embeddings in catalog order: the first artifact's index, else MiniLM now."""
     if artifacts:
-        from inference.index import ItemIndex
+        from inference.artifact import read_item_index
 
-        index = ItemIndex.load(artifacts[0] / "index")
+        index = read_item_index(artifacts[0])
         return index.vectors(split.item_ids)
     from inference.embeddings import catalog_vectors
 
