@@ -30,7 +30,7 @@
 -- notices is JSON {user_id: [pending_key, field, first_offset, origin_ms]} (the user's partition
 -- hash of pending change notices, its partition field, its first record in the batch, the
 -- recs.origin_ts header or null). In the same script as the fold, each change notice decided
--- here is kept in its pending hash (user -> JSON [origin_ms, row...], the newest replacing an
+-- here is kept in its pending hash (user -> JSON [version, origin_ms, row...], the newest replacing an
 -- older one) until the worker has seen Kafka take it, and each partition's stored offset moves
 -- forward (never back) to `next`: Redis never holds a fold without its offset and its notice.
 -- A refused user's records are dead-lettered only after this script, so its partition's offset
@@ -367,7 +367,7 @@ if progress_key ~= '' then
           held[field] = first
         end
       elseif row[6] == 1 then
-        redis.call('HSET', notice[1], row[1], cjson.encode({ notice[4], unpack(row) }))
+        redis.call('HSET', notice[1], row[1], cjson.encode({ row[2], notice[4], unpack(row) }))
       end
     end
   end

@@ -196,6 +196,11 @@ class Progress:
     def args(self) -> list[str | bytes]:
         return [self.offsets_key, orjson.dumps(self.offsets), orjson.dumps(self.notices)]
 
+    def expecting(self, known: Mapping[str, int]) -> Progress:
+        """The same, expecting Redis to hold ``known`` (per field) for the batch's partitions."""
+        offsets = [(field, nxt, known.get(field, -1)) for field, nxt, _ in self.offsets]
+        return Progress(self.offsets_key, offsets, self.notices)
+
     def without_offsets(self) -> Progress:
         """The same notices, no offsets (a fold of part of the batch may not move them)."""
         return Progress(self.offsets_key, (), self.notices)
@@ -207,8 +212,12 @@ PROGRESS_LOST = "PROGRESSLOST"
 
 
 def pending_notice(value: bytes | str) -> tuple[int | None, Folded]:
-    """A pending change notice as ``fold.lua`` keeps it: its origin timestamp and its row."""
-    origin, *row = orjson.loads(value)
+    """A pending change notice as ``fold.lua`` keeps it: its origin timestamp and its row.
+
+    Stored as JSON ``[version, origin_ms, row...]``: the version first, so that removing a
+    delivered notice compares a prefix of the value instead of decoding it.
+    """
+    _, origin, *row = orjson.loads(value)
     return (origin if isinstance(origin, int) else None), Folded.from_row(row)
 
 

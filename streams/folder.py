@@ -226,11 +226,14 @@ class ProfileFolder:
             valid.append((event.user_id, event.event_id, event.item_id, ts, weight_of(event)))
             valid_records.append(record)
         metrics.EVENTS_IN.labels(topic).inc(len(records))
-        if previous is not None:
-            await previous
         progress = None
         if self.group is not None:
+            # Built while the previous batch folds; what Redis holds is known only after it.
             progress = self._progress(records, valid, valid_records, produced)
+        if previous is not None:
+            await previous
+        if progress is not None:
+            progress = progress.expecting(self._known)
             await self._flush_dead_letters()
         folded = await self._fold(group_by_user(valid), progress)
         if progress is not None and self._offsets_moved:
@@ -399,11 +402,7 @@ class ProfileFolder:
             if user not in notices:
                 tp = (record.topic, record.partition)
                 notices[user] = (self._pending_key(tp), _field(tp), record.offset, produced[user])
-        known = self._known
-        offsets = [
-            (field, end + 1, known.get(field, -1))
-            for field, end in ((_field(tp), end) for tp, end in ends.items())
-        ]
+        offsets = [(_field(tp), end + 1, -1) for tp, end in ends.items()]
         return Progress(self._offsets_key, offsets, notices)
 
     def _remember_offsets(self, progress: Progress, folded: Sequence[Folded]) -> None:
@@ -557,12 +556,13 @@ _T = TypeVar("_T")
 
 # Removes delivered notices from their pending hashes, each only if it still holds the version
 # that was delivered. ARGV[1]: JSON [[pending_key, user_id, version], ...]; a pending value is
-# JSON [origin_ms, user_id, version, ...] (fold.lua).
+# JSON [version, origin_ms, user_id, version, ...] (fold.lua), so '[<version>,' starts it.
 FORGET_DELIVERED_LUA = """
 local removed = 0
 for _, entry in ipairs(cjson.decode(ARGV[1])) do
   local value = redis.call('HGET', entry[1], entry[2])
-  if value and cjson.decode(value)[3] == entry[3] then
+  local head = string.format('[%d,', entry[3])
+  if value and string.sub(value, 1, #head) == head then
     redis.call('HDEL', entry[1], entry[2])
     removed = removed + 1
   end

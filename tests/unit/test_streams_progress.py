@@ -139,8 +139,9 @@ def test_the_next_fold_expects_what_the_last_one_stored_held_at_refused_users() 
 
 def test_a_pending_notice_reads_back_as_the_fold_decided_it() -> None:
     row = ["u:1", 4, 2, 1, 0, 1, "0.25", "e9", "1700000000.5", "i1", "i2"]
-    assert pending_notice(orjson.dumps([1_700_000_000_123, *row])) == (
+    # Stored as [version, origin_ms, row...] (fold.lua): the version first for a cheap compare.
+    assert pending_notice(orjson.dumps([4, 1_700_000_000_123, *row])) == (
         1_700_000_000_123,
         Folded.from_row(row),
     )
-    assert pending_notice(orjson.dumps([None, *row]))[0] is None
+    assert pending_notice(orjson.dumps([4, None, *row]))[0] is None
