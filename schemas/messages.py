@@ -110,7 +110,8 @@ class Envelope(NamedTuple):
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None
+    """None for a tombstone (a record with a null value)."""
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int | None = None
     """The record's Kafka timestamp (produce time, epoch milliseconds), if it has one."""
