@@ -17,7 +17,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from cli.run import RunSettings
+from cli.run import SERVICES, RunSettings
 from recstream.errors import RecstreamError
 from recstream.options import given, settings_options
 from recstream.process import configure_logging, on_stop_signals
@@ -130,7 +130,7 @@ def demo(  # noqa: PLR0917 - one parameter per click option
 @click.option(
     "--without",
     multiple=True,
-    type=click.Choice(["streams", "regen", "cache-writer", "api"]),
+    type=click.Choice(SERVICES),
     help="Leave a service out (repeatable).",
 )
 @settings_options(RunSettings, strip="run_")
