@@ -239,7 +239,9 @@ class FoldScript:
         groups: Mapping[str, Sequence[tuple[str, str, float, float]]],
         progress: Progress | None = None,
     ) -> list[Folded]:
-        if not groups:
+        # A batch whose records were all dead-lettered folds nothing, but its offsets must still
+        # be stored: the worker counts them as Redis's progress from now on.
+        if not groups and (progress is None or not progress.offsets):
             return []
         sha = self._sha or await self.load()
         args = script_args(self._keys, self._params, groups)

@@ -347,6 +347,10 @@ def test_fold_script_progress_is_monotonic_held_and_checked(ns: Namespace) -> No
                     progress([("t:0", 200, 150)], ["u1"]),
                 )
             assert await r.zscore(keys.seen("u1"), "e9") is None
+            # A batch whose records were all dead-lettered folds no user, yet stores its offsets:
+            # the worker counts them as Redis's progress from then on.
+            assert await script.run({}, progress([("t:0", 140, 100)], [])) == []
+            assert await r.hget(offsets_key, "t:0") == b"140"
             # Forgetting a delivered notice: only the version that was delivered.
             forget = r.register_script(FORGET_DELIVERED_LUA)
             assert await forget(args=[orjson.dumps([[pend, "u1", first.version + 1]])]) == 0
