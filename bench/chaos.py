@@ -41,7 +41,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,8 +50,9 @@ from typing import Any
 import orjson
 import redis
 
+from bench.common import percentile
 from cli.stack import Stack, StackSettings
-from cli.supervise import Child
+from cli.supervise import Child, free_port
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import replay_records
@@ -75,17 +76,6 @@ SERVICES = {"streams": "streams", "regen": "regen", "cache-writer": "cache-write
 FRESH_S = 0.5
 PROBE_USER = "chaos-probe"
 REL = 1e-9  # profile weights are sums of floats folded in possibly different batch cuts
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_port_pair() -> int:

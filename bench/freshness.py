@@ -23,14 +23,12 @@ import itertools
 import multiprocessing as mp
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -42,8 +40,10 @@ import orjson
 import redis
 from confluent_kafka import Producer
 
+from bench.common import percentile
 from cli.run import Pipeline
 from cli.stack import Stack
+from cli.supervise import free_port
 from consumers.regen import build_pool
 from consumers.settings import RegenSettings
 from inference.pool import PoolResult, PoolSaturatedError
@@ -53,17 +53,6 @@ from ops.feed import dataset_tag, events_for
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(port: int, path: str, timeout: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from recstream.errors import RecstreamError
 
-__all__ = ["Child", "ChildFailedError", "http_ok", "terminate_group"]
+__all__ = ["Child", "ChildFailedError", "free_port", "http_ok", "terminate_group"]
 
 Probe = Callable[[], bool]
 
@@ -184,3 +185,10 @@ def _exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a child to bind next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

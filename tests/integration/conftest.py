@@ -1,18 +1,43 @@
-"""Fixtures of the integration tests that start the regeneration service as a process.
+"""Fixtures shared by the integration tests.
 
-The service serves only a verified artifact, so the tests that run it (`recstream run`, the
-metrics endpoints) train a tiny one once per session on a slice of ML-100K: seconds on a CPU.
+- ``workers``: starts stream workers (real processes) of one group, in each delivery mode.
+- ``tiny_artifact`` / ``train_tiny_artifact``: the regeneration service serves only a verified
+  artifact, so the tests that run it train a tiny one once on a slice of ML-100K (seconds on a CPU).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import Namespace
+from tests.integration.streams_support import Worker
 
-@pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+
+@pytest.fixture(params=["agent", "batch"])
+def workers(
+    ns: Namespace, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Worker]]:
+    """Starts workers of one group in one delivery mode (each test runs in both); stops them."""
+    started: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        env = {"RECSTREAM_STREAMS_DELIVERY": request.param, **env}
+        worker = Worker(ns.settings, ns.group("streams"), tmp_path, env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def train_tiny_artifact(folder: Path, *, with_index: bool = False) -> Path:
+    """Train the tiny transformer (100 ML-100K users, one epoch) into ``folder``, signed with the
+    session's key; ``with_index`` adds the MiniLM item index (retrieval, private embeddings)."""
+    from inference.embeddings import catalog_vectors
     from inference.generative import GenConfig
     from lab.artifact import save_artifact
     from lab.datasets import Dataset, load_dataset
@@ -26,6 +51,11 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     split = leave_one_out(Dataset("ml-100k-head", kept, full.items, dict(full.sha256)))
     cfg = GenConfig(hidden=16, layers=1, heads=2, ffn=32, max_len=20, batch_size=64, epochs=1)
     model, log = train_gen(split, cfg, progress=False, say=lambda _: None)
-    folder = tmp_path_factory.mktemp("tiny-artifact") / "gen"
-    save_artifact(folder, model, split, dict(log))
+    vectors = catalog_vectors(split.item_ids, full.items) if with_index else None
+    save_artifact(folder, model, split, dict(log), text_embeddings=vectors)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_artifact(tmp_path_factory.mktemp("tiny-artifact") / "gen")

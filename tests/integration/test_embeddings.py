@@ -31,30 +31,15 @@ from schemas.embeddings import ProfileEmbedding
 from streams.fold import FoldParams, FoldScript
 from streams.profile import read_profile
 from tests.conftest import Namespace
+from tests.integration.conftest import train_tiny_artifact
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def indexed_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_artifact``'s recipe (100 ML-100K users, one epoch) plus the MiniLM item index."""
-    from inference.embeddings import catalog_vectors
-    from inference.generative import GenConfig
-    from lab.artifact import save_artifact
-    from lab.datasets import Dataset, load_dataset
-    from lab.protocol import leave_one_out
-    from lab.training import train_gen
-
-    full = load_dataset("ml-100k", CommonSettings().data_dir)
-    keep = set(full.users[:100])
-    kept = [it for it in full.interactions if it.user_id in keep]
-    split = leave_one_out(Dataset("ml-100k-head", kept, full.items, dict(full.sha256)))
-    cfg = GenConfig(hidden=16, layers=1, heads=2, ffn=32, max_len=20, batch_size=64, epochs=1)
-    model, log = train_gen(split, cfg, progress=False, say=lambda _: None)
-    folder = tmp_path_factory.mktemp("indexed-artifact") / "gen"
-    vectors = catalog_vectors(split.item_ids, full.items)
-    save_artifact(folder, model, split, dict(log), text_embeddings=vectors)
-    return folder
+    """``tiny_artifact``'s recipe plus the MiniLM item index."""
+    return train_tiny_artifact(tmp_path_factory.mktemp("indexed-artifact") / "gen", with_index=True)
 
 
 @pytest.fixture(scope="module")

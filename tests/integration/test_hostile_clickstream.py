@@ -9,7 +9,6 @@ worker's ``recs_records_total`` must balance: in = folded + duplicate + dead_let
 from __future__ import annotations
 
 import re
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import orjson
 import pytest
 import redis
 
+from cli.supervise import free_port
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from tests.conftest import Namespace
@@ -128,12 +128,6 @@ def send(
 def snapshot(client: redis.Redis, keys: Keys, user: str) -> list[bytes | None]:
     """DUMP of every key of the user: equal snapshots mean byte-for-byte equal state."""
     return [client.dump(key) for key in keys.user_keys(user)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def records_total(port: int, topic: str) -> dict[str, float]:

@@ -11,7 +11,6 @@ every group per partition, regeneration latency and end-to-end freshness into th
 from __future__ import annotations
 
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -24,16 +23,10 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.supervise import Child
+from cli.supervise import Child, free_port
 from tests.conftest import Namespace, settings_env
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def families(exposition: str) -> set[str]:

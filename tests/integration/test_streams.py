@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import orjson
 import pytest
 
+from cli.supervise import free_port
 from schemas import ClickEvent, DwellEvent, ProfileChanged, ViewEvent, parse_event
 from streams.fold import FoldParams, ReferenceProfile, Weights, reference_fold
 from streams.settings import StreamsSettings
@@ -33,30 +32,6 @@ pytestmark = pytest.mark.integration
 T0 = 1_700_000_000.0
 NOW = datetime(2040, 1, 1, tzinfo=UTC)
 AnyEvent = ClickEvent | ViewEvent | DwellEvent
-
-
-@pytest.fixture(params=["agent", "batch"])
-def workers(
-    ns: Namespace, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., Worker]]:
-    """Starts workers in one delivery mode (each test runs in both); stops them afterwards."""
-    started: list[Worker] = []
-
-    def start(**env: str) -> Worker:
-        env = {"RECSTREAM_STREAMS_DELIVERY": request.param, **env}
-        worker = Worker(ns.settings, ns.group("streams"), tmp_path, env).start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def traffic(users: list[str], per_user: int, start: int = 0) -> list[dict[str, object]]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -37,24 +36,6 @@ from tests.integration.test_streams import assert_matches_reference, traffic
 pytestmark = pytest.mark.integration
 
 KILL_BEFORE_ANNOUNCE = "RECSTREAM_STREAMS_FAULT_KILL_BEFORE_ANNOUNCE"
-
-
-@pytest.fixture(params=["agent", "batch"])
-def workers(
-    ns: Namespace, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., Worker]]:
-    """Starts workers of one group in one delivery mode; stops them afterwards."""
-    started: list[Worker] = []
-
-    def start(**env: str) -> Worker:
-        env = {"RECSTREAM_STREAMS_DELIVERY": request.param, **env}
-        worker = Worker(ns.settings, ns.group("streams"), tmp_path, env).start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
 
 
 def client(ns: Namespace) -> redis.Redis:
