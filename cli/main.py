@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -151,14 +150,7 @@ def run_pipeline(without: tuple[str, ...], **flags: Any) -> None:
     # Every service reads its own RECSTREAM_<SERVICE>_* names, so one environment serves all
     # children. The Faust worker's /metrics is off by default when run alone (tests start many);
     # the pipeline exposes it beside the consumers' unless the environment says otherwise.
-    # One static group-membership id per run, stable across a child's restarts (each group has
-    # one member from this run), so a restarted service gets its partitions back at once.
-    instance = f"{socket.gethostname()}-run-{os.getpid()}"
-    env = {
-        "RECSTREAM_STREAMS_METRICS_PORT": "9101",
-        "RECSTREAM_GROUP_INSTANCE_ID": instance,
-        **os.environ,
-    }
+    env = {"RECSTREAM_STREAMS_METRICS_PORT": "9101", **os.environ}
     pipeline = Pipeline(exclude=set(without), env=env, settings=settings)
     stop = threading.Event()
     on_stop_signals(stop.set)

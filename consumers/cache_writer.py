@@ -138,11 +138,7 @@ class CacheWriter:
         self.stale = 0
         self.dead_lettered = 0
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap,
-            settings.cache_group_id,
-            settings.cache_stats_interval_ms,
-            instance_id=settings.group_instance_id,
-            session_timeout_s=settings.consumer_session_timeout_s,
+            settings.kafka_bootstrap, settings.cache_group_id, settings.cache_stats_interval_ms
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

@@ -151,8 +151,6 @@ class EmbeddingsService:
             settings.kafka_bootstrap,
             settings.embeddings_group_id,
             settings.embeddings_stats_interval_ms,
-            instance_id=settings.group_instance_id,
-            session_timeout_s=settings.consumer_session_timeout_s,
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
@@ -13,37 +12,25 @@ from consumers.metrics import record_lag
 log = logging.getLogger(__name__)
 
 
-def at_least_once_consumer(
-    bootstrap: str,
-    group: str,
-    stats_interval_ms: int,
-    *,
-    instance_id: str | None = None,
-    session_timeout_s: float = 10.0,
-) -> Consumer:
+def at_least_once_consumer(bootstrap: str, group: str, stats_interval_ms: int) -> Consumer:
     """A consumer whose offsets are stored by the caller after the work is done.
 
     Cooperative rebalancing; offsets are stored explicitly (``store_offsets``) and committed in
-    the background; consumer lag per partition comes from librdkafka's statistics. With an
-    ``instance_id`` the member is static: a supervisor's restart of a killed process rejoins with
-    its partitions at once, instead of waiting out the dead member's session.
+    the background; consumer lag per partition comes from librdkafka's statistics.
     """
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "group.id": group,
-        "partition.assignment.strategy": "cooperative-sticky",
-        "enable.auto.offset.store": False,
-        "enable.auto.commit": True,
-        "auto.commit.interval.ms": 1000,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": round(session_timeout_s * 1000),
-        "heartbeat.interval.ms": round(min(3.0, session_timeout_s / 3) * 1000),
-        "statistics.interval.ms": stats_interval_ms,
-        "stats_cb": partial(record_lag, group),
-    }
-    if instance_id is not None:
-        config["group.instance.id"] = instance_id
-    return Consumer(config)
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
+            "auto.offset.reset": "earliest",
+            "statistics.interval.ms": stats_interval_ms,
+            "stats_cb": partial(record_lag, group),
+        }
+    )
 
 
 def commit_stored(consumer: Consumer) -> None:

@@ -152,11 +152,7 @@ class RegenService:
         self._outstanding = 0  # records produced whose delivery is not settled
         self._failure: DeliveryError | None = None
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap,
-            settings.regen_group_id,
-            settings.regen_stats_interval_ms,
-            instance_id=settings.group_instance_id,
-            session_timeout_s=settings.consumer_session_timeout_s,
+            settings.kafka_bootstrap, settings.regen_group_id, settings.regen_stats_interval_ms
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

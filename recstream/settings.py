@@ -61,21 +61,6 @@ class CommonSettings(BaseSettings):
         description="Topic of differentially private profile embeddings (what analytics reads).",
     )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
-    group_instance_id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=200,
-        description="Static consumer-group membership: a restarted process with the same id gets "
-        "its partitions back at once instead of after the session timeout. It must be unique "
-        "among the members of each group; `recstream run` sets one per run for its children.",
-    )
-    consumer_session_timeout_s: float = Field(
-        10.0,
-        ge=6.0,
-        le=300.0,
-        description="Kafka group session timeout of the confluent-kafka consumers: how soon a "
-        "dead member's partitions move to another (the broker's minimum is 6 s).",
-    )
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 
     def topics(self) -> list[str]:

@@ -38,7 +38,7 @@ class StreamsSettings(CommonSettings):
         5.0, gt=0, description="Seconds between consumer lag reports (recs_consumer_lag_messages)."
     )
     streams_session_timeout_s: float = Field(
-        10.0,
+        30.0,
         gt=0,
         description="Kafka group session timeout: how soon a dead worker's partitions move on.",
     )
