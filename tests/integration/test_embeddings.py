@@ -230,27 +230,14 @@ def test_recstream_serve_embeddings_publishes_and_stops_cleanly(
     ns: Namespace, indexed_artifact: Path, vectors: ItemVectors, tmp_path: Path
 ) -> None:
     """The command the supervisor starts: health, one release, SIGTERM closes it (exit 0)."""
-    import http.client
     import signal
-    import socket
     import sys
 
-    from cli.supervise import Child
+    from cli.supervise import Child, free_port, http_ok
     from tests.conftest import settings_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-
-    def healthy() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
+    port = free_port()
+    healthy = http_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=2)
 
     env = {
         **settings_env(ns.settings),

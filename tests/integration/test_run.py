@@ -5,44 +5,29 @@ A service that keeps crashing makes `run` stop everything and fail.
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-from cli.supervise import Child
+from cli.supervise import Child, free_port, http_ok
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
+    return http_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=2)()
 
 
 def test_run_starts_the_pipeline_and_stops_it_cleanly(
     ns: Namespace, tmp_path: Path, tiny_artifact: Path
 ) -> None:
     s = ns.settings
-    api, regen, cache = _free_port(), _free_port(), _free_port()
+    api, regen, cache = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "RECSTREAM_KEY_PREFIX": s.key_prefix,
