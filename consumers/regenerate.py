@@ -85,25 +85,11 @@ class RecsPublisher:
 
     def publish(
         self,
-        user_id: str,
-        ranked: Ranked,
-        *,
-        profile_version: int,
-        model: ModelRef,
-        source: Literal["model", "fallback"],
-        trigger_ts: datetime,
+        recs: Recommendations,
         origin_ts: float | None = None,
         on_delivery: OnDelivery | None = None,
-    ) -> Recommendations:
-        """Queue the list for the output topic; ``on_delivery`` hears the broker's answer."""
-        recs = self.build(
-            user_id,
-            ranked,
-            profile_version=profile_version,
-            model=model,
-            source=source,
-            trigger_ts=trigger_ts,
-        )
+    ) -> None:
+        """Queue ``recs`` (from :meth:`build`) for the output topic; ``on_delivery`` hears the
+        broker's answer."""
         topic, key, value, headers = self.record(recs, origin_ts)
         self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
-        return recs

@@ -194,15 +194,15 @@ class RegenReplay:
                 histories = [model_history(p) for _, p in present]
                 ranked = self.recommender.recommend(histories, self.settings.replay_k)
                 for (user, profile), items in zip(present, ranked, strict=True):
-                    publisher.publish(
+                    recs = publisher.build(
                         user,
                         items,
                         profile_version=profile.version,
                         model=self.model,
                         source="model",
                         trigger_ts=changes[user].trigger_ts,
-                        on_delivery=delivered,
                     )
+                    publisher.publish(recs, on_delivery=delivered)
                     stats.published += 1
                 producer.poll(0)
                 bar.update(len(chunk))
