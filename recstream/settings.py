@@ -60,6 +60,10 @@ class CommonSettings(BaseSettings):
         "profiles.embeddings",
         description="Topic of differentially private profile embeddings (what analytics reads).",
     )
+    topic_users_erased: str = Field(
+        "users.erased",
+        description="Compacted topic of erased users (GDPR art. 17): what every fold and rebuild honours.",
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 
@@ -73,6 +77,7 @@ class CommonSettings(BaseSettings):
             self.topic_recommendations,
             self.topic_recommendations_dlq,
             self.topic_profile_embeddings,
+            self.topic_users_erased,
         ]
 
 
