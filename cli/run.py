@@ -17,14 +17,19 @@ restart will not fix: then everything is stopped and the command fails.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -63,6 +68,43 @@ class RunSettings(BaseSettings):
         1.0, gt=0, description="Delay before the first restart; doubled for each further crash."
     )
     run_backoff_max_s: float = Field(30.0, gt=0, description="Longest delay before a restart.")
+    run_static_membership: bool = Field(
+        True,
+        description="Give the children a group instance id (static membership) held by this run "
+        "slot, so a restarted consumer takes its partitions back at once.",
+    )
+    run_slot_dir: Path = Field(
+        Path.home() / ".cache" / "recstream" / "run",
+        description="Where runs on this host lock their slots (one group instance id each).",
+    )
+
+
+GROUP_INSTANCE_VAR = f"{ENV_PREFIX}GROUP_INSTANCE_ID"
+
+
+@contextlib.contextmanager
+def instance_slot(directory: Path, slots: int = 64) -> Iterator[str]:
+    """Hold the lowest free run slot on this host and yield its group instance id.
+
+    Consecutive runs get the same id (slot 0), so a consumer group sees the new run's members as
+    the old ones coming back, not as strangers waiting for the old members' sessions to expire;
+    runs side by side hold different slots (an id shared by two live members would fence one).
+    The lock is an flock: a killed run releases it with its process.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for slot in range(slots):
+        handle = (directory / f"slot-{slot}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield f"{socket.gethostname()}-run{slot}"
+        finally:
+            handle.close()
+        return
+    raise RecstreamError(f"all {slots} run slots under {directory} are held")
 
 
 @dataclass
@@ -146,6 +188,15 @@ class Pipeline:
 
     def run(self, stop: threading.Event) -> None:
         """Start everything, restart crashed children until ``stop``, then stop in order."""
+        env = os.environ if self.env is None else self.env
+        with contextlib.ExitStack() as held:
+            if self.settings.run_static_membership and not env.get(GROUP_INSTANCE_VAR):
+                instance = held.enter_context(instance_slot(self.settings.run_slot_dir))
+                self.env = {**env, GROUP_INSTANCE_VAR: instance}
+                log.info("consumer groups see this run as instance %s", instance)
+            self._supervise(stop)
+
+    def _supervise(self, stop: threading.Event) -> None:
         self.start()
         try:
             while not stop.wait(0.2):

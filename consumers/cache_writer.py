@@ -138,7 +138,10 @@ class CacheWriter:
         self.stale = 0
         self.dead_lettered = 0
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap, settings.cache_group_id, settings.cache_stats_interval_ms
+            settings.kafka_bootstrap,
+            settings.cache_group_id,
+            settings.cache_stats_interval_ms,
+            settings.group_instance_id,
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

@@ -151,6 +151,7 @@ class EmbeddingsService:
             settings.kafka_bootstrap,
             settings.embeddings_group_id,
             settings.embeddings_stats_interval_ms,
+            settings.group_instance_id,
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

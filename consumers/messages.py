@@ -12,14 +12,20 @@ from consumers.metrics import record_lag
 log = logging.getLogger(__name__)
 
 
-def at_least_once_consumer(bootstrap: str, group: str, stats_interval_ms: int) -> Consumer:
+def at_least_once_consumer(
+    bootstrap: str, group: str, stats_interval_ms: int, instance_id: str = ""
+) -> Consumer:
     """A consumer whose offsets are stored by the caller after the work is done.
 
     Cooperative rebalancing; offsets are stored explicitly (``store_offsets``) and committed in
-    the background; consumer lag per partition comes from librdkafka's statistics.
+    the background; consumer lag per partition comes from librdkafka's statistics. A non-empty
+    ``instance_id`` makes the member static (``group.instance.id``): restarted under the same id,
+    it gets its partitions back without waiting for the group to drop its dead predecessor.
     """
+    static = {"group.instance.id": instance_id} if instance_id else {}
     return Consumer(
         {
+            **static,
             "bootstrap.servers": bootstrap,
             "group.id": group,
             "partition.assignment.strategy": "cooperative-sticky",

@@ -152,7 +152,10 @@ class RegenService:
         self._outstanding = 0  # records produced whose delivery is not settled
         self._failure: DeliveryError | None = None
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap, settings.regen_group_id, settings.regen_stats_interval_ms
+            settings.kafka_bootstrap,
+            settings.regen_group_id,
+            settings.regen_stats_interval_ms,
+            settings.group_instance_id,
         )
         self.producer = idempotent_producer(
             settings.kafka_bootstrap,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,10 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 class CommonSettings(BaseSettings):
     """Addresses, topic names and key prefixes that all services agree on."""
+
+    principal: ClassVar[str] = "admin"
+    """Whose credentials this settings class's clients use (``recstream.security``); each
+    service's class names its own, operator tools run as ``admin``."""
 
     model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
         # Sub-models read RECSTREAM_<FIELD>__<SUBFIELD> (e.g. RECSTREAM_REGEN_POOL__WORKERS).
@@ -38,6 +43,27 @@ class CommonSettings(BaseSettings):
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL; may carry a password, so it is kept secret.",
+    )
+    # Credentials (recstream.security). Without any, clients connect as today: plaintext Kafka,
+    # Redis's default user (the development stack). A deployment gives each service its own.
+    secrets_dir: Path | None = Field(
+        None,
+        description="Folder of per-principal secrets, kafka/<principal> and redis/<principal> "
+        "(what `stack up --secure` writes); each service reads its own principal's files.",
+    )
+    kafka_username: str | None = Field(
+        None, description="Kafka SASL/SCRAM user; overrides the secrets dir's principal."
+    )
+    kafka_password: SecretStr | None = Field(None, description="Password of kafka_username.")
+    kafka_password_file: Path | None = Field(
+        None, description="File holding the password of kafka_username."
+    )
+    redis_username: str | None = Field(
+        None, description="Redis ACL user; overrides the secrets dir's principal."
+    )
+    redis_password: SecretStr | None = Field(None, description="Password of redis_username.")
+    redis_password_file: Path | None = Field(
+        None, description="File holding the password of redis_username."
     )
     key_prefix: str = Field("", description="Prefix of every Redis key recstream writes.")
     topic_clickstream: str = Field("clickstream", description="Topic of raw clickstream events.")
@@ -64,6 +90,12 @@ class CommonSettings(BaseSettings):
         "users.erased",
         description="Compacted topic of erased users (GDPR art. 17): what every fold and rebuild honours.",
     )
+    group_instance_id: str = Field(
+        "",
+        description="Static Kafka group membership: a stable id per process slot (a pod name; "
+        "`recstream run` sets one per run slot) lets a restarted consumer take its partitions "
+        "back at once instead of after the group's session timeout; empty: dynamic membership.",
+    )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
 
@@ -82,10 +114,27 @@ class CommonSettings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced, for logs and status output."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+    """Return ``url`` with any password replaced, for logs and status output: the one in the
+    authority (``redis://user:pw@host``, ``rediss://``) and a ``password=`` query parameter."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, host = netloc.rpartition("@")
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    query = "&".join(
+        f"{pair.partition('=')[0]}=***"
+        if unquote(pair.partition("=")[0]).lower() in _SECRET_PARAMS
+        else pair
+        for pair in parts.query.split("&")
+    )
+    head = f"{parts.scheme}://{netloc}" if "://" in url else urlunsplit(parts[:2] + ("", "", ""))
+    return head + parts.path + (f"?{query}" if parts.query else "") + (
+        f"#{parts.fragment}" if parts.fragment else ""
+    )
+
+
+_SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd"})

@@ -83,6 +83,7 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         consumer_auto_offset_reset="earliest",
         broker_commit_every=settings.streams_batch_size,
         broker_session_timeout=settings.streams_session_timeout_s,
+        consumer_group_instance_id=settings.group_instance_id or None,
         broker_heartbeat_interval=min(3.0, settings.streams_session_timeout_s / 3),
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.streams_batch_size),
