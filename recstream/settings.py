@@ -12,6 +12,7 @@ Sub-models add ``__``: ``RECSTREAM_REGEN_POOL__WORKERS``. Secrets are
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -21,7 +22,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RECSTREAM_"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+CHECKOUT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def default_data_dir(checkout_data: Path = CHECKOUT_DATA_DIR) -> Path:
+    """Where named datasets live unless ``RECSTREAM_DATA_DIR`` says otherwise.
+
+    ``../shared/data`` beside a checkout wins when it exists (the development machines and CI keep
+    MovieLens there); anyone else gets a per-user cache folder, ``$XDG_CACHE_HOME/recstream/
+    datasets`` (``~/.cache/recstream/datasets``), which ``recstream data fetch`` fills.
+    """
+    if checkout_data.is_dir():
+        return checkout_data
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "recstream" / "datasets"
 
 
 class CommonSettings(BaseSettings):
@@ -97,7 +111,10 @@ class CommonSettings(BaseSettings):
         "back at once instead of after the group's session timeout; empty: dynamic membership.",
     )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
-    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where named datasets are found.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where named datasets are found (`recstream data fetch` puts them there).",
+    )
 
     def topics(self) -> list[str]:
         """Every topic the pipeline uses, in data-flow order."""
