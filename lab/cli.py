@@ -1,4 +1,4 @@
-"""Commands of the lab: ``recstream train``, ``recstream eval``, ``recstream artifact keygen``."""
+"""Commands of the lab: ``recstream train``, ``eval``, ``artifact keygen/sign`` and ``data``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from typing import Any
 import click
 
 from inference.postprocess import PostConfig
+from lab.datasets import NAMED as _NAMED
+from lab.settings import FetchSettings
+from recstream.options import given, settings_options
 
 # The eval options of the served post-processing read their help from its settings fields.
 _POST = PostConfig.model_fields
 
 _DATASET_HELP = (
     "Dataset name (ml-100k, ml-latest-small, ml-latest-small-llamarec; found under "
-    "RECSTREAM_DATA_DIR) or a folder with interactions.csv [+ items.csv]."
+    "RECSTREAM_DATA_DIR, downloaded by `recstream data fetch`) or a folder with interactions.csv "
+    "[+ items.csv]."
 )
 
 
@@ -449,8 +453,52 @@ def sign_cmd(folder: Path, signing_key_file: Path | None, adopt_unsigned: bool) 
     click.echo(f"{folder}: manifest signed by key {key_id(key.public_key())}")
 
 
+@click.group("data")
+def data_group() -> None:
+    """The MovieLens datasets: download them from GroupLens, verified, and list what is here."""
+
+
+@data_group.command("fetch")
+@click.argument("name", type=click.Choice(_NAMED))
+@click.option("--force", is_flag=True, help="Replace a folder that is there but does not verify.")
+@settings_options(FetchSettings, only=("data_dir", "data_base_url", "data_timeout_s"))
+def fetch_cmd(name: str, force: bool, **flags: Any) -> None:
+    """Download dataset NAME from its publisher into the data directory and print its terms.
+
+    The archive's SHA-256 must match the one pinned in recstream (otherwise nothing is
+    unpacked); an interrupted download resumes when run again. A variant fetches its base.
+    """
+    from lab.fetch import archive_for, fetch
+
+    settings = FetchSettings(**given(flags))
+    folder = fetch(name, settings, force=force, say=click.echo)
+    archive = archive_for(name)
+    click.echo(f"\n{archive.licence}\nCite: {archive.citation}\nMore: {archive.homepage}")
+    click.echo(f"\n{name} is ready in {folder} (provenance: PROVENANCE.json there).")
+
+
+@data_group.command("list")
+def list_cmd() -> None:
+    """Show each known dataset, whether it is in the data directory and whether it verifies."""
+    from lab.fetch import archive_for, provenance, verify_folder
+
+    data_dir = FetchSettings().data_dir
+    click.echo(f"data directory: {data_dir} (RECSTREAM_DATA_DIR)")
+    for name in _NAMED:
+        archive = archive_for(name)
+        folder = data_dir / archive.name
+        if not folder.is_dir():
+            state = f"missing: `recstream data fetch {name}`"
+        else:
+            problems = verify_folder(folder, archive)
+            origin = "fetched" if provenance(folder) else "present"
+            state = f"{origin}, verified" if not problems else f"does NOT verify: {problems[0]}"
+        click.echo(f"{name:26} {state}")
+
+
 def register(main: click.Group, serve: click.Group) -> None:
     """Add this package's commands to the `recstream` command line."""
     main.add_command(train_cmd)
     main.add_command(eval_cmd)
     main.add_command(artifact_group)
+    main.add_command(data_group)

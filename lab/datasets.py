@@ -1,9 +1,10 @@
 """Interaction datasets: MovieLens by name, or any folder in the generic format.
 
 A dataset is read by name (``ml-100k``, ``ml-latest-small``, resolved under the data directory
-setting) or by path to a folder holding ``interactions.csv``
-(``user_id,item_id,timestamp[,event_type][,value]``; timestamp in epoch seconds or RFC 3339) and an
-optional ``items.csv`` (``item_id,title[,categories][,description]``; categories ``|``-separated).
+setting, where ``recstream data fetch`` downloads them) or by path to a folder holding
+``interactions.csv`` (``user_id,item_id,timestamp[,event_type][,value]``; timestamp in epoch
+seconds or RFC 3339) and an optional ``items.csv`` (``item_id,title[,categories][,description]``;
+categories ``|``-separated).
 Interactions come back ordered by time, ties keeping file order, and every input file's SHA-256 is
 recorded so results can name exactly what they were computed from.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "Interaction",
     "Item",
     "core_filter",
+    "fetch_command",
     "load_dataset",
     "resolve",
     "sha256_file",
@@ -35,6 +37,8 @@ __all__ = [
 NAMED = ("ml-100k", "ml-latest-small", "ml-latest-small-llamarec")
 # Variants read another dataset's files and filter them; name -> (source folder, min count).
 VARIANTS = {"ml-latest-small-llamarec": ("ml-latest-small", 5)}
+# The files each named dataset's loader reads (tags.csv is optional).
+_READ = {"ml-100k": ("u.data", "u.item"), "ml-latest-small": ("ratings.csv", "movies.csv")}
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
 _ML100K_GENRES = (
     "unknown",
@@ -95,9 +99,19 @@ def resolve(name_or_path: str | Path, data_dir: Path) -> tuple[str, Path]:
     """Map a dataset name or folder path to ``(name, folder)``; raise if it does not exist."""
     text = str(name_or_path)
     if text in NAMED:
-        folder = data_dir / VARIANTS.get(text, (text, 0))[0]
+        base = VARIANTS.get(text, (text, 0))[0]
+        folder = data_dir / base
         if not folder.is_dir():
-            raise DatasetError(f"dataset {text!r} not found under {data_dir} (RECSTREAM_DATA_DIR)")
+            raise DatasetError(
+                f"dataset {text!r} not found under {data_dir} (RECSTREAM_DATA_DIR); "
+                f"download it with `{fetch_command(text)}`"
+            )
+        missing = [name for name in _READ[base] if not (folder / name).is_file()]
+        if missing:
+            raise DatasetError(
+                f"dataset {text!r} in {folder} lacks {', '.join(missing)}; download it again "
+                f"with `{fetch_command(text)} --force`"
+            )
         return text, folder
     folder = Path(text).expanduser()
     if not (folder / "interactions.csv").is_file():
@@ -106,6 +120,11 @@ def resolve(name_or_path: str | Path, data_dir: Path) -> tuple[str, Path]:
             "interactions.csv"
         )
     return folder.name, folder
+
+
+def fetch_command(name: str) -> str:
+    """The command that downloads the named dataset (a variant's base) into the data directory."""
+    return f"recstream data fetch {name}"
 
 
 def load_dataset(name_or_path: str | Path, data_dir: Path) -> Dataset:
