@@ -4,11 +4,20 @@
   ``recs:{user}`` (the contract of DESIGN.md, as the cache writer stored it); when there is none,
   the most popular items of the loaded catalog with ``source: "fallback"`` (an empty list when no
   catalog is loaded), ranked by the one popularity model from the counts ``catalog load`` stored.
-- ``GET /healthz``: Redis answers. ``GET /metrics``: Prometheus text. ``GET /openapi.json``.
+- ``GET /healthz``: ``{"ok": …}``, nothing more. ``GET /openapi.json``.
+- ``GET /metrics`` (Prometheus text) on a port of its own (``api_metrics_port``, loopback by
+  default), never on the API's port.
 
-When the ``api_key`` setting is set, ``/v1`` requests must carry it in ``X-API-Key`` (401
-otherwise); health, metrics and the description stay open for probes. Bad input gets a 4xx with
-an :class:`~schemas.api.ErrorResponse` body, never a 500.
+Each route requires the scope :data:`schemas.openapi.SCOPES` names for it; building the app fails
+for a route that is not listed there, so a new route cannot be open by omission. A request to a
+scoped route must carry an API key (``X-API-Key``) that the keys file lists with that scope: no
+key, or an unknown, wrong, revoked or expired one, is a 401 with one body for all; a valid key
+without the scope is a 403. With no keys file (development) requests need no key and may use the
+anonymous scopes (read) only; :func:`check_exposure` refuses that on a non-loopback address.
+Bad input gets a 4xx with an :class:`~schemas.api.ErrorResponse` body, never a 500.
+
+Logs never carry a user id, a key or its digest: a failure is logged with the route's pattern
+and a request id, which the response returns in ``X-Request-Id``.
 
 Every body is a model of ``schemas/`` serialised by pydantic, and ``/openapi.json`` is generated
 from the same models (:mod:`schemas.openapi`). A cached list is passed through as stored: the
@@ -18,11 +27,12 @@ API exists for.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -33,21 +43,34 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
+from api.exceptions import UnsafeExposureError
+from api.keys import KeyRing
 from api.metrics import FALLBACKS, LATENCY, REQUESTS
-from api.settings import ApiSettings
+from api.settings import ApiSettings, is_loopback
 from inference.popularity import Popularity
 from recstream.keys import Keys
 from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
+from schemas.api import ApiKeyRecord, Scope
 from schemas.events import Id
-from schemas.openapi import RECOMMENDATIONS_PATH, openapi_document
+from schemas.openapi import ANONYMOUS_SCOPES, RECOMMENDATIONS_PATH, SCOPES, openapi_document
 
-__all__ = ["build_app", "served_openapi", "valid_user_id"]
+__all__ = [
+    "PRINCIPAL",
+    "build_app",
+    "build_metrics_app",
+    "check_exposure",
+    "served_openapi",
+    "valid_user_id",
+]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("redis", redis.asyncio.Redis)
+# The key a request was let in with (None: anonymous, on a deployment without keys); handlers
+# that act on a user's data name its key_id in their audit trail.
+PRINCIPAL: web.RequestKey[ApiKeyRecord | None] = web.RequestKey("principal", ApiKeyRecord)
 
 _POPULARITY = ModelRef(name=Popularity.name, version=Popularity.version)
 _USER_ID: TypeAdapter[str] = TypeAdapter(Id)
@@ -73,13 +96,44 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json(ErrorResponse.of(code, message), status)
 
 
+_UNAUTHORIZED = ErrorResponse.of("unauthorized", "missing or invalid X-API-Key header")
+
+
 def served_openapi(settings: ApiSettings) -> dict[str, Any]:
     """The OpenAPI document this deployment serves: the contract with its own limits filled in."""
     return openapi_document(
         max_k=settings.api_max_k,
         default_k=settings.api_default_k,
-        api_key=settings.api_key is not None,
+        keys=settings.api_keys_file is not None,
         server=f"http://{settings.api_host}:{settings.api_port}",
+    )
+
+
+def check_exposure(settings: ApiSettings) -> None:
+    """Refuse to serve without keys where others can connect; warn where it is allowed.
+
+    Without a keys file the read routes are open: fine on loopback (development, with a
+    warning), refused on any other address unless ``api_allow_anonymous`` says so (a warning
+    again). The removed plain key is refused rather than ignored, so a deployment that relied on
+    it cannot silently become open.
+    """
+    if settings.api_key is not None:
+        raise UnsafeExposureError(
+            "RECSTREAM_API_KEY is no longer read: keys are stored hashed, with scopes. Create "
+            "one with `recstream api keys add --scope read --name NAME --file FILE`, set "
+            "RECSTREAM_API_KEYS_FILE=FILE, and unset RECSTREAM_API_KEY"
+        )
+    if settings.api_keys_file is not None:
+        return
+    if not is_loopback(settings.api_host) and not settings.api_allow_anonymous:
+        raise UnsafeExposureError(
+            f"the read API would serve {settings.api_host!r} without keys: set "
+            "RECSTREAM_API_KEYS_FILE (`recstream api keys add`), listen on loopback, or "
+            "set RECSTREAM_API_ALLOW_ANONYMOUS=true to serve reads to anyone who can connect"
+        )
+    log.warning(
+        "no API keys file: read routes are open to anyone who can reach %s (development only)",
+        settings.api_host,
     )
 
 
@@ -100,16 +154,45 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def _scopes(app: web.Application) -> dict[web.AbstractRoute, Scope | None]:
+    """Each route's scope, from :data:`SCOPES`; a route missing there is a programming error."""
+    required: dict[web.AbstractRoute, Scope | None] = {}
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        method = "GET" if route.method == "HEAD" else route.method  # add_get's implicit HEAD
+        if (method, path) not in SCOPES:
+            raise LookupError(f"{method} {path} has no scope in schemas.openapi.SCOPES")
+        required[route] = SCOPES[(method, path)]
+    return required
+
+
 def build_app(settings: ApiSettings) -> web.Application:
-    """The application; it connects to Redis on startup."""
+    """The application; it connects to Redis on startup.
+
+    Reads the keys file (when set) now, so a missing or unsafe one fails the start.
+    """
     keys = Keys(settings.key_prefix)
-    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    ring = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
+    required: dict[web.AbstractRoute, Scope | None] = {}
+
+    def refusal(request: web.Request, scope: Scope) -> web.Response | None:
+        """Why ``request`` may not use a route that needs ``scope``; ``None`` lets it in."""
+        given = request.headers.get("X-API-Key")
+        if ring is None:  # no keys on this deployment: the anonymous scopes, for anyone
+            request[PRINCIPAL] = None
+            return None if scope in ANONYMOUS_SCOPES else _json(_UNAUTHORIZED, 401)
+        principal = ring.authenticate(given, datetime.now(UTC)) if given is not None else None
+        if principal is None:  # absent, unknown, wrong, revoked, expired: one answer
+            return _json(_UNAUTHORIZED, 401)
+        if scope not in principal.scopes:
+            return _error(403, "forbidden", f"this key does not have the {scope.value} scope")
+        request[PRINCIPAL] = principal
+        return None
 
     async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and request.path.startswith("/v1/"):
-            given = request.headers.get("X-API-Key", "").encode()
-            if not hmac.compare_digest(given, api_key):
-                return _error(401, "unauthorized", "missing or wrong X-API-Key header")
+        scope = required.get(request.match_info.route)
+        if scope is not None and (refused := refusal(request, scope)) is not None:
+            return refused
         try:
             return await handler(request)
         except web.HTTPException as exc:  # aiohttp's own 404/405, as JSON like every error
@@ -118,17 +201,27 @@ def build_app(settings: ApiSettings) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Logs name the route's pattern and this id, never the path: it holds the user id.
         started = time.perf_counter()
+        request_id = secrets.token_hex(8)
+        route = _route_name(request)
         try:
             response = await dispatch(request, handler)
         except redis.RedisError as exc:  # an outage, not a bug: no traceback per request
-            log.warning("request %s: Redis failed: %s", request.path, exc)
+            log.warning(
+                "request %s on %s: Redis failed (%s)", request_id, route, type(exc).__name__
+            )
             response = _error(503, "unavailable", "the recommendation store does not answer")
-        except Exception:  # one request failed; the service answers 500 and goes on
-            log.exception("request %s failed", request.path)
+        except Exception as exc:  # one request failed; the service answers 500 and goes on
+            # The frames, not the message: an exception's text may quote the data it choked on.
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error(
+                "request %s on %s failed: %s\n%s", request_id, route, type(exc).__name__, frames
+            )
             response = _error(500, "internal", "internal error")
-        REQUESTS.labels(_route_name(request), str(response.status)).inc()
-        LATENCY.labels(_route_name(request)).observe(time.perf_counter() - started)
+        response.headers["X-Request-Id"] = request_id
+        REQUESTS.labels(route, str(response.status)).inc()
+        LATENCY.labels(route).observe(time.perf_counter() - started)
         return response
 
     async def recommendations(request: web.Request) -> web.Response:
@@ -170,12 +263,7 @@ def build_app(settings: ApiSettings) -> web.Application:
             ok = bool(await request.app[REDIS].ping())
         except redis.RedisError:
             ok = False
-        return _json(Health(ok=ok, redis=ok), 200 if ok else 503)
-
-    async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest())
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
+        return _json(Health(ok=ok), 200 if ok else 503)
 
     document = orjson.dumps(served_openapi(settings))
 
@@ -189,25 +277,67 @@ def build_app(settings: ApiSettings) -> web.Application:
         await app[REDIS].aclose()
 
     app = web.Application(middlewares=[guard])
+    # Each route's scope is declared in schemas.openapi.SCOPES (which the OpenAPI document also
+    # reads); _scopes refuses a route that is not declared there.
     app.router.add_get(RECOMMENDATIONS_PATH, recommendations)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    required.update(_scopes(app))
     app.on_startup.append(connect)
     app.on_cleanup.append(disconnect)
     return app
+
+
+def build_metrics_app() -> web.Application:
+    """``GET /metrics`` alone: served on its own port, which the API's clients never reach."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _metrics_site(settings: ApiSettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that serves :func:`build_metrics_app` while the API runs."""
+
+    async def serve(_app: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(build_metrics_app(), **SERVER_OPTIONS)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api_metrics_host, settings.api_metrics_port).start()
+        log.info(
+            "metrics on http://%s:%d/metrics", settings.api_metrics_host, settings.api_metrics_port
+        )
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return serve
+
+
+# How the API's server runs: no access log, whose lines would carry every path (and so every user
+# id) and cost more than the read they log. Tests serve the app with the same options.
+SERVER_OPTIONS: dict[str, Any] = {"access_log": None}
 
 
 def run(settings: ApiSettings) -> None:
     """Serve until SIGINT/SIGTERM (aiohttp stops accepting, finishes requests, cleans up)."""
     import uvloop
 
+    check_exposure(settings)
+    app = build_app(settings)
+    if settings.api_metrics_port:
+        app.cleanup_ctx.append(_metrics_site(settings))
     log.info("read API on http://%s:%d", settings.api_host, settings.api_port)
     web.run_app(
-        build_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
-        access_log=None,  # one log line per read would cost more than the read
+        **SERVER_OPTIONS,
         print=None,
         loop=uvloop.new_event_loop(),  # a faster loop: lower tail latency per request
     )

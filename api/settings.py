@@ -1,18 +1,31 @@
 """Settings of the read API (``recstream serve api``).
 
 Every field the API owns starts with ``api_`` and reads ``RECSTREAM_API_<SETTING>`` (e.g.
-``RECSTREAM_API_PORT``, ``RECSTREAM_API_KEY``), the rule of every service's settings
-(recstream/settings.py); command-line flags, generated from these fields, override them. The key
-is a secret: it has no flag, so it never shows in a process list.
+``RECSTREAM_API_PORT``, ``RECSTREAM_API_KEYS_FILE``), the rule of every service's settings
+(recstream/settings.py); command-line flags, generated from these fields, override them.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
 
 from pydantic import Field, SecretStr
 
 from recstream.settings import CommonSettings
 
-__all__ = ["ApiSettings"]
+__all__ = ["ApiSettings", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``0.0.0.0``, ``""`` and
+    names other than ``localhost`` do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiSettings(CommonSettings):
@@ -20,8 +33,24 @@ class ApiSettings(CommonSettings):
 
     api_host: str = Field("127.0.0.1", description="Listen address.")
     api_port: int = Field(8000, ge=0, le=65535, description="Listen port.")
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API key digests and scopes (`recstream api keys add`); when set, "
+        "every /v1 request needs a key with the route's scope.",
+    )
+    api_allow_anonymous: bool = Field(
+        False,
+        description="Serve read routes without keys on a non-loopback address (without it, the "
+        "API refuses to start there with no keys file).",
+    )
+    api_metrics_host: str = Field("127.0.0.1", description="Address of /metrics (Prometheus).")
+    api_metrics_port: int = Field(
+        9105, ge=0, le=65535, description="Port of /metrics, apart from the API's; 0 = off."
+    )
     api_key: SecretStr | None = Field(
-        None, description="When set, /v1 requests must send it in the X-API-Key header."
+        None,
+        description="Removed (the one plain key): the API refuses to start while it is set; "
+        "use the keys file.",
     )
     api_default_k: int = Field(10, ge=1, le=200, description="Items returned when k is not given.")
     api_max_k: int = Field(100, ge=1, le=1000, description="Largest k a client may ask for.")

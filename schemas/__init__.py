@@ -1,7 +1,7 @@
 """The wire contracts of recstream: clickstream events, the messages built from them, and the
 read API's response bodies."""
 
-from schemas.api import ErrorBody, ErrorResponse, Health
+from schemas.api import ApiKeyRecord, ErrorBody, ErrorResponse, Health, Scope
 from schemas.events import (
     MAX_EVENT_BYTES,
     SCHEMA_VERSION,
@@ -25,6 +25,7 @@ from schemas.messages import (
 __all__ = [
     "MAX_EVENT_BYTES",
     "SCHEMA_VERSION",
+    "ApiKeyRecord",
     "ClickEvent",
     "DwellEvent",
     "Envelope",
@@ -39,6 +40,7 @@ __all__ = [
     "Reason",
     "Recommendations",
     "SchemaError",
+    "Scope",
     "ScoredItem",
     "ValidationFailed",
     "ViewEvent",

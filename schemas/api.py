@@ -1,17 +1,23 @@
-"""Response bodies of the read API that are not wire messages: its error envelope and health.
+"""The read API's own contracts: its error envelope, health, scopes and the API-key record.
 
 The API's main body is :class:`~schemas.messages.Recommendations`, the same contract the cache
 holds; these models cover the rest, so every response the API sends, and the OpenAPI document
-that describes it (:mod:`schemas.openapi`), come from models in this package.
+that describes it (:mod:`schemas.openapi`), come from models in this package. An
+:class:`ApiKeyRecord` is one line of the keys file that ``recstream api keys add`` writes and the
+API reads: the key's SHA-256, never the key.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-__all__ = ["ErrorBody", "ErrorResponse", "Health"]
+from schemas.events import Id
+
+__all__ = ["ApiKeyRecord", "ErrorBody", "ErrorResponse", "Health", "Scope"]
 
 
 class _Body(BaseModel):
@@ -22,9 +28,9 @@ class ErrorBody(_Body):
     """What went wrong: a stable code for programs, a sentence for people."""
 
     code: Annotated[str, Field(pattern=r"^[a-z0-9_]+$", max_length=64)] = Field(
-        description="Stable and machine-friendly: `bad_user_id`, `bad_k`, `unauthorized`, "
-        "`unavailable`, `internal`, or the HTTP reason in snake case (`not_found`, "
-        "`method_not_allowed`)."
+        description="Stable and machine-friendly: `bad_user_id`, `bad_k`, `unauthorized` (no "
+        "valid key), `forbidden` (the key lacks the route's scope), `unavailable`, `internal`, "
+        "or the HTTP reason in snake case (`not_found`, `method_not_allowed`)."
     )
     message: Annotated[str, Field(max_length=256)]
 
@@ -40,7 +46,41 @@ class ErrorResponse(_Body):
 
 
 class Health(_Body):
-    """Whether the service can answer reads: it is up, and Redis answered a ping."""
+    """Whether the service can answer reads (it is up and its store answered), and nothing more:
+    an open probe must not tell a caller what the service depends on."""
 
     ok: bool
-    redis: bool
+
+
+class Scope(StrEnum):
+    """A right an API key may hold; :data:`schemas.openapi.SCOPES` names each route's."""
+
+    READ = "read"  # read users' recommendations (and future read routes)
+    EVENTS = "events"  # send clickstream events (reserved: no route uses it yet)
+    ADMIN = "admin"  # operator routes: erasure and export of a user's data
+
+
+def _sorted_scopes(scopes: tuple[Scope, ...]) -> tuple[Scope, ...]:
+    return tuple(sorted(set(scopes)))
+
+
+class ApiKeyRecord(_Body):
+    """One API key as the keys file stores it (one JSON object per line).
+
+    Keys are random 256-bit secrets, so one SHA-256 of the whole key is enough to store them:
+    nobody can search that space, and a slow password hash would only add latency to every read.
+    """
+
+    key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")] = Field(
+        description="The key's public part; the key is `rs_<key_id>_<secret>`."
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="Hex SHA-256 of the whole key (UTF-8)."
+    )
+    scopes: Annotated[tuple[Scope, ...], AfterValidator(_sorted_scopes), Field(min_length=1)]
+    name: Id = Field(description="Who or what holds the key, for operators.")
+    created_at: AwareDatetime
+    expires_at: AwareDatetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at

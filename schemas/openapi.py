@@ -6,6 +6,11 @@ sends; paths, parameters and security are written here, with the user-id rule ta
 event contract's :data:`~schemas.events.Id` type. OpenAPI 3.1 is the version whose schema dialect
 is the JSON Schema 2020-12 that pydantic writes.
 
+:data:`SCOPES` is the one statement of which scope each operation requires: the document's
+per-operation ``security`` (the ``X-API-Key`` scheme with the scope as its role, which 3.1
+allows for non-OAuth schemes) is generated from it, and the API enforces it (``api.app``).
+A route must be listed there, or the API refuses to build.
+
 :func:`openapi_document` without arguments is the deployment-independent contract that
 ``python -m schemas.export`` commits as ``schemas/json/openapi.json``; the API serves the same
 document with its own limits, security and address filled in.
@@ -18,14 +23,24 @@ from typing import Any
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from schemas.api import ErrorResponse, Health
+from schemas.api import ErrorResponse, Health, Scope
 from schemas.events import Id
 from schemas.messages import Recommendations
 
-__all__ = ["RECOMMENDATIONS_PATH", "openapi_document"]
+__all__ = ["ANONYMOUS_SCOPES", "RECOMMENDATIONS_PATH", "SCOPES", "openapi_document"]
 
 RECOMMENDATIONS_PATH = "/v1/users/{user_id}/recommendations"
 _REF = "#/components/schemas/{model}"
+
+# (method, path) -> the scope a key needs, or None for an open route (probes, this document).
+SCOPES: dict[tuple[str, str], Scope | None] = {
+    ("GET", RECOMMENDATIONS_PATH): Scope.READ,
+    ("GET", "/healthz"): None,
+    ("GET", "/openapi.json"): None,
+}
+# What a request without a key may do on a deployment with no keys configured (development on
+# loopback, or `api_allow_anonymous`): read, never write or administer.
+ANONYMOUS_SCOPES = frozenset({Scope.READ})
 
 
 def _components() -> dict[str, Any]:
@@ -44,36 +59,59 @@ def _json(model: str, description: str) -> dict[str, Any]:
     }
 
 
+def _secure(paths: dict[str, Any], keys: bool | None) -> None:
+    """Give every operation the security :data:`SCOPES` names, and its 401 and 403 answers.
+
+    ``keys`` is whether the deployment has keys: with none, the anonymous scopes need no key
+    (``security: []``); ``None`` (the contract) leaves that open with OpenAPI's empty
+    requirement beside the key.
+    """
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            scope = SCOPES[(method.upper(), path)]  # an undeclared operation is a KeyError
+            if scope is None:
+                continue
+            anonymous = scope in ANONYMOUS_SCOPES
+            security: list[dict[str, list[str]]] = [{"apiKey": [scope.value]}]
+            if anonymous and keys is None:
+                security.append({})
+            elif anonymous and keys is False:
+                security = []
+            operation["security"] = security
+            if security:
+                operation["responses"]["401"] = _json(
+                    "ErrorResponse", "No key, or an unknown, wrong, revoked or expired one."
+                )
+                operation["responses"]["403"] = _json(
+                    "ErrorResponse", f"The key is valid but lacks the `{scope.value}` scope."
+                )
+            operation["responses"] = dict(sorted(operation["responses"].items()))
+
+
 def openapi_document(
     *,
     max_k: int | None = None,
     default_k: int | None = None,
-    api_key: bool | None = None,
+    keys: bool | None = None,
     server: str | None = None,
 ) -> dict[str, Any]:
     """The document; each argument left ``None`` is a deployment choice the contract leaves open.
 
-    ``max_k`` and ``default_k`` bound the ``k`` parameter, ``api_key`` says whether ``/v1``
-    requests must carry the key (``None``: a deployment may or may not ask for it), ``server`` is
-    the base URL.
+    ``max_k`` and ``default_k`` bound the ``k`` parameter, ``keys`` says whether the deployment
+    has API keys (without, read routes are open; ``None``: a deployment may or may not), ``server``
+    is the base URL.
     """
     k_schema: dict[str, Any] = {"type": "integer", "minimum": 1}
     if max_k is not None:
         k_schema["maximum"] = max_k
     if default_k is not None:
         k_schema["default"] = default_k
-    security: list[dict[str, list[str]]] = [] if api_key is False else [{"apiKey": []}]
-    if api_key is None:  # an empty requirement beside the key is OpenAPI's "the key is optional"
-        security.append({})
     responses = {
         "200": _json("Recommendations", "The cached list, or popular items when none is cached."),
         "400": _json("ErrorResponse", "Malformed user id or k."),
-        "401": _json("ErrorResponse", "Missing or wrong API key."),
         "500": _json("ErrorResponse", "The request failed; the service goes on."),
         "503": _json("ErrorResponse", "Redis does not answer."),
     }
-    if api_key is False:
-        del responses["401"]
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -84,14 +122,22 @@ def openapi_document(
         },
         "components": {
             "schemas": _components(),
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-API-Key",
+                    "description": "A key from `recstream api keys add`. Each operation names the "
+                    "scope it needs (" + ", ".join(f"`{s.value}`" for s in Scope) + "); a "
+                    "missing or invalid key is a 401, a valid key without the scope a 403.",
+                }
+            },
         },
         "paths": {
             RECOMMENDATIONS_PATH: {
                 "get": {
                     "operationId": "getRecommendations",
                     "summary": "A user's recommendations (popular items when none are cached).",
-                    "security": security,
                     "parameters": [
                         {
                             "name": "user_id",
@@ -114,22 +160,10 @@ def openapi_document(
             "/healthz": {
                 "get": {
                     "operationId": "getHealth",
-                    "summary": "Whether the service and Redis answer.",
+                    "summary": "Whether the service can answer reads.",
                     "responses": {
                         "200": _json("Health", "Healthy."),
-                        "503": _json("Health", "Redis does not answer."),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "getMetrics",
-                    "summary": "Prometheus metrics.",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text exposition format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                        "503": _json("Health", "It cannot (its store does not answer)."),
                     },
                 }
             },
@@ -147,6 +181,7 @@ def openapi_document(
             },
         },
     }
+    _secure(document["paths"], keys)
     if server is not None:
         document["servers"] = [{"url": server}]
     return document

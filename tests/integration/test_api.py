@@ -1,4 +1,4 @@
-"""The read API on the real Redis: cached lists, the popular fallback, keys and bad input.
+"""The read API on the real Redis: cached lists, the popular fallback, keys and scopes, bad input.
 
 Every body is checked against the OpenAPI document the API serves, with an independent validator.
 """
@@ -6,28 +6,28 @@ Every body is checked against the OpenAPI document the API serves, with an indep
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from aiohttp import ClientSession, web
-from pydantic import SecretStr
 
-from api.app import build_app
+from api.app import SERVER_OPTIONS, build_app
+from api.keys import add_key, new_key, revoke_key
 from api.settings import ApiSettings
 from inference.popularity import Popularity
 from lab.datasets import Dataset, Interaction, load_dataset
 from ops.catalog import load_catalog
 from recstream.keys import Keys
 from schemas import ModelRef, Recommendations, ScoredItem
+from schemas.api import Scope
 from schemas.openapi import RECOMMENDATIONS_PATH
 from tests.api_contract import assert_conforms
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
-
-KEY = "k3y-for-tests"
 
 
 def _stored(user: str) -> Recommendations:
@@ -45,7 +45,7 @@ def _stored(user: str) -> Recommendations:
 
 
 async def _calls(settings: ApiSettings, requests: list[tuple[str, dict[str, str]]]) -> list[Any]:
-    runner = web.AppRunner(build_app(settings))
+    runner = web.AppRunner(build_app(settings), **SERVER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -62,10 +62,14 @@ async def _calls(settings: ApiSettings, requests: list[tuple[str, dict[str, str]
     return out
 
 
-def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> None:
+def test_read_api_serves_cache_fallback_and_rejects_bad_input(
+    ns: Namespace, tmp_path: Path
+) -> None:
     import orjson
 
-    settings = ApiSettings(**ns.settings.model_dump(), api_key=SecretStr(KEY))
+    key, record = new_key([Scope.READ], "frontend")
+    add_key(tmp_path / "keys", record)
+    settings = ApiSettings(**ns.settings.model_dump(), api_keys_file=tmp_path / "keys")
     keys = Keys(settings.key_prefix)
     dataset = load_dataset("ml-100k", settings.data_dir)
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
@@ -73,7 +77,7 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> 
     stored = _stored("42")
     client.set(keys.recs("42"), stored.model_dump_json())
     client.close()
-    auth = {"X-API-Key": KEY}
+    auth = {"X-API-Key": key}
     requests = [
         ("/v1/users/42/recommendations", auth),
         ("/v1/users/42/recommendations?k=3", auth),
@@ -86,18 +90,18 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> 
         ("/v1/users/42/recommendations?k=%C2%B2", auth),
         ("/v1/users/42/recommendations?k=" + "7" * 5000, auth),
         ("/healthz", {}),
-        ("/metrics", {}),
+        ("/metrics", auth),  # on its own port, never this one
         ("/openapi.json", {}),
         ("/v1/nothing-here", auth),
     ]
     results = asyncio.run(_calls(settings, requests))
     status = [r[0] for r in results]
-    assert status == [200, 200, 200, 401, 401, 400, 400, 400, 400, 400, 200, 200, 200, 404]
+    assert status == [200, 200, 200, 401, 401, 400, 400, 400, 400, 400, 200, 404, 200, 404]
     document = orjson.loads(results[12][2])
     assert document["openapi"] == "3.1.0"
     for (path, _), (code, _, body) in zip(requests, results, strict=True):
         route = RECOMMENDATIONS_PATH if path.startswith("/v1/users/") else path.split("?")[0]
-        if route in document["paths"] and route != "/metrics":
+        if route in document["paths"]:
             assert_conforms(document, route, code, body)
 
     assert Recommendations.model_validate_json(results[0][2]) == stored
@@ -118,8 +122,50 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(ns: Namespace) -> 
     assert orjson.loads(results[3][2])["error"]["code"] == "unauthorized"
     assert orjson.loads(results[5][2])["error"]["code"] == "bad_user_id"
     assert [orjson.loads(r[2])["error"]["code"] for r in results[7:10]] == ["bad_k"] * 3
-    assert orjson.loads(results[10][2]) == {"ok": True, "redis": True}
-    assert b"recs_api_requests_total" in results[11][2]
+    assert orjson.loads(results[10][2]) == {"ok": True}
+
+
+def test_scopes_on_the_real_store(ns: Namespace, tmp_path: Path) -> None:
+    """A read key gets the cached list; a key without read, no key, a wrong secret, an unknown
+    id, a revoked or an expired key never reach it."""
+    path = tmp_path / "keys"
+    made = {}
+    for name, scopes, expires in [
+        ("reader", [Scope.READ], None),
+        ("admin", [Scope.ADMIN, Scope.EVENTS], None),
+        ("gone", [Scope.READ], None),
+        ("old", [Scope.READ], datetime.now(UTC) - timedelta(seconds=1)),
+    ]:
+        key, record = new_key(scopes, name, expires_at=expires)
+        add_key(path, record)
+        made[name] = (key, record)
+    revoke_key(path, made["gone"][1].key_id)
+    settings = ApiSettings(**ns.settings.model_dump(), api_keys_file=path)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    stored = _stored("u-scoped")
+    client.set(Keys(settings.key_prefix).recs("u-scoped"), stored.model_dump_json())
+    client.close()
+    reader = made["reader"][0]
+    read = "/v1/users/u-scoped/recommendations"
+    results = asyncio.run(
+        _calls(
+            settings,
+            [
+                (read, {"X-API-Key": reader}),
+                (read, {"X-API-Key": made["admin"][0]}),
+                (read, {}),
+                (read, {"X-API-Key": reader[:-4] + "AAAA"}),
+                (read, {"X-API-Key": "rs_000000000000_" + reader.split("_", 2)[2]}),
+                (read, {"X-API-Key": made["gone"][0]}),
+                (read, {"X-API-Key": made["old"][0]}),
+            ],
+        )
+    )
+    assert [r[0] for r in results] == [200, 403, 401, 401, 401, 401, 401]
+    assert Recommendations.model_validate_json(results[0][2]) == stored
+    assert len({r[2] for r in results[2:]}) == 1, "one 401 body for every refused key"
+    for _, _, body in results[1:]:
+        assert b"u-scoped" not in body and b"i0" not in body
 
 
 def test_without_a_catalog_the_fallback_is_empty_and_no_key_is_needed(ns: Namespace) -> None:

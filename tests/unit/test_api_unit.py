@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import orjson
 import pytest
@@ -21,7 +22,7 @@ from api import ApiSettings, build_app
 from api.app import served_openapi, valid_user_id
 from schemas.api import ErrorResponse, Health
 from schemas.export import JSON_DIR, render
-from schemas.openapi import RECOMMENDATIONS_PATH, openapi_document
+from schemas.openapi import RECOMMENDATIONS_PATH, SCOPES, openapi_document
 from tests.api_contract import assert_conforms
 
 # The event contract's identifier alphabet: anything but C0/C1 control characters.
@@ -61,27 +62,41 @@ def test_openapi_components_are_the_models_json_schemas() -> None:
     assert schemas["ErrorResponse"]["required"] == list(ErrorResponse.model_fields)
 
 
-def test_served_document_is_the_contract_with_the_deployment_filled_in() -> None:
+def test_served_document_is_the_contract_with_the_deployment_filled_in(tmp_path: Path) -> None:
     committed = json.loads((JSON_DIR / "openapi.json").read_text("utf-8"))
-    deployment = ApiSettings(api_key=None, api_max_k=50, api_default_k=7, api_port=8123)
+    deployment = ApiSettings(api_max_k=50, api_default_k=7, api_port=8123)
     open_doc = served_openapi(deployment)
-    keyed_doc = served_openapi(ApiSettings(api_key=SecretStr("s3cret")))
+    keyed_doc = served_openapi(ApiSettings(api_keys_file=tmp_path / "keys"))
     assert open_doc["components"] == committed["components"]
     assert set(open_doc["paths"]) == set(committed["paths"])
-    assert set(open_doc["paths"]) == {RECOMMENDATIONS_PATH, "/healthz", "/metrics", "/openapi.json"}
+    assert set(open_doc["paths"]) == {RECOMMENDATIONS_PATH, "/healthz", "/openapi.json"}
     route, keyed_route = (
         open_doc["paths"][RECOMMENDATIONS_PATH]["get"],
         keyed_doc["paths"][RECOMMENDATIONS_PATH]["get"],
     )
-    assert committed["paths"][RECOMMENDATIONS_PATH]["get"]["security"] == [{"apiKey": []}, {}]
+    committed_route = committed["paths"][RECOMMENDATIONS_PATH]["get"]
+    assert committed_route["security"] == [{"apiKey": ["read"]}, {}]
     assert route["security"] == []
-    assert keyed_route["security"] == [{"apiKey": []}]
-    assert "401" not in route["responses"]
-    assert {"200", "400", "401", "503"} <= set(keyed_route["responses"])
+    assert keyed_route["security"] == [{"apiKey": ["read"]}]
+    assert not {"401", "403"} & set(route["responses"])
+    assert {"200", "400", "401", "403", "503"} <= set(keyed_route["responses"])
     k = next(p for p in route["parameters"] if p["name"] == "k")
     assert k["schema"] == {"type": "integer", "minimum": 1, "maximum": 50, "default": 7}
     assert open_doc["servers"] == [{"url": "http://127.0.0.1:8123"}]
-    assert "s3cret" not in orjson.dumps(keyed_doc).decode()
+
+
+def test_every_operation_names_the_scope_it_needs() -> None:
+    """The document's security is generated from SCOPES: open routes have none, the others
+    require the X-API-Key scheme with their scope."""
+    paths = openapi_document()["paths"]
+    operations = {(m.upper(), p): op for p, ops in paths.items() for m, op in ops.items()}
+    assert set(operations) == set(SCOPES)
+    for where, operation in operations.items():
+        scope = SCOPES[where]
+        if scope is None:
+            assert "security" not in operation
+        else:
+            assert {"apiKey": [scope.value]} in operation["security"]
 
 
 async def _get(settings: ApiSettings, paths: list[str]) -> list[tuple[int, bytes]]:
@@ -128,7 +143,7 @@ def test_an_unreachable_store_is_a_503_not_a_500() -> None:
     assert ErrorResponse.model_validate_json(read[1]).error.code == "unavailable"
     assert_conforms(openapi_document(), RECOMMENDATIONS_PATH, 503, read[1])
     assert health[0] == 503
-    assert Health.model_validate_json(health[1]) == Health(ok=False, redis=False)
+    assert Health.model_validate_json(health[1]) == Health(ok=False)
     assert_conforms(openapi_document(), "/healthz", 503, health[1])
 
 
@@ -136,6 +151,7 @@ def test_app_routes_are_the_documented_ones() -> None:
     app = build_app(ApiSettings())
     paths = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
     assert paths == set(openapi_document()["paths"])
+    assert "/metrics" not in paths  # its own port: build_metrics_app
 
 
 def test_aiohttp_own_errors_answer_the_error_model() -> None:
