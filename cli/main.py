@@ -178,6 +178,9 @@ def _register() -> None:
         register_ops,
     ):
         register(main, serve)
+    from cli.doctor import doctor
+
+    main.add_command(doctor)
 
 
 _register()
