@@ -31,6 +31,7 @@ from rich.table import Table
 
 from cli.stack import Stack
 from cli.supervise import Child, http_ok
+from lab.datasets import resolve
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
@@ -89,6 +90,9 @@ class _Stop:
 def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> None:
     """Bring everything up, show the live board until stopped, then tear down in order."""
     base = settings or CommonSettings()
+    # A missing dataset stops the demo here, naming the command that fetches it, before the stack
+    # starts (`catalog load` would stop at the same error later).
+    resolve(options.dataset, base.data_dir)
     settings = base.model_copy(update={"key_prefix": f"{base.key_prefix}{options.namespace}"})
     console = Console()
     stop = _Stop()
