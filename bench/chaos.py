@@ -545,7 +545,8 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="recstream-chaos-"))
     kafka_port, redis_port = free_port_pair(), free_port()
-    ports = {name: free_port() for name in ("api", "regen", "cache", "streams", "embeddings")}
+    names = ("api", "api_metrics", "regen", "cache", "streams", "embeddings")
+    ports = {name: free_port() for name in names}
     base = CommonSettings()
     stack_settings = StackSettings(
         stack_dir=root / "stack",
@@ -588,6 +589,7 @@ def main() -> int:
                 "RECSTREAM_DATA_DIR": str(settings.data_dir),
                 "RECSTREAM_REGEN_MODEL_DIR": str(model_dir),
                 "RECSTREAM_API_PORT": str(ports["api"]),
+                "RECSTREAM_API_METRICS_PORT": str(ports["api_metrics"]),
                 "RECSTREAM_REGEN_METRICS_PORT": str(ports["regen"]),
                 "RECSTREAM_CACHE_METRICS_PORT": str(ports["cache"]),
                 "RECSTREAM_STREAMS_METRICS_PORT": str(ports["streams"]),

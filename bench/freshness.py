@@ -7,7 +7,8 @@
    its production time, and watches ``recs:{user}``: an event is fresh once the cached list's
    ``trigger_ts`` reaches the event's ts. Freshness is measured for the ``view`` that opens each
    rating (a new item, so always a meaningful change);
-3. meanwhile reads the API in a bounded loop (loopback, one keep-alive connection) for latency;
+3. meanwhile reads the API in a bounded loop (loopback, one keep-alive connection) for latency,
+   with a read-scoped API key, as a deployed frontend would;
 4. after the pipeline stops, saturates a worker pool alone with every ML-100K user's history to
    measure the regenerations per second it sustains.
 
@@ -40,6 +41,7 @@ import orjson
 import redis
 from confluent_kafka import Producer
 
+from api.keys import add_key, new_key
 from bench.common import percentile
 from cli.run import Pipeline
 from cli.stack import Stack
@@ -53,6 +55,7 @@ from ops.feed import dataset_tag, events_for
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
+from schemas.api import Scope
 
 
 def wait_http(port: int, path: str, timeout: float) -> None:
@@ -114,7 +117,9 @@ class Watcher(threading.Thread):
             time.sleep(0.002)
 
 
-def api_load(port: int, users: list[str], rate: float, stop: EventType, out: Connection) -> None:
+def api_load(  # noqa: PLR0917 - the spawned process's arguments
+    port: int, key: str, users: list[str], rate: float, stop: EventType, out: Connection
+) -> None:
     """Sequential GETs over one keep-alive connection at a bounded rate; sends back latencies.
 
     Runs in its own process: a thread beside the producer and the watcher would wait for the
@@ -128,7 +133,7 @@ def api_load(port: int, users: list[str], rate: float, stop: EventType, out: Con
     while not stop.is_set():
         user = rng.choice(users)
         started = time.perf_counter()
-        conn.request("GET", f"/v1/users/{user}/recommendations")
+        conn.request("GET", f"/v1/users/{user}/recommendations", headers={"X-API-Key": key})
         response = conn.getresponse()
         response.read()
         latencies.append(time.perf_counter() - started)
@@ -143,12 +148,12 @@ def api_load(port: int, users: list[str], rate: float, stop: EventType, out: Con
 class ApiLoad:
     """:func:`api_load` in a spawned process."""
 
-    def __init__(self, port: int, users: list[str], rate: float) -> None:
+    def __init__(self, port: int, key: str, users: list[str], rate: float) -> None:
         ctx = mp.get_context("spawn")
         self._stop = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(
-            target=api_load, args=(port, users, rate, self._stop, send), daemon=True
+            target=api_load, args=(port, key, users, rate, self._stop, send), daemon=True
         )
 
     def start(self) -> None:
@@ -244,6 +249,9 @@ def main() -> None:
     load_catalog(client, keys, ds)
 
     api_port, regen_port, cache_port = free_port(), free_port(), free_port()
+    keys_file = Path(tempfile.mkdtemp(prefix="recstream-bench-")) / "api-keys.jsonl"
+    api_key, api_record = new_key([Scope.READ], "bench-freshness")
+    add_key(keys_file, api_record)
     env = {
         **os.environ,
         **{f"RECSTREAM_{k.upper()}": v for k, v in names.items()},
@@ -257,6 +265,8 @@ def main() -> None:
         "RECSTREAM_REGEN_DEBOUNCE_MS": str(args.debounce_ms),
         "RECSTREAM_REGEN_POOL__WORKERS": str(args.workers),
         "RECSTREAM_API_PORT": str(api_port),
+        "RECSTREAM_API_METRICS_PORT": str(free_port()),
+        "RECSTREAM_API_KEYS_FILE": str(keys_file),
         "RECSTREAM_REGEN_METRICS_PORT": str(regen_port),
         "RECSTREAM_CACHE_METRICS_PORT": str(cache_port),
     }
@@ -302,7 +312,7 @@ def main() -> None:
         print(f"pipeline ready; replaying {args.rate:.0f} events/s for {args.seconds:.0f}s")
 
         users = list(dict.fromkeys(it.user_id for it in ds.interactions[:5000]))
-        api = ApiLoad(api_port, users, args.api_rate)
+        api = ApiLoad(api_port, api_key, users, args.api_rate)
         api.start()
         started = time.monotonic()
         topic = names["topic_clickstream"]
@@ -313,7 +323,7 @@ def main() -> None:
             time.sleep(0.05)
         api_latencies, api_errors = api.finish()
         # The same reads with the pipeline idle, to tell the API's cost from CPU contention.
-        idle = ApiLoad(api_port, users, args.api_rate)
+        idle = ApiLoad(api_port, api_key, users, args.api_rate)
         idle.start()
         time.sleep(5)
         idle_latencies, _ = idle.finish()

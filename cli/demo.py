@@ -48,6 +48,7 @@ class DemoOptions:
     rate: float = 20.0
     limit: int | None = None
     api_url: str = "http://127.0.0.1:8000"
+    api_metrics_url: str = "http://127.0.0.1:9105"  # the API's /metrics port (api_metrics_port)
     rows: int = 12
     duration_s: float | None = None
     train_minutes: float = 5.0
@@ -164,8 +165,9 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
             replay += ["--limit", str(options.limit)]
         children.append(Child.spawn("replay", replay, logs / "demo-replay.log", env))
         console.print(
-            f"services up: API {options.api_url}/v1/users/<id>/recommendations, metrics "
-            f"{options.api_url}/metrics; logs in {logs}. Ctrl-C stops everything."
+            f"services up: API {options.api_url}/v1/users/<id>/recommendations (open on "
+            f"loopback: no keys file), its metrics {options.api_metrics_url}/metrics; logs in "
+            f"{logs}. Ctrl-C stops everything."
         )
         board = Board(options.rows)
         deadline = time.monotonic() + options.duration_s if options.duration_s else None

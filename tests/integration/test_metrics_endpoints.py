@@ -92,8 +92,11 @@ SERVICES: dict[str, tuple[Callable[[int, Namespace, Path], dict[str, str]], set[
             "recs_consumer_lag_messages",
         },
     ),
-    "api": (
-        lambda port, _ns, _tmp: {"RECSTREAM_API_PORT": str(port)},
+    "api": (  # /metrics on its own port; the API's port (another free one) does not serve it
+        lambda port, _ns, _tmp: {
+            "RECSTREAM_API_METRICS_PORT": str(port),
+            "RECSTREAM_API_PORT": str(free_port()),
+        },
         {
             "recs_api_requests_total",
             "recs_api_request_latency_seconds",
@@ -156,6 +159,10 @@ def test_service_exposes_its_metrics(
     child = start(service, env, tmp_path / f"{service}.log")
     try:
         exposition = scrape(f"http://127.0.0.1:{port}/metrics", child, timeout_s=90)
+        if service == "api":
+            main_port = env["RECSTREAM_API_PORT"]
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{main_port}/metrics", timeout=5)
     finally:
         code = stop(child)
     missing = expected - families(exposition)

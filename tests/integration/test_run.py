@@ -40,6 +40,7 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(
         "RECSTREAM_REGEN_GROUP_ID": ns.group("regen"),
         "RECSTREAM_CACHE_GROUP_ID": ns.group("cache"),
         "RECSTREAM_API_PORT": str(api),
+        "RECSTREAM_API_METRICS_PORT": str(free_port()),
         "RECSTREAM_REGEN_METRICS_PORT": str(regen),
         "RECSTREAM_CACHE_METRICS_PORT": str(cache),
         "RECSTREAM_STREAMS_METRICS_PORT": "0",
