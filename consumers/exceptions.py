@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from recstream.errors import RecstreamError
 
-__all__ = ["CacheWriteError", "ConsumerError", "DeliveryError"]
+__all__ = ["CacheWriteError", "ConsumerError", "DeliveryError", "RedisUnavailableError"]
 
 
 class ConsumerError(RecstreamError):
@@ -18,6 +18,10 @@ class ConsumerError(RecstreamError):
 
 class DeliveryError(ConsumerError):
     """The broker kept refusing a record (a list or a dead letter) past the retry budget."""
+
+
+class RedisUnavailableError(ConsumerError):
+    """Redis stayed unreachable past the regeneration service's retry budget."""
 
 
 class CacheWriteError(ConsumerError):

@@ -51,7 +51,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from consumers.coalesce import Coalescer, InFlight, OffsetTracker, Pending, Position
 from consumers.deadletter import DeadReason, RecordRefusedError, decode, envelope
-from consumers.exceptions import DeliveryError
+from consumers.exceptions import DeliveryError, RedisUnavailableError
 from consumers.messages import at_least_once_consumer, commit_stored, position
 from consumers.metrics import (
     REGEN_COALESCED,
@@ -151,6 +151,8 @@ class RegenService:
         self._retries: list[tuple[float, _Outgoing]] = []  # (due, record), waiting to resend
         self._outstanding = 0  # records produced whose delivery is not settled
         self._failure: DeliveryError | None = None
+        self._redis_down_since: float | None = None  # first failed profile read of an outage
+        self._redis_retry_at = 0.0
         self.consumer = at_least_once_consumer(
             settings.kafka_bootstrap,
             settings.regen_group_id,
@@ -278,10 +280,18 @@ class RegenService:
 
     def _start_due(self, now: float, flush: bool) -> None:
         room = self.pool.capacity
-        if room <= 0:
+        if room <= 0 or now < self._redis_retry_at:
             return
         for entry in self.coalescer.take_due(now, room, flush=flush):
-            profile = read_profile(self.redis, self.keys, entry.user_id)
+            try:
+                profile = read_profile(self.redis, self.keys, entry.user_id)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Includes LOADING (a restarted Redis replaying its AOF). Stay in the group and
+                # keep the work: a crash would cost a restart and the model's load.
+                self.coalescer.put_back(entry)
+                self._redis_unavailable(exc, now)
+                return
+            self._redis_down_since = None
             if profile is None:
                 REGEN_MISSING_PROFILE.inc()
                 for where in entry.positions:
@@ -295,6 +305,16 @@ class RegenService:
                 self.coalescer.put_back(entry)
                 break
             self._started(entry, profile.version, future)
+
+    def _redis_unavailable(self, exc: redis.RedisError, now: float) -> None:
+        """Retry the profile reads with backoff; past ``regen_redis_retry_s`` raise."""
+        if self._redis_down_since is None:
+            self._redis_down_since = now
+            log.warning("Redis unavailable, holding regenerations: %s", exc)
+        down_s = now - self._redis_down_since
+        if down_s > self.settings.regen_redis_retry_s:
+            raise RedisUnavailableError(f"Redis unavailable for {down_s:.0f}s: {exc}") from exc
+        self._redis_retry_at = now + min(0.05 * 2 ** int(down_s), 1.0)
 
     def _refuse_ahead(self, entry: Pending, stored: int) -> bool:
         """Dead-letter the entry's changes announcing a version the profile does not have.

@@ -79,6 +79,12 @@ class RegenSettings(CommonSettings):
     regen_stats_interval_ms: int = Field(
         5000, ge=0, description="librdkafka statistics interval (consumer lag metric); 0 = off."
     )
+    regen_redis_retry_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long profile reads may fail (Redis down or loading its AOF) before the "
+        "service exits; meanwhile it keeps its partitions and its work.",
+    )
     regen_metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
     regen_metrics_port: int = Field(
         9102, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = off."
