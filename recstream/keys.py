@@ -79,6 +79,15 @@ class Keys:
         """
         return f"{self.user_base(user_id)}privacy"
 
+    def erased(self, user_id: str) -> str:
+        """Hash ``topic:partition`` -> end offset when the user was erased (plus ``erased_at_ms``).
+
+        The erasure marker (``streams.erasure``): the fold skips the user's events below these
+        offsets, so an erased history is never folded again. Not in :data:`USER_KINDS` and never
+        given the idle TTL: it must outlive the events it stands for.
+        """
+        return f"{self.user_base(user_id)}erased"
+
     def user_keys(self, user_id: str) -> list[str]:
         """Every key of the user, one per :data:`USER_KINDS` (for export, erasure, tests)."""
         base = self.user_base(user_id)
@@ -89,6 +98,16 @@ class Keys:
         if kind not in USER_KINDS:
             raise ValueError(f"unknown user key kind {kind!r}")
         return f"{_glob_escape(self.prefix)}u:{{*}}:{kind}"
+
+    def user_match_nested(self, user_id: str) -> str:
+        """SCAN ``MATCH`` pattern of every key of this user under this prefix and every
+        namespace nested in it (:meth:`namespace`), whatever the kind.
+
+        The escaped id holds no glob metacharacter and no ``{``/``}``, and a prefix may hold no
+        brace, so ``u:{<enc>}:`` occurs in a key only as this user's hash tag: no other user's
+        key matches.
+        """
+        return f"{_glob_escape(self.prefix)}*u:{{{_glob_escape(escape(user_id))}}}:*"
 
     def user_of(self, key: str | bytes) -> str:
         """The user id of one of this prefix's user keys (inverse of :meth:`user_base`)."""

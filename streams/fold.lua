@@ -21,8 +21,14 @@
 -- before the first write) and reported with version -1 and 'WRONGTYPE' in place of the trigger
 -- event id, so the caller dead-letters that user's records while the rest of the batch folds.
 --
+-- Erasure: a user group may carry a fourth element, the 'topic:partition' its records came from,
+-- and each of its events a fifth, its offset there. If the user's erased marker (user_key_base ..
+-- 'erased', written by streams/erasure.py) holds a watermark for that partition, the events
+-- below it are skipped and counted as erased: they belong to the history that was erased. One
+-- HGET per such user per batch; events without an offset are never skipped.
+--
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
--- trigger_ts, new_item...}; numbers that are not integers travel as strings.
+-- trigger_ts, erased, new_item...}; numbers that are not integers travel as strings.
 --
 -- Durable progress: the LAST three ARGV (counted from the end, so arguments added before them
 -- do not move them) are offsets_key, offsets and notices. offsets is JSON [[field, next], ...]
@@ -207,8 +213,28 @@ for index, group in ipairs(batch) do
   local rkey = base_key .. 'recent'
   local skey = base_key .. 'seen'
 
+  local erased = 0
+  if not refused[index] and group[4] then
+    local watermark = tonumber(redis.call('HGET', base_key .. 'erased', group[4]))
+    if watermark ~= nil then
+      local kept = {}
+      for _, ev in ipairs(events) do
+        if ev[5] ~= nil and ev[5] < watermark then
+          erased = erased + 1
+        else
+          kept[#kept + 1] = ev
+        end
+      end
+      events = kept
+    end
+  end
+
   if refused[index] then
-    results[#results + 1] = { user, -1, 0, 0, 0, 0, '0', 'WRONGTYPE', '0' }
+    results[#results + 1] = { user, -1, 0, 0, 0, 0, '0', 'WRONGTYPE', '0', 0 }
+  elseif #events == 0 then
+    -- Every event was erased history: nothing is written, no key is created or kept alive.
+    local version = tonumber(redis.call('HGET', pkey, 'version')) or 0
+    results[#results + 1] = { user, version, 0, 0, 0, 0, '0', '', '0', erased }
   else
     local state = redis.call('HMGET', pkey, 'version', 'events', 'ref_ts', 'base_ts', 'emitted_mix')
     local version = tonumber(state[1]) or 0
@@ -342,7 +368,7 @@ for index, group in ipairs(batch) do
     end
     local row = {
       user, version, folded, duplicates, late, emit, fmt(shift), trigger_id or '',
-      fmt(trigger_ts or 0),
+      fmt(trigger_ts or 0), erased,
     }
     for _, item in ipairs(new_items) do
       row[#row + 1] = item

@@ -114,6 +114,8 @@ class Folded:
     new_items: tuple[str, ...]
     rejected: str = ""
     """Why Redis refused the user's keys (e.g. ``WRONGTYPE``); nothing of the user was written."""
+    erased: int = 0
+    """Events skipped because they belong to the user's erased history (``streams.erasure``)."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Folded:
@@ -132,7 +134,8 @@ class Folded:
             shift=float(text(row[6])),
             trigger_event_id=text(row[7]),
             trigger_ts=float(text(row[8])),
-            new_items=tuple(text(item) for item in row[9:]),
+            new_items=tuple(text(item) for item in row[10:]),
+            erased=int(row[9]),
         )
 
     @classmethod
@@ -154,13 +157,54 @@ def group_by_user(
     return groups
 
 
+PositionedEvent = tuple[str, str, float, float, int]
+"""``(event_id, item, ts, weight, offset)``: an event with its clickstream offset."""
+
+
+def group_positioned(
+    events: Iterable[tuple[str, str, str, float, float, str, int]],
+) -> tuple[dict[str, list[PositionedEvent]], dict[str, str]]:
+    """``(user, event_id, item, ts, weight, field, offset)`` -> user -> events with offsets, and
+    user -> its ``topic:partition`` field (the fold checks them against the erasure marker).
+
+    A user's records share one partition (the key is the user id); should they not (the
+    partition count changed), the user's first partition is checked and the offsets of another
+    partition are not compared with it: those events carry no offset.
+    """
+    groups: dict[str, list[PositionedEvent]] = {}
+    fields: dict[str, str] = {}
+    for user, event_id, item, ts, weight, field_, offset in events:
+        bucket = groups.get(user)
+        if bucket is None:
+            bucket = groups[user] = []
+            fields[user] = field_
+        if field_ == fields[user]:
+            bucket.append((event_id, item, ts, weight, offset))
+        else:
+            bucket.append((event_id, item, ts, weight))  # type: ignore[arg-type]  # no offset
+    return groups, fields
+
+
 def script_args(
-    keys: Keys, params: FoldParams, groups: Mapping[str, Sequence[tuple[str, str, float, float]]]
+    keys: Keys,
+    params: FoldParams,
+    groups: Mapping[str, Sequence[tuple[Any, ...]]],
+    fields: Mapping[str, str] | None = None,
 ) -> list[str | bytes]:
-    """ARGV of ``fold.lua``: the rules, the batch with each user's key base, the item keys."""
+    """ARGV of ``fold.lua``: the rules, the batch with each user's key base, the item keys.
+
+    With ``fields`` (user -> ``topic:partition``, events carrying their offsets), the script
+    skips the events of the user's erased history.
+    """
     item_key = keys.item
-    items = {item: item_key(item) for events in groups.values() for _, item, _, _ in events}
+    items = {event[1]: item_key(event[1]) for events in groups.values() for event in events}
     user_base = keys.user_base
+    if fields:
+        batch = orjson.dumps(
+            [(user, user_base(user), events, fields[user]) for user, events in groups.items()]
+        )
+    else:
+        batch = orjson.dumps([(user, user_base(user), events) for user, events in groups.items()])
     return [
         keys.prefix,
         repr(params.half_life_s),
@@ -168,7 +212,7 @@ def script_args(
         repr(params.retention_s),
         repr(params.rebase_after_s),
         repr(params.shift_threshold),
-        orjson.dumps([(user, user_base(user), events) for user, events in groups.items()]),
+        batch,
         orjson.dumps(items),
         str(params.seen_max),
         str(params.items_max),
@@ -218,6 +262,10 @@ def pending_notice(value: bytes | str) -> tuple[int | None, Folded]:
     delivered notice compares a prefix of the value instead of decoding it.
     """
     _, origin, *row = orjson.loads(value)
+    if len(row) > 9 and not isinstance(row[9], int):
+        row.insert(9, 0)  # stored before rows carried the erased count
+    elif len(row) == 9:
+        row.append(0)
     return (origin if isinstance(origin, int) else None), Folded.from_row(row)
 
 
@@ -236,15 +284,17 @@ class FoldScript:
 
     async def run(
         self,
-        groups: Mapping[str, Sequence[tuple[str, str, float, float]]],
+        groups: Mapping[str, Sequence[tuple[Any, ...]]],
         progress: Progress | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> list[Folded]:
+        """Fold ``groups`` (user -> events); with ``fields``, honouring erasure markers."""
         # A batch whose records were all dead-lettered folds nothing, but its offsets must still
         # be stored: the worker counts them as Redis's progress from now on.
         if not groups and (progress is None or not progress.offsets):
             return []
         sha = self._sha or await self.load()
-        args = script_args(self._keys, self._params, groups)
+        args = script_args(self._keys, self._params, groups, fields)
         args += NO_PROGRESS if progress is None else progress.args()
         try:
             rows = await self._redis.evalsha(sha, 0, *args)

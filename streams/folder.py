@@ -9,6 +9,8 @@ beside their topic, partition, offset, headers and Kafka timestamp) and:
    whose key is not its ``user_id`` is dead-lettered too (``key_mismatch``), since per-user order
    relies on the key;
 2. folds the valid events, grouped by user, with one EVALSHA of ``streams/fold.lua``;
+   The events of an erased user's history (offsets below the watermarks of the user's erasure
+   marker, ``streams.erasure``) are skipped there and counted as ``erased``;
 3. sends a ``ProfileChanged`` for each user with a new item or a category mix shift of at least
    ``profile_shift_threshold``, with header ``recs.origin_ts``: the Kafka timestamp (epoch
    milliseconds) of the user's newest record in the batch, which the regeneration consumer passes
@@ -65,9 +67,10 @@ from streams.fold import (
     Folded,
     FoldParams,
     FoldScript,
+    PositionedEvent,
     Progress,
     Weights,
-    group_by_user,
+    group_positioned,
     pending_notice,
     to_datetime,
 )
@@ -79,7 +82,8 @@ __all__ = ["BatchHook", "ProfileFolder", "Send"]
 log = logging.getLogger(__name__)
 
 SERVICE = "streams"
-"""The service label of ``recs_records_total`` (``in = folded + duplicate + dead_lettered``)."""
+"""The service label of ``recs_records_total``
+(``in = folded + duplicate + dead_lettered + erased``)."""
 
 # Dead-letter reasons of records refused before or by the store (the contract's own reasons
 # are schemas.Reason, for values that fail validation).
@@ -153,6 +157,7 @@ class ProfileFolder:
         keys = Keys(settings.key_prefix)
         self._offsets_key = keys.stream_offsets(group) if group is not None else ""
         self._pending_key = _memo(lambda tp: keys.pending_changes(group or "", tp[0], tp[1]))
+        self._field_of = _memo(_field)
         self._forget = redis.register_script(FORGET_DELIVERED_LUA)
         self._unflushed: list[Awaitable[object]] = []
         self._forgetting: set[asyncio.Future[None]] = set()
@@ -189,11 +194,12 @@ class ProfileFolder:
         previous: asyncio.Future[None] | None,
     ) -> None:
         started = time.monotonic()
-        valid: list[tuple[str, str, str, float, float]] = []
+        valid: list[tuple[str, str, str, float, float, str, int]] = []
         valid_records: list[Envelope] = []
         # Per user, the Kafka timestamp of its newest record (records of a user come in order).
         produced: dict[str, int | None] = {}
         weight_of = self.weights.of
+        field_of = self._field_of
         topic = records[0].topic if records else ""
         dead = 0
         # Everything is checked here, before anything reaches Redis: a record the fold could
@@ -223,7 +229,17 @@ class ProfileFolder:
                 continue
             stamp = record.timestamp_ms
             produced[event.user_id] = stamp if type(stamp) is int and stamp >= 0 else None
-            valid.append((event.user_id, event.event_id, event.item_id, ts, weight_of(event)))
+            valid.append(
+                (
+                    event.user_id,
+                    event.event_id,
+                    event.item_id,
+                    ts,
+                    weight_of(event),
+                    field_of((record.topic, record.partition)),
+                    record.offset,
+                )
+            )
             valid_records.append(record)
         metrics.EVENTS_IN.labels(topic).inc(len(records))
         progress = None
@@ -235,7 +251,8 @@ class ProfileFolder:
         if progress is not None:
             progress = progress.expecting(self._known)
             await self._flush_dead_letters()
-        folded = await self._fold(group_by_user(valid), progress)
+        groups, fields = group_positioned(valid)
+        folded = await self._fold(groups, progress, fields)
         if progress is not None and self._offsets_moved:
             self._remember_offsets(progress, folded)
         if self.settings.streams_fault_kill_before_announce and any(r.emit for r in folded):
@@ -249,11 +266,12 @@ class ProfileFolder:
                     await self._dead_letter(record, STORE_REJECTED, detail)
                     dead += 1
         # Counted together once every record has its outcome, so in = folded + duplicate +
-        # dead_lettered holds whenever no batch is inside this method.
+        # dead_lettered + erased holds whenever no batch is inside this method.
         count(SERVICE, topic, "in", len(records))
         count(SERVICE, topic, "dead_lettered", dead)
         count(SERVICE, topic, "folded", sum(r.folded for r in folded))
         count(SERVICE, topic, "duplicate", sum(r.duplicates + r.late for r in folded))
+        count(SERVICE, topic, "erased", sum(r.erased for r in folded))
         announced = 0
         sent: list[tuple[str, Folded, object]] = []
         for result in folded:
@@ -310,8 +328,9 @@ class ProfileFolder:
 
     async def _fold(
         self,
-        groups: dict[str, list[tuple[str, str, float, float]]],
+        groups: dict[str, list[PositionedEvent]],
         progress: Progress | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> list[Folded]:
         """Run the fold script; retry while Redis is briefly unavailable, isolate refused users.
 
@@ -326,7 +345,7 @@ class ProfileFolder:
         self._offsets_moved = progress is not None
         while True:
             try:
-                results = await self.script.run(groups, progress)
+                results = await self.script.run(groups, progress, fields)
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
                 if isinstance(exc, ResponseError) and str(exc).startswith(PROGRESS_LOST):
                     # Redis came back older while this worker ran: folding on would leave the
@@ -334,7 +353,7 @@ class ProfileFolder:
                     raise StoreUnavailable(f"Redis lost progress: {exc}") from exc
                 if isinstance(exc, ResponseError) and not transient(exc):
                     self._offsets_moved = False
-                    results = await self._fold_each(groups, progress)
+                    results = await self._fold_each(groups, progress, fields)
                     break
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
@@ -352,12 +371,15 @@ class ProfileFolder:
                 metrics.IGNORED.labels("duplicate").inc(result.duplicates)
             if result.late:
                 metrics.IGNORED.labels("too_late").inc(result.late)
+            if result.erased:
+                metrics.IGNORED.labels("erased").inc(result.erased)
         return results
 
     async def _fold_each(
         self,
-        groups: dict[str, list[tuple[str, str, float, float]]],
+        groups: dict[str, list[PositionedEvent]],
         progress: Progress | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> list[Folded]:
         """Fold each user alone, so one user's refused data cannot hold back the others'.
 
@@ -371,7 +393,7 @@ class ProfileFolder:
         for user, events in groups.items():
             try:
                 notices_only = None if progress is None else progress.without_offsets()
-                results.extend(await self.script.run({user: events}, notices_only))
+                results.extend(await self.script.run({user: events}, notices_only, fields))
             except ResponseError as exc:
                 if transient(exc):
                     raise StoreUnavailable(f"Redis unavailable: {reply_class(exc)}") from exc
@@ -386,7 +408,7 @@ class ProfileFolder:
     def _progress(
         self,
         records: Sequence[Envelope],
-        valid: Sequence[tuple[str, str, str, float, float]],
+        valid: Sequence[tuple[str, str, str, float, float, str, int]],
         valid_records: Sequence[Envelope],
         produced: Mapping[str, int | None],
     ) -> Progress:

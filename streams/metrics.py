@@ -30,7 +30,8 @@ DEAD_LETTERED = Counter(
 )
 IGNORED = Counter(
     "recs_stream_events_ignored_total",
-    "Valid events not folded: duplicates (event_id already folded) or later than retention.",
+    "Valid events not folded: duplicates (event_id already folded), later than retention, or "
+    "of an erased history.",
     ["reason"],
 )
 FOLDED = Counter("recs_stream_events_folded_total", "Events folded into profiles.")

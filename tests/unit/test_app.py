@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -33,12 +34,17 @@ def record(
 
 class FakeScript:
     def __init__(self) -> None:
-        self.groups: list[Mapping[str, Sequence[tuple[str, str, float, float]]]] = []
+        self.groups: list[Mapping[str, Sequence[tuple[Any, ...]]]] = []
+        self.fields: list[Mapping[str, str] | None] = []
 
     async def run(
-        self, groups: Mapping[str, Sequence[tuple[str, str, float, float]]], progress: object = None
+        self,
+        groups: Mapping[str, Sequence[tuple[Any, ...]]],
+        progress: object = None,
+        fields: Mapping[str, str] | None = None,
     ) -> list[Folded]:
         self.groups.append(groups)
+        self.fields.append(fields)
         return [
             Folded(user, 7, len(evs), 0, 0, True, 0.25, evs[-1][0], evs[-1][2], (evs[0][1],))
             for user, evs in groups.items()
@@ -100,6 +106,9 @@ def test_valid_events_are_grouped_and_changes_follow_the_contract() -> None:
     assert list(groups) == ["u1", "u2"]
     assert [e[0] for e in groups["u1"]] == ["e1", "e3"]
     assert groups["u1"][0][3] == 2.0  # a click's weight
+    # Each event travels with its offset, each user with its partition (the erasure check).
+    assert [e[4] for e in groups["u1"]] == [r.offset for r in records if r.key == b"u1"]
+    assert script.fields[0] == {"u1": f"{records[0].topic}:{records[0].partition}", "u2": ANY}
     assert [c["key"] for c in changed] == [b"u1", b"u2"]
     first = ProfileChanged.model_validate_json(changed[0]["value"])
     assert first.profile_version == 7

@@ -17,6 +17,8 @@ from streams.fold import (
     FoldParams,
     Weights,
     group_by_user,
+    group_positioned,
+    pending_notice,
     reference_fold,
     script_args,
 )
@@ -171,14 +173,44 @@ def test_script_args_layout() -> None:
 
 
 def test_folded_decodes_script_rows() -> None:
-    row = [b"u", 3, 2, 1, 0, 1, b"0.25", b"e9", b"1700000000.5", b"a", b"b"]
+    row = [b"u", 3, 2, 1, 0, 1, b"0.25", b"e9", b"1700000000.5", 4, b"a", b"b"]
     folded = Folded.from_row(row)
-    assert folded == Folded("u", 3, 2, 1, 0, True, 0.25, "e9", 1700000000.5, ("a", "b"))
+    assert folded == Folded("u", 3, 2, 1, 0, True, 0.25, "e9", 1700000000.5, ("a", "b"), erased=4)
     assert not folded.rejected
 
 
+def test_pending_notices_stored_before_the_erased_count_still_decode() -> None:
+    old = orjson.dumps([3, 17, "u", 3, 2, 1, 0, 1, "0.25", "e9", "1700000000.5", "a", "b"])
+    new = orjson.dumps([3, 17, "u", 3, 2, 1, 0, 1, "0.25", "e9", "1700000000.5", 0, "a", "b"])
+    bare = orjson.dumps([3, None, "u", 3, 2, 1, 0, 1, "0.25", "e9", "1700000000.5"])
+    assert pending_notice(old) == pending_notice(new)
+    assert pending_notice(old)[1].new_items == ("a", "b")
+    assert pending_notice(bare) == (
+        None,
+        Folded("u", 3, 2, 1, 0, True, 0.25, "e9", 1700000000.5, ()),
+    )
+
+
+def test_positioned_groups_carry_offsets_and_the_partition_of_each_user() -> None:
+    rows = [
+        ("u", "e1", "a", 1.0, 2.0, "t:0", 5),
+        ("v", "e2", "b", 1.0, 1.0, "t:1", 6),
+        ("u", "e3", "c", 2.0, 1.0, "t:0", 9),
+        ("u", "e4", "d", 3.0, 1.0, "t:2", 1),  # another partition: no offset to compare
+    ]
+    groups, fields = group_positioned(rows)
+    assert fields == {"u": "t:0", "v": "t:1"}
+    assert groups["u"] == [
+        ("e1", "a", 1.0, 2.0, 5),
+        ("e3", "c", 2.0, 1.0, 9),
+        ("e4", "d", 3.0, 1.0),
+    ]
+    args = script_args(Keys("p:"), FoldParams(), groups, fields)
+    assert orjson.loads(args[6])[1] == ["v", "p:u:{v}:", [["e2", "b", 1.0, 1.0, 6]], "t:1"]
+
+
 def test_folded_decodes_a_refused_user() -> None:
-    row = [b"u", -1, 0, 0, 0, 0, b"0", b"WRONGTYPE", b"0"]
+    row = [b"u", -1, 0, 0, 0, 0, b"0", b"WRONGTYPE", b"0", 0]
     assert Folded.from_row(row) == Folded.refused("u", "WRONGTYPE")
     assert Folded.from_row(row).rejected == "WRONGTYPE"
 
