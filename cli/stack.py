@@ -425,6 +425,11 @@ class Stack:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
+            # A restarted broker is fenced until its previous registration's session runs out
+            # (9 s by default): most of a restart after a crash. One process is broker and
+            # controller, so its heartbeats never cross a network.
+            "broker.heartbeat.interval.ms": "750",
+            "broker.session.timeout.ms": "3000",
             "auto.create.topics.enable": "true",
             "log.retention.hours": "168",
         }
