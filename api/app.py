@@ -49,6 +49,7 @@ from api.metrics import FALLBACKS, LATENCY, REQUESTS
 from api.settings import ApiSettings, is_loopback
 from inference.popularity import Popularity
 from recstream.keys import Keys
+from recstream.security import async_redis_client
 from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
 from schemas.api import ApiKeyRecord, Scope
 from schemas.events import Id
@@ -271,7 +272,7 @@ def build_app(settings: ApiSettings) -> web.Application:
         return web.Response(body=document, content_type="application/json")
 
     async def connect(app: web.Application) -> None:
-        app[REDIS] = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        app[REDIS] = async_redis_client(settings)
 
     async def disconnect(app: web.Application) -> None:
         await app[REDIS].aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
@@ -30,6 +31,8 @@ def is_loopback(host: str) -> bool:
 
 class ApiSettings(CommonSettings):
     """The HTTP service web frontends read recommendations from."""
+
+    principal: ClassVar[str] = "api"
 
     api_host: str = Field("127.0.0.1", description="Listen address.")
     api_port: int = Field(8000, ge=0, le=65535, description="Listen port.")

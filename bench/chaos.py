@@ -162,11 +162,17 @@ class Feed:
 
 
 def feed(
-    bootstrap: str, topic: str, records: Iterator[tuple[bytes, bytes]], args: Any, out: Feed
+    settings: CommonSettings,
+    topic: str,
+    records: Iterator[tuple[bytes, bytes]],
+    args: Any,
+    out: Feed,
 ) -> None:
     """Produce ``records`` at ``args.rate`` until ``out.stop`` is set; a refused record is sent
     again (same event id, so a second copy on the topic is a duplicate the fold ignores)."""
-    producer = idempotent_producer(bootstrap, linger_ms=5, message_timeout_ms=600_000, logger=QUIET)
+    producer = idempotent_producer(
+        settings, "producer", linger_ms=5, message_timeout_ms=600_000, logger=QUIET
+    )
     lock = threading.Lock()
     failed: list[tuple[bytes, bytes]] = []
 
@@ -228,7 +234,7 @@ class Probe(threading.Thread):
         watcher = threading.Thread(target=self.watch, daemon=True)
         watcher.start()
         producer = idempotent_producer(
-            self.settings.kafka_bootstrap, linger_ms=0, message_timeout_ms=600_000, logger=QUIET
+            self.settings, linger_ms=0, message_timeout_ms=600_000, logger=QUIET
         )
 
         def delivered(err: Any, _msg: Any) -> None:
@@ -456,7 +462,7 @@ def locate(settings: CommonSettings, wanted: set[str]) -> dict[str, tuple[int, i
     found: dict[str, tuple[int, int, float]] = {}
     if not wanted:
         return found
-    with TopicReader(settings.kafka_bootstrap, settings.topic_clickstream) as reader:
+    with TopicReader(settings, settings.topic_clickstream) as reader:
         ranges = reader.plan()
         for batch in reader.read(ranges, 5000, 30.0):
             for m in batch:
@@ -470,7 +476,7 @@ def locate(settings: CommonSettings, wanted: set[str]) -> dict[str, tuple[int, i
 
 
 def dlq_count(settings: CommonSettings) -> int:
-    with TopicReader(settings.kafka_bootstrap, settings.topic_dlq) as reader:
+    with TopicReader(settings, settings.topic_dlq) as reader:
         return sum(high - low for low, high in reader.watermarks().values())
 
 
@@ -617,7 +623,7 @@ def main() -> int:
         feeder = threading.Thread(
             target=feed,
             args=(
-                settings.kafka_bootstrap,
+                settings,
                 settings.topic_clickstream,
                 replay_records(ds),
                 args,

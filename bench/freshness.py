@@ -280,7 +280,7 @@ def main() -> None:
         },
         env=env,
     )
-    producer = idempotent_producer(settings.kafka_bootstrap, linger_ms=0)
+    producer = idempotent_producer(settings, linger_ms=0)
     watcher = Watcher(client, keys)
     results: dict[str, Any] = {}
     try:

@@ -81,7 +81,7 @@ def main() -> None:
         load_catalog(client, keys, data)
         t0 = time.monotonic()
         produced = produce(
-            settings.kafka_bootstrap,
+            settings,
             settings.topic_clickstream,
             replay_records(data, args.events),
             timeout_s=120,

@@ -51,7 +51,7 @@ def main() -> None:
         data = load_dataset("ml-100k", settings.data_dir)
         load_catalog(client, Keys(settings.key_prefix), data)
         produced = produce(
-            settings.kafka_bootstrap,
+            settings,
             settings.topic_clickstream,
             replay_records(data, args.events),
         )

@@ -34,6 +34,7 @@ from cli.supervise import Child, http_ok
 from lab.datasets import resolve
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
+from recstream.security import kafka_config, redis_client
 from recstream.settings import CommonSettings
 
 RECSTREAM = [sys.executable, "-m", "cli"]
@@ -199,11 +200,7 @@ class _Catalog:
     """Item titles and each user's latest item, read from Redis for the board (titles cached)."""
 
     def __init__(self, settings: CommonSettings) -> None:
-        import redis
-
-        self._redis = redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), decode_responses=True
-        )
+        self._redis = redis_client(settings, decode_responses=True)
         self._keys = Keys(settings.key_prefix)
         self._titles: dict[str, str] = {}
 
@@ -256,7 +253,7 @@ def _recommendations(settings: CommonSettings) -> Iterator[Consumer]:
     """A consumer of the recommendations topic from now on, in a throwaway group."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings),
             "group.id": f"recstream-demo-{uuid.uuid4().hex[:8]}",
             "auto.offset.reset": "latest",
             "enable.auto.commit": False,

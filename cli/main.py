@@ -53,14 +53,22 @@ def stack() -> None:
 
 
 @stack.command("up")
-def stack_up() -> None:
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="SASL/SCRAM and ACLs on Kafka, ACL users on Redis, one principal per service; "
+    "passwords generated into the secrets dir (RECSTREAM_STACK_SECURE). A stack dir once "
+    "started secure stays secure.",
+)
+def stack_up(secure: bool) -> None:
     """Provision Kafka from Maven Central, start Kafka and Redis, create topics, wait for both.
 
-    A broker or Redis already answering on the configured address is reused.
+    A broker or Redis already answering on the configured address is reused. With --secure,
+    give services RECSTREAM_SECRETS_DIR (printed) so each finds its own credentials.
     """
-    from cli.stack import Stack
+    from cli.stack import Stack, StackSettings
 
-    Stack().up(say=click.echo)
+    Stack(StackSettings(stack_secure=True) if secure else None).up(say=click.echo)
 
 
 @stack.command("down")

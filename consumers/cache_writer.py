@@ -58,6 +58,7 @@ from consumers.metrics import (
 )
 from consumers.regenerate import Headers
 from consumers.settings import CacheWriterSettings
+from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.metrics import count
@@ -128,8 +129,8 @@ class CacheWriter:
     ) -> None:
         self.settings = settings
         # A socket timeout: a Redis that hangs is an error to retry, not a writer stuck forever.
-        client = redis_client or redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=5.0, socket_connect_timeout=5.0
+        client = redis_client or security.redis_client(
+            settings, socket_timeout=5.0, socket_connect_timeout=5.0
         )
         self.cache = RecsCache(client, Keys(settings.key_prefix), settings.cache_ttl_s)
         self._stop = threading.Event()
@@ -138,13 +139,13 @@ class CacheWriter:
         self.stale = 0
         self.dead_lettered = 0
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap,
+            settings,
             settings.cache_group_id,
             settings.cache_stats_interval_ms,
             settings.group_instance_id,
         )
         self.producer = idempotent_producer(
-            settings.kafka_bootstrap,
+            settings,
             linger_ms=1,
             message_timeout_ms=settings.cache_delivery_timeout_ms,
         )

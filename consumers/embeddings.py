@@ -63,6 +63,7 @@ from inference.privacy import (
     epsilon_to_rho,
     rho_to_epsilon,
 )
+from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from schemas import Profile, ProfileChanged
@@ -127,7 +128,7 @@ class EmbeddingsService:
         self.settings = settings
         self.vectors = vectors
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
+        self.redis = redis_client or security.redis_client(settings)
         self.mechanism = GaussianMechanism(
             settings.embeddings_epsilon, settings.embeddings_delta, settings.embeddings_clip_norm
         )
@@ -148,13 +149,13 @@ class EmbeddingsService:
         self._produced: set[tuple[str, int]] = set()  # (user, version) sent in this batch
         self.running = threading.Event()  # set once subscribed; for health checks and tests
         self.consumer: Consumer = at_least_once_consumer(
-            settings.kafka_bootstrap,
+            settings,
             settings.embeddings_group_id,
             settings.embeddings_stats_interval_ms,
             settings.group_instance_id,
         )
         self.producer = idempotent_producer(
-            settings.kafka_bootstrap,
+            settings,
             linger_ms=1,
             message_timeout_ms=settings.embeddings_delivery_timeout_ms,
         )

@@ -8,14 +8,17 @@ from functools import partial
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from consumers.metrics import record_lag
+from recstream.security import kafka_config
+from recstream.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
 
 def at_least_once_consumer(
-    bootstrap: str, group: str, stats_interval_ms: int, instance_id: str = ""
+    settings: CommonSettings, group: str, stats_interval_ms: int, instance_id: str = ""
 ) -> Consumer:
-    """A consumer whose offsets are stored by the caller after the work is done.
+    """A consumer whose offsets are stored by the caller after the work is done, connected as
+    the settings' principal.
 
     Cooperative rebalancing; offsets are stored explicitly (``store_offsets``) and committed in
     the background; consumer lag per partition comes from librdkafka's statistics. A non-empty
@@ -25,8 +28,8 @@ def at_least_once_consumer(
     static = {"group.instance.id": instance_id} if instance_id else {}
     return Consumer(
         {
+            **kafka_config(settings),
             **static,
-            "bootstrap.servers": bootstrap,
             "group.id": group,
             "partition.assignment.strategy": "cooperative-sticky",
             "enable.auto.offset.store": False,

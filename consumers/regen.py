@@ -71,6 +71,7 @@ from consumers.metrics import (
 from consumers.regenerate import Headers, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
 from inference.pool import PoolBrokenError, PoolResult, PoolSaturatedError, WorkerPool
+from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.metrics import count
@@ -135,7 +136,7 @@ class RegenService:
         self.settings = settings
         self.pool = pool
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
+        self.redis = redis_client or security.redis_client(settings)
         self.coalescer = Coalescer(settings.regen_debounce_ms / 1000.0)
         self.offsets = OffsetTracker()
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
@@ -154,13 +155,13 @@ class RegenService:
         self._redis_down_since: float | None = None  # first failed profile read of an outage
         self._redis_retry_at = 0.0
         self.consumer = at_least_once_consumer(
-            settings.kafka_bootstrap,
+            settings,
             settings.regen_group_id,
             settings.regen_stats_interval_ms,
             settings.group_instance_id,
         )
         self.producer = idempotent_producer(
-            settings.kafka_bootstrap,
+            settings,
             linger_ms=1,
             message_timeout_ms=settings.regen_delivery_timeout_ms,
         )

@@ -12,6 +12,7 @@ flags (generated from these fields) override the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -25,6 +26,8 @@ __all__ = ["CacheWriterSettings", "EmbeddingsSettings", "RegenSettings"]
 
 class RegenSettings(CommonSettings):
     """The change-triggered regeneration consumer and its worker pool."""
+
+    principal: ClassVar[str] = "regen"
 
     regen_group_id: str = Field("recstream-regen", description="Kafka consumer group.")
     regen_debounce_ms: float = Field(
@@ -94,6 +97,8 @@ class RegenSettings(CommonSettings):
 class CacheWriterSettings(CommonSettings):
     """The consumer that writes ``recommendations`` into Redis ``recs:{user}``."""
 
+    principal: ClassVar[str] = "cache"
+
     cache_group_id: str = Field("recstream-cache-writer", description="Kafka consumer group.")
     cache_ttl_s: int = Field(
         7 * 24 * 3600, ge=1, description="Expiry of a cached recommendation list, seconds."
@@ -135,6 +140,8 @@ class CacheWriterSettings(CommonSettings):
 
 class EmbeddingsSettings(CommonSettings):
     """The publisher of differentially private profile embeddings (``profiles.embeddings``)."""
+
+    principal: ClassVar[str] = "embeddings"
 
     embeddings_group_id: str = Field("recstream-embeddings", description="Kafka consumer group.")
     embeddings_model_dir: Path | None = Field(

@@ -55,15 +55,14 @@ def catalog() -> None:
 def catalog_load(dataset: str) -> None:
     """Load item titles, categories and years into Redis `item:{id}` hashes, and item
     popularity (interaction counts) into `catalog:popular`, the read API's fallback."""
-    import redis
-
     from lab.datasets import load_dataset
     from ops.catalog import load_catalog
     from recstream.keys import Keys
+    from recstream.security import redis_client
 
     settings = _settings()
     data = load_dataset(dataset, settings.data_dir)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     try:
         count = load_catalog(client, Keys(settings.key_prefix), data)
     finally:
@@ -109,7 +108,7 @@ def replay_dataset(dataset: str, limit: int | None, rate: str, topic: str | None
     total = count_events(data, limit)
     with tqdm(total=total, unit="ev", desc=f"replay {data.name}") as bar:
         sent = produce(
-            settings.kafka_bootstrap,
+            settings,
             settings.topic_clickstream,
             replay_records(data, limit),
             rate=pace,
@@ -309,7 +308,7 @@ def replay_regen(
     from recstream.topics import create_topics
     from schemas import ModelRef
 
-    create_topics(settings.kafka_bootstrap, [out_topic], settings.topic_partitions)
+    create_topics(settings, [out_topic], settings.topic_partitions)
     click.echo(f"loading {model_desc}")
     recommender: Recommender = (
         ArtifactLoader(artifact)()

@@ -21,6 +21,7 @@ import orjson
 
 from lab.datasets import Dataset, Interaction
 from ops.exceptions import ReplayError
+from recstream.settings import CommonSettings
 from schemas import SCHEMA_VERSION
 
 MS_PER_STAR = 24_000
@@ -80,7 +81,7 @@ def count_events(dataset: Dataset, limit: int | None = None) -> int:
 
 
 def produce(
-    bootstrap: str,
+    settings: CommonSettings,
     topic: str,
     records: Iterator[tuple[bytes, bytes]],
     *,
@@ -88,7 +89,8 @@ def produce(
     progress: Callable[[int], None] | None = None,
     timeout_s: float = 60.0,
 ) -> int:
-    """Produce ``records`` (paced to ``rate`` events/s if given); returns the count delivered."""
+    """Produce ``records`` (paced to ``rate`` events/s if given) as the clickstream ``producer``
+    principal; returns the count delivered."""
     from confluent_kafka import KafkaError
 
     from recstream.kafka import idempotent_producer
@@ -99,7 +101,7 @@ def produce(
         if err is not None:
             failures.append(err)
 
-    producer = idempotent_producer(bootstrap, linger_ms=20, batch_num_messages=10000)
+    producer = idempotent_producer(settings, "producer", linger_ms=20, batch_num_messages=10000)
     # Serve delivery callbacks, report progress and pace once per step: about 20 steps a second
     # when paced (so a slow rate is a steady trickle, not bursts), every 1000 events otherwise.
     step = 1000 if rate is None else max(1, min(1000, int(rate / 20)))

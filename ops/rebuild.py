@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 
-import redis
-import redis.asyncio
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from redis.typing import EncodableT, FieldT
 from tqdm import tqdm
@@ -52,6 +50,7 @@ from tqdm import tqdm
 from ops.exceptions import ReplayError
 from ops.settings import OpsSettings
 from ops.topics import PartitionRange, TopicReader
+from recstream import security
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas import Envelope
@@ -201,7 +200,7 @@ class ProfileRebuild:
         # The fold must run with the live agent's rules; addresses and names come from ours.
         common = settings.model_dump(include=set(CommonSettings.model_fields))
         self.streams = (streams or StreamsSettings()).model_copy(update=common)
-        self.redis = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        self.redis = security.redis_client(settings)
 
     def close(self) -> None:
         self.redis.close()
@@ -251,7 +250,7 @@ class ProfileRebuild:
                 remaining,
                 state["phase"],
             )
-        with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:
+        with TopicReader(self.settings, self.topic) as reader:
             planned = tuple(reader.plan(since=since if not from_beginning else None))
         return RebuildPlan(
             self.namespace,
@@ -323,7 +322,7 @@ class ProfileRebuild:
     ) -> RebuildStats:
         stats = RebuildStats()
         settings = self.streams.model_copy(update={"key_prefix": keys.prefix})
-        client = redis.asyncio.Redis.from_url(self.settings.redis_url.get_secret_value())
+        client = security.async_redis_client(self.settings)
 
         async def send_dlq(
             *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None
@@ -351,7 +350,7 @@ class ProfileRebuild:
         with (
             bar,
             asyncio.Runner() as runner,
-            TopicReader(self.settings.kafka_bootstrap, self.topic) as reader,
+            TopicReader(self.settings, self.topic) as reader,
         ):
             try:
                 for batch in reader.read(
@@ -458,7 +457,7 @@ class ProfileRebuild:
         return [part(keys, user) for part in PROFILE_PARTS]
 
     def _tail_ends(self, ranges: Iterable[PartitionRange]) -> list[tuple[PartitionRange, int]]:
-        with TopicReader(self.settings.kafka_bootstrap, self.topic) as reader:
+        with TopicReader(self.settings, self.topic) as reader:
             marks = reader.watermarks()
         return [(r, max(r.end, marks.get(r.partition, (0, r.end))[1])) for r in ranges]
 

@@ -33,6 +33,7 @@ from ops.compare import Comparison, compare
 from ops.exceptions import ReplayError
 from ops.settings import OpsSettings
 from ops.topics import TopicReader
+from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from schemas import ModelRef, ProfileChanged, Recommendations
@@ -65,7 +66,7 @@ def _records(
     label: str = "",
     progress: bool = False,
 ) -> Iterable[Message]:
-    with TopicReader(settings.kafka_bootstrap, topic) as reader:
+    with TopicReader(settings, topic) as reader:
         ranges = reader.plan(since=since, until=until)
         total = sum(r.count for r in ranges)
         with tqdm(
@@ -168,7 +169,7 @@ class RegenReplay:
         self.model = model
         self.progress = progress
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url.get_secret_value())
+        self.redis = redis_client or security.redis_client(settings)
 
     def run(self, changes: Mapping[str, ProfileChanged], out_topic: str) -> RegenStats:
         """Publish one list per user with a profile; returns once the broker has them all."""
@@ -179,7 +180,7 @@ class RegenReplay:
             if err is not None:
                 errors.append(err)
 
-        producer = idempotent_producer(self.settings.kafka_bootstrap, linger_ms=5)
+        producer = idempotent_producer(self.settings, linger_ms=5)
         publisher = RecsPublisher(producer, out_topic, self.settings.replay_variant)
         users = sorted(changes)
         size = self.settings.replay_regen_batch_size

@@ -18,6 +18,8 @@ from datetime import datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from ops.exceptions import ReplayError
+from recstream.security import kafka_config
+from recstream.settings import CommonSettings
 
 __all__ = ["PartitionRange", "TopicReader"]
 
@@ -38,12 +40,12 @@ class PartitionRange:
 class TopicReader:
     """A group-less consumer that plans and reads offset ranges of one topic."""
 
-    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: CommonSettings, topic: str, timeout_s: float = 10.0) -> None:
         self.topic = topic
         self.timeout_s = timeout_s
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **kafka_config(settings),
                 # Required by librdkafka even for manual assignment; nothing is ever committed.
                 "group.id": f"recstream-replay-{uuid.uuid4().hex[:12]}",
                 "enable.auto.commit": False,

@@ -12,14 +12,20 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from recstream.security import kafka_config
+from recstream.settings import CommonSettings
+
 __all__ = ["idempotent_producer"]
 
 
-def idempotent_producer(bootstrap: str, **overrides: Any) -> Producer:
-    """An idempotent producer with the shared partitioner; ``overrides`` are librdkafka keys
-    with ``_`` for ``.`` (``linger_ms=20`` sets ``linger.ms``)."""
+def idempotent_producer(
+    settings: CommonSettings, principal: str | None = None, **overrides: Any
+) -> Producer:
+    """An idempotent producer with the shared partitioner, connected as ``principal`` (default:
+    the settings' own, see ``recstream.security``); ``overrides`` are librdkafka keys with ``_``
+    for ``.`` (``linger_ms=20`` sets ``linger.ms``)."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **kafka_config(settings, principal),
         "enable.idempotence": True,
         "linger.ms": 5,
         "partitioner": "murmur2_random",

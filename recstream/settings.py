@@ -148,9 +148,12 @@ def redact_url(url: str) -> str:
         else pair
         for pair in parts.query.split("&")
     )
-    head = f"{parts.scheme}://{netloc}" if "://" in url else urlunsplit(parts[:2] + ("", "", ""))
-    return head + parts.path + (f"?{query}" if parts.query else "") + (
-        f"#{parts.fragment}" if parts.fragment else ""
+    head = f"{parts.scheme}://{netloc}" if "://" in url else urlunsplit((*parts[:2], "", "", ""))
+    return (
+        head
+        + parts.path
+        + (f"?{query}" if parts.query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
     )
 
 

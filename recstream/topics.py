@@ -8,6 +8,8 @@ functions, which wait for the broker's answer (a request left pending dies with 
 from __future__ import annotations
 
 from recstream.errors import RecstreamError
+from recstream.security import kafka_config
+from recstream.settings import CommonSettings
 
 __all__ = ["TopicError", "create_topics", "delete_topics"]
 
@@ -16,11 +18,12 @@ class TopicError(RecstreamError):
     """The broker refused to create or delete a topic."""
 
 
-def create_topics(bootstrap: str, topics: list[str], partitions: int) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+def create_topics(settings: CommonSettings, topics: list[str], partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; return the names created (as the settings'
+    principal, an operator's ``admin`` unless a service's settings are given)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_config(settings))
     existing = set(admin.list_topics(timeout=10.0).topics)
     missing = [t for t in topics if t not in existing]
     if not missing:
@@ -37,12 +40,12 @@ def create_topics(bootstrap: str, topics: list[str], partitions: int) -> list[st
     return missing
 
 
-def delete_topics(bootstrap: str, topics: list[str]) -> None:
+def delete_topics(settings: CommonSettings, topics: list[str]) -> None:
     """Delete ``topics`` and wait for the broker to confirm; absent ones are fine."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_config(settings))
     futures = admin.delete_topics(topics, operation_timeout=30)
     for name, fut in futures.items():
         try:

@@ -34,10 +34,10 @@ from typing import Any
 import faust
 from aiokafka.errors import IllegalStateError  # type: ignore[import-untyped]  # no stubs
 from faust.exceptions import ConsumerNotStarted
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from recstream.security import KAFKA_MECHANISM, async_redis_client, credentials
 from schemas import Envelope
 from streams import metrics
 from streams.exceptions import StoreUnavailable
@@ -66,6 +66,18 @@ def envelopes(messages: Sequence[Any]) -> list[Envelope]:
     ]
 
 
+def broker_credentials(settings: StreamsSettings) -> faust.SASLCredentials | None:
+    """The worker's SASL/SCRAM credentials for Faust's clients, when the settings give some."""
+    found = credentials(settings, "kafka")
+    if found is None:
+        return None
+    return faust.SASLCredentials(
+        username=found.username,
+        password=found.password.get_secret_value(),
+        mechanism=KAFKA_MECHANISM,
+    )
+
+
 def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     """The Faust app with its fold agent, configured from ``settings``."""
     datadir = settings.streams_datadir / settings.streams_app_id
@@ -73,6 +85,7 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     app = faust.App(
         settings.streams_app_id,
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        broker_credentials=broker_credentials(settings),
         autodiscover=False,
         key_serializer="raw",
         value_serializer="raw",
@@ -101,7 +114,7 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     source = raw_topic(settings.topic_clickstream)
     dlq = raw_topic(settings.topic_dlq)
     changed = raw_topic(settings.topic_profiles_changed)
-    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    redis = async_redis_client(settings)
 
     async def send_dlq(
         *, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None

@@ -55,14 +55,13 @@ def profile() -> None:
 @click.option("--top", default=10, show_default=True, help="Items and categories to list.")
 def profile_show(user: str, as_json: bool, top: int) -> None:
     """Print USER's profile as stored in Redis (weights decayed to its newest event)."""
-    import redis
-
     from recstream.keys import Keys
+    from recstream.security import redis_client
     from streams.exceptions import StreamsError
     from streams.profile import read_profile
 
     settings = _settings()
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     try:
         found = read_profile(client, Keys(settings.key_prefix), user)
     finally:

@@ -11,7 +11,7 @@ fields, override the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -20,6 +20,8 @@ from recstream.settings import CommonSettings
 
 class StreamsSettings(CommonSettings):
     """The Faust worker that folds clickstream events into Redis profiles."""
+
+    principal: ClassVar[str] = "streams"
 
     streams_app_id: str = Field(
         "recstream-streams", description="Faust app id; also the Kafka consumer group."

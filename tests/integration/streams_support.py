@@ -62,7 +62,7 @@ def event(
 
 
 def produce(settings: CommonSettings, records: Iterable[tuple[bytes | None, bytes]]) -> int:
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     count = 0
     for key, value in records:
         producer.produce(settings.topic_clickstream, key=key, value=value)

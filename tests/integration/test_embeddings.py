@@ -113,7 +113,7 @@ def _notify(settings: CommonSettings, user: str, version: int, raw: bytes | None
         event_id=f"e-{user}-{version}",
         trigger_ts=datetime(2026, 1, 1, tzinfo=UTC),
     )
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     value = change.model_dump_json().encode() if raw is None else raw
     producer.produce(settings.topic_profiles_changed, key=user.encode(), value=value)
     assert producer.flush(10) == 0

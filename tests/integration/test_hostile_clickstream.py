@@ -119,7 +119,7 @@ def send(
     records: list[tuple[bytes | None, bytes | None]],
     headers: list[tuple[str, str | bytes | None]] | None = None,
 ) -> None:
-    producer = idempotent_producer(ns.settings.kafka_bootstrap)
+    producer = idempotent_producer(ns.settings)
     for key, value in records:
         producer.produce(ns.settings.topic_clickstream, key=key, value=value, headers=headers)
     assert producer.flush(30) == 0, "records not delivered"

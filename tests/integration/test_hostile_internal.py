@@ -214,12 +214,12 @@ def _hostile_kinds(make: Callable[..., bytes], victim: str, stored: int) -> list
 
 
 def _produce(
-    bootstrap: str,
+    settings: CommonSettings,
     topic: str,
     records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]],
 ) -> list[tuple[int, int]]:
     """Produce in order and return each record's (partition, offset)."""
-    producer = idempotent_producer(bootstrap)
+    producer = idempotent_producer(settings)
     where: list[tuple[int, int]] = [(-1, -1)] * len(records)
 
     def delivered(n: int, err: Any, msg: Message) -> None:
@@ -314,7 +314,7 @@ def test_hostile_changes_are_dead_lettered_and_never_touch_the_victim(
     headers_before = BAD_HEADERS.labels("regen", ORIGIN_HEADER)._value.get()
     try:
         _produce(
-            settings.kafka_bootstrap,
+            settings,
             topic,
             [(b"victim", _change("victim", versions["victim"]), None)],
         )
@@ -322,10 +322,10 @@ def test_hostile_changes_are_dead_lettered_and_never_touch_the_victim(
         before = client.get(keys.recs("victim"))
 
         hostile = _hostile_kinds(_change, "victim", versions["victim"])
-        where = _produce(settings.kafka_bootstrap, topic, [(h.key, h.value, None) for h in hostile])
+        where = _produce(settings, topic, [(h.key, h.value, None) for h in hostile])
         # Header-only hostility: good changes whose origin header is garbage are processed.
         _produce(
-            settings.kafka_bootstrap,
+            settings,
             topic,
             [
                 (b"hdr", _change("hdr", versions["hdr"]), [(ORIGIN_HEADER, raw)])
@@ -373,14 +373,14 @@ def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespac
     headers_before = BAD_HEADERS.labels("cache_writer", ORIGIN_HEADER)._value.get()
     try:
         real = _recs("victim", versions["victim"])
-        _produce(settings.kafka_bootstrap, topic, [(b"victim", real, None)])
+        _produce(settings, topic, [(b"victim", real, None)])
         _wait_for(lambda: client.get(keys.recs("victim")) == real, 30, "the victim's real list")
 
         hostile = _hostile_kinds(_recs, "victim", versions["victim"])
-        where = _produce(settings.kafka_bootstrap, topic, [(h.key, h.value, None) for h in hostile])
+        where = _produce(settings, topic, [(h.key, h.value, None) for h in hostile])
         hdr, good = _recs("hdr", versions["hdr"]), _recs("good", versions["good"])
         _produce(
-            settings.kafka_bootstrap,
+            settings,
             topic,
             [(b"hdr", hdr, [(ORIGIN_HEADER, raw)]) for raw in HOSTILE_ORIGINS]
             + [(b"good", good, None)],
@@ -399,7 +399,7 @@ def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespac
         # (The first event is the one folded before, a duplicate; the second is new.)
         newer = _fold_one_by_one(settings, "victim", [CATALOG[0], CATALOG[9]], START)[-1][0]
         follow = _recs("victim", newer)
-        _produce(settings.kafka_bootstrap, topic, [(b"victim", follow, None)])
+        _produce(settings, topic, [(b"victim", follow, None)])
         _wait_for(lambda: client.get(keys.recs("victim")) == follow, 30, "the next real list")
     finally:
         writer.stop()
@@ -442,7 +442,7 @@ def test_a_refused_publication_is_retried_then_the_service_exits_and_a_restart_r
     _set_topic_config(settings, out, "max.message.bytes", "64")
     version = _fold_one_by_one(settings, "u", [CATALOG[3]], START)[0][0]
     _produce(
-        settings.kafka_bootstrap,
+        settings,
         settings.topic_profiles_changed,
         [(b"u", _change("u", version), None)],
     )
@@ -533,7 +533,7 @@ def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
     topic = settings.topic_recommendations
     try:
         first = _recs("u", 1)
-        _produce(settings.kafka_bootstrap, topic, [(b"u", first, None)])
+        _produce(settings, topic, [(b"u", first, None)])
         _wait_for(lambda: client.get(keys.recs("u")) == first, 30, "the first list")
 
         # A short outage: the writer retries and the list is written once Redis is back.
@@ -541,7 +541,7 @@ def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
         server.wait(10)
         errors = CACHE_REDIS_ERRORS._value.get()
         second = _recs("u", 2)
-        _produce(settings.kafka_bootstrap, topic, [(b"u", second, None)])
+        _produce(settings, topic, [(b"u", second, None)])
         _wait_for(lambda: CACHE_REDIS_ERRORS._value.get() > errors, 30, "a failed write")
         server = _start_redis(port, tmp_path)
         _wait_for(lambda: client.get(keys.recs("u")) == second, 30, "the list after the outage")
@@ -550,7 +550,7 @@ def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
         # An outage past the budget: the writer exits with the batch unacknowledged.
         server.send_signal(signal.SIGKILL)
         server.wait(10)
-        _produce(settings.kafka_bootstrap, topic, [(b"u", _recs("u", 3), None)])
+        _produce(settings, topic, [(b"u", _recs("u", 3), None)])
         running.threads["cache"].join(60)
         assert isinstance(running.errors.get("cache"), CacheWriteError)
         assert not _committed_all(settings, ns.group("cache"), topic)
@@ -582,7 +582,7 @@ def test_the_cache_writer_command_exits_non_zero_when_redis_stays_down(
     child = Child.spawn("cache", [sys.executable, "-m", "cli", "serve", "cache-writer"], log, env)
     try:
         _produce(
-            ns.settings.kafka_bootstrap,
+            ns.settings,
             ns.settings.topic_recommendations,
             [(b"u", _recs("u", 1), None)],
         )

@@ -189,7 +189,7 @@ def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
         events: dict[str, int] = {}
         for key, _ in records:
             events[key.decode()] = events.get(key.decode(), 0) + 1
-        produce(settings.kafka_bootstrap, settings.topic_clickstream, iter(records))
+        produce(settings, settings.topic_clickstream, iter(records))
 
         def folded() -> bool:
             for user, count in events.items():
@@ -261,7 +261,7 @@ def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profil
     user = "burst-user"
     items = list(dataset.items)[:50]
     versions = _fold_one_by_one(settings, user, items, datetime(2026, 1, 1, tzinfo=UTC))
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     # A poison message in the same partition must not hold its offset back.
     producer.produce(settings.topic_profiles_changed, key=user.encode(), value=b"{not json")
     for n, (version, ts) in enumerate(versions):
@@ -365,7 +365,7 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
     from consumers.metrics import CACHE_BATCH_SIZE, CACHE_INVALID
 
     settings = ns.settings
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     users = [f"u{n}" for n in range(100)]
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     keys = Keys(settings.key_prefix)
@@ -422,7 +422,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     folds = {
         u: _fold_one_by_one(settings, u, [CATALOG[n % 40]], start)[0] for n, u in enumerate(users)
     }
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     for user, (version, ts) in folds.items():
         change = ProfileChanged(
             user_id=user,

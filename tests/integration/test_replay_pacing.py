@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def test_paced_replay_spreads_records_over_time(ns: Namespace) -> None:
     topic = ns.settings.topic_clickstream
     records = ((f"u{i % 3}".encode(), b'{"n": %d}' % i) for i in range(60))
-    assert produce(ns.settings.kafka_bootstrap, topic, records, rate=60.0) == 60
+    assert produce(ns.settings, topic, records, rate=60.0) == 60
 
     consumer = Consumer(
         {

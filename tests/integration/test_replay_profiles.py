@@ -206,7 +206,7 @@ def test_from_time_starts_at_the_first_record_at_or_after_it(ns: Namespace) -> N
     events = history(per_user=10)
     old, new = events[:16], events[16:]
     cut = datetime.now(UTC) - timedelta(minutes=30)
-    producer = idempotent_producer(ns.settings.kafka_bootstrap)
+    producer = idempotent_producer(ns.settings)
     for batch, when in ((old, cut - timedelta(minutes=5)), (new, cut + timedelta(minutes=5))):
         for key, value in records(batch):
             producer.produce(
@@ -284,7 +284,7 @@ def produce_at(
     when: datetime,
     partition: int | None = None,
 ) -> None:
-    producer = idempotent_producer(settings.kafka_bootstrap)
+    producer = idempotent_producer(settings)
     extra = {} if partition is None else {"partition": partition}
     for key, value in records(events):
         producer.produce(
@@ -317,7 +317,7 @@ def test_switch_keeps_users_whose_history_fell_out_of_the_topic(ns: Namespace) -
     new = [timed(u, n, new_t) for n in range(3) for u in ["both", "fresh"]]
     produce_at(ns.settings, old, old_t)
     settings = ops_settings(ns)
-    with TopicReader(ns.settings.kafka_bootstrap, ns.settings.topic_clickstream) as reader:
+    with TopicReader(ns.settings, ns.settings.topic_clickstream) as reader:
         cut = {p: high for p, (_, high) in reader.watermarks().items()}
     produce_at(ns.settings, new, new_t)
     # A partition whose whole history is gone tells nothing about when its users were last

@@ -18,6 +18,7 @@ from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
 from ops.settings import OpsSettings
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
 from streams.profile import read_profile
@@ -75,8 +76,10 @@ def live_list(user: str, items: list[str], version: int) -> Recommendations:
     )
 
 
-def produce_at(bootstrap: str, topic: str, rows: list[tuple[str, bytes, datetime]]) -> None:
-    producer = idempotent_producer(bootstrap)
+def produce_at(
+    settings: CommonSettings, topic: str, rows: list[tuple[str, bytes, datetime]]
+) -> None:
+    producer = idempotent_producer(settings)
     for key, value, when in rows:
         producer.produce(
             topic, key=key.encode(), value=value, timestamp=int(when.timestamp() * 1e3)
@@ -121,7 +124,7 @@ def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_to
         )
 
     produce_at(
-        ns.settings.kafka_bootstrap,
+        ns.settings,
         ns.settings.topic_profiles_changed,
         [
             ("early", change("early", 1), since - timedelta(minutes=10)),
@@ -153,7 +156,7 @@ def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_to
         live_list("early", others[:10], 1),
     ]
     produce_at(
-        ns.settings.kafka_bootstrap,
+        ns.settings,
         ns.settings.topic_recommendations,
         [(r.user_id, r.model_dump_json().encode(), now) for r in live],
     )
@@ -206,7 +209,7 @@ def test_regen_dry_run_lists_users_and_writes_nothing(ns: Namespace, out_topic: 
         trigger_ts=now,
     ).model_dump_json()
     produce_at(
-        ns.settings.kafka_bootstrap,
+        ns.settings,
         ns.settings.topic_profiles_changed,
         [("u1", body.encode(), now - timedelta(minutes=2))],
     )
@@ -253,7 +256,7 @@ def test_regen_command_with_the_live_default_model(ns: Namespace, out_topic: str
     asyncio.run(fold())
     now = datetime.now(UTC)
     produce_at(
-        ns.settings.kafka_bootstrap,
+        ns.settings,
         ns.settings.topic_profiles_changed,
         [
             (

@@ -57,10 +57,11 @@ def test_keys_apply_prefix() -> None:
 
 
 def test_cluster_id_is_22_url_safe_chars() -> None:
-    ids = {_kafka_cluster_id() for _ in range(20)}
-    assert len(ids) == 20
+    ids = {_kafka_cluster_id() for _ in range(500)}
+    assert len(ids) == 500
     for cid in ids:
         assert len(cid) == 22
+        assert not cid.startswith("-")  # `kafka-storage format -t -x...` reads it as an option
         assert set(cid) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
