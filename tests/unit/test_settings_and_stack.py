@@ -22,6 +22,13 @@ from recstream.settings import CommonSettings, redact_url
         ("redis://:hunter2@cache:6379/0", "redis://***@cache:6379/0"),
         ("redis://app:hunter2@cache:6379/0", "redis://app:***@cache:6379/0"),
         ("rediss://u:p@w@host:1/2", "rediss://u:***@host:1/2"),
+        (
+            "rediss://:hunter2@cache:6380/0?ssl_cert_reqs=none",
+            "rediss://***@cache:6380/0?ssl_cert_reqs=none",
+        ),
+        ("redis://cache:6379/0?password=hunter2", "redis://cache:6379/0?password=***"),
+        ("redis://cache/0?db=1&Password=hunter2", "redis://cache/0?db=1&Password=***"),
+        ("unix:///run/redis.sock?password=hunter2", "unix:///run/redis.sock?password=***"),
     ],
 )
 def test_redact_url_hides_passwords(url: str, expected: str) -> None:
