@@ -101,6 +101,8 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
     stack = Stack()
     already_up = stack.kafka_ready() and stack.redis_ready()
     stack.up(say=lambda line: console.print(f"[dim]{line}[/dim]"))
+    if stack.secure:  # every child, and the board, finds its principal's secret there
+        settings = settings.model_copy(update={"secrets_dir": stack.secrets})
     children: list[Child] = []
     logs = stack.logs
     board_data = _Catalog(settings)
@@ -114,6 +116,7 @@ def run_demo(options: DemoOptions, settings: CommonSettings | None = None) -> No
         **os.environ,
         "RECSTREAM_KEY_PREFIX": settings.key_prefix,
         "RECSTREAM_REGEN_MODEL_DIR": str(options.artifact_dir.resolve()),
+        **({"RECSTREAM_SECRETS_DIR": str(stack.secrets)} if stack.secure else {}),
     }
     _artifact_keys(stack.dir, env)
     try:
