@@ -36,7 +36,7 @@ def _keys(
     tmp_path: Path, *specs: tuple[Scope, ...], expires_at: datetime | None = None
 ) -> list[str]:
     path = tmp_path / "api-keys.jsonl"
-    made = []
+    made: list[str] = []
     for scopes in specs:
         key, record = new_key(scopes, f"test-{len(made)}", expires_at=expires_at)
         add_key(path, record)
@@ -241,8 +241,8 @@ def test_every_route_must_declare_its_scope() -> None:
         return web.Response()
 
     undeclared = web.Application()
-    undeclared.router.add_delete("/v1/users/{user_id}", handler)
-    with pytest.raises(LookupError, match=r"DELETE /v1/users/\{user_id\} has no scope"):
+    undeclared.router.add_put("/v1/users/{user_id}", handler)
+    with pytest.raises(LookupError, match=r"PUT /v1/users/\{user_id\} has no scope"):
         _scopes(undeclared)
 
 
