@@ -197,7 +197,8 @@ def check_ports(ctx: Context) -> list[Check]:
         ("redis", r_host, r_port, lambda: ctx.redis_up, "RECSTREAM_REDIS_URL"),
     ]
     for label, host, port, answers, env in owned:
-        checks.append(_port_check(label, host, port, answers, env))
+        if host in ("127.0.0.1", "localhost", "::1"):  # a remote one is not started here
+            checks.append(_port_check(label, host, port, answers, env))
     for label, (port, env) in ctx.service_ports.items():
         checks.append(_port_check(label, "127.0.0.1", port, lambda: False, env))
     return checks
