@@ -13,6 +13,14 @@ that gap from the Kafka offsets it stores in Redis with each fold). Its ``maxmem
 silently evicting profiles, de-duplication sets or offsets. ``restart_redis`` and
 ``restart_kafka`` kill a component the stack started and start it again on the same data, which
 is what the chaos benchmark (``bench/chaos.py``) does to them.
+
+`recstream stack up --secure` (``RECSTREAM_STACK_SECURE``) runs the stack the way a deployment
+does (``ops.access``): a random password per principal is generated once into the secrets dir
+(``{stack_dir}/secrets`` unless ``RECSTREAM_SECRETS_DIR`` names one; files 0600, never printed);
+Kafka takes SASL/SCRAM-SHA-512 on its loopback listener, its controller listener SASL/PLAIN as
+``admin`` (the only super user), with the standard authorizer and no access where no ACL allows
+it; every other principal gets its SCRAM user and ACLs; Redis loads an ACL file with the default
+user off. Point services at it with ``RECSTREAM_SECRETS_DIR``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,13 @@ from pydantic import Field
 
 from cli.supervise import Child, terminate_group
 from recstream.errors import StackError
+from recstream.security import (
+    KAFKA_MECHANISM,
+    credentials,
+    ensure_secrets,
+    kafka_config,
+    redis_client,
+)
 from recstream.settings import CommonSettings, redact_url
 from recstream.topics import create_topics, delete_topics
 
@@ -68,6 +83,11 @@ class StackSettings(CommonSettings):
         pattern=r"^[0-9]+([kmg]b?)?$",
         description="Redis memory limit; when reached, writes fail (noeviction), never an evicted "
         "profile.",
+    )
+    stack_secure: bool = Field(
+        False,
+        description="Kafka with SASL/SCRAM and ACLs, Redis with ACL users and the default user "
+        "off; passwords generated into the secrets dir ({stack_dir}/secrets by default).",
     )
 
 
@@ -122,6 +142,15 @@ class Stack:
         self.redis_data = self.dir / "redis"
         self.logs = self.dir / "logs"
         self.state = StackState.load(self.dir / "stack.json")
+        # Once secure, a stack dir stays secure: its broker storage holds the SCRAM users.
+        self.secure = self.settings.stack_secure or (self.dir / "secure").exists()
+        self.secrets = self.settings.secrets_dir or self.dir / "secrets"
+        # What the stack's own clients connect with: as admin, from the secrets dir when secure.
+        self.clients = (
+            self.settings.model_copy(update={"secrets_dir": self.secrets})
+            if self.secure
+            else self.settings
+        )
         # Handles of what this object spawned, so stopping them also reaps them.
         self.children: dict[str, Child] = {}
 
@@ -145,6 +174,10 @@ class Stack:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            ensure_secrets(self.secrets)
+            (self.dir / "secure").touch()
+            say(f"secure: SASL/SCRAM and ACLs; secrets in {self.secrets}")
         if "redis" in only:
             if self.redis_ready():
                 say(f"redis: reusing {redact_url(self.settings.redis_url.get_secret_value())}")
@@ -161,6 +194,11 @@ class Stack:
             self._wait(self.redis_ready, "redis", self.state.procs.get("redis"))
         if "kafka" in only:
             self._wait(self.kafka_ready, "kafka", self.state.procs.get("kafka"))
+            if self.secure:
+                from ops.access import apply_kafka
+
+                apply_kafka(self.clients)
+                say("kafka: SCRAM users and ACLs applied")
             created = self.create_topics(self.settings.topics(), self.settings.topic_partitions)
             if created:
                 say(f"topics: created {', '.join(created)}")
@@ -229,6 +267,7 @@ class Stack:
             proc = self.state.procs.get(name)
             out[name] = {
                 "address": addresses[name],
+                "secure": self.secure,
                 "ready": ready(),
                 "started_by_stack": bool(proc and proc.alive()),
                 "pid": proc.pid if proc else None,
@@ -241,9 +280,7 @@ class Stack:
         import redis
 
         try:
-            client = redis.Redis.from_url(
-                self.settings.redis_url.get_secret_value(), socket_connect_timeout=1.0
-            )
+            client = redis_client(self.clients, socket_connect_timeout=1.0)
             try:
                 return bool(client.ping())
             finally:
@@ -256,7 +293,7 @@ class Stack:
             return False
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 0})
+        admin = AdminClient({**kafka_config(self.clients), "log_level": 0})
         try:
             meta = admin.list_topics(timeout=3.0)
         except Exception:  # KafkaException or a transport error: both mean "not ready"
@@ -265,11 +302,11 @@ class Stack:
 
     def create_topics(self, topics: list[str], partitions: int) -> list[str]:
         """Create the topics that do not exist yet; return the names created."""
-        return create_topics(self.settings.kafka_bootstrap, topics, partitions)
+        return create_topics(self.clients, topics, partitions)
 
     def delete_topics(self, topics: list[str]) -> None:
         """Delete ``topics`` and wait for the broker to confirm; absent ones are fine."""
-        delete_topics(self.settings.kafka_bootstrap, topics)
+        delete_topics(self.clients, topics)
 
     # -- starting ----------------------------------------------------------------------------
     def _start_redis(self) -> None:
@@ -287,6 +324,10 @@ class Stack:
             )
         log = self.logs / "redis.log"
         self.redis_data.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            from ops.access import redis_acl_file
+
+            redis_acl_file(self.clients, self.redis_acl)
         cmd = [binary, *self.redis_args(port)]
         self.state.procs["redis"] = self._spawn("redis", cmd, log, f"{host}:{port}")
 
@@ -317,7 +358,12 @@ class Stack:
             "no",
             "--protected-mode",
             "yes",
+            *(["--aclfile", str(self.redis_acl)] if self.secure else []),
         ]
+
+    @property
+    def redis_acl(self) -> Path:
+        return self.redis_data / "users.acl"
 
     def _start_kafka(self, say: Say) -> None:
         host, port = self.kafka_hostport
@@ -345,6 +391,15 @@ class Stack:
                     "-c",
                     str(props),
                     "--standalone",
+                    # The super user exists before the broker does; the others are added live.
+                    *(
+                        [
+                            "--add-scram",
+                            f"{KAFKA_MECHANISM}=[name=admin,password={self._admin_password()}]",
+                        ]
+                        if self.secure
+                        else []
+                    ),
                 ],
                 capture_output=True,
                 text=True,
@@ -433,8 +488,48 @@ class Stack:
             "auto.create.topics.enable": "true",
             "log.retention.hours": "168",
         }
-        props.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+        if self.secure:
+            lines.update(self._secure_properties(host, port, controller_port))
+        # The secure broker's properties hold the admin password: only the owner reads them.
+        fd = os.open(props, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("".join(f"{k}={v}\n" for k, v in lines.items()))
         return props
+
+    def _secure_properties(self, host: str, port: int, controller_port: int) -> dict[str, str]:
+        """SASL/SCRAM for clients, SASL/PLAIN between broker and controller, both as admin;
+        the standard authorizer, refusing whatever no ACL allows."""
+        password = self._admin_password()
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        return {
+            "listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+            "advertised.listeners": f"SASL_PLAINTEXT://{host}:{port}",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map": (
+                "CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": KAFKA_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": KAFKA_MECHANISM,
+            "listener.name.sasl_plaintext.sasl.enabled.mechanisms": KAFKA_MECHANISM,
+            f"listener.name.sasl_plaintext.{KAFKA_MECHANISM.lower()}.sasl.jaas.config": (
+                f'{scram} required username="admin" password="{password}";'
+            ),
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                f'{plain} required username="admin" password="{password}" user_admin="{password}";'
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            "super.users": "User:admin",
+        }
+
+    def _admin_password(self) -> str:
+        found = credentials(self.clients, "kafka", "admin")
+        if found is None:  # the secrets dir is set whenever the stack is secure
+            raise StackError("no admin secret for the secure stack")
+        return found.password.get_secret_value()
 
     def _spawn(self, name: str, cmd: list[str], log: Path, address: str) -> Proc:
         # Started as a supervised child, but outliving this command: `down` stops it by pid.
@@ -494,10 +589,14 @@ def _java() -> str:
 
 
 def _kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding, never starting
+    with ``-`` (the storage tool would read it as an option; Kafka's own ids avoid it too)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _sha256_text(text: str) -> str:
