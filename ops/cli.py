@@ -1,5 +1,6 @@
-"""Commands of the operator tools: ``recstream catalog load``, ``recstream replay-dataset`` and
-``recstream replay profiles | regen | compare``.
+"""Commands of the operator tools: ``recstream catalog load``, ``recstream replay-dataset``,
+``recstream replay profiles | regen | compare`` and ``recstream access secrets | redis-acl |
+kafka``.
 
 Settings options are generated from :class:`ops.settings.OpsSettings` (recstream.options) and
 fall back to their environment variables; heavy modules (Faust, torch) are imported inside the
@@ -349,7 +350,50 @@ def replay_compare(topics: tuple[str, ...], progress: bool, **flags: Any) -> Non
         click.echo(line)
 
 
+@click.group("access")
+def access() -> None:
+    """Credentials and rights of each principal on Kafka and Redis (docs/security.md)."""
+
+
+@access.command("secrets")
+@click.argument("folder", type=click.Path(path_type=Path))
+def access_secrets(folder: Path) -> None:
+    """Generate a random Kafka and Redis password for every principal under FOLDER
+    (kafka/<principal>, redis/<principal>, mode 0600); existing ones are kept, none is printed."""
+    from recstream.security import PRINCIPALS, ensure_secrets
+
+    ensure_secrets(folder)
+    click.echo(f"secrets of {len(PRINCIPALS)} principals in {folder} (not printed)")
+
+
+@access.command("redis-acl")
+@click.argument("out", type=click.Path(path_type=Path))
+def access_redis_acl(out: Path) -> None:
+    """Write Redis's ACL file to OUT: the default user off, one user per principal with its
+    key patterns and commands, passwords (from RECSTREAM_SECRETS_DIR) only as SHA-256 digests."""
+    from ops.access import redis_acl_file
+
+    redis_acl_file(_settings(), out)
+    click.echo(f"wrote {out}")
+
+
+@access.command("kafka")
+@click.option("--create-topics", is_flag=True, help="Also create the pipeline's topics.")
+def access_kafka(create_topics: bool) -> None:
+    """As admin: give every principal its SCRAM user (passwords from RECSTREAM_SECRETS_DIR) and
+    exactly its ACLs; with --create-topics, create the missing pipeline topics first."""
+    from ops.access import apply_kafka
+    from recstream.topics import create_topics as create
+
+    settings = _settings()
+    if create_topics:
+        created = create(settings, settings.topics(), settings.topic_partitions)
+        click.echo(f"topics: created {', '.join(created) or 'none'}")
+    apply_kafka(settings)
+    click.echo("kafka: SCRAM users and ACLs applied")
+
+
 def register(main: click.Group, serve: click.Group) -> None:
     """Attach the operator commands to the project CLI (no services to serve)."""
-    for command in (catalog, replay_dataset, replay):
+    for command in (catalog, replay_dataset, replay, access):
         main.add_command(command)
