@@ -92,7 +92,8 @@ def stack_status(as_json: bool) -> None:
     for name, info in status.items():
         state = "ready" if info["ready"] else "down"
         owner = f"pid {info['pid']}" if info["started_by_stack"] else "not started by stack"
-        click.echo(f"{name:6} {state:5} {info['address']}  ({owner})  log: {info['log']}")
+        secure = " secure" if info["secure"] else ""
+        click.echo(f"{name:6} {state:5} {info['address']}{secure}  ({owner})  log: {info['log']}")
 
 
 @main.command()
