@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from consumers.settings import CacheWriterSettings, EmbeddingsSettings, RegenSettings
 from ops.exceptions import OpsError
@@ -142,11 +144,12 @@ def apply_kafka(settings: CommonSettings, timeout_s: float = 30.0) -> None:
         ResourceType,
         ScramCredentialInfo,
         ScramMechanism,
+        UserScramCredentialAlteration,
         UserScramCredentialUpsertion,
     )
 
     admin = AdminClient(kafka_config(settings, "admin"))
-    upserts = []
+    upserts: list[UserScramCredentialAlteration] = []
     for principal in PRINCIPALS:
         if principal == "admin":
             continue  # made when the broker's storage was formatted
@@ -180,8 +183,9 @@ def apply_kafka(settings: CommonSettings, timeout_s: float = 30.0) -> None:
         if r.owns_prefix:
             for kind in (ResourceType.TOPIC, ResourceType.GROUP):
                 wanted.append(allow(kind, r.owns_prefix, prefixed, who, AclOperation.ALL))
+    # None matches any name, principal and host (the stubs say str).
     everything = AclBindingFilter(
-        ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
+        ResourceType.ANY, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
         AclOperation.ANY, AclPermissionType.ANY,
     )  # fmt: skip
     existing = admin.describe_acls(everything).result(timeout=timeout_s)
@@ -191,10 +195,10 @@ def apply_kafka(settings: CommonSettings, timeout_s: float = 30.0) -> None:
     _wait_all(admin.create_acls(wanted), timeout_s, "ACLs")
 
 
-def _wait_all(futures: dict[object, object], timeout_s: float, what: str) -> None:
+def _wait_all(futures: Mapping[Any, Future[Any]], timeout_s: float, what: str) -> None:
     for key, future in futures.items():
         try:
-            future.result(timeout=timeout_s)  # type: ignore[attr-defined]  # concurrent Future
+            future.result(timeout=timeout_s)
         except Exception as exc:  # KafkaException or a timeout: both fail the step
             raise OpsError(f"{what}: {key}: {exc}") from exc
 

@@ -118,8 +118,9 @@ def redis_client(
     """A Redis client for ``settings.redis_url`` as ``principal``; ``options`` go to redis-py."""
     import redis
 
+    username, password = _redis_auth(settings, principal)
     return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), **_redis_auth(settings, principal), **options
+        settings.redis_url.get_secret_value(), username=username, password=password, **options
     )
 
 
@@ -129,8 +130,9 @@ def async_redis_client(
     """The asyncio twin of :func:`redis_client`."""
     import redis.asyncio
 
+    username, password = _redis_auth(settings, principal)
     return redis.asyncio.Redis.from_url(
-        settings.redis_url.get_secret_value(), **_redis_auth(settings, principal), **options
+        settings.redis_url.get_secret_value(), username=username, password=password, **options
     )
 
 
@@ -151,11 +153,12 @@ def ensure_secrets(folder: Path, principals: tuple[str, ...] = PRINCIPALS) -> No
                 out.write(secrets.token_urlsafe(32))
 
 
-def _redis_auth(settings: CommonSettings, principal: str | None) -> dict[str, str]:
+def _redis_auth(settings: CommonSettings, principal: str | None) -> tuple[str | None, str | None]:
+    """User and password for redis-py; ``None`` leaves whatever the URL says (or no auth)."""
     found = credentials(settings, "redis", principal)
     if found is None:
-        return {}
-    return {"username": found.username, "password": found.password.get_secret_value()}
+        return None, None
+    return found.username, found.password.get_secret_value()
 
 
 def _read_secret(path: Path, what: str) -> SecretStr:
