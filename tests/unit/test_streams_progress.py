@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import orjson
 import redis.asyncio
@@ -43,8 +44,9 @@ class RecordingScript:
 
     async def run(
         self,
-        groups: Mapping[str, Sequence[tuple[str, str, float, float]]],
+        groups: Mapping[str, Sequence[tuple[Any, ...]]],
         progress: Progress | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> list[Folded]:
         self.events.append("fold")
         self.progress.append(progress)
@@ -111,8 +113,9 @@ def test_the_next_fold_expects_what_the_last_one_stored_held_at_refused_users() 
     class RefusingScript(RecordingScript):
         async def run(
             self,
-            groups: Mapping[str, Sequence[tuple[str, str, float, float]]],
+            groups: Mapping[str, Sequence[tuple[Any, ...]]],
             progress: Progress | None = None,
+            fields: Mapping[str, Any] | None = None,
         ) -> list[Folded]:
             rows = await super().run(groups, progress)
             return [Folded.refused(r.user_id, "WRONGTYPE") if r.user_id == "x" else r for r in rows]
@@ -138,7 +141,7 @@ def test_the_next_fold_expects_what_the_last_one_stored_held_at_refused_users() 
 
 
 def test_a_pending_notice_reads_back_as_the_fold_decided_it() -> None:
-    row = ["u:1", 4, 2, 1, 0, 1, "0.25", "e9", "1700000000.5", "i1", "i2"]
+    row = ["u:1", 4, 2, 1, 0, 1, "0.25", "e9", "1700000000.5", 0, "i1", "i2"]
     # Stored as [version, origin_ms, row...] (fold.lua): the version first for a cheap compare.
     assert pending_notice(orjson.dumps([4, 1_700_000_000_123, *row])) == (
         1_700_000_000_123,
