@@ -61,6 +61,7 @@ from ops.settings import OpsSettings
 from ops.topics import TopicReader
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import redis_client
 from recstream.settings import CommonSettings
 from schemas import Profile
 from streams.profile import read_profile
@@ -268,9 +269,7 @@ class Probe(threading.Thread):
         watcher.join(5)
 
     def watch(self) -> None:
-        client = redis.Redis.from_url(
-            self.settings.redis_url.get_secret_value(), socket_timeout=2, socket_connect_timeout=1
-        )
+        client = redis_client(self.settings, socket_timeout=2, socket_connect_timeout=1)
         key = Keys(self.settings.key_prefix).recs(PROBE_USER)
         answered = 0.0
         while not self.stop.is_set():
@@ -575,7 +574,7 @@ def main() -> int:
         print(f"chaos: stack in {root} (kafka :{kafka_port}, redis :{redis_port}), seed {seed}")
         stack.up(say=lambda line: print(f"  {line}"))
         ds = load_dataset("ml-100k", settings.data_dir)
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10)
+        client = redis_client(settings, socket_timeout=10)
         keys = Keys(settings.key_prefix)
         load_catalog(client, keys, ds)
         model_dir = args.model_dir or train_tiny(root / "artifact", settings.data_dir)

@@ -54,6 +54,7 @@ from ops.catalog import load_catalog
 from ops.feed import dataset_tag, events_for
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import redis_client
 from recstream.settings import CommonSettings
 from schemas.api import Scope
 
@@ -243,7 +244,7 @@ def main() -> None:
     }
     settings = base.model_copy(update={"key_prefix": f"bench:{token}:", **names})
     Stack().create_topics(settings.topics(), settings.topic_partitions)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     ds = load_dataset("ml-100k", settings.data_dir)
     load_catalog(client, keys, ds)

@@ -24,13 +24,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import redis
-
 from cli.stack import Stack
 from lab.datasets import load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
 from recstream.keys import Keys
+from recstream.security import redis_client
 from schemas import Envelope
 from streams.app import build_app
 from streams.fold import Folded
@@ -74,7 +73,7 @@ def main() -> None:
     settings = StreamsSettings(**overrides)
     topics = [settings.topic_clickstream, settings.topic_dlq, settings.topic_profiles_changed]
     Stack().create_topics(topics, args.partitions)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     try:
         data = load_dataset("ml-100k", settings.data_dir)

@@ -18,8 +18,6 @@ import statistics
 import time
 import uuid
 
-import redis
-
 from cli.stack import Stack
 from lab.datasets import load_dataset
 from ops.catalog import load_catalog
@@ -27,6 +25,7 @@ from ops.feed import produce, replay_records
 from ops.rebuild import ProfileRebuild
 from ops.settings import OpsSettings
 from recstream.keys import Keys
+from recstream.security import redis_client
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
             "replay_batch_size": args.batch_size,
         }
     )
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     Stack().create_topics([settings.topic_clickstream], settings.topic_partitions)
     try:
         data = load_dataset("ml-100k", settings.data_dir)

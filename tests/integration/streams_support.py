@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from confluent_kafka import Consumer
 
 from cli.supervise import Child
@@ -21,6 +20,7 @@ from lab.datasets import Dataset, Item
 from ops.catalog import load_catalog
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import Profile
 from streams.profile import read_profile
@@ -37,7 +37,7 @@ CATALOG = {
 
 def load_test_catalog(settings: CommonSettings) -> dict[str, tuple[str, ...]]:
     items = {i: Item(i, f"Title {i}", cats, 2000) for i, cats in CATALOG.items()}
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     try:
         load_catalog(client, Keys(settings.key_prefix), Dataset("test", [], items, {}))
     finally:
@@ -93,7 +93,7 @@ def consume(
     """Read ``topic`` from the start until ``until(records)`` holds; fail after the timeout."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings),
             "group.id": f"reader-{topic}-{time.monotonic_ns()}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -131,7 +131,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 45.0) 
 
 
 def profiles(settings: CommonSettings, users: Iterable[str]) -> dict[str, Profile | None]:
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     try:
         keys = Keys(settings.key_prefix)
         return {u: read_profile(client, keys, u) for u in users}

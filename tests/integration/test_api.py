@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from aiohttp import ClientSession, web
 
 from api.app import SERVER_OPTIONS, build_app
@@ -21,6 +20,7 @@ from inference.popularity import Popularity
 from lab.datasets import Dataset, Interaction, load_dataset
 from ops.catalog import load_catalog
 from recstream.keys import Keys
+from recstream.security import redis_client
 from schemas import ModelRef, Recommendations, ScoredItem
 from schemas.api import Scope
 from schemas.openapi import RECOMMENDATIONS_PATH
@@ -72,7 +72,7 @@ def test_read_api_serves_cache_fallback_and_rejects_bad_input(
     settings = ApiSettings(**ns.settings.model_dump(), api_keys_file=tmp_path / "keys")
     keys = Keys(settings.key_prefix)
     dataset = load_dataset("ml-100k", settings.data_dir)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     load_catalog(client, keys, dataset)
     stored = _stored("42")
     client.set(keys.recs("42"), stored.model_dump_json())
@@ -141,7 +141,7 @@ def test_scopes_on_the_real_store(ns: Namespace, tmp_path: Path) -> None:
         made[name] = (key, record)
     revoke_key(path, made["gone"][1].key_id)
     settings = ApiSettings(**ns.settings.model_dump(), api_keys_file=path)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     stored = _stored("u-scoped")
     client.set(Keys(settings.key_prefix).recs("u-scoped"), stored.model_dump_json())
     client.close()
@@ -179,7 +179,7 @@ def test_without_a_catalog_the_fallback_is_empty_and_no_key_is_needed(ns: Namesp
 def test_a_catalog_reload_replaces_the_popularity(ns: Namespace) -> None:
     settings = ApiSettings(**ns.settings.model_dump())
     keys = Keys(settings.key_prefix)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
 
     def load(items: list[str]) -> None:
         interactions = [Interaction("u", item, float(n)) for n, item in enumerate(items)]

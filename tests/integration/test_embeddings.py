@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import REGISTRY
 from scipy import stats
@@ -25,6 +24,7 @@ from consumers.settings import EmbeddingsSettings
 from inference.privacy import GaussianMechanism, PrivacyLedger, rho_to_epsilon
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import async_redis_client, kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import ProfileChanged, ProfileChanges
 from schemas.embeddings import ProfileEmbedding
@@ -86,10 +86,9 @@ def _fold(
     settings: CommonSettings, user: str, items: list[str], start: datetime, first: int = 0
 ) -> list[int]:
     """Fold one click per item into Redis, as the stream worker does; the versions reached."""
-    import redis.asyncio
 
     async def run() -> list[int]:
-        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        client = async_redis_client(settings)
         script = FoldScript(client, settings.key_prefix, FoldParams())
         out = []
         try:
@@ -133,7 +132,7 @@ def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
 
 def _releases(settings: CommonSettings) -> list[ProfileEmbedding]:
     """Everything on the embeddings topic (read to the high watermarks)."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "unused"})
+    consumer = Consumer({**kafka_config(settings), "group.id": "unused"})
     out: list[ProfileEmbedding] = []
     try:
         for partition in range(settings.topic_partitions):
@@ -161,7 +160,7 @@ def test_a_change_notice_becomes_one_noised_vector_and_its_budget_is_recorded(
     user = "dp:user"
     items = list(vectors.rows)[:6]
     version = _fold(settings, user, items, datetime(2026, 1, 1, tzinfo=UTC))[-1]
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     profile = read_profile(client, keys, user)
     assert profile is not None and profile.version == version
@@ -282,7 +281,7 @@ def test_a_release_granted_before_a_crash_is_published_again_unchanged_and_free(
         mechanism="analytic-gaussian/zcdp",
         generated_at=datetime(2026, 1, 1, tzinfo=UTC),
     )
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     ledger = PrivacyLedger(client, keys, budget_rho=1.0, window_s=0.0)
     ledger.spend(user, version, mech.rho, kept.model_dump_json().encode())

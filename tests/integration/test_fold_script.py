@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio
 
 from recstream.keys import Keys
+from recstream.security import async_redis_client, redis_client
 from schemas import ClickEvent, DwellEvent, Envelope, Profile, ViewEvent
 from schemas.deadletter import HEADER_DETAIL, HEADER_REASON
 from streams import ProfileFolder, StoreUnavailable, StreamsSettings
@@ -53,7 +54,7 @@ async def fold_batches(
     ns: Namespace, params: FoldParams, batches: list[list[AnyEvent]]
 ) -> tuple[list[list[Folded]], list[Profile | None]]:
     """Fold ``batches`` with the script; return each batch's outcome and the stored profiles."""
-    client = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = async_redis_client(ns.settings)
     weights = Weights()
     script = FoldScript(client, ns.settings.key_prefix, params)
     results: list[list[Folded]] = []
@@ -154,12 +155,12 @@ def views(user: str, n: int, items: int, start: float = 1_600_000_000.0) -> list
 
 def test_caps_keep_the_newest_ids_and_heaviest_items_and_every_key_expires(ns: Namespace) -> None:
     params = FoldParams(seen_max=30, items_max=10, categories_max=2, idle_ttl_s=1000)
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     keys = Keys(ns.settings.key_prefix)
     for item, cats in {"i0": "A|B", "i1": "C", "i2": "D"}.items():
         client.hset(keys.item(item), "categories", cats)
     events = views("u", 100, items=25)
-    aclient = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    aclient = async_redis_client(ns.settings)
 
     async def run() -> list[Folded]:
         try:
@@ -189,12 +190,12 @@ def test_caps_keep_the_newest_ids_and_heaviest_items_and_every_key_expires(ns: N
 
 
 def test_a_user_with_a_wrong_type_key_is_refused_whole_and_the_rest_folds(ns: Namespace) -> None:
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     keys = Keys(ns.settings.key_prefix)
     # Corruption of one user's state (planted by hand): its items key is a string.
     client.set(keys.profile_items("bad"), "not a hash")
     events = views("ok1", 3, 3) + views("bad", 3, 3) + views("ok2", 3, 3)
-    aclient = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    aclient = async_redis_client(ns.settings)
 
     async def run() -> list[Folded]:
         try:

@@ -37,6 +37,7 @@ from inference.pool import PoolConfig, WorkerPool
 from inference.popularity import Popularity
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from schemas.deadletter import HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION
@@ -244,7 +245,7 @@ def _read_all(settings: CommonSettings, topic: str) -> list[Message]:
     """Every record of ``topic`` up to its high watermarks."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings),
             "group.id": "unused",
             "enable.auto.commit": False,
         }
@@ -300,7 +301,7 @@ def test_hostile_changes_are_dead_lettered_and_never_touch_the_victim(
     ns: Namespace, echo_pool: WorkerPool
 ) -> None:
     settings = ns.settings
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     versions = {
         user: _fold_one_by_one(settings, user, [CATALOG[n]], START)[0][0]
@@ -360,7 +361,7 @@ def test_hostile_changes_are_dead_lettered_and_never_touch_the_victim(
 
 def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespace) -> None:
     settings = ns.settings
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     versions = {
         user: _fold_one_by_one(settings, user, [CATALOG[n]], START)[0][0]
@@ -410,7 +411,7 @@ def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespac
 
 def _committed_all(settings: CommonSettings, group: str, topic: str) -> bool:
     """Whether ``group`` has committed every record of ``topic``."""
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    probe = Consumer({**kafka_config(settings), "group.id": group})
     try:
         partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
         committed = {tp.partition: tp.offset for tp in probe.committed(partitions, timeout=10)}
@@ -426,7 +427,7 @@ def _committed_all(settings: CommonSettings, group: str, topic: str) -> bool:
 def _set_topic_config(settings: CommonSettings, topic: str, name: str, value: str) -> None:
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ResourceType
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(kafka_config(settings))
     entry = ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])
     for future in admin.incremental_alter_configs([resource]).values():
@@ -460,7 +461,7 @@ def test_a_refused_publication_is_retried_then_the_service_exits_and_a_restart_r
     again = Running()
     again.start("regen", regen.run)
     again.start("cache", writer.run)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     try:
         _wait_for(lambda: client.exists(keys.recs("u")), 30, "the list after the restart")

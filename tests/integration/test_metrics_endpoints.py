@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.supervise import Child, free_port
+from recstream.security import kafka_config
 from tests.conftest import Namespace, settings_env
 
 pytestmark = pytest.mark.integration
@@ -223,9 +224,7 @@ def test_traffic_shows_lag_latency_events_out_and_freshness(
             scraped(service)
         sent_at = time.time()
         users = [f"u{n}" for n in range(8)]  # spread over the partitions
-        producer = Producer(
-            {"bootstrap.servers": s.kafka_bootstrap, "partitioner": "murmur2_random"}
-        )
+        producer = Producer({**kafka_config(s), "partitioner": "murmur2_random"})
         for n, user in enumerate(users):
             body = {
                 "schema_version": 1,

@@ -10,6 +10,7 @@ import redis
 
 from inference.privacy import GrantOutcome, PrivacyLedger
 from recstream.keys import Keys
+from recstream.security import redis_client
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def client(ns: Namespace) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    c = redis_client(ns.settings)
     yield c
     c.close()
 
@@ -77,7 +78,7 @@ def test_concurrent_releases_never_overspend(ns: Namespace, client: redis.Redis)
     lock = threading.Lock()
 
     def writer(offset: int) -> None:
-        local = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        local = redis_client(ns.settings)
         mine = _ledger(ns, local, budget=1.0, window=0.0)
         for v in range(offset, 400, 4):
             if mine.spend("race", v + 1, 0.1, b"x").outcome is GrantOutcome.GRANTED:

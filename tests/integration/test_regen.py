@@ -34,6 +34,7 @@ from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import async_redis_client, kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
@@ -90,7 +91,7 @@ def services(ns: Namespace, pool: WorkerPool) -> Iterator[Services]:
     ]
     for thread in threads:
         thread.start()
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     try:
         yield Services(regen, writer, client, Keys(ns.settings.key_prefix))
     finally:
@@ -110,7 +111,7 @@ def _read_topic(settings: CommonSettings, group: str) -> list[Recommendations]:
     """Everything on the output topic, in partition order (readiness: high watermarks)."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **kafka_config(settings),
             "group.id": group,
             "enable.auto.commit": False,
         }
@@ -236,10 +237,9 @@ def _fold_one_by_one(
     settings: CommonSettings, user: str, items: list[str], start: datetime
 ) -> list[tuple[int, datetime]]:
     """Fold one click per item straight into Redis; returns (profile version, event time)."""
-    import redis.asyncio
 
     async def run() -> list[tuple[int, datetime]]:
-        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        client = async_redis_client(settings)
         script = FoldScript(client, settings.key_prefix, FoldParams())
         out = []
         try:
@@ -303,7 +303,7 @@ def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profil
     # Every change is accounted for: once the consumer stops, its group has committed them all.
     services.regen.stop()
     _wait_for(lambda: not services.regen.running.is_set(), 30, "the consumer to close")
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": ns.group("regen")})
+    probe = Consumer({**kafka_config(settings), "group.id": ns.group("regen")})
     try:
         partitions = [
             TopicPartition(settings.topic_profiles_changed, p)
@@ -333,7 +333,7 @@ def _recs(user: str, version: int) -> Recommendations:
 
 
 def test_cache_compare_and_set_never_goes_backwards(ns: Namespace) -> None:
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     keys = Keys(ns.settings.key_prefix)
     cache = RecsCache(client, keys, ttl_s=60)
     written, stale = CasOutcome.WRITTEN, CasOutcome.STALE
@@ -367,7 +367,7 @@ def test_cache_writer_batches_and_moves_past_invalid_messages(ns: Namespace) -> 
     settings = ns.settings
     producer = idempotent_producer(settings)
     users = [f"u{n}" for n in range(100)]
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     for user in users:
         client.hset(keys.profile(user), "version", 2)  # the CAS reads only this field
@@ -448,7 +448,7 @@ def test_a_saturated_pool_pauses_input_and_loses_nothing(ns: Namespace) -> None:
     threads = [threading.Thread(target=svc.run, daemon=True) for svc in (regen, writer)]
     for thread in threads:
         thread.start()
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     keys = Keys(settings.key_prefix)
     try:
 

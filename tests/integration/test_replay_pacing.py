@@ -6,6 +6,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from ops.feed import produce
+from recstream.security import kafka_config
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
@@ -18,7 +19,7 @@ def test_paced_replay_spreads_records_over_time(ns: Namespace) -> None:
 
     consumer = Consumer(
         {
-            "bootstrap.servers": ns.settings.kafka_bootstrap,
+            **kafka_config(ns.settings),
             "group.id": ns.group("pacing"),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,

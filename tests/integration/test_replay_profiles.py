@@ -10,14 +10,13 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
-import redis.asyncio
 
 from ops.exceptions import ReplayError
 from ops.rebuild import ProfileRebuild, RebuildStats
 from ops.settings import OpsSettings
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import async_redis_client, kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import Profile
 from streams.fold import FoldParams, FoldScript
@@ -82,7 +81,7 @@ def assert_same_profile(live: Profile | None, rebuilt: Profile | None) -> None:
 
 
 def keys_under(settings: CommonSettings, prefix: str) -> list[bytes]:
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = redis_client(settings)
     try:
         return list(client.scan_iter(match=f"{prefix}*", count=1000))
     finally:
@@ -115,7 +114,7 @@ def test_rebuild_equals_live_then_switch_is_atomic_and_folds_the_tail(
 
     # A user the rebuild will not know (its events are not on the topic).
     async def fold_ghost() -> None:
-        client = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        client = async_redis_client(ns.settings)
         try:
             await FoldScript(client, ns.settings.key_prefix, FoldParams()).run(
                 {"ghost": [("ghost-0", "a", T0, 1.0)]}
@@ -267,7 +266,7 @@ def fold_directly(settings: CommonSettings, user: str, ts: float) -> None:
     """A live profile made without the topic (so no rebuild can see its events)."""
 
     async def fold() -> None:
-        client = redis.asyncio.Redis.from_url(settings.redis_url.get_secret_value())
+        client = async_redis_client(settings)
         try:
             await FoldScript(client, settings.key_prefix, FoldParams()).run(
                 {user: [(f"{user}-direct", "a", ts, 1.0)]}
@@ -341,7 +340,7 @@ def test_switch_keeps_users_whose_history_fell_out_of_the_topic(ns: Namespace) -
 
     # Retention: the old records are gone from every partition that held some.
     cut = {p: offset for p, offset in cut.items() if offset > 0}
-    admin = AdminClient({"bootstrap.servers": ns.settings.kafka_bootstrap})
+    admin = AdminClient(kafka_config(ns.settings))
     doomed = [TopicPartition(ns.settings.topic_clickstream, p, o) for p, o in cut.items()]
     for future in admin.delete_records(doomed, operation_timeout=30).values():
         future.result(30)

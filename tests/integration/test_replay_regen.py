@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import redis
-import redis.asyncio
 from click.testing import CliRunner
 
 from cli.main import main
@@ -18,6 +16,7 @@ from ops.regen import RegenReplay, changed_users, compare_topics, latest_lists
 from ops.settings import OpsSettings
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
+from recstream.security import async_redis_client, redis_client
 from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
@@ -48,7 +47,7 @@ def out_topic(ns: Namespace) -> Iterator[str]:
 
 def fold_histories(ns: Namespace) -> None:
     async def run() -> None:
-        client = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        client = async_redis_client(ns.settings)
         try:
             script = FoldScript(client, ns.settings.key_prefix, FoldParams())
             await script.run(
@@ -101,7 +100,7 @@ def cli_env(ns: Namespace) -> dict[str, str]:
 def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_topic: str) -> None:
     settings = OpsSettings(**ns.settings.model_dump(), replay_regen_batch_size=2)
     fold_histories(ns)
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     stored = {u: read_profile(client, Keys(ns.settings.key_prefix), u) for u in HISTORIES}
     client.close()
 
@@ -242,7 +241,7 @@ def test_regen_command_with_the_live_default_model(ns: Namespace, out_topic: str
     histories = {"1": ["50", "172", "133"], "2": ["258", "269"]}
 
     async def fold() -> None:
-        client = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        client = async_redis_client(ns.settings)
         try:
             await FoldScript(client, ns.settings.key_prefix, FoldParams()).run(
                 {

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from consumers.cache_writer import CacheWriter
 from consumers.regen import RegenService, build_pool
@@ -23,6 +22,7 @@ from consumers.regenerate import model_history
 from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.artifact import load_recommender, read_catalog
 from recstream.keys import Keys
+from recstream.security import redis_client
 from schemas import Recommendations
 from streams.profile import read_profile
 from tests.conftest import Namespace
@@ -59,7 +59,7 @@ def test_cached_lists_are_the_artifacts_answer_for_the_folded_history(
     for thread in threads:
         thread.start()
     worker = Worker(ns.settings, ns.group("streams"), tmp_path).start()
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    client = redis_client(ns.settings)
     keys = Keys(ns.settings.key_prefix)
 
     def cached(user: str) -> Recommendations | None:

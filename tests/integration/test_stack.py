@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
+from recstream.security import kafka_config
 from recstream.settings import CommonSettings
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def test_status_reports_both_ready(stack_ready: CommonSettings) -> None:
 def test_pipeline_topics_exist(stack_ready: CommonSettings) -> None:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": stack_ready.kafka_bootstrap})
+    admin = AdminClient(kafka_config(stack_ready))
     topics = admin.list_topics(timeout=10).topics
     for name in stack_ready.topics():
         assert name in topics
@@ -53,7 +54,7 @@ def test_deleted_topics_are_gone_when_delete_returns(stack_ready: CommonSettings
     stack = Stack()
     assert stack.create_topics(names, 1) == names
     stack.delete_topics([*names, f"never-created-{uuid.uuid4().hex[:10]}"])
-    topics = AdminClient({"bootstrap.servers": stack_ready.kafka_bootstrap}).list_topics(timeout=10)
+    topics = AdminClient(kafka_config(stack_ready)).list_topics(timeout=10)
     assert not set(names) & set(topics.topics)
 
 

@@ -8,12 +8,12 @@ from typing import cast
 
 import orjson
 import pytest
-import redis
 from click.testing import CliRunner
 
 from cli.main import main
 from lab.datasets import load_dataset
 from recstream.keys import Keys
+from recstream.security import redis_client
 from schemas import Profile
 from tests.conftest import Namespace
 from tests.integration.streams_support import Worker, counts, event, produce_events, wait_for
@@ -53,7 +53,7 @@ def test_catalog_replay_and_profile_show(
     ns: Namespace, env: dict[str, str], worker: Worker
 ) -> None:
     assert "loaded 1682 items of ml-100k" in run(env, "catalog", "load", "--dataset", "ml-100k")
-    client = redis.Redis.from_url(ns.settings.redis_url.get_secret_value(), decode_responses=True)
+    client = redis_client(ns.settings, decode_responses=True)
     keys = Keys(ns.settings.key_prefix)
     try:
         # decode_responses gives str; redis-py's annotations do not follow that flag.

@@ -18,6 +18,7 @@ import redis.asyncio
 from confluent_kafka import Consumer, TopicPartition
 
 from recstream.keys import Keys
+from recstream.security import async_redis_client, kafka_config, redis_client
 from schemas import ProfileChanged
 from streams.fold import PROGRESS_LOST, FoldParams, FoldScript, Progress, pending_notice
 from streams.folder import FORGET_DELIVERED_LUA
@@ -39,7 +40,7 @@ KILL_BEFORE_ANNOUNCE = "RECSTREAM_STREAMS_FAULT_KILL_BEFORE_ANNOUNCE"
 
 
 def client(ns: Namespace) -> redis.Redis:
-    return redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    return redis_client(ns.settings)
 
 
 def partitions(ns: Namespace) -> list[int]:
@@ -47,7 +48,7 @@ def partitions(ns: Namespace) -> list[int]:
 
 
 def end_offsets(ns: Namespace) -> dict[int, int]:
-    reader = Consumer({"bootstrap.servers": ns.settings.kafka_bootstrap, "group.id": "probe"})
+    reader = Consumer({**kafka_config(ns.settings), "group.id": "probe"})
     try:
         topic = ns.settings.topic_clickstream
         return {
@@ -60,9 +61,7 @@ def end_offsets(ns: Namespace) -> dict[int, int]:
 
 def kafka_committed(ns: Namespace) -> dict[int, int]:
     """The worker group's Kafka commits (partitions without one are left out)."""
-    reader = Consumer(
-        {"bootstrap.servers": ns.settings.kafka_bootstrap, "group.id": ns.group("streams")}
-    )
+    reader = Consumer({**kafka_config(ns.settings), "group.id": ns.group("streams")})
     try:
         tps = [TopicPartition(ns.settings.topic_clickstream, p) for p in partitions(ns)]
         return {
@@ -298,7 +297,7 @@ def test_fold_script_progress_is_monotonic_held_and_checked(ns: Namespace) -> No
         return Progress(offsets_key, offsets, {u: (pend, "t:0", 100, 123) for u in users})
 
     async def scenario() -> None:
-        r = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+        r = async_redis_client(ns.settings)
         script = FoldScript(r, ns.settings.key_prefix, FoldParams())
         try:
             batch = {"u1": [("e1", "a", 1_700_000_000.0, 1.0)]}
