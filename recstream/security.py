@@ -138,11 +138,12 @@ def async_redis_client(
 
 def ensure_secrets(folder: Path, principals: tuple[str, ...] = PRINCIPALS) -> None:
     """Give every principal a random Kafka and Redis password under ``folder`` (mode 0600 files
-    in 0700 folders), keeping the ones already there."""
+    in 0700 folders; an existing ``folder`` keeps its mode), keeping the ones already there."""
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
     for system in ("kafka", "redis"):
         sub = folder / system
-        sub.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+        sub.mkdir(exist_ok=True)
         os.chmod(sub, 0o700)
         for principal in principals:
             path = sub / principal
