@@ -288,12 +288,12 @@ def check_artifact(ctx: Context) -> Check:
         )
     trust = ArtifactTrust()
     demo_key = ctx.stack.dir / "artifact-keys" / "artifact-signing.pub"
-    if not verify_keys(trust) and demo_key.is_file():  # the key pair the demo signs with
-        trust = trust.model_copy(update={"verify_key_file": demo_key})
     unsigned = not (folder / SIGNATURE_NAME).exists()
-    if unsigned:
-        trust = trust.model_copy(update={"allow_unsigned": True})
     try:
+        if not verify_keys(trust) and demo_key.is_file():  # the key pair the demo signs with
+            trust = trust.model_copy(update={"verify_key_file": demo_key})
+        if unsigned:
+            trust = trust.model_copy(update={"allow_unsigned": True})
         verified = verify_manifest(folder, trust)
     except ArtifactError as exc:
         return Check(

@@ -217,6 +217,15 @@ def test_an_archive_with_an_unsafe_entry_is_refused_whole(
     assert list(data_dir.iterdir()) == [data_dir / ".downloads"]
 
 
+def test_an_archive_that_unpacks_to_more_than_the_cap_is_refused(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch_mod, "MAX_UNPACKED_BYTES", len(U_DATA) + len(U_ITEM) - 1)
+    with pytest.raises(DatasetError, match="more than"):
+        _fetch(server, tmp_path)
+    assert not (tmp_path / "ml-100k").exists()
+
+
 def test_a_file_that_differs_from_its_pinned_digest_installs_nothing(
     server: Server, tmp_path: Path
 ) -> None:
