@@ -4,6 +4,10 @@
   ``recs:{user}`` (the contract of DESIGN.md, as the cache writer stored it); when there is none,
   the most popular items of the loaded catalog with ``source: "fallback"`` (an empty list when no
   catalog is loaded), ranked by the one popularity model from the counts ``catalog load`` stored.
+- ``DELETE /v1/users/{user_id}`` (admin scope): erase every stored key of the user and record the
+  erasure (``streams.erasure``, as the ``eraser`` principal); 503 with the reason when this
+  deployment has no eraser credentials or Kafka did not take the record (then nothing was
+  deleted). ``GET /v1/users/{user_id}/export`` (admin scope): everything stored about the user.
 - ``GET /healthz``: ``{"ok": …}``, nothing more. ``GET /openapi.json``.
 - ``GET /metrics`` (Prometheus text) on a port of its own (``api_metrics_port``, loopback by
   default), never on the API's port.
@@ -27,6 +31,7 @@ API exists for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -48,12 +53,22 @@ from api.keys import KeyRing
 from api.metrics import FALLBACKS, LATENCY, REQUESTS
 from api.settings import ApiSettings, is_loopback
 from inference.popularity import Popularity
+from recstream.errors import ConfigError
 from recstream.keys import Keys
-from recstream.security import async_redis_client
+from recstream.security import async_redis_client, credentials
 from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
 from schemas.api import ApiKeyRecord, Scope
 from schemas.events import Id
-from schemas.openapi import ANONYMOUS_SCOPES, RECOMMENDATIONS_PATH, SCOPES, openapi_document
+from schemas.openapi import (
+    ANONYMOUS_SCOPES,
+    EXPORT_PATH,
+    RECOMMENDATIONS_PATH,
+    SCOPES,
+    USER_PATH,
+    openapi_document,
+)
+from streams.erasure import ERASER, Eraser
+from streams.exceptions import ErasureFailed
 
 __all__ = [
     "PRINCIPAL",
@@ -148,6 +163,27 @@ async def _popular(store: redis.asyncio.Redis, keys: Keys, k: int) -> list[tuple
     top = cast(list[tuple[bytes, float]], reply)  # redis-py types every reply as one union
     model = Popularity({item.decode(): -round(negated) for item, negated in top})
     return model.recommend([[]], k)[0]
+
+
+def erasure_refusal(settings: ApiSettings) -> str | None:
+    """Why this deployment cannot erase (no credentials for the ``eraser`` principal where
+    services have their own), or ``None`` when it can."""
+    try:
+        for system in ("kafka", "redis"):
+            credentials(settings, system, ERASER)
+    except ConfigError as exc:
+        return f"erasure is not configured on this API: {exc}"
+    return None
+
+
+def _erase(settings: ApiSettings, user_id: str) -> BaseModel:
+    with Eraser(settings) as eraser:
+        return eraser.erase(user_id).receipt()
+
+
+def _export(settings: ApiSettings, user_id: str) -> BaseModel:
+    with Eraser(settings) as eraser:
+        return eraser.export(user_id)
 
 
 def _route_name(request: web.Request) -> str:
@@ -259,6 +295,32 @@ def build_app(settings: ApiSettings) -> web.Application:
         )
         return _json(fallback)
 
+    refused_erasure = erasure_refusal(settings)
+
+    async def on_user(
+        request: web.Request, action: Callable[[ApiSettings, str], BaseModel], what: str
+    ) -> web.Response:
+        """Run an admin action on one user's data off the event loop (it blocks on Kafka)."""
+        user_id = request.match_info["user_id"]
+        if not valid_user_id(user_id):
+            return _error(400, "bad_user_id", "user_id must be 1-64 characters, no control chars")
+        if refused_erasure is not None:
+            return _error(503, "erasure_unavailable", refused_erasure)
+        principal = request.get(PRINCIPAL)
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(None, action, settings, user_id)
+        except ErasureFailed as exc:
+            return _error(503, "erasure_failed", f"nothing was deleted: {exc}"[:256])
+        # The audit trail names the key, never the user (logs carry no user id).
+        log.info("%s of one user's data by key %s", what, principal.key_id if principal else "-")
+        return _json(body)
+
+    async def erase(request: web.Request) -> web.Response:
+        return await on_user(request, _erase, "erasure")
+
+    async def export(request: web.Request) -> web.Response:
+        return await on_user(request, _export, "export")
+
     async def healthz(request: web.Request) -> web.Response:
         try:
             ok = bool(await request.app[REDIS].ping())
@@ -281,6 +343,8 @@ def build_app(settings: ApiSettings) -> web.Application:
     # Each route's scope is declared in schemas.openapi.SCOPES (which the OpenAPI document also
     # reads); _scopes refuses a route that is not declared there.
     app.router.add_get(RECOMMENDATIONS_PATH, recommendations)
+    app.router.add_delete(USER_PATH, erase)
+    app.router.add_get(EXPORT_PATH, export)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     required.update(_scopes(app))

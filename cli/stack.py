@@ -34,7 +34,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -199,7 +199,11 @@ class Stack:
 
                 apply_kafka(self.clients)
                 say("kafka: SCRAM users and ACLs applied")
-            created = self.create_topics(self.settings.topics(), self.settings.topic_partitions)
+            created = self.create_topics(
+                self.settings.topics(),
+                self.settings.topic_partitions,
+                configs=self.settings.topic_configs(),  # retention, users.erased compacted
+            )
             if created:
                 say(f"topics: created {', '.join(created)}")
         say(f"stack ready; logs under {self.logs}")
@@ -300,9 +304,15 @@ class Stack:
             return False
         return bool(meta.brokers)
 
-    def create_topics(self, topics: list[str], partitions: int) -> list[str]:
-        """Create the topics that do not exist yet; return the names created."""
-        return create_topics(self.clients, topics, partitions)
+    def create_topics(
+        self,
+        topics: list[str],
+        partitions: int,
+        configs: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> list[str]:
+        """Create the topics that do not exist yet, with ``configs`` (set on the existing ones
+        too); return the names created."""
+        return create_topics(self.clients, topics, partitions, configs)
 
     def delete_topics(self, topics: list[str]) -> None:
         """Delete ``topics`` and wait for the broker to confirm; absent ones are fine."""

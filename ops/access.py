@@ -108,8 +108,15 @@ def rights(settings: CommonSettings) -> list[Rights]:
             redis=f"{keys(['recs'], read_only=True)} %R~{p}catalog:popular "
             "+@read +@connection -@dangerous",
         ),
-        # Erasure deletes a user's keys under any prefix (live, rebuild namespaces).
-        Rights("eraser", writes=(s.topic_users_erased,), redis=f"~*u:{{*}}:* {_WRITE}"),
+        # Erasure (streams.erasure) reads the clickstream's end offsets, records the erasure,
+        # deletes a user's keys under any prefix (live, rebuild namespaces) and removes the
+        # user's pending change notices; export reads the same keys.
+        Rights(
+            "eraser",
+            reads=(s.topic_clickstream,),
+            writes=(s.topic_users_erased,),
+            redis=f"~*u:{{*}}:* ~{p}streams:*:pending:* {_WRITE}",
+        ),
     ]
 
 

@@ -1,6 +1,6 @@
 """Commands of the operator tools: ``recstream catalog load``, ``recstream replay-dataset``,
-``recstream replay profiles | regen | compare`` and ``recstream access secrets | redis-acl |
-kafka``.
+``recstream replay profiles | regen | compare``, ``recstream users erase | export`` and
+``recstream access secrets | redis-acl | kafka``.
 
 Settings options are generated from :class:`ops.settings.OpsSettings` (recstream.options) and
 fall back to their environment variables; heavy modules (Faust, torch) are imported inside the
@@ -350,6 +350,43 @@ def replay_compare(topics: tuple[str, ...], progress: bool, **flags: Any) -> Non
         click.echo(line)
 
 
+@click.group("users")
+def users() -> None:
+    """One user's data: erase it (GDPR art. 17) or export it (art. 15)."""
+
+
+@users.command("erase")
+@click.argument("user_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def users_erase(user_id: str, yes: bool) -> None:
+    """Erase every key of USER_ID in every namespace and record it on `users.erased`.
+
+    The stream worker and every rebuild then skip the user's older events; events after the
+    erasure start a new profile. Runs as the `eraser` principal. Erasing twice is harmless.
+    Prints what was removed, as JSON.
+    """
+    from streams.erasure import Eraser
+
+    if not yes:
+        click.confirm(f"erase every stored key of user {user_id!r}?", abort=True, err=True)
+    with Eraser(_settings()) as eraser:
+        receipt = eraser.erase(user_id).receipt()
+    click.echo(receipt.model_dump_json(indent=2))
+
+
+@users.command("export")
+@click.argument("user_id")
+def users_export(user_id: str) -> None:
+    """Print everything stored about USER_ID in the live namespace, as JSON (profile, items,
+    categories, recent items, seen event ids, cached list, privacy ledger, erasure marker,
+    pending change notices)."""
+    from streams.erasure import Eraser
+
+    with Eraser(_settings()) as eraser:
+        data = eraser.export(user_id)
+    click.echo(data.model_dump_json(indent=2))
+
+
 @click.group("access")
 def access() -> None:
     """Credentials and rights of each principal on Kafka and Redis (docs/security.md)."""
@@ -395,5 +432,5 @@ def access_kafka(create_topics: bool) -> None:
 
 def register(main: click.Group, serve: click.Group) -> None:
     """Attach the operator commands to the project CLI (no services to serve)."""
-    for command in (catalog, replay_dataset, replay, access):
+    for command in (catalog, replay_dataset, replay, users, access):
         main.add_command(command)

@@ -8,6 +8,12 @@ namespace's key prefix (``{prefix}ns:{name}:``), no dead-lettering (the live age
 no ``profiles.changed`` announcements. The fold reads item categories under its prefix, so the
 catalog's ``item:*`` hashes are copied into the namespace first.
 
+**Erasures.** Before folding, every record of ``users.erased`` (read from its start: the topic
+is compacted) is written as an erasure marker into the namespace, and into the live keys before
+the tail is folded there (``streams.erasure``): the fold skips an erased user's events below the
+marker's offsets, so a rebuild from offset 0 brings no erased history back; an erased user's
+later events make a new profile. An erasure during a rebuild marks the namespace itself.
+
 **Checkpoints.** After each batch the next offset of every partition in it is written to the
 namespace's ``replay:state`` hash; an interrupted rebuild started again with the same namespace
 resumes from there (a batch folded but not yet checkpointed is folded again, and the seen-sets
@@ -109,6 +115,7 @@ class RebuildStats:
     folded: int = 0
     duplicates: int = 0
     late: int = 0
+    erased: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
     users: set[str] = field(default_factory=set)
 
@@ -117,13 +124,16 @@ class RebuildStats:
             self.folded += result.folded
             self.duplicates += result.duplicates
             self.late += result.late
-            self.users.add(result.user_id)
+            self.erased += result.erased
+            if result.folded or result.duplicates or result.late or not result.erased:
+                self.users.add(result.user_id)  # not a user whose every event was erased
 
     def describe(self) -> str:
         bad = ", ".join(f"{reason} {n}" for reason, n in sorted(self.invalid.items())) or "none"
         return (
             f"{self.records} records: {self.folded} events folded for {len(self.users)} users, "
-            f"{self.duplicates} duplicates, {self.late} too late, invalid: {bad}"
+            f"{self.duplicates} duplicates, {self.late} too late, {self.erased} of erased users, "
+            f"invalid: {bad}"
         )
 
 
@@ -297,10 +307,22 @@ class ProfileRebuild:
                 )
                 fields[f"next:{r.partition}"] = str(r.start)
             self.redis.hset(self.state_key, mapping=fields)
+        # After the state hash exists: an erasure from now on marks this namespace itself.
+        self.honour_erasures(self.target)
         self._copy_catalog()
         stats = self._fold(self.target, list(plan.remaining), True, "rebuild", after_batch)
         self.redis.hset(self.state_key, "phase", "folded")
         return stats
+
+    def honour_erasures(self, keys: Keys) -> int:
+        """Write the marker of every erased user (``users.erased``, read from its start) under
+        ``keys``, so the fold skips their erased history; returns how many."""
+        from streams.erasure import read_erasures, restore_markers
+
+        erasures = read_erasures(
+            security.kafka_config(self.settings), self.settings.topic_users_erased
+        )
+        return restore_markers(self.redis, keys, erasures.values())
 
     def _copy_catalog(self) -> int:
         """Copy the live catalog's item hashes into the namespace (the fold reads categories)."""
@@ -448,6 +470,7 @@ class ProfileRebuild:
         tail = [
             PartitionRange(r.partition, r.end, high) for r, high in self._tail_ends(plan.ranges)
         ]
+        self.honour_erasures(self.live)
         tail_stats = self._fold(self.live, tail, False, "tail")
         self._drop_namespace()
         return SwitchResult(switched, removed, kept, bumped, script_s, tail_stats)

@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RECSTREAM_"
+DAY_MS = 24 * 3600 * 1000
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKOUT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
@@ -102,7 +103,8 @@ class CommonSettings(BaseSettings):
     )
     topic_users_erased: str = Field(
         "users.erased",
-        description="Compacted topic of erased users (GDPR art. 17): what every fold and rebuild honours.",
+        description="Compacted topic of erased users (GDPR art. 17): what every fold and "
+        "rebuild honours.",
     )
     group_instance_id: str = Field(
         "",
@@ -111,6 +113,24 @@ class CommonSettings(BaseSettings):
         "back at once instead of after the group's session timeout; empty: dynamic membership.",
     )
     topic_partitions: int = Field(4, ge=1, description="Partitions of the topics `stack up` makes.")
+    topic_clickstream_retention_ms: int = Field(
+        7 * DAY_MS,
+        ge=-1,
+        description="Retention of the clickstream (raw events) that `stack up` sets: the longest "
+        "a raw event outlives its user's erasure (docs/privacy.md); -1 keeps them forever.",
+    )
+    topic_dlq_retention_ms: int = Field(
+        3 * DAY_MS,
+        ge=1,
+        description="Retention of the dead-letter topics that `stack up` sets (they hold the "
+        "raw bytes of refused records).",
+    )
+    topic_outputs_retention_ms: int = Field(
+        7 * DAY_MS,
+        ge=1,
+        description="Retention of profiles.changed, recommendations and profiles.embeddings that "
+        "`stack up` sets (keyed by user id, not compacted).",
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Where named datasets are found (`recstream data fetch` puts them there).",
@@ -128,6 +148,27 @@ class CommonSettings(BaseSettings):
             self.topic_profile_embeddings,
             self.topic_users_erased,
         ]
+
+    def topic_configs(self) -> dict[str, dict[str, str]]:
+        """Each topic's retention settings (Kafka topic configs), as `stack up` applies them.
+
+        ``users.erased`` is compacted and kept: it is the record every rebuild honours.
+        """
+        dlqs = (self.topic_dlq, self.topic_profiles_changed_dlq, self.topic_recommendations_dlq)
+        outputs = (
+            self.topic_profiles_changed,
+            self.topic_recommendations,
+            self.topic_profile_embeddings,
+        )
+        configs = {self.topic_clickstream: _retention(self.topic_clickstream_retention_ms)}
+        configs.update({t: _retention(self.topic_dlq_retention_ms) for t in dlqs})
+        configs.update({t: _retention(self.topic_outputs_retention_ms) for t in outputs})
+        configs[self.topic_users_erased] = {"cleanup.policy": "compact", "retention.ms": "-1"}
+        return configs
+
+
+def _retention(ms: int) -> dict[str, str]:
+    return {"cleanup.policy": "delete", "retention.ms": str(ms)}
 
 
 def redact_url(url: str) -> str:

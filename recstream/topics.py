@@ -7,9 +7,15 @@ functions, which wait for the broker's answer (a request left pending dies with 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from recstream.errors import RecstreamError
 from recstream.security import kafka_config
 from recstream.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 __all__ = ["TopicError", "create_topics", "delete_topics"]
 
@@ -18,18 +24,35 @@ class TopicError(RecstreamError):
     """The broker refused to create or delete a topic."""
 
 
-def create_topics(settings: CommonSettings, topics: list[str], partitions: int) -> list[str]:
+def create_topics(
+    settings: CommonSettings,
+    topics: list[str],
+    partitions: int,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[str]:
     """Create the topics that do not exist yet; return the names created (as the settings'
-    principal, an operator's ``admin`` unless a service's settings are given)."""
+    principal, an operator's ``admin`` unless a service's settings are given).
+
+    ``configs`` (topic -> Kafka topic configs, e.g. ``CommonSettings.topic_configs``: retention,
+    compaction) are given to the topics created and set on those of ``topics`` that exist
+    already, so an older stack gets them too.
+    """
     from confluent_kafka.admin import AdminClient, NewTopic
 
+    configs = configs or {}
     admin = AdminClient(kafka_config(settings))
     existing = set(admin.list_topics(timeout=10.0).topics)
     missing = [t for t in topics if t not in existing]
+    _set_configs(admin, {t: configs[t] for t in topics if t in existing and t in configs})
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+        [
+            NewTopic(
+                t, num_partitions=partitions, replication_factor=1, config=dict(configs.get(t, {}))
+            )
+            for t in missing
+        ]
     )
     for name, fut in futures.items():
         try:
@@ -38,6 +61,35 @@ def create_topics(settings: CommonSettings, topics: list[str], partitions: int) 
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise TopicError(f"cannot create topic {name!r}: {exc}") from exc
     return missing
+
+
+def _set_configs(admin: AdminClient, configs: Mapping[str, Mapping[str, str]]) -> None:
+    """Set (incrementally: other configs stay) each topic's ``configs``."""
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    if not configs:
+        return
+    resources = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            topic,
+            incremental_configs=[
+                ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+                for name, value in entries.items()
+            ],
+        )
+        for topic, entries in configs.items()
+    ]
+    for resource, fut in admin.incremental_alter_configs(resources).items():
+        try:
+            fut.result(timeout=30.0)
+        except Exception as exc:
+            raise TopicError(f"cannot configure topic {resource.name!r}: {exc}") from exc
 
 
 def delete_topics(settings: CommonSettings, topics: list[str]) -> None:

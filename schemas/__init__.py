@@ -2,6 +2,7 @@
 read API's response bodies."""
 
 from schemas.api import ApiKeyRecord, ErrorBody, ErrorResponse, Health, Scope
+from schemas.erasure import UserErased
 from schemas.events import (
     MAX_EVENT_BYTES,
     SCHEMA_VERSION,
@@ -42,6 +43,7 @@ __all__ = [
     "SchemaError",
     "Scope",
     "ScoredItem",
+    "UserErased",
     "ValidationFailed",
     "ViewEvent",
     "parse_event",

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from schemas.embeddings import ProfileEmbedding
+from schemas.erasure import UserErased
 from schemas.events import Event
 from schemas.messages import Profile, ProfileChanged, Recommendations
 from schemas.openapi import openapi_document
@@ -31,6 +32,7 @@ def schemas() -> dict[str, dict[str, Any]]:
         "recommendations.json": Recommendations.model_json_schema(),
         "profile.json": Profile.model_json_schema(),
         "profile-embedding.json": ProfileEmbedding.model_json_schema(),
+        "user-erased.json": UserErased.model_json_schema(),
     }
     for name, doc in docs.items():
         doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"

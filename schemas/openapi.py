@@ -24,17 +24,29 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from schemas.api import ErrorResponse, Health, Scope
+from schemas.erasure import ErasureReceipt, UserExport
 from schemas.events import Id
 from schemas.messages import Recommendations
 
-__all__ = ["ANONYMOUS_SCOPES", "RECOMMENDATIONS_PATH", "SCOPES", "openapi_document"]
+__all__ = [
+    "ANONYMOUS_SCOPES",
+    "EXPORT_PATH",
+    "RECOMMENDATIONS_PATH",
+    "SCOPES",
+    "USER_PATH",
+    "openapi_document",
+]
 
 RECOMMENDATIONS_PATH = "/v1/users/{user_id}/recommendations"
+USER_PATH = "/v1/users/{user_id}"
+EXPORT_PATH = "/v1/users/{user_id}/export"
 _REF = "#/components/schemas/{model}"
 
 # (method, path) -> the scope a key needs, or None for an open route (probes, this document).
 SCOPES: dict[tuple[str, str], Scope | None] = {
     ("GET", RECOMMENDATIONS_PATH): Scope.READ,
+    ("DELETE", USER_PATH): Scope.ADMIN,
+    ("GET", EXPORT_PATH): Scope.ADMIN,
     ("GET", "/healthz"): None,
     ("GET", "/openapi.json"): None,
 }
@@ -46,7 +58,10 @@ ANONYMOUS_SCOPES = frozenset({Scope.READ})
 def _components() -> dict[str, Any]:
     # Serialization mode: these are response bodies, described as the API writes them.
     _, defs = models_json_schema(
-        [(model, "serialization") for model in (Recommendations, ErrorResponse, Health)],
+        [
+            (model, "serialization")
+            for model in (Recommendations, ErrorResponse, Health, ErasureReceipt, UserExport)
+        ],
         ref_template=_REF,
     )
     return dict(defs["$defs"])
@@ -112,6 +127,13 @@ def openapi_document(
         "500": _json("ErrorResponse", "The request failed; the service goes on."),
         "503": _json("ErrorResponse", "Redis does not answer."),
     }
+    user_id = {
+        "name": "user_id",
+        "in": "path",
+        "required": True,
+        "description": "1-64 characters, no control characters.",
+        "schema": TypeAdapter(Id).json_schema(),
+    }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -139,13 +161,7 @@ def openapi_document(
                     "operationId": "getRecommendations",
                     "summary": "A user's recommendations (popular items when none are cached).",
                     "parameters": [
-                        {
-                            "name": "user_id",
-                            "in": "path",
-                            "required": True,
-                            "description": "1-64 characters, no control characters.",
-                            "schema": TypeAdapter(Id).json_schema(),
-                        },
+                        user_id,
                         {
                             "name": "k",
                             "in": "query",
@@ -155,6 +171,37 @@ def openapi_document(
                         },
                     ],
                     "responses": responses,
+                }
+            },
+            USER_PATH: {
+                "delete": {
+                    "operationId": "eraseUser",
+                    "summary": "Erase every stored key of the user (GDPR art. 17) and record the "
+                    "erasure on users.erased, so the user's older events are never folded again.",
+                    "parameters": [user_id],
+                    "responses": {
+                        "200": _json("ErasureReceipt", "Erased (also when nothing was stored)."),
+                        "400": _json("ErrorResponse", "Malformed user id."),
+                        "500": _json("ErrorResponse", "The request failed; the service goes on."),
+                        "503": _json(
+                            "ErrorResponse",
+                            "Erasure is not configured (no eraser credentials) or Kafka did not "
+                            "take the erasure record: nothing was deleted, retry.",
+                        ),
+                    },
+                }
+            },
+            EXPORT_PATH: {
+                "get": {
+                    "operationId": "exportUser",
+                    "summary": "Everything stored about the user (GDPR art. 15).",
+                    "parameters": [user_id],
+                    "responses": {
+                        "200": _json("UserExport", "Every key of the user, decoded."),
+                        "400": _json("ErrorResponse", "Malformed user id."),
+                        "500": _json("ErrorResponse", "The request failed; the service goes on."),
+                        "503": _json("ErrorResponse", "Redis does not answer."),
+                    },
                 }
             },
             "/healthz": {

@@ -26,6 +26,7 @@ time, instead of by the agent (see ``streams/consumer.py``); everything above st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,9 +38,10 @@ from faust.exceptions import ConsumerNotStarted
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from recstream.security import KAFKA_MECHANISM, async_redis_client, credentials
+from recstream.security import KAFKA_MECHANISM, async_redis_client, credentials, kafka_config
 from schemas import Envelope
 from streams import metrics
+from streams.erasure import read_erasures
 from streams.exceptions import StoreUnavailable
 from streams.folder import ProfileFolder
 from streams.settings import StreamsSettings
@@ -126,7 +128,22 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
     ) -> object:
         return await changed.send(key=key, value=value, headers=headers)
 
-    folder = ProfileFolder(settings, redis, send_dlq, send_changed, group=settings.streams_app_id)
+    async def erasures() -> dict[str, dict[str, int]]:
+        # The compacted users.erased, read whole at each assignment (a blocking client: off the
+        # loop); its watermarks back up the markers in Redis (streams.erasure).
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, read_erasures, kafka_config(settings), settings.topic_users_erased
+        )
+        return {user: record.fields() for user, record in found.items()}
+
+    folder = ProfileFolder(
+        settings,
+        redis,
+        send_dlq,
+        send_changed,
+        group=settings.streams_app_id,
+        erasures=erasures,
+    )
 
     async def fold(messages: Sequence[Any]) -> None:
         # The Faust adapter: envelopes for the fold, the monitor's arrival stamps for latency.

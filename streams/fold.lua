@@ -25,7 +25,9 @@
 -- and each of its events a fifth, its offset there. If the user's erased marker (user_key_base ..
 -- 'erased', written by streams/erasure.py) holds a watermark for that partition, the events
 -- below it are skipped and counted as erased: they belong to the history that was erased. One
--- HGET per such user per batch; events without an offset are never skipped.
+-- HGET per such user per batch; events without an offset are never skipped. A fifth element of
+-- the group is a watermark the caller knows from the users.erased topic: the higher one counts
+-- (a Redis restored without the marker still skips the history).
 --
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
 -- trigger_ts, erased, new_item...}; numbers that are not integers travel as strings.
@@ -216,6 +218,9 @@ for index, group in ipairs(batch) do
   local erased = 0
   if not refused[index] and group[4] then
     local watermark = tonumber(redis.call('HGET', base_key .. 'erased', group[4]))
+    if group[5] ~= nil and (watermark == nil or group[5] > watermark) then
+      watermark = group[5]
+    end
     if watermark ~= nil then
       local kept = {}
       for _, ev in ipairs(events) do

@@ -189,20 +189,26 @@ def script_args(
     keys: Keys,
     params: FoldParams,
     groups: Mapping[str, Sequence[tuple[Any, ...]]],
-    fields: Mapping[str, str] | None = None,
+    fields: Mapping[str, str | tuple[str, int]] | None = None,
 ) -> list[str | bytes]:
     """ARGV of ``fold.lua``: the rules, the batch with each user's key base, the item keys.
 
     With ``fields`` (user -> ``topic:partition``, events carrying their offsets), the script
-    skips the events of the user's erased history.
+    skips the events of the user's erased history; a field may come with a watermark known
+    from ``users.erased`` (``(field, offset)``), which counts besides the user's marker.
     """
     item_key = keys.item
     items = {event[1]: item_key(event[1]) for events in groups.values() for event in events}
     user_base = keys.user_base
     if fields:
-        batch = orjson.dumps(
-            [(user, user_base(user), events, fields[user]) for user, events in groups.items()]
-        )
+        rows: list[tuple[Any, ...]] = []
+        for user, events in groups.items():
+            position = fields[user]
+            if isinstance(position, tuple):
+                rows.append((user, user_base(user), events, *position))
+            else:
+                rows.append((user, user_base(user), events, position))
+        batch = orjson.dumps(rows)
     else:
         batch = orjson.dumps([(user, user_base(user), events) for user, events in groups.items()])
     return [
@@ -286,7 +292,7 @@ class FoldScript:
         self,
         groups: Mapping[str, Sequence[tuple[Any, ...]]],
         progress: Progress | None = None,
-        fields: Mapping[str, str] | None = None,
+        fields: Mapping[str, str | tuple[str, int]] | None = None,
     ) -> list[Folded]:
         """Fold ``groups`` (user -> events); with ``fields``, honouring erasure markers."""
         # A batch whose records were all dead-lettered folds nothing, but its offsets must still

@@ -61,7 +61,7 @@ from recstream.metrics import count
 from schemas import Envelope, Reason, ValidationFailed, parse_event
 from schemas.deadletter import dead_letter_headers
 from streams import metrics
-from streams.exceptions import StoreUnavailable
+from streams.exceptions import StoreUnavailable, StreamsError
 from streams.fold import (
     PROGRESS_LOST,
     Folded,
@@ -141,6 +141,7 @@ class ProfileFolder:
         send_changed: Send,
         *,
         group: str | None = None,
+        erasures: Callable[[], Awaitable[Mapping[str, Mapping[str, int]]]] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -169,6 +170,11 @@ class ProfileFolder:
         # Completion of the latest batch's fold: batches may be validated concurrently, but
         # they are folded and announced strictly in the order handle() was called.
         self._last_fold: asyncio.Future[None] | None = None
+        # Erased users' watermarks (user -> 'topic:partition' -> offset) as users.erased held
+        # them at the latest assignment: the fold takes the higher of these and the user's
+        # marker in Redis, so a Redis that lost markers (restored older) still skips the history.
+        self._load_erasures = erasures
+        self.erased: Mapping[str, Mapping[str, int]] = {}
 
     async def handle(
         self, records: Sequence[Envelope], arrived: Sequence[float | None] | None = None
@@ -252,7 +258,7 @@ class ProfileFolder:
             progress = progress.expecting(self._known)
             await self._flush_dead_letters()
         groups, fields = group_positioned(valid)
-        folded = await self._fold(groups, progress, fields)
+        folded = await self._fold(groups, progress, self._watermarks(fields))
         if progress is not None and self._offsets_moved:
             self._remember_offsets(progress, folded)
         if self.settings.streams_fault_kill_before_announce and any(r.emit for r in folded):
@@ -330,7 +336,7 @@ class ProfileFolder:
         self,
         groups: dict[str, list[PositionedEvent]],
         progress: Progress | None = None,
-        fields: Mapping[str, str] | None = None,
+        fields: Mapping[str, str | tuple[str, int]] | None = None,
     ) -> list[Folded]:
         """Run the fold script; retry while Redis is briefly unavailable, isolate refused users.
 
@@ -379,7 +385,7 @@ class ProfileFolder:
         self,
         groups: dict[str, list[PositionedEvent]],
         progress: Progress | None = None,
-        fields: Mapping[str, str] | None = None,
+        fields: Mapping[str, str | tuple[str, int]] | None = None,
     ) -> list[Folded]:
         """Fold each user alone, so one user's refused data cannot hold back the others'.
 
@@ -402,6 +408,18 @@ class ProfileFolder:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
         return results
+
+    def _watermarks(self, fields: dict[str, str]) -> Mapping[str, str | tuple[str, int]]:
+        """Each user's partition field, with the watermark users.erased gives it if any."""
+        erased = self.erased
+        if not erased:
+            return fields
+        out: dict[str, str | tuple[str, int]] = dict(fields)
+        for user, field in fields.items():
+            marks = erased.get(user)
+            if marks is not None and field in marks:
+                out[user] = (field, marks[field])
+        return out
 
     # Durable progress: offsets and pending change notices in Redis, beside the profiles.
 
@@ -515,6 +533,13 @@ class ProfileFolder:
         tps = sorted(tp for tp in committed if tp[0] == self.settings.topic_clickstream)
         if self.group is None or not tps:
             return {}
+        if self._load_erasures is not None:
+            try:
+                self.erased = await self._load_erasures()
+            except StreamsError as exc:  # the markers in Redis still hold; the map is a backup
+                log.warning(
+                    "users.erased not read (%s); keeping the %d known", exc, len(self.erased)
+                )
         stored = await self._retrying(
             "reading stored offsets",
             lambda: self.redis.hmget(self._offsets_key, [_field(tp) for tp in tps]),

@@ -42,6 +42,7 @@ def settings_env(settings: CommonSettings) -> dict[str, str]:
             f"{ENV_PREFIX}TOPIC_PROFILES_CHANGED_DLQ": settings.topic_profiles_changed_dlq,
             f"{ENV_PREFIX}TOPIC_RECOMMENDATIONS_DLQ": settings.topic_recommendations_dlq,
             f"{ENV_PREFIX}TOPIC_PROFILE_EMBEDDINGS": settings.topic_profile_embeddings,
+            f"{ENV_PREFIX}TOPIC_USERS_ERASED": settings.topic_users_erased,
             f"{ENV_PREFIX}TOPIC_PARTITIONS": str(settings.topic_partitions),
         }
     )
@@ -116,6 +117,7 @@ def ns(stack_ready: CommonSettings, request: pytest.FixtureRequest) -> Iterator[
             "topic_profiles_changed_dlq": f"profiles.changed.dlq-{token}",
             "topic_recommendations_dlq": f"recommendations.dlq-{token}",
             "topic_profile_embeddings": f"profiles.embeddings-{token}",
+            "topic_users_erased": f"users.erased-{token}",
             "topic_partitions": partitions,
         }
     )

@@ -3,7 +3,7 @@
 Every hostile record must end on ``clickstream.dlq`` with its reason, the worker must stay up,
 a victim user's profile must stay byte-for-byte as it was, ids built to collide with the victim's
 keys must fold into keys of their own, good traffic sent after all of it must fold, and the
-worker's ``recs_records_total`` must balance: in = folded + duplicate + dead_lettered.
+worker's ``recs_records_total`` must balance: in = folded + duplicate + dead_lettered + erased.
 """
 
 from __future__ import annotations
@@ -213,10 +213,13 @@ def test_hostile_records_are_dead_lettered_and_touch_no_one_else(
             f"recs_records_total in == {total}",
         )
         outcome = records_total(port, topic)
-        assert (
-            outcome["in"]
-            == outcome["folded"] + outcome.get("duplicate", 0) + outcome["dead_lettered"]
+        assert outcome["in"] == (
+            outcome["folded"]
+            + outcome.get("duplicate", 0)
+            + outcome["dead_lettered"]
+            + outcome.get("erased", 0)
         )
+        assert outcome.get("erased", 0) == 0  # nobody was erased
         assert outcome["dead_lettered"] == len(hostile)
         assert outcome["duplicate"] == len(replayed)
         assert running.child is not None and running.child.returncode is None, running.log_tail()

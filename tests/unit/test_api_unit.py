@@ -22,7 +22,13 @@ from api import ApiSettings, build_app
 from api.app import served_openapi, valid_user_id
 from schemas.api import ErrorResponse, Health
 from schemas.export import JSON_DIR, render
-from schemas.openapi import RECOMMENDATIONS_PATH, SCOPES, openapi_document
+from schemas.openapi import (
+    EXPORT_PATH,
+    RECOMMENDATIONS_PATH,
+    SCOPES,
+    USER_PATH,
+    openapi_document,
+)
 from tests.api_contract import assert_conforms
 
 # The event contract's identifier alphabet: anything but C0/C1 control characters.
@@ -69,7 +75,17 @@ def test_served_document_is_the_contract_with_the_deployment_filled_in(tmp_path:
     keyed_doc = served_openapi(ApiSettings(api_keys_file=tmp_path / "keys"))
     assert open_doc["components"] == committed["components"]
     assert set(open_doc["paths"]) == set(committed["paths"])
-    assert set(open_doc["paths"]) == {RECOMMENDATIONS_PATH, "/healthz", "/openapi.json"}
+    assert set(open_doc["paths"]) == {
+        RECOMMENDATIONS_PATH,
+        USER_PATH,
+        EXPORT_PATH,
+        "/healthz",
+        "/openapi.json",
+    }
+    # Erasure and export need the admin scope, with or without keys on the deployment.
+    for doc in (committed, open_doc, keyed_doc):
+        assert doc["paths"][USER_PATH]["delete"]["security"] == [{"apiKey": ["admin"]}]
+        assert doc["paths"][EXPORT_PATH]["get"]["security"] == [{"apiKey": ["admin"]}]
     route, keyed_route = (
         open_doc["paths"][RECOMMENDATIONS_PATH]["get"],
         keyed_doc["paths"][RECOMMENDATIONS_PATH]["get"],
