@@ -780,7 +780,8 @@ def main() -> int:
         (
             "stream worker counted",
             f"in {metric.get('in', 0)}, folded {metric.get('folded', 0)}, duplicate "
-            f"{metric.get('duplicate', 0)}, dead-lettered {metric.get('dead_lettered', 0)}",
+            f"{metric.get('duplicate', 0)}, dead-lettered {metric.get('dead_lettered', 0)}, "
+            f"erased {metric.get('erased', 0)}",
             "",
         ),
         ("duplicates on the topic", f"{clean_stats.duplicates}", ""),

@@ -54,13 +54,16 @@ def create_topics(
             for t in missing
         ]
     )
+    there: list[str] = []
     for name, fut in futures.items():
         try:
             fut.result(timeout=30.0)
         except Exception as exc:  # a concurrent creator is fine, others are not
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise TopicError(f"cannot create topic {name!r}: {exc}") from exc
-    return missing
+            there.append(name)  # created meanwhile, or listed late: without our configs
+    _set_configs(admin, {t: configs[t] for t in there if t in configs})
+    return [t for t in missing if t not in there]
 
 
 def _set_configs(admin: AdminClient, configs: Mapping[str, Mapping[str, str]]) -> None:

@@ -221,10 +221,7 @@ def read_erasures(
     consumer = _reader(kafka)
     erased: dict[str, UserErased] = {}
     try:
-        try:
-            highs = _highs(consumer, topic, timeout_s)
-        except ErasureFailed:
-            return {}
+        highs = _highs(consumer, topic, timeout_s, missing_ok=True)
         todo = {p: h for p, h in highs.items() if h > 0}
         if not todo:
             return {}
@@ -332,16 +329,24 @@ def _reader(kafka: Mapping[str, Any]) -> Consumer:
     )
 
 
-def _highs(consumer: Consumer, topic: str, timeout_s: float) -> dict[int, int]:
-    """Partition -> high watermark; a partition without a leader yet (a new topic, a broker
-    restarting) is asked again until ``timeout_s``."""
+def _highs(
+    consumer: Consumer, topic: str, timeout_s: float, *, missing_ok: bool = False
+) -> dict[int, int]:
+    """Partition -> high watermark. A topic the broker does not know is ``{}`` when
+    ``missing_ok``, else asked again until ``timeout_s`` (a topic just created takes a moment to
+    show), as is a partition without a leader yet (a broker restarting)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             meta = consumer.list_topics(topic, timeout=timeout_s)
             info = meta.topics.get(topic)
             if info is None or info.error is not None or not info.partitions:
-                raise ErasureFailed(f"topic {topic!r} does not exist")
+                if missing_ok:
+                    return {}
+                if time.monotonic() > deadline:
+                    raise ErasureFailed(f"topic {topic!r} does not exist")
+                time.sleep(0.2)
+                continue
             return {
                 p: int(
                     consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]

@@ -31,7 +31,7 @@ from cli.supervise import free_port
 from ops.rebuild import ProfileRebuild
 from ops.settings import OpsSettings
 from recstream.keys import Keys, escape
-from recstream.security import kafka_config
+from recstream.security import async_redis_client, kafka_config, redis_client
 from schemas import UserErased
 from schemas.api import Scope
 from schemas.erasure import ErasureReceipt, UserExport
@@ -65,7 +65,7 @@ def history(users: list[str], per_user: int, start: int = 0) -> list[dict[str, A
 
 
 def client_of(ns: Namespace) -> redis.Redis:
-    return redis.Redis.from_url(ns.settings.redis_url.get_secret_value())
+    return redis_client(ns.settings)
 
 
 def keys_of(client: redis.Redis, user: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def test_fold_skips_the_erased_history_and_starts_a_new_profile(ns: Namespace) -
         restore_markers(client, keys, [record])
 
         async def fold(batch: dict[str, list[tuple[Any, ...]]]) -> list[Any]:
-            aclient = redis.asyncio.Redis.from_url(ns.settings.redis_url.get_secret_value())
+            aclient = async_redis_client(ns.settings)
             try:
                 script = FoldScript(aclient, ns.settings.key_prefix, FoldParams())
                 return await script.run(batch, None, dict.fromkeys(batch, field))
@@ -333,3 +333,39 @@ def test_the_api_erases_and_exports_with_the_admin_scope_only(
         assert client.exists(keys.profile(bystander), keys.recs(bystander)) == 2
     finally:
         client.close()
+
+
+def test_stack_topics_get_their_retention_and_users_erased_is_compacted(ns: Namespace) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    from cli.stack import Stack
+
+    settings = ns.settings
+    # The topics exist already (an older stack): their configs are set all the same.
+    created = Stack().create_topics(
+        settings.topics(), settings.topic_partitions, configs=settings.topic_configs()
+    )
+    assert created == []
+    admin = AdminClient(kafka_config(settings))
+    wanted = [settings.topic_users_erased, settings.topic_dlq, settings.topic_clickstream]
+
+    def configured() -> bool:
+        # The broker answers with the new configs once its metadata has them (a moment).
+        try:
+            found = {
+                resource.name: future.result(timeout=30)
+                for resource, future in admin.describe_configs(
+                    [ConfigResource(ResourceType.TOPIC, t) for t in wanted]
+                ).items()
+            }
+        except KafkaException:  # the topics are new: not every broker view has them yet
+            return False
+        return all(
+            found[topic][name].value == value
+            for topic in wanted
+            for name, value in settings.topic_configs()[topic].items()
+        )
+
+    wait_for(configured, "topic configs", timeout_s=15)
+    assert settings.topic_configs()[settings.topic_users_erased]["cleanup.policy"] == "compact"
