@@ -218,6 +218,9 @@ class Stack:
                 self._stop(name, proc, kill=False)
                 say(f"{name}: stopped (pid {proc.pid})")
             else:
+                child = self.children.pop(name, None)
+                if child is not None:  # ours, exited (e.g. failed to start): reap it
+                    child.stop(0)
                 say(f"{name}: was not running")
         self.state.save()
 

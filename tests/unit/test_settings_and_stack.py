@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_redis_runs_with_an_aof_in_the_stack_dir_and_never_evicts(tmp_path: Path
 def test_stack_settings_refuse_a_malformed_memory_limit() -> None:
     with pytest.raises(ValueError, match="stack_redis_maxmemory"):
         StackSettings(stack_redis_maxmemory="lots")
+
+
+def test_down_reaps_a_component_that_exited_on_its_own(tmp_path: Path) -> None:
+    # A broker that failed to start (a port taken) is a zombie child of the process that ran
+    # `up`: `down` must reap it, not leave a Popen that still thinks it runs.
+    stack = Stack(StackSettings(stack_dir=tmp_path))
+    stack.logs.mkdir(parents=True)
+    proc = stack._spawn("kafka", _python("raise SystemExit(1)"), stack.logs / "kafka.log", "x")
+    child = stack.children["kafka"]
+    while proc.alive():
+        time.sleep(0.01)
+    said: list[str] = []
+    stack.down(say=said.append)
+    assert said == ["kafka: was not running"]
+    assert child.process.returncode == 1
+    assert "kafka" not in stack.children
