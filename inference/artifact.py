@@ -15,6 +15,9 @@ pruned to the largest ``top_k`` per column, CSC arrays, and its Markov transitio
 and a ``"hybrid"`` section in ``config.json`` (``cf``, ``alpha``, EASE's parameters, ``top_k``,
 validation NDCG@10 of each part). Loaded with ``hybrid=True`` (the default) it serves
 ``inference.hybrid.mix`` of both; an artifact without the section serves the transformer alone.
+A ``"retrieval"`` section (``weight``, ``max_history``; fitted on validation by the lab) adds the
+FAISS neighbours of a short history's items to the model's scores (``inference.retrieval``); it
+needs the artifact's ``index/``.
 
 Inference runs on CUDA in bf16 when a GPU is present, otherwise on CPU with INT8 dynamic
 quantization of every linear layer.
@@ -30,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.exceptions import ArtifactError
+from inference.exceptions import ArtifactError, InferenceError
 from inference.hybrid import mix
 from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
+from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import EaseScorer, top_k_unseen
 from inference.settings import ArtifactTrust
 
@@ -170,6 +174,9 @@ class ArtifactRecommender:
 
     ``name`` is ``gen+ease`` when the hybrid is served, else ``gen``; ``scorer`` is always the
     transformer alone and ``cf`` the pruned EASE model (``None`` without the hybrid).
+    ``retrieval`` is the served retrieval config (inactive without the artifact's section, or
+    with ``retrieval=False``): histories shorter than its ``max_history`` get the FAISS
+    neighbours of their items blended in; the name stays the model's.
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class ArtifactRecommender:
         hybrid: bool = True,
         post: PostConfig | None = None,
         *,
+        retrieval: bool = True,
         trust: ArtifactTrust | None = None,
     ) -> None:
         import torch
@@ -233,6 +241,18 @@ class ArtifactRecommender:
                 raise ArtifactError(f"{folder} has a malformed hybrid section")
             self.cf, self.alpha = _load_cf(verified, section, self.n_items)
         self.name = "gen" if self.cf is None else "gen+ease"
+        self.retrieval = RetrievalConfig()
+        self._retrieved: RetrievalBlend | None = None
+        section = config.get("retrieval")
+        if retrieval and section is not None:
+            chosen = RetrievalConfig.from_json(section)
+            if chosen.active:
+                try:
+                    text = TextRetrieval(_item_index(verified), self.item_ids)
+                except (ArtifactError, InferenceError) as exc:
+                    raise ArtifactError(f"{folder}: {exc} for retrieval") from exc
+                self.retrieval = chosen
+                self._retrieved = RetrievalBlend(_Mixed(self), text, chosen)
         self.post: CatalogPost | None = None
         if post is not None and post.active:
             self.post = CatalogPost(self.item_ids, self._item_vectors(verified), post)
@@ -254,7 +274,14 @@ class ArtifactRecommender:
         return np.asarray([self.index[i] for i in history if i in self.index], dtype=np.int64)
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's."""
+        """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
+        with retrieval blended in for the short ones when the artifact carries it."""
+        if self._retrieved is not None:
+            return self._retrieved.score(histories)
+        return self.model_score(histories)
+
+    def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """The model's catalog scores without retrieval: the hybrid's mix, or the transformer's."""
         gen = self.scorer.score(histories)
         if self.cf is None:
             return gen
@@ -289,6 +316,16 @@ class ArtifactRecommender:
         return out
 
 
+class _Mixed:
+    """An artifact's model scores (without retrieval) as a catalog scorer."""
+
+    def __init__(self, rec: ArtifactRecommender) -> None:
+        self.rec, self.name, self.n_items = rec, rec.name, rec.n_items
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return self.rec.model_score(histories)
+
+
 def load_recommender(
     folder: str | Path,
     device: str | None = None,
@@ -296,11 +333,13 @@ def load_recommender(
     hybrid: bool = True,
     post: PostConfig | None = None,
     *,
+    retrieval: bool = True,
     trust: ArtifactTrust | None = None,
 ) -> ArtifactRecommender:
     """Verify and load an artifact written by ``recstream train``.
 
-    ``hybrid=False`` serves the transformer alone even when the artifact carries the hybrid.
+    ``hybrid=False`` serves the transformer alone even when the artifact carries the hybrid;
+    ``retrieval=False`` leaves out the cold-start retrieval of its ``"retrieval"`` section.
     ``post`` (when it sets a step) runs the cosine floor and MMR on the model's candidates with
     the artifact's item index; an artifact without the index is then refused. ``trust`` (the
     verify keys, whether unsigned is allowed) defaults to the environment's
@@ -310,5 +349,11 @@ def load_recommender(
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
     return ArtifactRecommender(
-        path, device=device, quantize=quantize, hybrid=hybrid, post=post, trust=trust
+        path,
+        device=device,
+        quantize=quantize,
+        hybrid=hybrid,
+        post=post,
+        retrieval=retrieval,
+        trust=trust,
     )
