@@ -26,6 +26,7 @@ from inference.artifact import (
 )
 from inference.exceptions import ArtifactError
 from inference.integrity import signing_key, verify_manifest, write_manifest
+from inference.retrieval import RetrievalConfig
 from inference.settings import ArtifactSigning, ArtifactTrust
 from lab.baselines import EASE
 from lab.hybrid import Hybrid
@@ -46,12 +47,15 @@ def save_artifact(
     text_embeddings: np.ndarray | None = None,
     hybrid: Hybrid | None = None,
     cf_top_k: int = DEFAULT_CF_TOP_K,
+    retrieval: RetrievalConfig | None = None,
     key: Ed25519PrivateKey | None = None,
 ) -> str:
     """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
 
     ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
-    ``cf.safetensors`` and the config's ``"hybrid"`` section. The manifest is signed with
+    ``cf.safetensors`` and the config's ``"hybrid"`` section. ``retrieval`` (fitted by
+    :func:`lab.hybrid.fit_retrieval`; needs ``text_embeddings`` for the index it searches) adds
+    the config's ``"retrieval"`` section, which serving reads. The manifest is signed with
     ``key``, by default the signing key of the environment (``RECSTREAM_ARTIFACT_SIGNING_KEY``
     or ``..._FILE``); with none configured the artifact is unsigned, and services refuse it
     unless they allow unsigned artifacts.
@@ -78,6 +82,10 @@ def save_artifact(
     if hybrid is not None:
         config["model"] = "gen+ease"
         config["hybrid"] = _save_cf(folder, hybrid, split, cf_top_k)
+    if retrieval is not None:
+        if retrieval.active and text_embeddings is None:
+            raise ArtifactError("retrieval needs the item index: pass text_embeddings")
+        config["retrieval"] = retrieval.to_json()
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_model(model, str(folder / WEIGHTS_FILE))
     popularity = np.bincount(np.concatenate(split.train), minlength=split.n_items)

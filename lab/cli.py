@@ -175,6 +175,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     writes config, weights (safetensors), item vocabulary, FAISS index and a SHA-256 manifest.
     With --hybrid (default) it then fits EASE on the same training data, picks the gen+ease
     mixing weight on validation and stores the pruned EASE model, so the artifact serves gen+ease.
+    With the index too, it fits the cold-start retrieval (weight and history threshold) on
+    validation prefixes and stores it for serving.
     """
     chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
     key = _signing_key(signing_key_file)  # and so does a bad key
@@ -212,6 +214,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     mixed = _fit_hybrid(split, model, cfg) if hybrid else None
     if mixed is not None:
         log["hybrid_valid_ndcg@10"] = {str(a): v for a, v in mixed.valid_ndcg.items()}
+    retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
     version = save_artifact(
         out,
         model,
@@ -220,6 +223,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         text_embeddings=text if with_index else None,
         hybrid=mixed,
         cf_top_k=cf_top_k,
+        retrieval=retrieval,
         key=key,
     )
     if key is None:
@@ -239,6 +243,21 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
             f"(gen {mixed.valid_ndcg[1.0]:.4f}, ease {mixed.valid_ndcg[0.0]:.4f}); "
             f"EASE pruned to {cf_top_k} weights per item"
         )
+
+
+def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
+    """Cold-start retrieval's weight and threshold for the fitted hybrid, on validation."""
+    from inference.index import ItemIndex
+    from inference.retrieval import TextRetrieval
+    from lab.hybrid import fit_retrieval
+
+    found = TextRetrieval(ItemIndex.build(split.item_ids, text), split.item_ids)
+    chosen = fit_retrieval(mixed, found, split)
+    click.echo(
+        f"retrieval: weight {chosen.weight}, histories under {chosen.max_history} items "
+        "(validation NDCG@10 of short history prefixes; weight 0 = off)"
+    )
+    return chosen
 
 
 def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
@@ -326,6 +345,28 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     show_default=True,
     help=f"gen+ease+post: {_POST['candidates'].description}",
 )
+@click.option(
+    "--cold-start",
+    "cold_start",
+    default=None,
+    metavar="N,N,...",
+    help="Also run the cold-start protocol: each test user's history cut to their first N "
+    "training items (e.g. 1,2,3), same targets; gen+ease with and without retrieval.",
+)
+@click.option(
+    "--retrieval-weight",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Cold start: use this retrieval weight instead of fitting it on validation "
+    "(with --retrieval-below).",
+)
+@click.option(
+    "--retrieval-below",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="Cold start, with --retrieval-weight: retrieval serves histories shorter than this.",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 def eval_cmd(  # noqa: PLR0917 (click passes every option)
     dataset: str,
@@ -339,6 +380,9 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     cosine_floor: float | None,
     mmr_lambda: float | None,
     post_candidates: int,
+    cold_start: str | None,
+    retrieval_weight: float | None,
+    retrieval_below: int,
     threads: int,
 ) -> None:
     """Evaluate models on DATASET's test split: table, JSON report and PNG plot.
@@ -346,8 +390,10 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     Full-catalog ranking, seen items masked, time-ordered leave-one-out; baselines tuned on
     validation; the generative model compared with the best baseline by paired per-user tests.
     """
+    prefixes = _prefixes(cold_start)
     _threads(threads)
-    from lab.evaluate import plot_report, run_eval, table
+    from inference.retrieval import RetrievalConfig
+    from lab.evaluate import cold_start_table, plot_report, run_eval, table
 
     split = _split(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -362,6 +408,10 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         post=PostConfig(
             cosine_floor=cosine_floor, mmr_lambda=mmr_lambda, candidates=post_candidates
         ),
+        cold_start_prefixes=prefixes,
+        retrieval=None
+        if retrieval_weight is None
+        else RetrievalConfig(weight=retrieval_weight, max_history=retrieval_below),
         say=click.echo,
     )
     click.echo(table(report))
@@ -377,11 +427,27 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
                 f"{name} vs {v['baseline']}: NDCG@10 {v['ndcg_gain_pct']:+.1f}%, "
                 f"Wilcoxon p={v['wilcoxon_p']:.3g}, paired t p={v['paired_t_p']:.3g}"
             )
+    if "_cold_start" in report:
+        click.echo("cold start (test targets; history = first N training items):")
+        click.echo(cold_start_table(report["_cold_start"]))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2), encoding="utf-8")
         plot_report(report, out.with_suffix(".png"))
         click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _prefixes(raw: str | None) -> tuple[int, ...]:
+    """``--cold-start 1,2,3`` as prefix lengths (each at least 1)."""
+    if raw is None:
+        return ()
+    try:
+        out = tuple(int(p) for p in raw.split(",") if p.strip())
+    except ValueError:
+        raise click.BadParameter(f"{raw!r}: expected N,N,...", param_hint="--cold-start") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{raw!r}: prefixes are at least 1", param_hint="--cold-start")
+    return out
 
 
 def _signing_key(key_file: Path | None) -> Any:

@@ -17,6 +17,7 @@ import numpy as np
 
 from inference.exceptions import InferenceError
 from inference.postprocess import CatalogPost, PostConfig
+from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
 from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
@@ -35,6 +36,8 @@ __all__ = [
     "MODELS",
     "PostRanked",
     "baseline",
+    "cold_start",
+    "cold_start_table",
     "evaluate",
     "gen_preset",
     "plot_report",
@@ -45,6 +48,7 @@ __all__ = [
 BASELINES = ("pop", "itemknn", "ease")
 MODELS = (*BASELINES, "gen", "gen+ease", "gen+ease+post", "gen+rerank")
 LATENCY_USERS = 200
+RETRIEVED = "gen+ease+retrieval"  # the cold-start protocol's name for gen+ease with retrieval
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
     "itemknn": {"k_neighbours": [20, 50, 200], "decay": [1.0, 0.9, 0.8, 0.7, 0.6]},
@@ -96,21 +100,9 @@ def evaluate(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``model`` on ``stage`` and the per-user NDCG@10 (for paired tests)."""
     hist, targets = split.histories(stage), split.targets(stage)
-    ranks, tops = [], []
-    out_of_catalog = 0
-    seen_returned = 0
-    for s in range(0, len(hist), batch_size):
-        chunk = hist[s : s + batch_size]
-        scores = model.score(chunk)
-        if scores.shape[1] != split.n_items:
-            raise InferenceError(f"{model.name} scored {scores.shape[1]} items, not the catalog")
-        top, _ = top_k_unseen(scores.copy(), chunk, 10)
-        out_of_catalog += int(np.count_nonzero((top < 0) | (top >= split.n_items)))
-        seen_returned += sum(int(np.isin(t, h).sum()) for t, h in zip(top, chunk, strict=True))
-        ranks.append(target_ranks(scores, chunk, targets[s : s + batch_size]))
-        tops.append(top)
-    all_ranks = np.concatenate(ranks)
-    all_top = np.concatenate(tops)
+    all_ranks, all_top, out_of_catalog, seen_returned = _rank_targets(
+        model, hist, targets, split.n_items, batch_size
+    )
     result: dict[str, Any] = metrics_from_ranks(all_ranks)
     result["coverage@10"] = coverage_at(all_top, split.n_items)
     result["diversity"] = diversity_at(all_top, split.genres())
@@ -126,11 +118,69 @@ def evaluate(
     result["seen_returned"] = seen_returned
     result["users"] = len(hist)
     result["dataset_sha256"] = dict(split.sha256)
+    return result, ndcg_per_user(all_ranks)
+
+
+def _rank_targets(
+    model: CatalogScorer,
+    hist: Sequence[np.ndarray],
+    targets: np.ndarray,
+    n_items: int,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Target ranks and top 10s of ``model`` on ``hist``; fails on a non-catalog or seen item."""
+    ranks, tops = [], []
+    out_of_catalog = 0
+    seen_returned = 0
+    for s in range(0, len(hist), batch_size):
+        chunk = hist[s : s + batch_size]
+        scores = model.score(chunk)
+        if scores.shape[1] != n_items:
+            raise InferenceError(f"{model.name} scored {scores.shape[1]} items, not the catalog")
+        top, _ = top_k_unseen(scores.copy(), chunk, 10)
+        out_of_catalog += int(np.count_nonzero((top < 0) | (top >= n_items)))
+        seen_returned += sum(int(np.isin(t, h).sum()) for t, h in zip(top, chunk, strict=True))
+        ranks.append(target_ranks(scores, chunk, targets[s : s + batch_size]))
+        tops.append(top)
     if out_of_catalog or seen_returned:
         raise InferenceError(
             f"{model.name} returned {out_of_catalog} out-of-catalog and {seen_returned} seen items"
         )
-    return result, ndcg_per_user(all_ranks)
+    return np.concatenate(ranks), np.concatenate(tops), out_of_catalog, seen_returned
+
+
+def cold_start(
+    models: dict[str, CatalogScorer], split: Split, prefixes: Sequence[int], stage: str = "test"
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    """The cold-start protocol: every model on each user's first ``n`` training items.
+
+    For each ``n`` in ``prefixes`` (and ``"full"``, the normal protocol's histories) the users
+    with at least ``n`` training items are ranked on the same held-out target as the normal
+    protocol (:meth:`lab.protocol.Split.prefix_histories`). Returns, per prefix, each model's
+    HR@10, NDCG@10 and user count, and its per-user NDCG@10 (for paired tests).
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    targets = split.targets(stage)
+    views: list[tuple[str, list[np.ndarray], np.ndarray]] = []
+    for n in prefixes:
+        hist, users = split.prefix_histories(stage, n)
+        views.append((str(n), hist, targets[users]))
+    views.append(("full", split.histories(stage), targets))
+    for label, hist, tgt in views:
+        rows[label], per_user[label] = {}, {}
+        if not hist:
+            continue
+        for name, model in models.items():
+            ranks = _rank_targets(model, hist, tgt, split.n_items)[0]
+            metrics = metrics_from_ranks(ranks)
+            rows[label][name] = {
+                "hr@10": metrics["hr@10"],
+                "ndcg@10": metrics["ndcg@10"],
+                "users": len(hist),
+            }
+            per_user[label][name] = ndcg_per_user(ranks)
+    return rows, per_user
 
 
 def significance(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
@@ -218,9 +268,16 @@ def run_eval(
     rerank_top: int = 20,
     rerank_users: int | None = None,
     post: PostConfig | None = None,
+    cold_start_prefixes: Sequence[int] = (),
+    retrieval: RetrievalConfig | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate ``models`` on the test split; see the module docstring."""
+    """Evaluate ``models`` on the test split; see the module docstring.
+
+    ``cold_start_prefixes`` adds the cold-start protocol (:func:`cold_start`) for gen+ease with
+    and without retrieval (its weight and threshold fitted on validation per seed, or
+    ``retrieval`` when given), in the report's ``"_cold_start"``.
+    """
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise InferenceError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
@@ -232,7 +289,7 @@ def run_eval(
         report[name], per_user[name] = evaluate(model, split)
         say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
     gens = []
-    if {"gen", "gen+ease", "gen+ease+post", "gen+rerank"} & set(models):
+    if {"gen", "gen+ease", "gen+ease+post", "gen+rerank"} & set(models) or cold_start_prefixes:
         gens = list(
             _gen_models(
                 split,
@@ -260,7 +317,7 @@ def run_eval(
         report["gen"] = mean_over_seeds(runs)
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
-    if {"gen+ease", "gen+ease+post"} & set(models):
+    if {"gen+ease", "gen+ease+post"} & set(models) or cold_start_prefixes:
         from lab.hybrid import Hybrid
 
         ease = fitted.get("ease") or baseline("ease", split, say)
@@ -277,6 +334,10 @@ def run_eval(
                 [(seed, PostRanked(h, steps), settings) for seed, h in hybrids],
                 split,
                 say,
+            )
+        if cold_start_prefixes:
+            report["_cold_start"] = _cold_start_report(
+                hybrids, split, artifacts, cold_start_prefixes, retrieval, say=say
             )
     if "gen+rerank" in models:
         from lab.gen_rerank import GenRerank
@@ -317,7 +378,9 @@ def run_eval(
         "protocol": (
             "time-ordered leave-one-out, full catalog, seen masked; P@5=hit@5/5, R@10=HR@10"
         ),
-        "out_of_catalog_total": int(sum(r["out_of_catalog"] for r in report.values())),
+        "out_of_catalog_total": int(
+            sum(r["out_of_catalog"] for name, r in report.items() if not name.startswith("_"))
+        ),
     }
     if present:
         best = max(present, key=lambda b: report[b]["ndcg@10"])
@@ -331,6 +394,76 @@ def run_eval(
                 report[name]["vs_best_baseline"] = {"baseline": best, **sig}
     report["_meta"] = meta
     return report
+
+
+def _cold_start_report(
+    hybrids: Sequence[tuple[int, CatalogScorer]],
+    split: Split,
+    artifacts: Sequence[Path],
+    prefixes: Sequence[int],
+    chosen: RetrievalConfig | None,
+    *,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """gen+ease with and without retrieval under the cold-start protocol, averaged over seeds."""
+    from inference.index import ItemIndex
+    from lab.hybrid import fit_retrieval
+
+    text = TextRetrieval(
+        ItemIndex.build(split.item_ids, _item_vectors(split, artifacts)), split.item_ids
+    )
+    runs: list[dict[str, dict[str, Any]]] = []
+    users: list[dict[str, dict[str, np.ndarray]]] = []
+    configs = []
+    for seed, hybrid in hybrids:
+        config = chosen if chosen is not None else fit_retrieval(hybrid, text, split)
+        configs.append({"seed": seed, **config.to_json()})
+        say(
+            f"retrieval seed {seed}: weight {config.weight}, below {config.max_history} items"
+            + (" (given)" if chosen is not None else " (fitted on validation)")
+        )
+        variants = {"gen+ease": hybrid, RETRIEVED: RetrievalBlend(hybrid, text, config)}
+        rows, per_user = cold_start(variants, split, prefixes)
+        runs.append(rows)
+        users.append(per_user)
+    out: dict[str, Any] = {"prefixes": list(prefixes), "retrieval": configs, "rows": {}}
+    for label, row in runs[0].items():
+        merged: dict[str, Any] = {}
+        for name in row:
+            merged[name] = {
+                "hr@10": float(np.mean([r[label][name]["hr@10"] for r in runs])),
+                "ndcg@10": float(np.mean([r[label][name]["ndcg@10"] for r in runs])),
+                "users": row[name]["users"],
+                "per_seed_ndcg@10": [r[label][name]["ndcg@10"] for r in runs],
+            }
+        if merged:
+            ours = np.mean([u[label][RETRIEVED] for u in users], axis=0)
+            theirs = np.mean([u[label]["gen+ease"] for u in users], axis=0)
+            sig = significance(ours, theirs)
+            base = float(theirs.mean())
+            sig["ndcg_gain_pct"] = 100.0 * (float(ours.mean()) / base - 1.0) if base else 0.0
+            merged["retrieval_vs_gen+ease"] = sig
+        out["rows"][label] = merged
+    return out
+
+
+def cold_start_table(section: dict[str, Any]) -> str:
+    """The cold-start rows as text: NDCG@10 and HR@10 per prefix, with and without retrieval."""
+    header = (
+        f"{'history':<9}{'users':>6}{'ndcg gen+ease':>15}{'ndcg +retr':>12}{'gain %':>8}"
+        f"{'wilcoxon p':>12}{'hr gen+ease':>13}{'hr +retr':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for label, row in section["rows"].items():
+        if not row:
+            continue
+        base, ours, sig = row["gen+ease"], row[RETRIEVED], row["retrieval_vs_gen+ease"]
+        lines.append(
+            f"{label:<9}{base['users']:>6}{base['ndcg@10']:>15.4f}{ours['ndcg@10']:>12.4f}"
+            f"{sig['ndcg_gain_pct']:>+8.1f}{sig['wilcoxon_p']:>12.3g}"
+            f"{base['hr@10']:>13.4f}{ours['hr@10']:>10.4f}"
+        )
+    return "\n".join(lines)
 
 
 def _seed_rows(

@@ -76,6 +76,22 @@ class Split:
             out.append(hist)
         return out
 
+    def prefix_histories(self, stage: str, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The cold-start view of ``stage``: each user's first ``n`` training items, oldest first.
+
+        Returns ``(histories, rows)``: only users with at least ``n`` training items take part,
+        and ``rows`` are their positions among the evaluated users, so ``targets(stage)[rows]``
+        are their held-out items (the same targets as the full protocol). A prefix is cut from
+        the training items only: at test it never holds the validation item, and at neither
+        stage the target, which comes after every training item.
+        """
+        if stage not in ("valid", "test"):
+            raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
+        if n < 1:
+            raise ValueError(f"a prefix holds at least one item, not {n}")
+        rows = [r for r, u in enumerate(self.eval_users) if len(self.train[u]) >= n]
+        return [self.train[self.eval_users[r]][:n] for r in rows], np.asarray(rows, dtype=np.int64)
+
     def targets(self, stage: str) -> np.ndarray:
         target = self.valid_target if stage == "valid" else self.test_target
         out: np.ndarray = target[self.eval_users]
