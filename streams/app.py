@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import faust
@@ -132,7 +133,14 @@ def build_app(settings: StreamsSettings) -> tuple[faust.App, ProfileFolder]:
         # The compacted users.erased, read whole at each assignment (a blocking client: off the
         # loop); its watermarks back up the markers in Redis (streams.erasure).
         found = await asyncio.get_running_loop().run_in_executor(
-            None, read_erasures, kafka_config(settings), settings.topic_users_erased
+            None,
+            partial(
+                read_erasures,
+                kafka_config(settings),
+                settings.topic_users_erased,
+                # Under the worker's own prefix, where its principal may name groups.
+                group=f"{settings.streams_app_id}-erasures",
+            ),
         )
         return {user: record.fields() for user, record in found.items()}
 

@@ -34,6 +34,7 @@ here reads the environment.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -88,6 +89,8 @@ for i = 1, m do
 end
 return deleted
 """
+
+log = logging.getLogger(__name__)
 
 _SCAN_COUNT = 1000
 ERASER = "eraser"
@@ -210,15 +213,18 @@ def export_user(client: redis.Redis, keys: Keys, user_id: str) -> UserExport:
 
 
 def read_erasures(
-    kafka: Mapping[str, Any], topic: str, timeout_s: float = 30.0
+    kafka: Mapping[str, Any], topic: str, timeout_s: float = 30.0, *, group: str | None = None
 ) -> dict[str, UserErased]:
     """Every erased user's latest record on ``topic``, read from its start to its current end.
+
+    ``group``: the consumer group id the reader names (it joins no group and commits nothing,
+    but the broker checks the caller's rights on it); default a random one.
 
     A tombstone (an operator undoing a record) removes the user; a record that does not parse
     is skipped (it was not written by :func:`erase_user`). A topic that does not exist holds no
     erasure.
     """
-    consumer = _reader(kafka)
+    consumer = _reader(kafka, group)
     erased: dict[str, UserErased] = {}
     try:
         highs = _highs(consumer, topic, timeout_s, missing_ok=True)
@@ -301,9 +307,13 @@ class Eraser:
         return export_user(self.redis, self.keys, user_id)
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(10.0)
-        self.redis.close()
+        try:
+            if self._producer is not None:
+                self._producer.flush(10.0)
+        except KafkaException as exc:  # a producer the broker refused (fatal): nothing to flush
+            log.warning("erasure producer closed with %s", exc)
+        finally:
+            self.redis.close()
 
     def __enter__(self) -> Eraser:
         return self
@@ -315,12 +325,12 @@ class Eraser:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _reader(kafka: Mapping[str, Any]) -> Consumer:
+def _reader(kafka: Mapping[str, Any], group: str | None = None) -> Consumer:
     return Consumer(
         {
             **kafka,
             # Required by librdkafka even for manual assignment; nothing is ever committed.
-            "group.id": f"recstream-erasure-{uuid.uuid4().hex[:12]}",
+            "group.id": group or f"recstream-erasure-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
