@@ -196,10 +196,24 @@ def apply_kafka(settings: CommonSettings, timeout_s: float = 30.0) -> None:
         AclOperation.ANY, AclPermissionType.ANY,
     )  # fmt: skip
     existing = admin.describe_acls(everything).result(timeout=timeout_s)
-    stale = [b for b in existing if b not in wanted]
+    stale = [AclBindingFilter(*_fields(b)) for b in existing if b not in wanted]
     if stale:
         _wait_all(admin.delete_acls(stale), timeout_s, "removing ACLs")
     _wait_all(admin.create_acls(wanted), timeout_s, "ACLs")
+
+
+def _fields(binding: Any) -> tuple[Any, ...]:
+    """An ACL binding's fields in the order both AclBinding and AclBindingFilter take them."""
+    b = binding
+    return (
+        b.restype,
+        b.name,
+        b.resource_pattern_type,
+        b.principal,
+        b.host,
+        b.operation,
+        b.permission_type,
+    )
 
 
 def _wait_all(futures: Mapping[Any, Future[Any]], timeout_s: float, what: str) -> None:

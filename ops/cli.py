@@ -418,13 +418,16 @@ def access_redis_acl(out: Path) -> None:
 @click.option("--create-topics", is_flag=True, help="Also create the pipeline's topics.")
 def access_kafka(create_topics: bool) -> None:
     """As admin: give every principal its SCRAM user (passwords from RECSTREAM_SECRETS_DIR) and
-    exactly its ACLs; with --create-topics, create the missing pipeline topics first."""
+    exactly its ACLs; with --create-topics, create the missing pipeline topics first (with the
+    retention and compaction `stack up` sets)."""
     from ops.access import apply_kafka
     from recstream.topics import create_topics as create
 
     settings = _settings()
     if create_topics:
-        created = create(settings, settings.topics(), settings.topic_partitions)
+        created = create(
+            settings, settings.topics(), settings.topic_partitions, settings.topic_configs()
+        )
         click.echo(f"topics: created {', '.join(created) or 'none'}")
     apply_kafka(settings)
     click.echo("kafka: SCRAM users and ACLs applied")

@@ -193,6 +193,45 @@ def test_producers_write_the_clickstream_but_cannot_read_it(secure: Secure) -> N
     assert KafkaError.TOPIC_AUTHORIZATION_FAILED in codes, codes
 
 
+def test_applying_the_rights_again_keeps_them_and_drops_what_the_table_no_names(
+    secure: Secure,
+) -> None:
+    from confluent_kafka.admin import (
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    from ops.access import apply_kafka
+
+    s = secure.settings
+    admin = AdminClient(kafka_config(s, "admin"))
+    everything = AclBindingFilter(
+        ResourceType.ANY, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
+        AclOperation.ANY, AclPermissionType.ANY,
+    )  # fmt: skip
+
+    def acls() -> set[tuple[str, str, str]]:
+        found = admin.describe_acls(everything).result(timeout=30)
+        return {(b.principal, b.name, b.operation.name) for b in found}
+
+    before = acls()
+    assert ("User:producer", s.topic_clickstream, "WRITE") in before
+    apply_kafka(s)
+    assert acls() == before
+    renamed = s.model_copy(update={"topic_clickstream": "clicks-v2"})
+    try:
+        apply_kafka(renamed)
+        after = acls()
+        assert ("User:producer", "clicks-v2", "WRITE") in after
+        assert not {acl for acl in after if acl[1] == s.topic_clickstream}
+    finally:
+        apply_kafka(s)
+    assert acls() == before
+
+
 # -- Redis refusals ------------------------------------------------------------------------------
 
 
