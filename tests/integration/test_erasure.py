@@ -28,7 +28,7 @@ from api.keys import add_key, new_key
 from api.settings import ApiSettings
 from cli.main import main
 from cli.supervise import free_port
-from ops.rebuild import ProfileRebuild
+from ops.rebuild import ProfileRebuild, RebuildStats
 from ops.settings import OpsSettings
 from recstream.keys import Keys, escape
 from recstream.security import async_redis_client, kafka_config, redis_client
@@ -369,3 +369,33 @@ def test_stack_topics_get_their_retention_and_users_erased_is_compacted(ns: Name
 
     wait_for(configured, "topic configs", timeout_s=15)
     assert settings.topic_configs()[settings.topic_users_erased]["cleanup.policy"] == "compact"
+
+
+def test_an_erasure_during_a_rebuild_reaches_its_namespace(ns: Namespace) -> None:
+    load_test_catalog(ns.settings)
+    users = [VICTIM, "w"]
+    produce_events(ns.settings, history(users, 10))
+    keys = Keys(ns.settings.key_prefix)
+    copy = keys.namespace("midway")
+    client = client_of(ns)
+    erased: list[int] = []
+
+    def erase_once(stats: RebuildStats) -> None:
+        # As soon as the rebuild has folded some of the victim's history into its namespace.
+        if not erased and client.exists(copy.profile(VICTIM)):
+            with Eraser(ns.settings) as eraser:
+                erased.append(eraser.erase(VICTIM).receipt().deleted_keys)
+
+    try:
+        settings = OpsSettings(**ns.settings.model_dump(), replay_batch_size=4)
+        with ProfileRebuild(settings, "midway", progress=False) as rebuild:
+            stats = rebuild.run(rebuild.plan(from_beginning=True), after_batch=erase_once)
+            assert erased and erased[0] == 5  # the namespace's copy of the victim
+            # Some of the victim's events were folded (then deleted), the rest skipped.
+            assert stats.folded > 10 and stats.erased > 0 and stats.folded + stats.erased == 20
+            assert set(keys_of(client, VICTIM)) == {keys.erased(VICTIM), copy.erased(VICTIM)}
+            rebuild.switch(rebuild.plan())
+        assert counts(ns.settings, users) == {VICTIM: 0, "w": 10}
+        assert set(keys_of(client, VICTIM)) == {keys.erased(VICTIM)}
+    finally:
+        client.close()
