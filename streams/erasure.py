@@ -44,12 +44,14 @@ from typing import Any
 import orjson
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from pydantic import TypeAdapter, ValidationError
 
 from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas.erasure import ErasureReceipt, StoredKey, UserErased, UserExport
+from schemas.events import Id
 from streams.exceptions import ErasureFailed
 
 __all__ = [
@@ -93,6 +95,7 @@ return deleted
 log = logging.getLogger(__name__)
 
 _SCAN_COUNT = 1000
+_ID: TypeAdapter[str] = TypeAdapter(Id)
 ERASER = "eraser"
 """The principal that erases (``recstream.security``): it may delete any user's keys."""
 
@@ -154,8 +157,9 @@ def erase_user(
     read the clickstream's end offsets. Raises :class:`ErasureFailed` before deleting anything
     when Kafka does not take the record.
     """
-    if not user_id:
-        raise ErasureFailed("no user id")
+    if not _valid_id(user_id):
+        # No event can carry such an id (schemas.events.Id), so no key holds one.
+        raise ErasureFailed("a user id is 1-64 characters, no control characters")
     marks = clickstream_watermarks(kafka, clickstream, timeout_s)
     record = UserErased(
         user_id=user_id,
@@ -437,6 +441,14 @@ def _read_key(client: redis.Redis, key: str) -> Any:
     elif kind != "none":
         value = f"<{kind}>"
     return value
+
+
+def _valid_id(user_id: str) -> bool:
+    try:
+        _ID.validate_python(user_id)
+    except ValidationError:
+        return False
+    return True
 
 
 def _prefix_of(key: str) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from recstream.keys import Keys, escape
 from recstream.settings import CommonSettings
 from schemas import UserErased
+from streams.erasure import erase_user
+from streams.exceptions import ErasureFailed
 
 
 def redis_glob(pattern: str) -> re.Pattern[str]:
@@ -74,3 +77,18 @@ def test_topic_configs_compact_the_erasures_and_bound_everything_else() -> None:
     assert retention[settings.topic_users_erased] == -1
     others = set(settings.topics()) - {settings.topic_users_erased}
     assert all(0 < retention[t] <= retention[settings.topic_clickstream] for t in others)
+
+
+def test_an_id_no_event_can_carry_is_refused_before_anything_happens() -> None:
+    for bad in ("", "x" * 65, "a\nb"):
+        with pytest.raises(ErasureFailed, match="1-64 characters"):
+            # No client is touched: a refused id never reaches Kafka or Redis.
+            erase_user(
+                None,  # type: ignore[arg-type]  # never used
+                None,  # type: ignore[arg-type]  # never used
+                {},
+                user_id=bad,
+                prefix="",
+                clickstream="c",
+                erased_topic="e",
+            )
