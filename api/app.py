@@ -8,6 +8,12 @@
   erasure (``streams.erasure``, as the ``eraser`` principal); 503 with the reason when this
   deployment has no eraser credentials or Kafka did not take the record (then nothing was
   deleted). ``GET /v1/users/{user_id}/export`` (admin scope): everything stored about the user.
+- ``POST /v1/events`` (events scope): one clickstream event or ``{"events": [...]}``, checked
+  exactly as the stream worker checks them (all or nothing: a 400 names each invalid event's
+  index and reason code), produced to the clickstream topic as the ``producer`` principal and
+  answered 202 ``{"accepted": n}`` once Kafka acknowledged them all (:mod:`api.ingest`); 413 for
+  a body over ``api_max_body_bytes``; 503 when this deployment has no producer credentials or
+  Kafka does not acknowledge in time (a retry with the same event ids folds once).
 - ``GET /healthz``: ``{"ok": …}``, nothing more. ``GET /openapi.json``.
 - ``GET /metrics`` (Prometheus text) on a port of its own (``api_metrics_port``, loopback by
   default), never on the API's port.
@@ -38,7 +44,7 @@ import secrets
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -48,19 +54,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
-from api.exceptions import UnsafeExposureError
+from api.exceptions import IngestFailed, UnsafeExposureError
+from api.ingest import EventSink, Record, Refused, ingestion_refusal, parse_events
 from api.keys import KeyRing
-from api.metrics import FALLBACKS, LATENCY, REQUESTS
+from api.metrics import EVENTS, FALLBACKS, LATENCY, REQUESTS
 from api.settings import ApiSettings, is_loopback
 from inference.popularity import Popularity
 from recstream.errors import ConfigError
 from recstream.keys import Keys
 from recstream.security import async_redis_client, credentials
 from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
-from schemas.api import ApiKeyRecord, Scope
+from schemas.api import ApiKeyRecord, ErrorBody, EventsAccepted, EventsRejected, Scope
 from schemas.events import Id
 from schemas.openapi import (
     ANONYMOUS_SCOPES,
+    EVENTS_PATH,
     EXPORT_PATH,
     RECOMMENDATIONS_PATH,
     SCOPES,
@@ -122,6 +130,7 @@ def served_openapi(settings: ApiSettings) -> dict[str, Any]:
         default_k=settings.api_default_k,
         keys=settings.api_keys_file is not None,
         server=f"http://{settings.api_host}:{settings.api_port}",
+        max_events=settings.api_events_max_batch,
     )
 
 
@@ -321,6 +330,56 @@ def build_app(settings: ApiSettings) -> web.Application:
     async def export(request: web.Request) -> web.Response:
         return await on_user(request, _export, "export")
 
+    refused_ingestion = ingestion_refusal(settings)
+    max_future = timedelta(seconds=settings.event_max_future_s)
+    sink: EventSink | None = None  # made at the first accepted request, closed at cleanup
+
+    async def read_records(request: web.Request) -> list[Record] | web.Response:
+        """The records a request's body asks to produce, or the 413 or 400 that refuses it."""
+        too_large = f"the body may hold at most {settings.api_max_body_bytes} bytes"
+        if (request.content_length or 0) > settings.api_max_body_bytes:
+            return _error(413, "body_too_large", too_large)  # refused before reading it
+        try:
+            body = await request.read()  # bounded by the app's client_max_size
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "body_too_large", too_large)
+        try:  # up to a batch of pydantic checks: off the event loop
+            return await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: parse_events(
+                    body, max_events=settings.api_events_max_batch, max_future=max_future
+                ),
+            )
+        except Refused as refused:
+            EVENTS.labels(settings.topic_clickstream, "refused").inc(refused.events)
+            if not refused.invalid:
+                return _error(400, refused.code, refused.message)
+            error = ErrorBody(code=refused.code, message=refused.message)
+            return _json(EventsRejected(error=error, invalid=refused.invalid), 400)
+
+    def event_sink() -> EventSink:
+        nonlocal sink
+        if sink is None or sink.broken:
+            if sink is not None:  # a fatal producer error: replace it, close the old one aside
+                asyncio.get_running_loop().run_in_executor(None, sink.close)
+            sink = EventSink(settings, settings.api_events_ack_timeout_s)
+        return sink
+
+    async def post_events(request: web.Request) -> web.Response:
+        if refused_ingestion is not None:
+            return _error(503, "ingestion_unavailable", refused_ingestion)
+        records = await read_records(request)
+        if isinstance(records, web.Response):
+            return records
+        try:
+            await event_sink().send(records)
+        except IngestFailed as exc:
+            EVENTS.labels(settings.topic_clickstream, "failed").inc(len(records))
+            log.warning("%s: %s", EVENTS_PATH, exc)  # counts and Kafka's error name, no event
+            return _error(503, "ingestion_failed", str(exc)[:256])
+        EVENTS.labels(settings.topic_clickstream, "accepted").inc(len(records))
+        return _json(EventsAccepted(accepted=len(records)), 202)
+
     async def healthz(request: web.Request) -> web.Response:
         try:
             ok = bool(await request.app[REDIS].ping())
@@ -338,13 +397,16 @@ def build_app(settings: ApiSettings) -> web.Application:
 
     async def disconnect(app: web.Application) -> None:
         await app[REDIS].aclose()
+        if sink is not None:
+            await asyncio.get_running_loop().run_in_executor(None, sink.close)
 
-    app = web.Application(middlewares=[guard])
+    app = web.Application(middlewares=[guard], client_max_size=settings.api_max_body_bytes)
     # Each route's scope is declared in schemas.openapi.SCOPES (which the OpenAPI document also
     # reads); _scopes refuses a route that is not declared there.
     app.router.add_get(RECOMMENDATIONS_PATH, recommendations)
     app.router.add_delete(USER_PATH, erase)
     app.router.add_get(EXPORT_PATH, export)
+    app.router.add_post(EVENTS_PATH, post_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     required.update(_scopes(app))

@@ -21,8 +21,9 @@ __all__ = ["register"]
 @settings_options(ApiSettings, strip="api_")
 @click.option("--loglevel", default="info", show_default=True, help="Log level.")
 def serve_api(loglevel: str, **flags: Any) -> None:
-    """Serve GET /v1/users/{user_id}/recommendations, /healthz and /openapi.json; /metrics on
-    its own port.
+    """Serve GET /v1/users/{user_id}/recommendations, POST /v1/events (clickstream ingestion,
+    as the `producer` principal), the admin routes, /healthz and /openapi.json; /metrics on its
+    own port.
 
     Routes need an API key with their scope (X-API-Key) listed in the keys file
     (RECSTREAM_API_KEYS_FILE, made by `recstream api keys add`). Without a keys file the API

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from recstream.errors import ConfigError
+from recstream.errors import ConfigError, RecstreamError
 
-__all__ = ["KeysFileError", "UnsafeExposureError"]
+__all__ = ["IngestFailed", "KeysFileError", "UnsafeExposureError"]
 
 
 class KeysFileError(ConfigError):
@@ -13,3 +13,7 @@ class KeysFileError(ConfigError):
 
 class UnsafeExposureError(ConfigError):
     """The API would serve a non-loopback address without keys (or a removed setting is set)."""
+
+
+class IngestFailed(RecstreamError):  # noqa: N818 - the name of what happened, like ErasureFailed
+    """Kafka refused a request's events or did not acknowledge them in time (answered 503)."""

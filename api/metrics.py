@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-__all__ = ["FALLBACKS", "LATENCY", "REQUESTS"]
+__all__ = ["EVENTS", "FALLBACKS", "LATENCY", "REQUESTS"]
 
 REQUESTS = Counter("recs_api_requests_total", "HTTP requests answered.", ["route", "status"])
 LATENCY = Histogram(
@@ -15,4 +15,13 @@ LATENCY = Histogram(
 )
 FALLBACKS = Counter(
     "recs_api_fallbacks_total", "Requests answered with popular items (no cached list)."
+)
+# Not recs_records_total: that one counts records a service *reads* (in = folded + ...), and the
+# API writes these.
+EVENTS = Counter(
+    "recs_api_events_total",
+    "Events sent to POST /v1/events, by outcome: accepted (acknowledged by Kafka), refused (in a "
+    "request answered 400: nothing produced; a 413's body is never read, so not counted), "
+    "failed (Kafka refused them or did not ack in time: answered 503).",
+    ["topic", "outcome"],
 )

@@ -58,3 +58,27 @@ class ApiSettings(CommonSettings):
     api_default_k: int = Field(10, ge=1, le=200, description="Items returned when k is not given.")
     api_max_k: int = Field(100, ge=1, le=1000, description="Largest k a client may ask for.")
     api_variant: str = Field("default", description="Variant named on fallback lists.")
+    api_events_max_batch: int = Field(
+        500, ge=1, le=10_000, description="Most events one POST /v1/events may carry."
+    )
+    api_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body the API reads (POST /v1/events); larger is a 413.",
+    )
+    api_events_ack_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="How long POST /v1/events waits for Kafka to acknowledge its events before "
+        "answering 503 (the producer also stops retrying them then).",
+    )
+    # Named like the stream worker's field, so one RECSTREAM_EVENT_MAX_FUTURE_S sets both and the
+    # API never accepts an event that the fold would dead-letter for its ts.
+    event_max_future_s: float = Field(
+        300.0,
+        ge=0,
+        description="Events whose ts lies further ahead than this are refused (400), as the "
+        "stream worker would dead-letter them.",
+    )

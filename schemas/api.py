@@ -2,7 +2,10 @@
 
 The API's main body is :class:`~schemas.messages.Recommendations`, the same contract the cache
 holds; these models cover the rest, so every response the API sends, and the OpenAPI document
-that describes it (:mod:`schemas.openapi`), come from models in this package. An
+that describes it (:mod:`schemas.openapi`), come from models in this package. ``POST /v1/events``
+takes one clickstream event (:data:`~schemas.events.Event`) or an :class:`EventBatch`; it answers
+:class:`EventsAccepted`, or :class:`EventsRejected` naming each invalid event by its index and
+reason code only. An
 :class:`ApiKeyRecord` is one line of the keys file that ``recstream api keys add`` writes and the
 API reads: the key's SHA-256, never the key.
 """
@@ -15,9 +18,20 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.events import Id
+from schemas.events import Event, Id
+from schemas.exceptions import Reason
 
-__all__ = ["ApiKeyRecord", "ErrorBody", "ErrorResponse", "Health", "Scope"]
+__all__ = [
+    "ApiKeyRecord",
+    "ErrorBody",
+    "ErrorResponse",
+    "EventBatch",
+    "EventsAccepted",
+    "EventsRejected",
+    "Health",
+    "InvalidEvent",
+    "Scope",
+]
 
 
 class _Body(BaseModel):
@@ -30,6 +44,8 @@ class ErrorBody(_Body):
     code: Annotated[str, Field(pattern=r"^[a-z0-9_]+$", max_length=64)] = Field(
         description="Stable and machine-friendly: `bad_user_id`, `bad_k`, `unauthorized` (no "
         "valid key), `forbidden` (the key lacks the route's scope), `unavailable`, `internal`, "
+        "`bad_body`, `too_many_events`, `body_too_large`, `invalid_events`, "
+        "`ingestion_unavailable`, `ingestion_failed`, `erasure_unavailable`, `erasure_failed`, "
         "or the HTTP reason in snake case (`not_found`, `method_not_allowed`)."
     )
     message: Annotated[str, Field(max_length=256)]
@@ -45,6 +61,37 @@ class ErrorResponse(_Body):
         return cls(error=ErrorBody(code=code, message=message))
 
 
+class InvalidEvent(_Body):
+    """One event a batch was refused for: where it stands and why, never what it holds."""
+
+    index: Annotated[int, Field(ge=0)] = Field(
+        description="Position in `events` (0 for a body that is a single event)."
+    )
+    reason: Reason = Field(
+        description="The reason code the stream worker would dead-letter it with."
+    )
+
+
+class EventsRejected(_Body):
+    """A batch refused because some of its events break the clickstream contract; nothing of it
+    was produced."""
+
+    error: ErrorBody
+    invalid: Annotated[tuple[InvalidEvent, ...], Field(min_length=1)]
+
+
+class EventBatch(_Body):
+    """Several clickstream events in one request (a deployment bounds how many)."""
+
+    events: Annotated[list[Event], Field(min_length=1)]
+
+
+class EventsAccepted(_Body):
+    """Every event of the request was acknowledged by Kafka on the clickstream topic."""
+
+    accepted: Annotated[int, Field(ge=1)]
+
+
 class Health(_Body):
     """Whether the service can answer reads (it is up and its store answered), and nothing more:
     an open probe must not tell a caller what the service depends on."""
@@ -56,7 +103,7 @@ class Scope(StrEnum):
     """A right an API key may hold; :data:`schemas.openapi.SCOPES` names each route's."""
 
     READ = "read"  # read users' recommendations (and future read routes)
-    EVENTS = "events"  # send clickstream events (reserved: no route uses it yet)
+    EVENTS = "events"  # send clickstream events (POST /v1/events)
     ADMIN = "admin"  # operator routes: erasure and export of a user's data
 
 

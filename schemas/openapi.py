@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 description of the read API, generated from the models it serialises.
 
 Component schemas come from the pydantic models (``Recommendations``, ``ErrorResponse``,
-``Health``) through ``models_json_schema``, so the description cannot drift from what the API
-sends; paths, parameters and security are written here, with the user-id rule taken from the
+``Health``, ...; the clickstream events and :class:`~schemas.api.EventBatch` as request bodies)
+through ``models_json_schema``, so the description cannot drift from what the API sends and
+takes; paths, parameters and security are written here, with the user-id rule taken from the
 event contract's :data:`~schemas.events.Id` type. OpenAPI 3.1 is the version whose schema dialect
 is the JSON Schema 2020-12 that pydantic writes.
 
@@ -23,13 +24,21 @@ from typing import Any
 from pydantic import TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from schemas.api import ErrorResponse, Health, Scope
+from schemas.api import (
+    ErrorResponse,
+    EventBatch,
+    EventsAccepted,
+    EventsRejected,
+    Health,
+    Scope,
+)
 from schemas.erasure import ErasureReceipt, UserExport
-from schemas.events import Id
+from schemas.events import MAX_EVENT_BYTES, ClickEvent, DwellEvent, Id, ViewEvent
 from schemas.messages import Recommendations
 
 __all__ = [
     "ANONYMOUS_SCOPES",
+    "EVENTS_PATH",
     "EXPORT_PATH",
     "RECOMMENDATIONS_PATH",
     "SCOPES",
@@ -40,6 +49,7 @@ __all__ = [
 RECOMMENDATIONS_PATH = "/v1/users/{user_id}/recommendations"
 USER_PATH = "/v1/users/{user_id}"
 EXPORT_PATH = "/v1/users/{user_id}/export"
+EVENTS_PATH = "/v1/events"
 _REF = "#/components/schemas/{model}"
 
 # (method, path) -> the scope a key needs, or None for an open route (probes, this document).
@@ -47,6 +57,7 @@ SCOPES: dict[tuple[str, str], Scope | None] = {
     ("GET", RECOMMENDATIONS_PATH): Scope.READ,
     ("DELETE", USER_PATH): Scope.ADMIN,
     ("GET", EXPORT_PATH): Scope.ADMIN,
+    ("POST", EVENTS_PATH): Scope.EVENTS,
     ("GET", "/healthz"): None,
     ("GET", "/openapi.json"): None,
 }
@@ -55,16 +66,43 @@ SCOPES: dict[tuple[str, str], Scope | None] = {
 ANONYMOUS_SCOPES = frozenset({Scope.READ})
 
 
+_RESPONSES = (
+    Recommendations,
+    ErrorResponse,
+    Health,
+    ErasureReceipt,
+    UserExport,
+    EventsAccepted,
+    EventsRejected,
+)
+_REQUESTS = (ClickEvent, ViewEvent, DwellEvent, EventBatch)
+
+
 def _components() -> dict[str, Any]:
-    # Serialization mode: these are response bodies, described as the API writes them.
+    # Responses in serialization mode (as the API writes them), request bodies in validation
+    # mode (what the API takes); no model is both, so each has one schema.
     _, defs = models_json_schema(
-        [
-            (model, "serialization")
-            for model in (Recommendations, ErrorResponse, Health, ErasureReceipt, UserExport)
-        ],
+        [(model, "serialization") for model in _RESPONSES]
+        + [(model, "validation") for model in _REQUESTS],
         ref_template=_REF,
     )
-    return dict(defs["$defs"])
+    return dict(sorted(defs["$defs"].items()))
+
+
+def _events_body(max_events: int | None) -> dict[str, Any]:
+    """``POST /v1/events``' request body: one event, or a batch of at most ``max_events``."""
+    batch: dict[str, Any] = {"$ref": _REF.format(model="EventBatch")}
+    if max_events is not None:
+        batch["properties"] = {"events": {"maxItems": max_events}}  # 3.1: $ref with siblings
+    one = {"oneOf": [{"$ref": _REF.format(model=m.__name__)} for m in _REQUESTS[:3]]}
+    return {
+        "required": True,
+        "description": "One clickstream event (`schemas/json/clickstream-event.json`), or "
+        '`{"events": [...]}`. Each event must be exactly the contract the stream worker folds '
+        f"(at most {MAX_EVENT_BYTES} bytes as compact JSON, `ts` at most the deployment's "
+        "`event_max_future_s` ahead, not before 1970).",
+        "content": {"application/json": {"schema": {"oneOf": [one, batch]}}},
+    }
 
 
 def _json(model: str, description: str) -> dict[str, Any]:
@@ -109,12 +147,13 @@ def openapi_document(
     default_k: int | None = None,
     keys: bool | None = None,
     server: str | None = None,
+    max_events: int | None = None,
 ) -> dict[str, Any]:
     """The document; each argument left ``None`` is a deployment choice the contract leaves open.
 
     ``max_k`` and ``default_k`` bound the ``k`` parameter, ``keys`` says whether the deployment
     has API keys (without, read routes are open; ``None``: a deployment may or may not), ``server``
-    is the base URL.
+    is the base URL, ``max_events`` bounds a batch of ``POST /v1/events``.
     """
     k_schema: dict[str, Any] = {"type": "integer", "minimum": 1}
     if max_k is not None:
@@ -201,6 +240,46 @@ def openapi_document(
                         "400": _json("ErrorResponse", "Malformed user id."),
                         "500": _json("ErrorResponse", "The request failed; the service goes on."),
                         "503": _json("ErrorResponse", "Redis does not answer."),
+                    },
+                }
+            },
+            EVENTS_PATH: {
+                "post": {
+                    "operationId": "postEvents",
+                    "summary": "Send clickstream events (clicks, views, dwells) to the pipeline: "
+                    "each is produced to the clickstream topic keyed by its user id, and the "
+                    "answer comes once Kafka acknowledged them all.",
+                    "requestBody": _events_body(max_events),
+                    "responses": {
+                        "202": _json("EventsAccepted", "Every event is on the clickstream topic."),
+                        "400": {
+                            "description": "Nothing was produced: the body is not JSON or not an "
+                            "event or batch (`bad_body`), the batch holds too many events "
+                            "(`too_many_events`), or some events break the contract "
+                            "(`invalid_events`: each one's index and reason code, in `invalid`).",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "anyOf": [
+                                            {"$ref": _REF.format(model="EventsRejected")},
+                                            {"$ref": _REF.format(model="ErrorResponse")},
+                                        ]
+                                    }
+                                }
+                            },
+                        },
+                        "413": _json(
+                            "ErrorResponse", "The body is larger than the deployment allows."
+                        ),
+                        "500": _json("ErrorResponse", "The request failed; the service goes on."),
+                        "503": _json(
+                            "ErrorResponse",
+                            "Ingestion is not configured on this deployment (no producer "
+                            "credentials: `ingestion_unavailable`), or Kafka refused the events "
+                            "or did not acknowledge them in time (`ingestion_failed`). Some may "
+                            "have been written: retry with the same event ids, which the "
+                            "pipeline folds once.",
+                        ),
                     },
                 }
             },

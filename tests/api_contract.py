@@ -10,11 +10,19 @@ import orjson
 from jsonschema import Draft202012Validator
 
 
-def assert_conforms(document: dict[str, Any], path: str, status: int, body: bytes) -> None:
+def assert_conforms(
+    document: dict[str, Any], path: str, status: int, body: bytes, method: str = "get"
+) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``body`` is what ``document`` promises."""
-    answer = document["paths"][path]["get"]["responses"][str(status)]
+    answer = document["paths"][path][method]["responses"][str(status)]
     schema = answer["content"]["application/json"]["schema"]
     # Component references point into the document, so the schema is checked as part of it.
     Draft202012Validator({**schema, "components": document["components"]}).validate(
         orjson.loads(body)
     )
+
+
+def assert_request_conforms(document: dict[str, Any], path: str, method: str, body: Any) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``body`` is a request ``document`` describes."""
+    schema = document["paths"][path][method]["requestBody"]["content"]["application/json"]
+    Draft202012Validator({**schema["schema"], "components": document["components"]}).validate(body)

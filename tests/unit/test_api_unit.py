@@ -23,6 +23,7 @@ from api.app import served_openapi, valid_user_id
 from schemas.api import ErrorResponse, Health
 from schemas.export import JSON_DIR, render
 from schemas.openapi import (
+    EVENTS_PATH,
     EXPORT_PATH,
     RECOMMENDATIONS_PATH,
     SCOPES,
@@ -70,7 +71,7 @@ def test_openapi_components_are_the_models_json_schemas() -> None:
 
 def test_served_document_is_the_contract_with_the_deployment_filled_in(tmp_path: Path) -> None:
     committed = json.loads((JSON_DIR / "openapi.json").read_text("utf-8"))
-    deployment = ApiSettings(api_max_k=50, api_default_k=7, api_port=8123)
+    deployment = ApiSettings(api_max_k=50, api_default_k=7, api_port=8123, api_events_max_batch=20)
     open_doc = served_openapi(deployment)
     keyed_doc = served_openapi(ApiSettings(api_keys_file=tmp_path / "keys"))
     assert open_doc["components"] == committed["components"]
@@ -79,13 +80,23 @@ def test_served_document_is_the_contract_with_the_deployment_filled_in(tmp_path:
         RECOMMENDATIONS_PATH,
         USER_PATH,
         EXPORT_PATH,
+        EVENTS_PATH,
         "/healthz",
         "/openapi.json",
     }
-    # Erasure and export need the admin scope, with or without keys on the deployment.
+    # Erasure and export need the admin scope, events the events scope, with or without keys on
+    # the deployment.
     for doc in (committed, open_doc, keyed_doc):
         assert doc["paths"][USER_PATH]["delete"]["security"] == [{"apiKey": ["admin"]}]
         assert doc["paths"][EXPORT_PATH]["get"]["security"] == [{"apiKey": ["admin"]}]
+        post = doc["paths"][EVENTS_PATH]["post"]
+        assert post["security"] == [{"apiKey": ["events"]}]
+        assert set(post["responses"]) == {"202", "400", "401", "403", "413", "500", "503"}
+    # The batch bound is the deployment's; the contract leaves it open.
+    batch = open_doc["paths"][EVENTS_PATH]["post"]["requestBody"]["content"]["application/json"]
+    assert batch["schema"]["oneOf"][1]["properties"] == {"events": {"maxItems": 20}}
+    committed_body = committed["paths"][EVENTS_PATH]["post"]["requestBody"]
+    assert "properties" not in committed_body["content"]["application/json"]["schema"]["oneOf"][1]
     route, keyed_route = (
         open_doc["paths"][RECOMMENDATIONS_PATH]["get"],
         keyed_doc["paths"][RECOMMENDATIONS_PATH]["get"],
