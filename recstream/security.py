@@ -138,14 +138,15 @@ def async_redis_client(
 
 def ensure_secrets(folder: Path, principals: tuple[str, ...] = PRINCIPALS) -> None:
     """Give every principal a random Kafka and Redis password under ``folder`` (mode 0600 files
-    in 0700 folders; an existing ``folder`` keeps its mode), keeping the ones already there."""
+    in 0700 folders; an existing ``folder`` keeps its mode), keeping the ones already there; and
+    the compose deployment's Grafana an admin password (``grafana/admin``)."""
     if not folder.exists():
         folder.mkdir(parents=True, mode=0o700)
-    for system in ("kafka", "redis"):
+    for system, names in (("kafka", principals), ("redis", principals), ("grafana", ("admin",))):
         sub = folder / system
         sub.mkdir(exist_ok=True)
         os.chmod(sub, 0o700)
-        for principal in principals:
+        for principal in names:
             path = sub / principal
             if path.exists():
                 continue

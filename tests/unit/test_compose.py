@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cli.stack import Stack, StackSettings
-from recstream.security import PRINCIPALS
+from recstream.security import PRINCIPALS, ensure_secrets
 from recstream.settings import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -68,6 +68,21 @@ def test_secrets_have_no_default_and_nothing_is_published_beyond_loopback(
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def test_grafana_has_no_anonymous_viewers_and_a_generated_admin_password(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    grafana = compose["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana-admin"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env
+    assert grafana["secrets"] == ["grafana-admin"]
+    secret = compose["secrets"]["grafana-admin"]["file"]
+    assert secret.endswith("/grafana/admin")
+    ensure_secrets(tmp_path / "s")  # what `recstream access secrets` writes
+    assert len((tmp_path / "s" / "grafana" / "admin").read_text()) >= 32
 
 
 def test_kafka_runs_the_secure_stack_s_broker_settings(
