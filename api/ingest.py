@@ -160,7 +160,16 @@ class EventSink:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.1)
+            try:
+                self._producer.poll(0.1)
+            except KafkaException as exc:
+                # An error the producer cannot recover from (e.g. the broker refuses this
+                # principal an idempotent producer id) is raised here once; its queued events
+                # are then reported as failed by the next polls, and the app makes a new sink.
+                error: KafkaError = exc.args[0]
+                self.broken = self.broken or error.fatal()
+                log.warning("events producer: %s", error.name())
+                self._stop.wait(0.1)
 
     async def send(self, records: Sequence[Record]) -> None:
         """Produce ``records`` and wait for the broker's acks; :class:`IngestFailed` when one is
