@@ -396,9 +396,11 @@ def build_app(settings: ApiSettings) -> web.Application:
         app[REDIS] = async_redis_client(settings)
 
     async def disconnect(app: web.Application) -> None:
+        nonlocal sink
         await app[REDIS].aclose()
-        if sink is not None:
-            await asyncio.get_running_loop().run_in_executor(None, sink.close)
+        if sink is not None:  # dropped once closed, so the client itself goes with it
+            closing, sink = sink, None
+            await asyncio.get_running_loop().run_in_executor(None, closing.close)
 
     app = web.Application(middlewares=[guard], client_max_size=settings.api_max_body_bytes)
     # Each route's scope is declared in schemas.openapi.SCOPES (which the OpenAPI document also
