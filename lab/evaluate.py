@@ -534,12 +534,13 @@ def _gen_models(
 
     if artifacts:
         for path in artifacts:
-            loaded = load_recommender(path, hybrid=False)
+            # The transformer alone: the lab rebuilds the hybrid and retrieval around it.
+            loaded = load_recommender(path, hybrid=False, retrieval=False)
             if loaded.item_ids != split.item_ids or loaded.manifest.get(
                 "training_data_sha256"
             ) != dict(split.sha256):
                 raise InferenceError(f"artifact {path} was not trained on {split.dataset}")
-            full = load_recommender(path, quantize=False, hybrid=False)
+            full = load_recommender(path, quantize=False, hybrid=False, retrieval=False)
             yield int(loaded.scorer.cfg.seed), loaded.scorer, full.scorer
         return
     from inference.generative import quantize_int8
