@@ -257,7 +257,7 @@ class CacheWriter:
         dead: list[_Dead],
     ) -> None:
         n_written = n_stale = 0
-        for outcome, message, (user, version, _) in zip(outcomes, accepted, lists, strict=True):
+        for outcome, message, (_, version, _) in zip(outcomes, accepted, lists, strict=True):
             if outcome is CasOutcome.WRITTEN:
                 n_written += 1
             elif outcome is CasOutcome.STALE:

@@ -403,7 +403,8 @@ class ProfileFolder:
             except ResponseError as exc:
                 if transient(exc):
                     raise StoreUnavailable(f"Redis unavailable: {reply_class(exc)}") from exc
-                log.error("Redis refused user %r's fold: %s", user, reply_class(exc))
+                # No user id in logs (personal data): the dead letter names the record.
+                log.error("Redis refused a user's fold (dead-lettered): %s", reply_class(exc))
                 results.append(Folded.refused(user, reply_class(exc)))
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 raise StoreUnavailable(f"Redis unreachable: {exc}") from exc

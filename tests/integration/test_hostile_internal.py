@@ -11,6 +11,7 @@ non-zero exit, never in work acknowledged and lost.
 from __future__ import annotations
 
 import functools
+import logging
 import signal
 import socket
 import subprocess
