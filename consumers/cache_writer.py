@@ -264,7 +264,14 @@ class CacheWriter:
                 n_stale += 1
             else:
                 reason = _REFUSALS[outcome]
-                log.warning("refused list of %r at version %d: %s", user, version, reason)
+                # No user id in logs (personal data): the dead letter names the record.
+                log.warning(
+                    "refused list at %s/%d@%d: %s",
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    reason,
+                )
                 dead.append((message, reason, f"profile_version {version}"))
         self.written += n_written
         self.stale += n_stale

@@ -360,7 +360,10 @@ def test_hostile_changes_are_dead_lettered_and_never_touch_the_victim(
     assert not running.errors
 
 
-def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespace) -> None:
+def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(
+    ns: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     settings = ns.settings
     client = redis_client(settings)
     keys = Keys(settings.key_prefix)
@@ -408,6 +411,10 @@ def test_hostile_lists_are_dead_lettered_and_never_touch_the_victim(ns: Namespac
         running.threads["cache"].join(30)
         client.close()
     assert not running.errors
+    # Refusals are logged by position: no user id (personal data) reaches the logs.
+    refusals = [r.getMessage() for r in caplog.records if "refused list" in r.getMessage()]
+    assert refusals
+    assert not any("victim" in message for message in refusals)
 
 
 def _committed_all(settings: CommonSettings, group: str, topic: str) -> bool:
