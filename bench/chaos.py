@@ -392,10 +392,10 @@ def wait_recovery(probe: Probe, kill: Kill, cap_s: float) -> float:
     return at if at is not None else time.time()
 
 
-def kill_plan(n: int, rng: random.Random) -> list[str]:
-    kinds = list(KINDS)
+def kill_plan(n: int, rng: random.Random, only: tuple[str, ...] = KINDS) -> list[str]:
+    kinds = list(only)
     rng.shuffle(kinds)
-    extra = [rng.choice(KINDS) for _ in range(max(0, n - len(kinds)))]
+    extra = [rng.choice(only) for _ in range(max(0, n - len(kinds)))]
     plan = kinds + extra
     rng.shuffle(plan)
     return plan
@@ -537,10 +537,22 @@ def main() -> int:
     parser.add_argument(
         "--recovery-cap-s", type=float, default=120.0, help="Longest wait for a recovery."
     )
-    parser.add_argument("--keep", action="store_true", help="Keep the stack dir and its logs.")
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help="What to kill, comma-separated (default: every kind; a subset is for diagnosis).",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="Keep the stack dir, its logs and every probe's timing (probes.json).",
+    )
     args = parser.parse_args()
-    if args.kills < len(KINDS):
-        parser.error(f"--kills must be at least {len(KINDS)} (each kind once)")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds: choose among {', '.join(KINDS)}")
+    if args.kills < len(kinds):
+        parser.error(f"--kills must be at least {len(kinds)} (each kind once)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     # SIGTERM (and SIGINT in the background) unwind through `finally`: nothing is left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -638,7 +650,7 @@ def main() -> int:
         duration = args.minutes * 60
         slot = duration / args.kills
         kills: list[Kill] = []
-        for i, kind in enumerate(kill_plan(args.kills, rng)):
+        for i, kind in enumerate(kill_plan(args.kills, rng, kinds)):
             due = started + slot * (i + rng.uniform(0.15, 0.85))
             if kills:
                 recovered = wait_recovery(probe, kills[-1], args.recovery_cap_s)
@@ -695,6 +707,12 @@ def main() -> int:
         for kill in kills:
             kill.recovered_at = probe.recovered_at(kill.at)
         baseline = probe.freshness(until=kills[0].at if kills else time.time())
+        if args.keep:  # each probe: produced, first seen in the cache (wall clock); the kills
+            timings = {
+                "probes": [[probe.sent[ts], seen] for ts, seen in probe.fresh],
+                "kills": [[k.kind, k.at] for k in kills],
+            }
+            (root / "probes.json").write_bytes(orjson.dumps(timings))
         counts.stop.set()
         counts.join(5)
         run.stop(120)
