@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
 
-from api.app import SERVER_OPTIONS, build_app
 from api.keys import add_key, new_key, revoke_key
 from api.settings import ApiSettings
 from inference.popularity import Popularity
@@ -24,7 +22,7 @@ from recstream.security import redis_client
 from schemas import ModelRef, Recommendations, ScoredItem
 from schemas.api import Scope
 from schemas.openapi import RECOMMENDATIONS_PATH
-from tests.api_contract import assert_conforms
+from tests.api_contract import assert_conforms, exchange
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
@@ -45,21 +43,7 @@ def _stored(user: str) -> Recommendations:
 
 
 async def _calls(settings: ApiSettings, requests: list[tuple[str, dict[str, str]]]) -> list[Any]:
-    runner = web.AppRunner(build_app(settings), **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # bound server
-    out = []
-    try:
-        async with ClientSession() as session:
-            for path, headers in requests:
-                async with session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as resp:
-                    body = await resp.read()
-                    out.append((resp.status, resp.headers.get("Content-Type", ""), body))
-    finally:
-        await runner.cleanup()
-    return out
+    return await exchange(settings, [("GET", path, headers, None) for path, headers in requests])
 
 
 def test_read_api_serves_cache_fallback_and_rejects_bad_input(

@@ -13,17 +13,16 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientSession, web
 from confluent_kafka import Consumer, TopicPartition
 
-from api.app import SERVER_OPTIONS, build_app, served_openapi
+from api.app import served_openapi
 from api.keys import add_key, new_key
 from api.settings import ApiSettings
 from recstream.security import kafka_config
 from schemas.api import ErrorResponse, EventsAccepted, EventsRejected, InvalidEvent, Scope
 from schemas.exceptions import Reason
 from schemas.openapi import EVENTS_PATH
-from tests.api_contract import assert_conforms
+from tests.api_contract import assert_conforms, exchange
 from tests.conftest import Namespace
 from tests.integration.streams_support import (
     Worker,
@@ -52,21 +51,8 @@ def _api(ns: Namespace, tmp_path: Path, **changes: Any) -> tuple[ApiSettings, di
 
 
 async def _posts(settings: ApiSettings, calls: list[tuple[bytes, dict[str, str]]]) -> list[Any]:
-    runner = web.AppRunner(build_app(settings), **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # bound server
-    out = []
-    try:
-        async with ClientSession() as session:
-            for body, headers in calls:
-                url = f"http://127.0.0.1:{port}{EVENTS_PATH}"
-                async with session.post(url, data=body, headers=headers) as resp:
-                    out.append((resp.status, await resp.read()))
-    finally:
-        await runner.cleanup()
-    return out
+    answers = await exchange(settings, [("POST", EVENTS_PATH, h, body) for body, h in calls])
+    return [(status, body) for status, _, body in answers]
 
 
 def _records_on(settings: ApiSettings, topic: str) -> int:

@@ -19,11 +19,10 @@ from urllib.parse import quote
 import pytest
 import redis
 import redis.asyncio
-from aiohttp import ClientSession, web
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 
-from api.app import SERVER_OPTIONS, build_app, erasure_refusal, served_openapi
+from api.app import erasure_refusal, served_openapi
 from api.keys import add_key, new_key
 from api.settings import ApiSettings
 from cli.main import main
@@ -38,6 +37,7 @@ from schemas.erasure import ErasureReceipt, UserExport
 from schemas.openapi import EXPORT_PATH, USER_PATH
 from streams.erasure import Eraser, read_erasures, restore_markers
 from streams.fold import FoldParams, FoldScript
+from tests.api_contract import exchange
 from tests.conftest import Namespace, settings_env
 from tests.integration.streams_support import (
     Worker,
@@ -251,21 +251,8 @@ def test_export_of_a_user_with_everything(ns: Namespace) -> None:
 async def _requests(
     settings: ApiSettings, calls: list[tuple[str, str, dict[str, str]]]
 ) -> list[tuple[int, bytes]]:
-    runner = web.AppRunner(build_app(settings), **SERVER_OPTIONS)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # bound server
-    out = []
-    try:
-        async with ClientSession() as session:
-            for method, path, headers in calls:
-                url = f"http://127.0.0.1:{port}{path}"
-                async with session.request(method, url, headers=headers) as resp:
-                    out.append((resp.status, await resp.read()))
-    finally:
-        await runner.cleanup()
-    return out
+    answers = await exchange(settings, [(method, path, h, None) for method, path, h in calls])
+    return [(status, body) for status, _, body in answers]
 
 
 def _conforms(settings: ApiSettings, method: str, path: str, status: int, body: bytes) -> None:
