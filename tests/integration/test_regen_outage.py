@@ -27,16 +27,28 @@ from lab.datasets import Dataset
 from recstream.kafka import idempotent_producer
 from schemas import ProfileChanged, ProfileChanges
 from tests.conftest import Namespace
-from tests.integration.test_regen import _fold_one_by_one, _read_topic, _wait_for
-from tests.integration.test_regen import dataset, pool  # noqa: F401 (fixtures)
+from tests.integration.test_regen import _fold_one_by_one, _read_topic, _wait_for, dataset, pool  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
 
 def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(folder)],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(folder),
+        ],
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)

@@ -10,7 +10,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given

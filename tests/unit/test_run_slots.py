@@ -17,9 +17,8 @@ def _hold(directory: Path, ready: multiprocessing.synchronize.Event) -> None:
 
 
 def test_consecutive_runs_share_an_id_and_concurrent_runs_do_not(tmp_path: Path) -> None:
-    with instance_slot(tmp_path) as first:
-        with instance_slot(tmp_path) as beside:
-            assert beside != first
+    with instance_slot(tmp_path) as first, instance_slot(tmp_path) as beside:
+        assert beside != first
     with instance_slot(tmp_path) as again:
         assert again == first
 
