@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 from prometheus_client import REGISTRY
 
+from cli.supervise import free_port
 from consumers.cache_writer import CacheWriter
 from consumers.deadletter import DeadReason
 from consumers.exceptions import CacheWriteError, DeliveryError
@@ -43,6 +42,7 @@ from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from schemas.deadletter import HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION
 from tests.conftest import Namespace
+from tests.integration.redis_support import start_redis
 from tests.integration.test_regen import _fold_one_by_one, _wait_for
 from tests.unit.pool_models import CATALOG, make_echo
 
@@ -483,54 +483,14 @@ def test_a_refused_publication_is_retried_then_the_service_exits_and_a_restart_r
     assert _committed_all(settings, ns.group("regen"), settings.topic_profiles_changed)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
-    """A throwaway redis-server whose data survives a SIGKILL (append-only file, fsync always)."""
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    _wait_for(answers, 10, "the throwaway redis-server")
-    client.close()
-    return server
-
-
 def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
     ns: Namespace, tmp_path: Path
 ) -> None:
     from consumers.metrics import CACHE_REDIS_ERRORS
 
     settings = ns.settings
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
+    port = free_port()
+    server = start_redis(port, tmp_path)
     client = redis.Redis(port=port)
     keys = Keys(settings.key_prefix)
     client.hset(keys.profile("u"), "version", 5)  # the CAS reads only the profile's version
@@ -552,7 +512,7 @@ def test_a_redis_outage_is_retried_and_past_the_budget_the_writer_exits_unacked(
         second = _recs("u", 2)
         _produce(settings, topic, [(b"u", second, None)])
         _wait_for(lambda: CACHE_REDIS_ERRORS._value.get() > errors, 30, "a failed write")
-        server = _start_redis(port, tmp_path)
+        server = start_redis(port, tmp_path)
         _wait_for(lambda: client.get(keys.recs("u")) == second, 30, "the list after the outage")
         assert running.alive("cache")
 
@@ -582,7 +542,7 @@ def test_the_cache_writer_command_exits_non_zero_when_redis_stays_down(
 
     env = {
         **settings_env(ns.settings),
-        "RECSTREAM_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",  # nothing listens there
+        "RECSTREAM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
         "RECSTREAM_CACHE_GROUP_ID": ns.group("cache"),
         "RECSTREAM_CACHE_RETRY_BUDGET_S": "1",
         "RECSTREAM_CACHE_METRICS_PORT": "0",

@@ -27,47 +27,16 @@ from lab.datasets import Dataset
 from recstream.kafka import idempotent_producer
 from schemas import ProfileChanged, ProfileChanges
 from tests.conftest import Namespace
+from tests.integration.redis_support import start_redis
 from tests.integration.test_regen import _fold_one_by_one, _read_topic, _wait_for, dataset, pool  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
 
-def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    _wait_for(lambda: _pings(client), 20, "the private Redis")
-    client.close()
-    return process
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
-    process = _redis_server(port, tmp_path)
+    process = start_redis(port, tmp_path)
     try:
         yield port, tmp_path
     finally:
@@ -120,7 +89,7 @@ def test_a_change_announced_while_redis_is_down_is_regenerated_once_it_is_back(
         assert thread.is_alive(), "the service died with Redis"
         assert _read_topic(settings, ns.group("before")) == []
 
-        restarted = _redis_server(port, folder)  # replays the AOF: the profile is back
+        restarted = start_redis(port, folder)  # replays the AOF: the profile is back
         try:
             _wait_for(
                 lambda: bool(_read_topic(settings, ns.group(f"r{time.monotonic_ns()}"))),
