@@ -7,26 +7,14 @@ Every field the API owns starts with ``api_`` and reads ``RECSTREAM_API_<SETTING
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
-from recstream.settings import CommonSettings
+from recstream.settings import CommonSettings, is_loopback
 
 __all__ = ["ApiSettings", "is_loopback"]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine (``0.0.0.0``, ``""`` and
-    names other than ``localhost`` do not)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ApiSettings(CommonSettings):

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from recstream.settings import CommonSettings
+from recstream.settings import CommonSettings, is_loopback
 
 OFFICIAL_BASE_URL = "https://files.grouplens.org/datasets/movielens"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class FetchSettings(CommonSettings):
@@ -47,6 +37,6 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
         return
     raise ValueError(f"{url!r}: only https:// URLs (or http:// to a loopback address) are allowed")

@@ -12,6 +12,7 @@ Sub-models add ``__``: ``RECSTREAM_REGEN_POOL__WORKERS``. Secrets are
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -199,3 +200,14 @@ def redact_url(url: str) -> str:
 
 
 _SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``0.0.0.0``, ``""`` and
+    names other than ``localhost`` do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
