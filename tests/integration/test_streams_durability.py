@@ -231,20 +231,30 @@ def test_redis_rolled_back_under_a_running_worker_stops_it_and_the_next_refeeds(
     # rather than fold on past a gap nobody would re-feed (`recstream run` restarts it). A
     # rebalance in between (a slow machine missing heartbeats) would instead resume it from
     # Redis's offsets at once, which re-feeds the gap just as well.
+    _stops_or_refeeds(ns, worker, users, 24, lambda: workers(RECSTREAM_STREAMS_BATCH_SIZE="10"))
+    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 24), "all folded")
+    wait_for(lambda: caught_up(ns), "offsets stored again")
+    assert_matches_reference(ns, [e for phase in phases for e in phase], catalog)
+
+
+def _stops_or_refeeds(
+    ns: Namespace, worker: Worker, users: list[str], events: int, restart: Callable[[], object]
+) -> None:
+    """Wait until a worker that found Redis behind stops with status 70 (then ``restart`` it) or,
+    after a rebalance, has re-fed the gap so every user holds ``events`` events."""
     proc = worker.proc
     assert proc is not None
     wait_for(
-        lambda: proc.poll() is not None or counts(ns.settings, users) == dict.fromkeys(users, 24),
+        lambda: (
+            proc.poll() is not None or counts(ns.settings, users) == dict.fromkeys(users, events)
+        ),
         "the worker stops, or re-feeds the gap after a rebalance",
         60,
     )
     if proc.poll() is not None:
         assert proc.returncode == 70, worker.log_tail()
         assert "Redis lost progress" in worker.log_tail()
-        workers(RECSTREAM_STREAMS_BATCH_SIZE="10")
-    wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 24), "all folded")
-    wait_for(lambda: caught_up(ns), "offsets stored again")
-    assert_matches_reference(ns, [e for phase in phases for e in phase], catalog)
+        restart()
 
 
 def test_redis_rolled_back_after_the_last_record_stops_the_worker_without_traffic(
@@ -267,18 +277,8 @@ def test_redis_rolled_back_after_the_last_record_stops_the_worker_without_traffi
         roll_back(r, ns, older)  # and no record comes after: no fold will look at the offsets
     finally:
         r.close()
-    proc = worker.proc
-    assert proc is not None
     # The periodic check finds Redis behind (or a rebalance re-reads it: the gap is re-fed).
-    wait_for(
-        lambda: proc.poll() is not None or counts(ns.settings, users) == dict.fromkeys(users, 12),
-        "the worker stops, or re-feeds the gap after a rebalance",
-        60,
-    )
-    if proc.poll() is not None:
-        assert proc.returncode == 70, worker.log_tail()
-        assert "Redis lost progress" in worker.log_tail()
-        workers(**fast_check)
+    _stops_or_refeeds(ns, worker, users, 12, lambda: workers(**fast_check))
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 12), "gap folded")
     wait_for(lambda: caught_up(ns), "offsets stored again")
     assert_matches_reference(ns, first + second, catalog)
