@@ -8,7 +8,6 @@ so the shared development stack is not touched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import sys
@@ -32,6 +31,7 @@ from ops.feed import produce, replay_records
 from recstream.keys import Keys
 from recstream.security import PRINCIPALS, kafka_config, redis_client
 from recstream.settings import ENV_PREFIX, CommonSettings
+from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -280,15 +280,9 @@ def test_the_pipeline_runs_end_to_end_with_one_principal_per_service(
 ) -> None:
     s = secure.settings
     api, api_metrics, regen, cache = free_port(), free_port(), free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(ENV_PREFIX) or k.startswith(f"{ENV_PREFIX}ARTIFACT_VERIFY_")
-    }
+    env = settings_env(s)
     env.update(
         {
-            f"{ENV_PREFIX}KAFKA_BOOTSTRAP": s.kafka_bootstrap,
-            f"{ENV_PREFIX}REDIS_URL": s.redis_url.get_secret_value(),
             f"{ENV_PREFIX}SECRETS_DIR": str(secure.stack.secrets),  # each finds its own
             f"{ENV_PREFIX}STREAMS_DATADIR": str(tmp_path / "faust"),
             f"{ENV_PREFIX}STREAMS_METRICS_PORT": "0",
