@@ -261,6 +261,13 @@ def read_erasures(
                             record = None
                         if record is not None and record.user_id == user:
                             erased[user] = record
+                        else:  # only admin and the eraser may write here; say it, never guess
+                            log.warning(
+                                "ignored a malformed erasure record at %s/%d@%d",
+                                topic,
+                                partition,
+                                message.offset() or 0,
+                            )
                 offset = message.offset() or 0
                 if partition in todo and offset + 1 >= todo[partition]:
                     todo.pop(partition)
