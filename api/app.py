@@ -14,6 +14,10 @@
   answered 202 ``{"accepted": n}`` once Kafka acknowledged them all (:mod:`api.ingest`); 413 for
   a body over ``api_max_body_bytes``; 503 when this deployment has no producer credentials or
   Kafka does not acknowledge in time (a retry with the same event ids folds once).
+- ``POST /v1/users/{user_id}/conversation`` (converse scope): one refinement turn in words
+  (:mod:`api.conversation`): the list under the session's constraints, each item with its
+  reasons, and the session id; 404 for an expired session, 413 for a body over 8 KiB, 503 when
+  this deployment serves no conversation (``api_conversation_model_dir`` unset).
 - ``GET /healthz``: ``{"ok": …}``, nothing more. ``GET /openapi.json``.
 - ``GET /metrics`` (Prometheus text) on a port of its own (``api_metrics_port``, loopback by
   default), never on the API's port.
@@ -44,6 +48,7 @@ import secrets
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -54,6 +59,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_json
 
+from api.conversation import (
+    MAX_CONVERSATION_BODY,
+    ConversationEngine,
+    TurnRefused,
+    load_attributes,
+    parse_request,
+    run_turn,
+)
 from api.exceptions import IngestFailed, UnsafeExposureError
 from api.ingest import EventSink, Record, Refused, ingestion_refusal, parse_events
 from api.keys import KeyRing
@@ -68,6 +81,7 @@ from schemas.api import ApiKeyRecord, ErrorBody, EventsAccepted, EventsRejected,
 from schemas.events import Id
 from schemas.openapi import (
     ANONYMOUS_SCOPES,
+    CONVERSATION_PATH,
     EVENTS_PATH,
     EXPORT_PATH,
     RECOMMENDATIONS_PATH,
@@ -92,6 +106,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("redis", redis.asyncio.Redis)
+# The conversation's models (None: this deployment serves no conversation) and the one thread
+# that runs their work.
+ENGINE: web.AppKey[ConversationEngine | None] = web.AppKey("conversation", ConversationEngine)
+MODEL_THREAD: web.AppKey[ThreadPoolExecutor] = web.AppKey("model_thread", ThreadPoolExecutor)
 # The key a request was let in with (None: anonymous, on a deployment without keys); handlers
 # that act on a user's data name its key_id in their audit trail.
 PRINCIPAL: web.RequestKey[ApiKeyRecord | None] = web.RequestKey("principal", ApiKeyRecord)
@@ -380,6 +398,37 @@ def build_app(settings: ApiSettings) -> web.Application:
         EVENTS.labels(settings.topic_clickstream, "accepted").inc(len(records))
         return _json(EventsAccepted(accepted=len(records)), 202)
 
+    async def conversation(request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        if not valid_user_id(user_id):
+            return _error(400, "bad_user_id", "user_id must be 1-64 characters, no control chars")
+        engine = request.app[ENGINE]
+        if engine is None:
+            return _error(503, "conversation_unavailable", "this deployment serves no conversation")
+        too_large = f"a turn's body may hold at most {MAX_CONVERSATION_BODY} bytes"
+        if (request.content_length or 0) > MAX_CONVERSATION_BODY:
+            return _error(413, "body_too_large", too_large)
+        body = await request.content.read(MAX_CONVERSATION_BODY + 1)
+        if len(body) > MAX_CONVERSATION_BODY:
+            return _error(413, "body_too_large", too_large)
+        try:
+            turn = parse_request(body)
+            reply = await run_turn(
+                engine,
+                request.app[MODEL_THREAD],
+                request.app[REDIS],
+                keys=keys,
+                user_id=user_id,
+                request=turn,
+                k=settings.api_default_k,
+                ttl_s=settings.api_conversation_ttl_s,
+                variant=settings.api_variant,
+            )
+        except TurnRefused as refused:
+            r = refused.refusal
+            return _error(r.status, r.code, r.message)
+        return _json(reply)
+
     async def healthz(request: web.Request) -> web.Response:
         try:
             ok = bool(await request.app[REDIS].ping())
@@ -394,10 +443,19 @@ def build_app(settings: ApiSettings) -> web.Application:
 
     async def connect(app: web.Application) -> None:
         app[REDIS] = async_redis_client(settings)
+        app[MODEL_THREAD] = ThreadPoolExecutor(1, thread_name_prefix="conversation")
+        app[ENGINE] = None
+        folder = settings.api_conversation_model_dir
+        if folder is not None:  # loaded before serving: a turn never waits for a model load
+            attributes = await load_attributes(app[REDIS], keys)
+            app[ENGINE] = await asyncio.get_running_loop().run_in_executor(
+                app[MODEL_THREAD], ConversationEngine.load, folder, attributes
+            )
 
     async def disconnect(app: web.Application) -> None:
         nonlocal sink
         await app[REDIS].aclose()
+        app[MODEL_THREAD].shutdown(wait=True)
         if sink is not None:  # dropped once closed, so the client itself goes with it
             closing, sink = sink, None
             await asyncio.get_running_loop().run_in_executor(None, closing.close)
@@ -409,6 +467,7 @@ def build_app(settings: ApiSettings) -> web.Application:
     app.router.add_delete(USER_PATH, erase)
     app.router.add_get(EXPORT_PATH, export)
     app.router.add_post(EVENTS_PATH, post_events)
+    app.router.add_post(CONVERSATION_PATH, conversation)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi)
     required.update(_scopes(app))

@@ -62,6 +62,17 @@ class ApiSettings(CommonSettings):
         description="How long POST /v1/events waits for Kafka to acknowledge its events before "
         "answering 503 (the producer also stops retrying them then).",
     )
+    api_conversation_model_dir: Path | None = Field(
+        None,
+        description="Trained artifact folder (with its item index) that POST "
+        "/v1/users/{user_id}/conversation refines lists with; unset = that route answers 503.",
+    )
+    api_conversation_ttl_s: int = Field(
+        1800,
+        ge=10,
+        le=7 * 24 * 3600,
+        description="How long a conversation session lives after its last turn (seconds).",
+    )
     # Named like the stream worker's field, so one RECSTREAM_EVENT_MAX_FUTURE_S sets both and the
     # API never accepts an event that the fold would dead-letter for its ts.
     event_max_future_s: float = Field(

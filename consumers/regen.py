@@ -30,6 +30,11 @@ through a queue that the loop drains.
 - **Timing**: ``recs_regen_latency_seconds`` runs from the first coalesced change's consumption
   to the list's delivery; the ``recs.origin_ts`` header of the newest change is copied onto the
   published list, for the cache writer's end-to-end freshness.
+- **Conversations**: while the user has a conversation session (``POST
+  /v1/users/{id}/conversation``, ``schemas.conversation``) with constraints, the pool is asked
+  for the whole ranking and the list is its best ``regen_k`` items that meet them
+  (``inference.conversation.SessionRefiner``), published with ``source: "refined"``: the
+  conversation steers the live stream until the session expires.
 - **Shutdown**: :meth:`RegenService.stop` only sets a flag (signal-safe); the loop then pauses
   input, starts what waits, drains in-flight work, flushes the producer, commits and closes.
 """
@@ -70,12 +75,15 @@ from consumers.metrics import (
 )
 from consumers.regenerate import Headers, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
+from inference.conversation import SessionRefiner, read_catalog_attributes, read_session
+from inference.exceptions import InferenceError
 from inference.pool import PoolBrokenError, PoolResult, PoolSaturatedError, WorkerPool
 from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.metrics import count
 from schemas import ModelRef, ProfileChanged
+from schemas.conversation import Constraints
 from schemas.deadletter import dead_letter_headers
 from streams.profile import read_profile
 
@@ -116,6 +124,7 @@ def build_pool(settings: RegenSettings) -> WorkerPool:
 class _Done:
     running: InFlight
     future: Future[PoolResult]
+    constraints: Constraints | None = None  # the user's conversation session's, if any
 
 
 @dataclass(eq=False)
@@ -154,6 +163,7 @@ class RegenService:
         self._failure: DeliveryError | None = None
         self._redis_down_since: float | None = None  # first failed profile read of an outage
         self._redis_retry_at = 0.0
+        self._refiner: SessionRefiner | None = None  # loaded at the first session seen
         self.consumer = at_least_once_consumer(
             settings,
             settings.regen_group_id,
@@ -286,6 +296,7 @@ class RegenService:
         for entry in self.coalescer.take_due(now, room, flush=flush):
             try:
                 profile = read_profile(self.redis, self.keys, entry.user_id)
+                constraints = self._session_constraints(entry.user_id)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Includes LOADING (a restarted Redis replaying its AOF). Stay in the group and
                 # keep the work: a crash would cost a restart and the model's load.
@@ -300,12 +311,38 @@ class RegenService:
                 continue
             if not self._refuse_ahead(entry, profile.version):
                 continue
+            k = self.settings.regen_k if constraints is None else SessionRefiner.ALL_ITEMS
             try:
-                future = self.pool.submit(model_history(profile), self.settings.regen_k)
+                future = self.pool.submit(model_history(profile), k)
             except PoolSaturatedError:
                 self.coalescer.put_back(entry)
                 break
-            self._started(entry, profile.version, future)
+            self._started(entry, profile.version, future, constraints)
+
+    def _session_constraints(self, user_id: str) -> Constraints | None:
+        """The constraints of the user's conversation session, when one is live and this
+        service can apply them (the catalog is loaded)."""
+        session = read_session(self.redis, self.keys, user_id)
+        if session is None or session.constraints.empty:
+            return None
+        if self._refiner is None:
+            try:
+                attributes = read_catalog_attributes(self.redis, self.keys)
+            except InferenceError as exc:  # no catalog loaded: nothing to apply them with
+                log.warning("a conversation session is not applied: %s", exc)
+                return None
+            index = None
+            if self.settings.regen_model_dir is not None:
+                from inference.artifact import read_item_index
+
+                try:
+                    index = read_item_index(
+                        self.settings.regen_model_dir, self.settings.regen_artifact
+                    )
+                except InferenceError as exc:  # ArtifactError: "like" will not reorder
+                    log.warning("conversation sessions are applied without item vectors: %s", exc)
+            self._refiner = SessionRefiner(attributes, index)
+        return session.constraints
 
     def _redis_unavailable(self, exc: redis.RedisError, now: float) -> None:
         """Retry the profile reads with backoff; past ``regen_redis_retry_s`` raise."""
@@ -338,10 +375,16 @@ class RegenService:
         entry.version = stored
         return bool(kept)
 
-    def _started(self, entry: Pending, read_version: int, future: Future[PoolResult]) -> None:
+    def _started(
+        self,
+        entry: Pending,
+        read_version: int,
+        future: Future[PoolResult],
+        constraints: Constraints | None = None,
+    ) -> None:
         running = self.coalescer.start(entry, read_version)
         REGEN_COALESCED.inc(max(running.changes - 1, 0))
-        done = _Done(running, future)
+        done = _Done(running, future, constraints)
         future.add_done_callback(lambda _f: self._done.put(done))
 
     def _publish_finished(self) -> None:
@@ -355,14 +398,19 @@ class RegenService:
             result = done.future.result()
             REGEN_REGENERATIONS.labels(result.source).inc()
             self.regenerations += 1
+            items = result.items
+            if done.constraints is not None and self._refiner is not None:
+                items = self._refiner.apply(items, done.constraints, self.settings.regen_k)
             recs = self.publisher.build(
                 running.user_id,
-                result.items,
+                items[: self.settings.regen_k],
                 profile_version=running.read_version,
                 model=ModelRef(name=result.model_name, version=result.model_version),
                 source=result.source,
                 trigger_ts=running.trigger_ts,
             )
+            if done.constraints is not None and result.source == "model":
+                recs = recs.model_copy(update={"source": "refined"})
             record = self.publisher.record(recs, running.origin_ts)
             self._send(_Outgoing(record, partial(self._published, running)))
 

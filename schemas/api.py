@@ -105,6 +105,7 @@ class Scope(StrEnum):
     READ = "read"  # read users' recommendations (and future read routes)
     EVENTS = "events"  # send clickstream events (POST /v1/events)
     ADMIN = "admin"  # operator routes: erasure and export of a user's data
+    CONVERSE = "converse"  # refine a user's list in words (POST .../conversation; writes a session)
 
 
 def _sorted_scopes(scopes: tuple[Scope, ...]) -> tuple[Scope, ...]:

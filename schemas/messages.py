@@ -66,7 +66,10 @@ class Recommendations(_Frozen):
     profile_version: Annotated[int, Field(ge=0)]
     model: ModelRef
     variant: Annotated[str, Field(min_length=1, max_length=64)]
-    source: Literal["model", "fallback"]
+    source: Literal["model", "fallback", "refined"] = Field(
+        description="model: the served model's list; fallback: popularity; refined: the model's "
+        "list under the user's conversation constraints."
+    )
     generated_at: AwareDatetime
     trigger_ts: AwareDatetime = Field(description="Time of the event that caused this list.")
 

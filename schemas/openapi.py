@@ -32,12 +32,14 @@ from schemas.api import (
     Health,
     Scope,
 )
+from schemas.conversation import ConversationReply, ConversationRequest
 from schemas.erasure import ErasureReceipt, UserExport
 from schemas.events import MAX_EVENT_BYTES, ClickEvent, DwellEvent, Id, ViewEvent
 from schemas.messages import Recommendations
 
 __all__ = [
     "ANONYMOUS_SCOPES",
+    "CONVERSATION_PATH",
     "EVENTS_PATH",
     "EXPORT_PATH",
     "RECOMMENDATIONS_PATH",
@@ -50,6 +52,7 @@ RECOMMENDATIONS_PATH = "/v1/users/{user_id}/recommendations"
 USER_PATH = "/v1/users/{user_id}"
 EXPORT_PATH = "/v1/users/{user_id}/export"
 EVENTS_PATH = "/v1/events"
+CONVERSATION_PATH = "/v1/users/{user_id}/conversation"
 _REF = "#/components/schemas/{model}"
 
 # (method, path) -> the scope a key needs, or None for an open route (probes, this document).
@@ -58,6 +61,7 @@ SCOPES: dict[tuple[str, str], Scope | None] = {
     ("DELETE", USER_PATH): Scope.ADMIN,
     ("GET", EXPORT_PATH): Scope.ADMIN,
     ("POST", EVENTS_PATH): Scope.EVENTS,
+    ("POST", CONVERSATION_PATH): Scope.CONVERSE,
     ("GET", "/healthz"): None,
     ("GET", "/openapi.json"): None,
 }
@@ -74,8 +78,9 @@ _RESPONSES = (
     UserExport,
     EventsAccepted,
     EventsRejected,
+    ConversationReply,
 )
-_REQUESTS = (ClickEvent, ViewEvent, DwellEvent, EventBatch)
+_REQUESTS = (ClickEvent, ViewEvent, DwellEvent, EventBatch, ConversationRequest)
 
 
 def _components() -> dict[str, Any]:
@@ -279,6 +284,42 @@ def openapi_document(
                             "or did not acknowledge them in time (`ingestion_failed`). Some may "
                             "have been written: retry with the same event ids, which the "
                             "pipeline folds once.",
+                        ),
+                    },
+                }
+            },
+            CONVERSATION_PATH: {
+                "post": {
+                    "operationId": "postConversation",
+                    "summary": "Refine the user's list in words (one turn of a conversation): the "
+                    "list under the constraints understood so far, each item with the history "
+                    "items behind it and the constraints it meets. A turn with `session_id` "
+                    "refines that session's constraints; one without starts a new session.",
+                    "parameters": [user_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": _REF.format(model="ConversationRequest")}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json("ConversationReply", "The refined list and the session."),
+                        "400": _json(
+                            "ErrorResponse",
+                            "Malformed user id, body or message (`bad_request`, `bad_message`).",
+                        ),
+                        "404": _json(
+                            "ErrorResponse",
+                            "The session expired or never existed (`unknown_session`).",
+                        ),
+                        "413": _json("ErrorResponse", "The body is larger than a turn may be."),
+                        "500": _json("ErrorResponse", "The request failed; the service goes on."),
+                        "503": _json(
+                            "ErrorResponse",
+                            "Redis does not answer, or this deployment serves no conversation "
+                            "(`conversation_unavailable`).",
                         ),
                     },
                 }

@@ -7,7 +7,8 @@
 2. publish a :class:`schemas.UserErased` record (key = user id) on the compacted ``users.erased``
    topic and wait for Kafka's ack, before anything is deleted: every rebuild and replay reads it;
 3. one Lua script in the user's hash slot deletes every key of the user under every prefix (the
-   live keys, rebuild namespaces, their checkpoints: a SCAN of ``*u:{<escaped id>}:*`` found
+   live keys, the conversation session (``schemas.conversation.session_key``: it holds the
+   user's own words), rebuild namespaces, their checkpoints: a SCAN of ``*u:{<escaped id>}:*`` found
    them; all share the user's hash tag, hence one slot) and writes the user's *erasure marker*
    (``Keys.erased``: ``topic:partition`` -> watermark) in the live namespace and in every rebuild
    in progress, atomically: a fold that runs after it skips the erased history
@@ -50,6 +51,7 @@ from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
+from schemas.conversation import SESSION_KIND, session_key
 from schemas.erasure import ErasureReceipt, StoredKey, UserErased, UserExport
 from schemas.events import Id
 from streams.exceptions import ErasureFailed
@@ -179,7 +181,8 @@ def erase_user(
     # had a marker) is found by the second; after the script no fold can create more.
     for _ in range(2):
         found = {_text(k) for k in client.scan_iter(match=pattern, count=_SCAN_COUNT)}
-        gone = sorted({*live.user_keys(user_id), live.privacy_ledger(user_id), *found} - {*markers})
+        named = {*live.user_keys(user_id), live.privacy_ledger(user_id), session_key(live, user_id)}
+        gone = sorted({*named, *found} - {*markers})
         reply = script(
             keys=[*markers, *gone],
             args=[len(markers), orjson.dumps(record.fields()), record.erased_at_ms],
@@ -200,6 +203,7 @@ def export_user(client: redis.Redis, keys: Keys, user_id: str) -> UserExport:
     names = {k: base + k for k in ("profile", "items", "cats", "recent", "seen", "recs")}
     names["privacy"] = keys.privacy_ledger(user_id)
     names["erased"] = keys.erased(user_id)
+    names[SESSION_KIND] = session_key(keys, user_id)
     for key in client.scan_iter(match=_glob(base) + "*", count=_SCAN_COUNT):
         names.setdefault(_text(key)[len(base) :], _text(key))
     stored: dict[str, StoredKey] = {}

@@ -22,6 +22,7 @@ from api.app import served_openapi, valid_user_id
 from schemas.api import ErrorResponse, Health
 from schemas.export import JSON_DIR, render
 from schemas.openapi import (
+    CONVERSATION_PATH,
     EVENTS_PATH,
     EXPORT_PATH,
     RECOMMENDATIONS_PATH,
@@ -80,12 +81,15 @@ def test_served_document_is_the_contract_with_the_deployment_filled_in(tmp_path:
         USER_PATH,
         EXPORT_PATH,
         EVENTS_PATH,
+        CONVERSATION_PATH,
         "/healthz",
         "/openapi.json",
     }
-    # Erasure and export need the admin scope, events the events scope, with or without keys on
-    # the deployment.
+    # Erasure and export need the admin scope, events the events scope, a conversation turn the
+    # converse scope, with or without keys on the deployment.
     for doc in (committed, open_doc, keyed_doc):
+        turn = doc["paths"][CONVERSATION_PATH]["post"]
+        assert turn["security"] == [{"apiKey": ["converse"]}]
         assert doc["paths"][USER_PATH]["delete"]["security"] == [{"apiKey": ["admin"]}]
         assert doc["paths"][EXPORT_PATH]["get"]["security"] == [{"apiKey": ["admin"]}]
         post = doc["paths"][EVENTS_PATH]["post"]

@@ -1,0 +1,256 @@
+"""``POST /v1/users/{user_id}/conversation``: a refinement turn of the user's list.
+
+The route reads the user's session (Redis, ``schemas.conversation.session_key``), understands the
+message (:class:`inference.conversation.RuleParser`), folds it into the session's constraints,
+ranks every unseen catalog item with the served artifact for the user's stored history, keeps
+what meets the constraints (:func:`inference.conversation.refine`), explains each item
+(:func:`inference.reasons.occlusion_reasons`), and writes the session back with its TTL, its turns
+trimmed to the newest 1024 tokens. The regeneration service reads the same session, so the
+constraints keep steering the list the user's new events regenerate while the session lives.
+
+The models (the artifact, MiniLM, SmolLM2's tokenizer) load once when the app starts, in a
+thread; every turn's model work runs on one worker thread, never on the event loop. A message is
+kept nowhere but in the session, and logs carry neither it nor the user id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio
+from pydantic import ValidationError
+
+from consumers.regenerate import model_history
+from inference.conversation import (
+    CatalogAttributes,
+    Parsed,
+    RuleParser,
+    describe,
+    load_tokenizer,
+    merge,
+    refine,
+    trim_turns,
+)
+from inference.reasons import occlusion_reasons
+from recstream.keys import Keys
+from schemas import ModelRef
+from schemas.conversation import (
+    Constraints,
+    ConversationReply,
+    ConversationRequest,
+    ExplainedItem,
+    HistoryReason,
+    Session,
+    Turn,
+    session_key,
+)
+from streams.profile import read_profile_async
+
+__all__ = [
+    "MAX_CONVERSATION_BODY",
+    "ConversationEngine",
+    "Refusal",
+    "TurnRefused",
+    "load_attributes",
+    "parse_request",
+    "run_turn",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_CONVERSATION_BODY = 8 * 1024
+"""Largest body a turn may send (bytes): a message of at most 1000 characters and a session id."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A 4xx answer: status, code, message."""
+
+    status: int
+    code: str
+    message: str
+
+
+class TurnRefused(Exception):  # noqa: N818 - an answer to send, not a failure of the service
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+def parse_request(body: bytes) -> ConversationRequest:
+    """The turn a body asks for, or :class:`TurnRefused` (400) saying what is wrong, never echoing
+    the body."""
+    try:
+        request = ConversationRequest.model_validate_json(body)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()})
+        raise TurnRefused(
+            Refusal(400, "bad_request", f"invalid conversation request: {', '.join(fields)}"[:256])
+        ) from None
+    if any((ord(c) < 32 and c not in "\t\n\r") or 0x7F <= ord(c) <= 0x9F for c in request.message):
+        raise TurnRefused(
+            Refusal(400, "bad_message", "the message may not hold control characters")
+        )
+    if not request.message.strip():
+        raise TurnRefused(Refusal(400, "bad_message", "the message is empty"))
+    return request
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    session: Session
+    items: list[ExplainedItem]
+    reset: bool
+
+
+class ConversationEngine:
+    """The models a turn needs, loaded once; :meth:`turn` is the whole turn minus Redis."""
+
+    def __init__(
+        self,
+        recommender: Any,
+        attributes: CatalogAttributes,
+        parser: RuleParser,
+        tokenizer: Any,
+        vectors: Any,
+    ) -> None:
+        self.recommender = recommender
+        self.attributes = attributes
+        self.parser = parser
+        self.tokenizer = tokenizer
+        self._vectors = vectors  # ItemIndex: item ids -> unit MiniLM vectors
+        self.model = ModelRef(name=recommender.name, version=recommender.version)
+
+    @classmethod
+    def load(cls, folder: Path, attributes: CatalogAttributes) -> ConversationEngine:
+        """Verify and load the artifact and the packaged models (seconds; call it in a thread)."""
+        from inference.artifact import load_recommender, read_item_index
+        from inference.embeddings import default_encoder
+
+        recommender = load_recommender(folder)
+        index = read_item_index(folder)
+        # Only items the model ranks and the catalog describes can be refined into a list.
+        served = set(recommender.item_ids) & set(index.item_ids)
+        attributes = CatalogAttributes(
+            item for item_id, item in attributes.items.items() if item_id in served
+        )
+        parser = RuleParser(attributes, default_encoder(), index)
+        return cls(recommender, attributes, parser, load_tokenizer(), index)
+
+    def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._vectors.vectors(item_ids), dtype=np.float32)
+
+    def understand(self, message: str) -> Parsed:
+        return self.parser.parse(message)
+
+    def ranked(self, history: list[str]) -> list[tuple[str, float]]:
+        """Every unseen item the model ranks, best first."""
+        ranked: list[tuple[str, float]] = self.recommender.recommend(
+            [history], self.recommender.n_items
+        )[0]
+        return ranked
+
+    def turn(
+        self,
+        history: list[str],
+        previous: Session | None,
+        message: str,
+        k: int,
+        now: datetime,
+    ) -> TurnResult:
+        parsed = self.understand(message)
+        before = previous.constraints if previous is not None else Constraints()
+        constraints = merge(before, parsed)
+        listed = refine(self.ranked(history), constraints, self.attributes, k, self.vectors)
+        reasons = occlusion_reasons(self.recommender, history, [i for i, _ in listed])
+        items = [
+            ExplainedItem(
+                item_id=item,
+                score=score,
+                title=self.attributes.title(item),
+                because=[
+                    HistoryReason(item_id=h, title=self.attributes.title(h))
+                    for h in reasons.get(item, [])
+                ],
+                satisfies=describe(constraints, self.attributes, item),
+            )
+            for item, score in listed
+        ]
+        turns = [*(previous.turns if previous is not None else []), Turn(text=message)]
+        session = Session(
+            session_id=previous.session_id if previous is not None else secrets.token_hex(16),
+            turns=trim_turns(turns, self.tokenizer),
+            constraints=constraints,
+            updated_at=now,
+        )
+        return TurnResult(session, items, parsed.reset)
+
+
+async def load_attributes(client: redis.asyncio.Redis, keys: Keys) -> CatalogAttributes:
+    """The catalog ``catalog load`` stored (``catalog:items`` and each ``item:<id>`` hash)."""
+    reply = await client.smembers(keys.catalog())
+    members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+    pipe = client.pipeline(transaction=False)
+    for item_id in members:
+        pipe.hgetall(keys.item(item_id))
+    hashes = await pipe.execute()
+    return CatalogAttributes.from_hashes(dict(zip(members, hashes, strict=True)))
+
+
+async def run_turn(
+    engine: ConversationEngine,
+    executor: ThreadPoolExecutor,
+    client: redis.asyncio.Redis,
+    *,
+    keys: Keys,
+    user_id: str,
+    request: ConversationRequest,
+    k: int,
+    ttl_s: int,
+    variant: str,
+) -> ConversationReply:
+    """One turn on the store: read the session and profile, refine, write the session back."""
+    key = session_key(keys, user_id)
+    raw = await client.get(key)
+    previous: Session | None = None
+    if raw is not None:
+        try:
+            previous = Session.model_validate_json(raw)
+        except ValidationError:
+            log.warning("a stored conversation session did not parse; it is started over")
+    if request.session_id is not None and (
+        previous is None or previous.session_id != request.session_id
+    ):
+        raise TurnRefused(
+            Refusal(404, "unknown_session", "no such session (it expired or was never started)")
+        )
+    if request.session_id is None:
+        previous = None  # a turn without a session id starts a new one
+    profile = await read_profile_async(client, keys, user_id)
+    history = model_history(profile) if profile is not None else []
+    now = datetime.now(UTC)
+    result = await asyncio.get_running_loop().run_in_executor(
+        executor, engine.turn, history, previous, request.message, k, now
+    )
+    await client.set(key, result.session.model_dump_json(), ex=ttl_s)
+    return ConversationReply(
+        user_id=user_id,
+        items=result.items,
+        profile_version=profile.version if profile is not None else 0,
+        model=engine.model,
+        variant=variant,
+        generated_at=datetime.now(UTC),
+        trigger_ts=now,
+        session_id=result.session.session_id,
+        constraints=result.session.constraints,
+        reset=result.reset,
+    )
