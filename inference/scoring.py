@@ -17,6 +17,8 @@ import scipy.sparse as sp
 __all__ = [
     "CatalogScorer",
     "EaseScorer",
+    "ItemKNNScorer",
+    "PopularityScorer",
     "recency_weights",
     "top_k_unseen",
 ]
@@ -146,9 +148,13 @@ class EaseScorer:
             markov_last=markov_last,
         )
 
+    def _item_scores(self, w: sp.csr_matrix) -> np.ndarray:
+        """The EASE part before scaling: recency-weighted history times the item weights."""
+        return _dense(w @ self.weights)
+
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         w = recency_weights(histories, self.n_items, self.decay)
-        s = _dense(w @ self.weights)
+        s = self._item_scores(w)
         s /= np.maximum(np.abs(s).max(axis=1, keepdims=True), 1e-9)
         if self.beta > 0:
             m = recency_weights(histories, self.n_items, 0.5, last=self.markov_last)
@@ -156,3 +162,50 @@ class EaseScorer:
             t /= np.maximum(t.max(axis=1, keepdims=True), 1e-9)
             s += self.beta * t
         return s
+
+
+class ItemKNNScorer:
+    """Item-kNN: the recency-weighted history times a sparse neighbour table (rows = sources).
+
+    The lab's fitted ``ItemKNN`` writes the table (``itemknn.*`` CSR arrays); serving scores
+    from it with the same rule.
+    """
+
+    name = "itemknn"
+
+    def __init__(self, sim: sp.csr_matrix, *, decay: float) -> None:
+        self.sim = sim
+        self.n_items = int(sim.shape[0])
+        self.decay = decay
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], n_items: int, *, decay: float
+    ) -> ItemKNNScorer:
+        """The scorer of ``ItemKNN.to_arrays`` output; ``ValueError`` if the arrays disagree."""
+        try:
+            sim = sp.csr_matrix(
+                (arrays["itemknn.data"], arrays["itemknn.indices"], arrays["itemknn.indptr"]),
+                shape=(n_items, n_items),
+            )
+            sim.check_format(full_check=True)
+        except KeyError as exc:
+            raise ValueError(f"missing array {exc}") from exc
+        return cls(sim.astype(np.float32), decay=decay)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        w = recency_weights(histories, self.n_items, self.decay)
+        return _dense(w @ self.sim)
+
+
+class PopularityScorer:
+    """Training popularity as a catalog score (the same row for every history)."""
+
+    name = "pop"
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = np.asarray(counts, dtype=np.float32)
+        self.n_items = int(self.counts.shape[0])
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.tile(self.counts, (len(histories), 1))

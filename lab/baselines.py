@@ -20,15 +20,17 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from inference.popularity import Popularity
-from inference.scoring import EaseScorer, recency_weights, top_k_unseen
+from inference.scoring import EaseScorer, ItemKNNScorer, top_k_unseen
 from lab.protocol import Split, metrics_from_ranks, target_ranks
 
 __all__ = [
+    "DEFAULT_EASE_MAX_ITEMS",
     "EASE",
     "ItemKNN",
     "PopularityRanker",
@@ -37,6 +39,10 @@ __all__ = [
     "tune",
     "validation_ndcg",
 ]
+
+
+DEFAULT_EASE_MAX_ITEMS = 10_000  # items EASE solves for: a dense float32 inverse of this size
+TUNE_USERS = 5_000  # validation users that judge each grid point
 
 
 class Ranker(ABC):
@@ -97,107 +103,180 @@ class PopularityRanker(Ranker):
         return np.tile(self.counts, (len(histories), 1))
 
 
-class ItemKNN(Ranker):
-    """Recency-weighted item-kNN over cosine similarity of item columns."""
+class ItemKNN(ItemKNNScorer, Ranker):
+    """Recency-weighted item-kNN over cosine similarity of item columns, kept sparse.
+
+    The cosine matrix is built from the sparse co-occurrence counts (no items x items dense
+    array), and each source item keeps its ``k_neighbours`` most similar items. The unpruned
+    similarities are kept after the first fit on a split, so tuning ``k_neighbours`` re-prunes
+    instead of recomputing them. Scoring is the served
+    :class:`~inference.scoring.ItemKNNScorer`'s.
+    """
 
     name = "itemknn"
 
     def __init__(self, k_neighbours: int = 100, decay: float = 0.9) -> None:
         self.k_neighbours = k_neighbours
         self.decay = decay
+        self._full: sp.csr_matrix | None = None
+        self._full_of: Split | None = None
 
     def params(self) -> dict[str, float]:
         return {"k_neighbours": self.k_neighbours, "decay": self.decay}
 
     def fit(self, split: Split) -> ItemKNN:
         self.n_items = split.n_items
-        x = interaction_matrix(split)
-        co = (x.T @ x).toarray().astype(np.float32)
-        norms = np.sqrt(np.diag(co)).copy()
-        norms[norms == 0] = 1.0
-        sim = co / norms[:, None] / norms[None, :]
-        np.fill_diagonal(sim, 0.0)
-        if self.k_neighbours < self.n_items:
-            # Keep each item's k most similar neighbours (rows: source item).
-            cut = np.argpartition(-sim, self.k_neighbours - 1, axis=1)[:, self.k_neighbours :]
-            np.put_along_axis(sim, cut, 0.0, axis=1)
-        self.sim = sim
+        if self._full is None or self._full_of is not split:
+            self._full, self._full_of = cosine_similarity(interaction_matrix(split)), split
+        self.sim = top_k_per_row(self._full, self.k_neighbours)
         return self
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        w = recency_weights(histories, self.n_items, self.decay)
-        return np.asarray(w @ self.sim, dtype=np.float32)
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The neighbour table (CSR, rows = source items) for an artifact."""
+        sim = self.sim.astype(np.float32).tocsr()
+        sim.sort_indices()
+        return {
+            "itemknn.data": sim.data.astype(np.float32),
+            "itemknn.indices": sim.indices.astype(np.int32),
+            "itemknn.indptr": sim.indptr.astype(np.int64),
+        }
+
+
+def cosine_similarity(x: sp.csr_matrix) -> sp.csr_matrix:
+    """Cosine similarity of the item columns of ``x`` (sparse, diagonal removed)."""
+    co = (x.T @ x).tocsr().astype(np.float32)
+    norms = np.sqrt(co.diagonal()).astype(np.float32)
+    norms[norms == 0] = 1.0
+    inv = sp.diags(1.0 / norms)
+    sim = (inv @ co @ inv).tocsr()
+    sim.setdiag(0.0)
+    sim.eliminate_zeros()
+    return sim
+
+
+def top_k_per_row(mat: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Each row's ``k`` largest entries (ties broken by column), the rest dropped."""
+    mat = mat.tocsr()
+    counts = np.diff(mat.indptr)
+    if counts.size == 0 or counts.max() <= k:
+        return mat.copy()
+    rows = np.repeat(np.arange(mat.shape[0]), counts)
+    order = np.lexsort((mat.indices, -mat.data, rows))
+    rank = np.arange(mat.nnz) - np.repeat(mat.indptr[:-1], counts)
+    keep = order[rank < k]
+    out = sp.csr_matrix(
+        (mat.data[keep], (rows[keep], mat.indices[keep])), shape=mat.shape, dtype=mat.dtype
+    )
+    out.sort_indices()
+    return out
 
 
 class EASE(EaseScorer, Ranker):
     """EASE fitted in closed form on the training split, with its Markov transitions.
 
-    Scoring is the served :class:`~inference.scoring.EaseScorer`'s, on the dense weights.
+    The item-item weights are solved for the ``max_items`` most frequent training items only
+    (all of them when the catalog is smaller): the closed form inverts a dense matrix of that
+    size, which is what bounds memory and time on a large catalog; rarer items get no EASE
+    weight (their Markov term and the fused models still score them). The Gram matrix is built
+    once per split and each ``lam`` costs one Cholesky inverse (float32) of the bounded matrix.
+    Scoring is the served :class:`~inference.scoring.EaseScorer`'s.
     """
 
     name = "ease"
 
     def __init__(
-        self, lam: float = 200.0, decay: float = 1.0, beta: float = 0.0, markov_last: int = 3
+        self,
+        lam: float = 200.0,
+        decay: float = 1.0,
+        beta: float = 0.0,
+        markov_last: int = 3,
+        max_items: int = DEFAULT_EASE_MAX_ITEMS,
     ) -> None:
         self.lam = lam
         self.decay = decay
         self.beta = beta
         self.markov_last = markov_last
+        self.max_items = max_items
         self._gram: np.ndarray | None = None
+        self._gram_of: Split | None = None
 
     def params(self) -> dict[str, float]:
         return {"lam": self.lam, "decay": self.decay, "beta": self.beta}
 
     def fit(self, split: Split) -> EASE:
         self.n_items = split.n_items
-        if self._gram is None:
+        if self._gram is None or self._gram_of is not split:
             x = interaction_matrix(split)
-            self._gram = (x.T @ x).toarray().astype(np.float64)
-            trans = np.zeros((split.n_items, split.n_items), dtype=np.float32)
-            for seq in split.train:
-                if len(seq) > 1:
-                    np.add.at(trans, (seq[:-1], seq[1:]), 1.0)
-            rowsum = trans.sum(axis=1, keepdims=True)
-            rowsum[rowsum == 0] = 1.0
-            self.trans = trans / rowsum
+            counts = np.asarray(x.sum(axis=0)).ravel()
+            if self.max_items < split.n_items:
+                # Most frequent first, ties by index; kept in index order.
+                order = np.lexsort((np.arange(split.n_items), -counts))
+                self.kept = np.sort(order[: self.max_items])
+            else:
+                self.kept = np.arange(split.n_items)
+            sub = x[:, self.kept]
+            self._gram = np.asarray((sub.T @ sub).toarray(), dtype=np.float32)
+            self._gram_of = split
+            self.trans = transitions(split)
         self._solve()
         return self
 
     def _solve(self) -> None:
+        from scipy.linalg import lapack
+
         assert self._gram is not None
         g = self._gram.copy()
-        g[np.diag_indices_from(g)] += self.lam
-        p = np.linalg.inv(g)
+        g[np.diag_indices_from(g)] += np.float32(self.lam)
+        # G + lam*I is symmetric positive definite: a Cholesky inverse costs half an LU one.
+        chol, info = lapack.spotrf(g, lower=1, overwrite_a=1)
+        if info != 0:
+            raise ValueError(f"EASE: Cholesky failed ({info}); raise lam")
+        p, info = lapack.spotri(chol, lower=1, overwrite_c=1)
+        if info != 0:
+            raise ValueError(f"EASE: inverse failed ({info})")
+        p = np.tril(p) + np.tril(p, -1).T  # spotri fills the lower triangle only
         b = -p / np.diag(p)[None, :]
         np.fill_diagonal(b, 0.0)
-        self.weights = b.astype(np.float32)
+        self.block = b.astype(np.float32)
         self._solved_lam = self.lam
+
+    def _item_scores(self, w: sp.csr_matrix) -> np.ndarray:
+        if self._solved_lam != self.lam:
+            self._solve()
+        part = np.asarray(w[:, self.kept] @ self.block, dtype=np.float32)
+        if len(self.kept) == self.n_items:
+            return part
+        out = np.zeros((w.shape[0], self.n_items), dtype=np.float32)
+        out[:, self.kept] = part
+        return out
 
     def to_arrays(self, top_k: int) -> dict[str, np.ndarray]:
         """The fitted model as sparse arrays for an artifact.
 
-        ``ease.*``: the item-item weights in CSC layout, each column (target item) pruned to the
-        ``top_k`` source items of largest ``|w|``; ``top_k >= n_items`` keeps every non-zero
-        weight, so the scores are those of the dense model. ``markov.*``: the transition matrix
-        in CSR layout, exact.
+        ``ease.*``: the item-item weights in CSC layout over the whole catalog, each column
+        (target item) pruned to the ``top_k`` source items of largest ``|w|``; ``top_k`` at
+        least the number of solved items keeps every non-zero weight, so the scores are those of
+        the fitted model. ``markov.*``: the transition matrix in CSR layout, exact.
         """
         if self._solved_lam != self.lam:
             self._solve()
-        weights = np.asarray(self.weights, dtype=np.float32)
-        n = weights.shape[0]
-        if top_k < n:
-            keep = np.argpartition(-np.abs(weights), top_k - 1, axis=0)[:top_k]
-            cols = np.broadcast_to(np.arange(n), keep.shape)
-            vals = weights[keep, cols]
-            pruned = sp.csc_matrix(
-                (vals.ravel(), (keep.ravel(), cols.ravel())), shape=(n, n), dtype=np.float32
-            )
+        block = self.block
+        m = block.shape[0]
+        if top_k < m:
+            keep = np.argpartition(-np.abs(block), top_k - 1, axis=0)[:top_k]
+            cols = np.broadcast_to(np.arange(m), keep.shape)
+            vals = block[keep, cols]
+            rows_, cols_ = keep.ravel(), cols.ravel()
         else:
-            pruned = sp.csc_matrix(weights)
+            rows_, cols_ = np.nonzero(block)
+            vals = block[rows_, cols_]
+        n = self.n_items
+        pruned = sp.csc_matrix(
+            (np.ravel(vals), (self.kept[rows_], self.kept[cols_])), shape=(n, n), dtype=np.float32
+        )
         pruned.eliminate_zeros()
         pruned.sort_indices()
-        trans = sp.csr_matrix(np.asarray(self.trans, dtype=np.float32))
+        trans = sp.csr_matrix(self.trans, dtype=np.float32)
         trans.sort_indices()
         return {
             "ease.data": pruned.data.astype(np.float32),
@@ -208,15 +287,45 @@ class EASE(EaseScorer, Ranker):
             "markov.indptr": trans.indptr.astype(np.int64),
         }
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    @property
+    def weights(self) -> np.ndarray:
+        """The dense item-item weights over the whole catalog (small catalogs and tests)."""
         if self._solved_lam != self.lam:
             self._solve()
-        return super().score(histories)
+        out = np.zeros((self.n_items, self.n_items), dtype=np.float32)
+        out[np.ix_(self.kept, self.kept)] = self.block
+        return out
+
+    @weights.setter
+    def weights(self, value: Any) -> None:  # EaseScorer.__init__ is not used by the lab model
+        raise AttributeError("the fitted EASE's weights come from fit()")
 
 
-def validation_ndcg(model: Ranker, split: Split) -> float:
-    """NDCG@10 on the validation targets (the only number hyper-parameters may be tuned on)."""
+def transitions(split: Split) -> sp.csr_matrix:
+    """Row-normalised first-order transition frequencies of the training sequences (sparse)."""
+    src = np.concatenate([s[:-1] for s in split.train if len(s) > 1] or [np.empty(0, np.int64)])
+    dst = np.concatenate([s[1:] for s in split.train if len(s) > 1] or [np.empty(0, np.int64)])
+    n = split.n_items
+    counts = sp.csr_matrix(
+        (np.ones(len(src), dtype=np.float32), (src, dst)), shape=(n, n), dtype=np.float32
+    )
+    counts.sum_duplicates()
+    rowsum = np.asarray(counts.sum(axis=1)).ravel()
+    rowsum[rowsum == 0] = 1.0
+    out: sp.csr_matrix = sp.diags(1.0 / rowsum).astype(np.float32) @ counts
+    return out.tocsr()
+
+
+def validation_ndcg(model: Ranker, split: Split, max_users: int | None = None) -> float:
+    """NDCG@10 on the validation targets (the only number hyper-parameters may be tuned on).
+
+    ``max_users`` judges an evenly spaced sample of that many validation users (all of them
+    when there are fewer), which is what keeps tuning short on a large dataset.
+    """
     hist, targets = split.histories("valid"), split.targets("valid")
+    if max_users is not None and len(hist) > max_users:
+        rows = np.unique(np.linspace(0, len(hist) - 1, max_users).astype(np.int64))
+        hist, targets = [hist[r] for r in rows], targets[rows]
     parts = [
         target_ranks(model.score(hist[s : s + 512]), hist[s : s + 512], targets[s : s + 512])
         for s in range(0, len(hist), 512)
@@ -230,12 +339,24 @@ def tune(
     split: Split,
     grid: dict[str, Sequence[float]],
     say: Callable[[str], None] = lambda _: None,
+    *,
+    max_users: int | None = TUNE_USERS,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Grid-search ``grid`` (attribute -> values) on validation NDCG@10; leave the best set."""
+    """Grid-search ``grid`` (attribute -> values) on validation NDCG@10; leave the best set.
+
+    Work is shared across grid points: EASE's Gram matrix and item-kNN's similarities are built
+    once per split, EASE re-solves only when ``lam`` changes (put it first in ``grid``) and
+    item-kNN only re-prunes its neighbours. ``max_users`` caps the validation users each point
+    is judged on (see :func:`validation_ndcg`); the chosen set is what is returned.
+    """
+    from tqdm import tqdm
+
     best: tuple[float, dict[str, float]] = (-1.0, {})
     names = list(grid)
     fitted = False
-    for values in itertools.product(*(grid[n] for n in names)):
+    points = list(itertools.product(*(grid[n] for n in names)))
+    for values in tqdm(points, desc=f"tune {model.name}", disable=not progress, unit="point"):
         params = dict(zip(names, values, strict=True))
         for n, v in params.items():
             setattr(model, n, v)
@@ -243,7 +364,7 @@ def tune(
         if not fitted or "k_neighbours" in params:
             model.fit(split)
             fitted = True
-        ndcg = validation_ndcg(model, split)
+        ndcg = validation_ndcg(model, split, max_users)
         say(f"  {model.name} {params} valid ndcg@10={ndcg:.4f}")
         if ndcg > best[0]:
             best = (ndcg, params)

@@ -19,7 +19,7 @@ from inference.exceptions import InferenceError
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
-from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
+from lab.baselines import DEFAULT_EASE_MAX_ITEMS, EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
     METRIC_KEYS,
     Split,
@@ -79,15 +79,23 @@ def gen_preset(dataset: str) -> dict[str, Any]:
     return {**common, **presets.get(dataset, {})}
 
 
-def baseline(name: str, split: Split, say: Callable[[str], None] = print) -> Ranker:
-    """Fit a baseline, tuning its hyper-parameters on validation NDCG@10."""
+def baseline(
+    name: str,
+    split: Split,
+    say: Callable[[str], None] = print,
+    *,
+    ease_max_items: int = DEFAULT_EASE_MAX_ITEMS,
+    progress: bool = True,
+) -> Ranker:
+    """Fit a baseline, tuning its hyper-parameters on validation NDCG@10 (with a progress bar)."""
     if name == "pop":
         return PopularityRanker().fit(split)
-    model: Ranker = ItemKNN() if name == "itemknn" else EASE()
     if name not in GRIDS:
         raise InferenceError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    best = tune(model, split, GRIDS[name])
-    say(f"{name}: tuned on validation {best}")
+    model: Ranker = ItemKNN() if name == "itemknn" else EASE(max_items=ease_max_items)
+    started = time.perf_counter()
+    best = tune(model, split, GRIDS[name], progress=progress)
+    say(f"{name}: tuned on validation {best} in {time.perf_counter() - started:.0f}s")
     return model
 
 

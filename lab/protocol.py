@@ -168,18 +168,25 @@ def target_ranks(
     counts as a miss (rank = n_items).
     """
     scores = np.array(scores, dtype=np.float64, copy=True)
-    ranks = np.empty(len(targets), dtype=np.int64)
-    for row, (hist, target) in enumerate(zip(histories, targets, strict=True)):
-        s = scores[row]
-        seen = np.asarray(hist, dtype=np.int64)
-        if np.isin(target, seen):
-            ranks[row] = s.shape[0]
-            continue
-        s[seen] = -np.inf
-        t = s[target]
-        # Ties count against the target so a constant scorer cannot look good.
-        ranks[row] = int(np.count_nonzero(s > t) + np.count_nonzero(s == t) - 1)
-    return ranks
+    targets = np.asarray(targets, dtype=np.int64)
+    n_rows = len(targets)
+    if n_rows == 0:
+        return np.empty(0, dtype=np.int64)
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=n_rows)
+    rows = np.repeat(np.arange(n_rows), lengths)
+    cols = (
+        np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+        if lengths.sum()
+        else np.empty(0, dtype=np.int64)
+    )
+    seen_target = np.bincount(rows[cols == targets[rows]], minlength=n_rows) > 0
+    scores[rows, cols] = -np.inf
+    t = scores[np.arange(n_rows), targets][:, None]
+    # Ties count against the target so a constant scorer cannot look good.
+    ranks = np.count_nonzero(scores > t, axis=1) + np.count_nonzero(scores == t, axis=1) - 1
+    ranks[seen_target] = scores.shape[1]
+    out: np.ndarray = ranks.astype(np.int64)
+    return out
 
 
 def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
