@@ -93,6 +93,8 @@ IO_ERRORS = Counter(
 # Rounds in a row that may fail before the I/O thread gives up: one bad answer is contained,
 # an error that repeats every round would otherwise spin forever.
 _MAX_IO_FAILURES = 5
+# How long the I/O thread waits when nothing is due. Only a safety net: a submit wakes it at once.
+IDLE_ROUND_S = 0.5
 
 
 class PoolSaturatedError(InferenceError):
@@ -471,9 +473,13 @@ class WorkerPool:
                 by_handle[worker.process.sentinel] = worker
         for ready in wait(watched, timeout):
             if ready is self._wake_r:
-                self._woken = False
+                # Drain, then clear: a submit that still sees the flag set queued its request
+                # before this, so this round's dispatch takes it; one that sees it cleared sends
+                # a byte the next wait wakes on. (Clearing first would let a byte be drained
+                # with the flag left set, and later submits would wait for the idle round.)
                 while self._wake_r.poll():
                     self._wake_r.recv_bytes()
+                self._woken = False
                 continue
             worker = by_handle[ready]
             if not worker.alive:
@@ -514,7 +520,7 @@ class WorkerPool:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        horizon = now + 0.5
+        horizon = now + IDLE_ROUND_S
         with self._lock:
             if self._queue:
                 oldest = self._queue[0]

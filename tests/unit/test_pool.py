@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -179,3 +180,34 @@ def test_a_dead_io_thread_makes_the_pool_unhealthy_and_submit_raise() -> None:
             pool.submit(["i2"], k=3)
     finally:
         pool.close(timeout=5)
+
+
+def test_no_submit_waits_for_the_idle_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submits racing the I/O thread's wake-up never leave a request for its idle timeout.
+
+    With the idle round stretched to a minute, a lost wake-up shows as a request unanswered
+    within seconds; several threads submitting while answers return is where wake-ups race.
+    """
+    import inference.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "IDLE_ROUND_S", 60.0)
+    pool = _pool(PoolConfig(workers=1, max_batch_size=4, max_wait_ms=0, request_timeout_s=120))
+    failures: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            for i in range(300):
+                history = [f"i{(n + i) % 40}"]
+                assert pool.submit(history, k=2).result(timeout=10).items
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        pool.close()
+    assert not failures, f"{len(failures)} clients saw a stalled request: {failures[0]!r}"
