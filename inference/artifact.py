@@ -34,12 +34,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
-from inference.hybrid import mix
+from inference.hybrid import fuse
 from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
-from inference.scoring import EaseScorer, top_k_unseen
+from inference.scoring import (
+    CatalogScorer,
+    EaseScorer,
+    ItemKNNScorer,
+    PopularityScorer,
+    top_k_unseen,
+)
 from inference.settings import ArtifactTrust
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ TRAINING_FILE = "training.json"
 INDEX_DIR = "index"
 CF_FILE = "cf.safetensors"
 DEFAULT_CF_TOP_K = 256
+FUSED = ("gen", "ease", "itemknn", "pop")  # the parts a fusion may weight, in naming order
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,45 @@ def _load_cf(
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ArtifactError(f"{folder} has a malformed hybrid section or {CF_FILE}: {exc}") from exc
     return cf, alpha
+
+
+def _load_fusion(
+    verified: VerifiedArtifact, section: dict[str, Any], n_items: int, popularity: np.ndarray
+) -> tuple[dict[str, float], dict[str, CatalogScorer]]:
+    """The weights and CF scorers of a fusion artifact (the transformer is loaded apart)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        weights = {str(n): float(w) for n, w in section["fusion"].items()}
+        if set(weights) - set(FUSED) or any(not 0.0 <= w <= 1.0 for w in weights.values()):
+            raise ValueError(f"bad fusion weights {weights}")
+        if not any(w > 0.0 for w in weights.values()):
+            raise ValueError("no fusion weight is positive")
+        used = {n for n, w in weights.items() if w > 0.0}
+        arrays = load(verified.read(CF_FILE)) if used & {"ease", "itemknn"} else {}
+        parts: dict[str, CatalogScorer] = {}
+        if "ease" in used:
+            p = section["ease"]
+            parts["ease"] = EaseScorer.from_arrays(
+                arrays,
+                n_items,
+                lam=float(p["lam"]),
+                decay=float(p["decay"]),
+                beta=float(p["beta"]),
+                markov_last=int(p["markov_last"]),
+            )
+        if "itemknn" in used:
+            parts["itemknn"] = ItemKNNScorer.from_arrays(
+                arrays, n_items, decay=float(section["itemknn"]["decay"])
+            )
+        if "pop" in used:
+            parts["pop"] = PopularityScorer(popularity)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        raise ArtifactError(
+            f"{verified.folder} has a malformed fusion section or {CF_FILE}: {exc}"
+        ) from exc
+    return weights, parts
 
 
 def _load_weights(model: Any, verified: VerifiedArtifact) -> None:
@@ -235,12 +281,22 @@ class ArtifactRecommender:
         self.n_items = cfg.n_items
         self.cf: EaseScorer | None = None
         self.alpha = 1.0
+        # The served fusion: weights per part (the transformer alone by default).
+        self.weights: dict[str, float] = {"gen": 1.0}
+        self.parts: dict[str, CatalogScorer] = {}
         section = config.get("hybrid")
         if hybrid and section is not None:
             if not isinstance(section, dict):
                 raise ArtifactError(f"{folder} has a malformed hybrid section")
-            self.cf, self.alpha = _load_cf(verified, section, self.n_items)
-        self.name = "gen" if self.cf is None else "gen+ease"
+            if "fusion" in section:
+                self.weights, self.parts = _load_fusion(verified, section, self.n_items, popularity)
+                cf = self.parts.get("ease")
+                self.cf = cf if isinstance(cf, EaseScorer) else None
+            else:
+                self.cf, self.alpha = _load_cf(verified, section, self.n_items)
+                self.weights = {"ease": 1.0 - self.alpha, "gen": self.alpha}
+                self.parts = {"ease": self.cf}
+        self.name = "+".join(n for n in FUSED if self.weights.get(n, 0.0) > 0.0)
         self.retrieval = RetrievalConfig()
         self._retrieved: RetrievalBlend | None = None
         section = config.get("retrieval")
@@ -281,11 +337,15 @@ class ArtifactRecommender:
         return self.model_score(histories)
 
     def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """The model's catalog scores without retrieval: the hybrid's mix, or the transformer's."""
-        gen = self.scorer.score(histories)
-        if self.cf is None:
-            return gen
-        return mix(self.cf.score(histories), gen, self.alpha)
+        """The model's catalog scores without retrieval: the fusion's, or the transformer's."""
+        if self.weights == {"gen": 1.0}:
+            return self.scorer.score(histories)
+        parts = {
+            n: (self.scorer if n == "gen" else self.parts[n]).score(histories)
+            for n, w in self.weights.items()
+            if w > 0.0
+        }
+        return fuse(parts, self.weights)
 
     def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
         """Top ``k`` catalog items per history (oldest→newest ids), seen items excluded.

@@ -28,8 +28,8 @@ from inference.exceptions import ArtifactError
 from inference.integrity import signing_key, verify_manifest, write_manifest
 from inference.retrieval import RetrievalConfig
 from inference.settings import ArtifactSigning, ArtifactTrust
-from lab.baselines import EASE
-from lab.hybrid import Hybrid
+from lab.baselines import EASE, ItemKNN
+from lab.hybrid import Fusion, Hybrid
 from lab.protocol import Split
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def save_artifact(
     training_log: dict[str, Any],
     *,
     text_embeddings: np.ndarray | None = None,
-    hybrid: Hybrid | None = None,
+    hybrid: Hybrid | Fusion | None = None,
     cf_top_k: int = DEFAULT_CF_TOP_K,
     retrieval: RetrievalConfig | None = None,
     key: Ed25519PrivateKey | None = None,
@@ -53,12 +53,15 @@ def save_artifact(
     """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
 
     ``hybrid`` (fitted, its ``cf`` an :class:`~lab.baselines.EASE` on the same split) adds
-    ``cf.safetensors`` and the config's ``"hybrid"`` section. ``retrieval`` (fitted by
-    :func:`lab.hybrid.fit_retrieval`; needs ``text_embeddings`` for the index it searches) adds
-    the config's ``"retrieval"`` section, which serving reads. The manifest is signed with
-    ``key``, by default the signing key of the environment (``RECSTREAM_ARTIFACT_SIGNING_KEY``
-    or ``..._FILE``); with none configured the artifact is unsigned, and services refuse it
-    unless they allow unsigned artifacts.
+    ``cf.safetensors`` and the config's ``"hybrid"`` section. A fitted :class:`~lab.hybrid.Fusion`
+    (the transformer, EASE, item-kNN, popularity) writes the arrays of each CF component of
+    non-zero weight to ``cf.safetensors`` and a ``"hybrid"`` section with ``"fusion"`` (the
+    weights), each component's parameters, validation NDCG@10 and the weight search's trace.
+    ``retrieval`` (fitted by :func:`lab.hybrid.fit_retrieval`; needs ``text_embeddings`` for the
+    index it searches) adds the config's ``"retrieval"`` section, which serving reads. The
+    manifest is signed with ``key``, by default the signing key of the environment
+    (``RECSTREAM_ARTIFACT_SIGNING_KEY`` or ``..._FILE``); with none configured the artifact is
+    unsigned, and services refuse it unless they allow unsigned artifacts.
     """
     if key is None:
         key = signing_key(ArtifactSigning())
@@ -79,7 +82,10 @@ def save_artifact(
         "dataset": split.dataset,
         "gen": model.cfg.to_json(),
     }
-    if hybrid is not None:
+    if isinstance(hybrid, Fusion):
+        config["model"] = hybrid.name
+        config["hybrid"] = _save_fusion(folder, hybrid, split, cf_top_k)
+    elif hybrid is not None:
         config["model"] = "gen+ease"
         config["hybrid"] = _save_cf(folder, hybrid, split, cf_top_k)
     if retrieval is not None:
@@ -149,3 +155,42 @@ def _save_cf(folder: Path, hybrid: Hybrid, split: Split, top_k: int) -> dict[str
             "hybrid": valid.get(hybrid.alpha),
         },
     }
+
+
+def _save_fusion(folder: Path, fusion: Fusion, split: Split, top_k: int) -> dict[str, Any]:
+    """Write the fusion's CF arrays to ``cf.safetensors``; return the config's ``"hybrid"``."""
+    from safetensors.numpy import save_file
+
+    if fusion.n_items != split.n_items:
+        raise ArtifactError("the fusion was not fitted on this split's catalog")
+    if top_k < 1:
+        raise ArtifactError(f"cf top_k must be at least 1, not {top_k}")
+    used = {n for n, w in fusion.weights.items() if w > 0.0}
+    arrays: dict[str, np.ndarray] = {}
+    section: dict[str, Any] = {"fusion": {n: float(w) for n, w in fusion.weights.items()}}
+    if "ease" in used:
+        ease = fusion.components["ease"]
+        if not isinstance(ease, EASE):
+            raise ArtifactError(f"the fusion's ease must be EASE, not {type(ease).__name__}")
+        arrays.update(ease.to_arrays(top_k))
+        section["ease"] = {
+            "lam": float(ease.lam),
+            "decay": float(ease.decay),
+            "beta": float(ease.beta),
+            "markov_last": int(ease.markov_last),
+            "max_items": int(ease.max_items),
+        }
+        section["top_k"] = int(top_k)
+    if "itemknn" in used:
+        knn = fusion.components["itemknn"]
+        if not isinstance(knn, ItemKNN):
+            raise ArtifactError(f"the fusion's itemknn must be ItemKNN, not {type(knn).__name__}")
+        arrays.update(knn.to_arrays())
+        section["itemknn"] = {"k_neighbours": int(knn.k_neighbours), "decay": float(knn.decay)}
+    if arrays:
+        save_file(arrays, str(folder / CF_FILE), metadata={"layout": "ease=csc,itemknn=csr"})
+    summary = fusion.summary()
+    section["valid_ndcg@10"] = summary["valid_ndcg@10"]
+    section["fit_users"] = summary["fit_users"]
+    section["search"] = summary["trace"]
+    return section

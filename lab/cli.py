@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from inference.postprocess import PostConfig
+from lab.baselines import DEFAULT_EASE_MAX_ITEMS
 from lab.datasets import NAMED as _NAMED
 from lab.settings import FetchSettings
 from recstream.options import given, settings_options
@@ -125,8 +126,17 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     "--hybrid/--no-hybrid",
     default=True,
     show_default=True,
-    help="Also fit EASE (tuned on validation) and the gen+ease mixing weight, and store both "
-    "so the artifact serves the hybrid.",
+    help="Also fit EASE, item-kNN and popularity (tuned on validation) and the weights that fuse "
+    "them with the transformer (chosen on validation; a single model when fusing does not help), "
+    "and store them so the artifact serves the fusion.",
+)
+@click.option(
+    "--ease-max-items",
+    type=click.IntRange(min=1),
+    default=DEFAULT_EASE_MAX_ITEMS,
+    show_default=True,
+    help="EASE is solved for this many most frequent items (a dense inverse of this size); "
+    "rarer items are left to item-kNN, the transformer and EASE's Markov term.",
 )
 @click.option(
     "--cf-top-k",
@@ -164,6 +174,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     text_init: bool | None,
     with_index: bool,
     hybrid: bool,
+    ease_max_items: int,
     cf_top_k: int,
     signing_key_file: Path | None,
     threads: int,
@@ -173,10 +184,11 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
 
     Uses the training part of the leave-one-out split, early-stops on validation NDCG@10, and
     writes config, weights (safetensors), item vocabulary, FAISS index and a SHA-256 manifest.
-    With --hybrid (default) it then fits EASE on the same training data, picks the gen+ease
-    mixing weight on validation and stores the pruned EASE model, so the artifact serves gen+ease.
-    With the index too, it fits the cold-start retrieval (weight and history threshold) on
-    validation prefixes and stores it for serving.
+    With --hybrid (default) it then fits EASE, item-kNN and popularity on the same training data,
+    chooses the weights that fuse them with the transformer on validation and stores the CF parts
+    of non-zero weight (EASE pruned), so the artifact serves the fusion. With the index too, it fits
+    the cold-start retrieval (weight and history threshold) on validation prefixes and stores it.
+    A dataset without item text trains without text initialisation and without the index.
     """
     chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
     key = _signing_key(signing_key_file)  # and so does a bad key
@@ -200,7 +212,14 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         patience=patience,
         text_init=text_init,
     )
-    cfg = GenConfig(seed=seed, **{**gen_preset(split.dataset), **chosen, **overrides})
+    preset = gen_preset(split.dataset)
+    if not _has_text(split):
+        # Ids are all there is to embed: text vectors would be noise.
+        preset["text_init"] = False
+        if with_index:
+            click.echo(f"{split.dataset}: no item text; no text initialisation, no index")
+        with_index = False
+    cfg = GenConfig(seed=seed, **{**preset, **chosen, **overrides})
     text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
     model, log = train_gen(
         split,
@@ -211,9 +230,9 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         say=click.echo,
     )
     log["dataset"] = split.dataset
-    mixed = _fit_hybrid(split, model, cfg) if hybrid else None
+    mixed = _fit_fusion(split, model, cfg, ease_max_items) if hybrid else None
     if mixed is not None:
-        log["hybrid_valid_ndcg@10"] = {str(a): v for a, v in mixed.valid_ndcg.items()}
+        log["fusion"] = mixed.summary()
     retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
     version = save_artifact(
         out,
@@ -238,10 +257,12 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         f"{log['best_epoch']} ({log['train_seconds']:.0f}s) -> {out}"
     )
     if mixed is not None:
+        singles = ", ".join(f"{n} {v:.4f}" for n, v in mixed.valid_ndcg.items() if n != "fused")
+        weights = ", ".join(f"{n} {w:.3f}" for n, w in mixed.weights.items() if w > 0)
         click.echo(
-            f"gen+ease: alpha {mixed.alpha}, valid ndcg@10 {mixed.valid_ndcg[mixed.alpha]:.4f} "
-            f"(gen {mixed.valid_ndcg[1.0]:.4f}, ease {mixed.valid_ndcg[0.0]:.4f}); "
-            f"EASE pruned to {cf_top_k} weights per item"
+            f"served {mixed.name}: weights {weights}; valid ndcg@10 "
+            f"{mixed.valid_ndcg['fused']:.4f} (alone: {singles}); EASE pruned to {cf_top_k} "
+            "weights per item"
         )
 
 
@@ -260,19 +281,27 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
     return chosen
 
 
-def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
-    """EASE tuned on validation, then the gen+ease mixing weight picked on validation."""
+def _has_text(split: Any) -> bool:
+    """Whether any item has a title of its own (a generic dataset may have none)."""
+    return any(item.title and item.title != item.item_id for item in split.items.values())
+
+
+def _fit_fusion(split: Any, model: Any, cfg: Any, ease_max_items: int) -> Any:
+    """EASE, item-kNN and popularity tuned on validation, then fused with the transformer."""
     import time
 
     from inference.generative import GenScorer
     from lab.evaluate import baseline
-    from lab.hybrid import Hybrid
+    from lab.hybrid import Fusion
 
     started = time.perf_counter()
-    ease = baseline("ease", split, say=click.echo)
-    hybrid = Hybrid(ease, GenScorer(model, cfg)).fit(split)
-    click.echo(f"gen+ease fitted in {time.perf_counter() - started:.0f}s")
-    return hybrid
+    parts = {
+        name: baseline(name, split, say=click.echo, ease_max_items=ease_max_items)
+        for name in ("ease", "itemknn", "pop")
+    }
+    fusion = Fusion({"gen": GenScorer(model, cfg), **parts}).fit(split)
+    click.echo(f"fusion fitted in {time.perf_counter() - started:.0f}s")
+    return fusion
 
 
 @click.command("eval")
@@ -281,7 +310,8 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     "--models",
     default="pop,itemknn,ease,gen,gen+ease,gen+rerank",
     show_default=True,
-    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), gen+ease+post "
+    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), fused (the served "
+    "fusion of gen, EASE, item-kNN and popularity, weights chosen on validation), gen+ease+post "
     "(the hybrid with the served cosine floor / MMR), gen+rerank.",
 )
 @click.option(
@@ -367,6 +397,13 @@ def _fit_hybrid(split: Any, model: Any, cfg: Any) -> Any:
     show_default=True,
     help="Cold start, with --retrieval-weight: retrieval serves histories shorter than this.",
 )
+@click.option(
+    "--ease-max-items",
+    type=click.IntRange(min=1),
+    default=DEFAULT_EASE_MAX_ITEMS,
+    show_default=True,
+    help="EASE is solved for this many most frequent items.",
+)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 def eval_cmd(  # noqa: PLR0917 (click passes every option)
     dataset: str,
@@ -383,6 +420,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     cold_start: str | None,
     retrieval_weight: float | None,
     retrieval_below: int,
+    ease_max_items: int,
     threads: int,
 ) -> None:
     """Evaluate models on DATASET's test split: table, JSON report and PNG plot.
@@ -393,7 +431,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     prefixes = _prefixes(cold_start)
     _threads(threads)
     from inference.retrieval import RetrievalConfig
-    from lab.evaluate import cold_start_table, plot_report, run_eval, table
+    from lab.evaluate import COMPARED, cold_start_table, plot_report, run_eval, table
 
     split = _split(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -412,6 +450,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         retrieval=None
         if retrieval_weight is None
         else RetrievalConfig(weight=retrieval_weight, max_history=retrieval_below),
+        ease_max_items=ease_max_items,
         say=click.echo,
     )
     click.echo(table(report))
@@ -420,13 +459,19 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         f"dataset {meta['dataset']}: {meta['users']} users, {meta['items']} items; "
         f"out-of-catalog recommendations: {meta['out_of_catalog_total']}"
     )
-    for name in ("gen", "gen+ease", "gen+ease+post", "gen+rerank"):
+    for name in COMPARED:
         if name in report and "vs_best_baseline" in report[name]:
             v = report[name]["vs_best_baseline"]
             click.echo(
                 f"{name} vs {v['baseline']}: NDCG@10 {v['ndcg_gain_pct']:+.1f}%, "
                 f"Wilcoxon p={v['wilcoxon_p']:.3g}, paired t p={v['paired_t_p']:.3g}"
             )
+    if "vs_best_single" in report.get("fused", {}):
+        v = report["fused"]["vs_best_single"]
+        click.echo(
+            f"fused vs {v['model']} (best single model on test): NDCG@10 "
+            f"{v['ndcg_gain_pct']:+.1f}%, Wilcoxon p={v['wilcoxon_p']:.3g}"
+        )
     if "_cold_start" in report:
         click.echo("cold start (test targets; history = first N training items):")
         click.echo(cold_start_table(report["_cold_start"]))

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 BASELINES = ("pop", "itemknn", "ease")
-MODELS = (*BASELINES, "gen", "gen+ease", "gen+ease+post", "gen+rerank")
+MODELS = (*BASELINES, "gen", "gen+ease", "fused", "gen+ease+post", "gen+rerank")
+COMPARED = ("gen", "gen+ease", "fused", "gen+ease+post", "gen+rerank")  # vs the best baseline
 LATENCY_USERS = 200
 RETRIEVED = "gen+ease+retrieval"  # the cold-start protocol's name for gen+ease with retrieval
 
@@ -222,7 +223,16 @@ def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged["seen_returned"] = int(sum(r["seen_returned"] for r in runs))
     merged["seeds"] = len(runs)
     merged["ndcg@10_std"] = float(np.std([r["ndcg@10"] for r in runs]))
-    kept = ("seed", "hr@10", "ndcg@10", "ndcg@10_fp32", "fusion_weight", "alpha")
+    kept = (
+        "seed",
+        "hr@10",
+        "ndcg@10",
+        "ndcg@10_fp32",
+        "fusion_weight",
+        "alpha",
+        "weights",
+        "valid_ndcg@10",
+    )
     merged["per_seed"] = [{k: r[k] for k in kept if k in r} for r in runs]
     return merged
 
@@ -278,9 +288,13 @@ def run_eval(
     post: PostConfig | None = None,
     cold_start_prefixes: Sequence[int] = (),
     retrieval: RetrievalConfig | None = None,
+    ease_max_items: int = DEFAULT_EASE_MAX_ITEMS,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the test split; see the module docstring.
+
+    ``fused`` is the served model: the transformer, EASE, item-kNN and popularity fused with
+    weights chosen on validation (:class:`lab.hybrid.Fusion`), per seed.
 
     ``cold_start_prefixes`` adds the cold-start protocol (:func:`cold_start`) for gen+ease with
     and without retrieval (its weight and threshold fitted on validation per seed, or
@@ -293,11 +307,13 @@ def run_eval(
     per_user: dict[str, np.ndarray] = {}
     fitted: dict[str, Ranker] = {}
     for name in (m for m in models if m in BASELINES):
-        model = fitted[name] = baseline(name, split, say)
+        model = fitted[name] = baseline(name, split, say, ease_max_items=ease_max_items)
         report[name], per_user[name] = evaluate(model, split)
         say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
     gens = []
-    if {"gen", "gen+ease", "gen+ease+post", "gen+rerank"} & set(models) or cold_start_prefixes:
+    if {"gen", "gen+ease", "fused", "gen+ease+post", "gen+rerank"} & set(models) or (
+        cold_start_prefixes
+    ):
         gens = list(
             _gen_models(
                 split,
@@ -325,10 +341,22 @@ def run_eval(
         report["gen"] = mean_over_seeds(runs)
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
+    if "fused" in models:
+        from lab.hybrid import Fusion
+
+        parts = {
+            name: fitted.get(name) or baseline(name, split, say, ease_max_items=ease_max_items)
+            for name in ("ease", "itemknn", "pop")
+        }
+        fusions = []
+        for seed, rec, _ in gens:
+            fusion = Fusion({"gen": rec, **parts}).fit(split)
+            fusions.append((seed, fusion, {"weights": fusion.weights, **_fusion_valid(fusion)}))
+        report["fused"], per_user["fused"] = _seed_rows("fused", fusions, split, say)
     if {"gen+ease", "gen+ease+post"} & set(models) or cold_start_prefixes:
         from lab.hybrid import Hybrid
 
-        ease = fitted.get("ease") or baseline("ease", split, say)
+        ease = fitted.get("ease") or baseline("ease", split, say, ease_max_items=ease_max_items)
         hybrids = [(seed, Hybrid(ease, rec).fit(split)) for seed, rec, _ in gens]
         if "gen+ease" in models:
             alphas = [(seed, h, {"alpha": float(h.alpha)}) for seed, h in hybrids]
@@ -393,13 +421,22 @@ def run_eval(
     if present:
         best = max(present, key=lambda b: report[b]["ndcg@10"])
         meta["best_baseline"] = best
-        for name in ("gen", "gen+ease", "gen+ease+post", "gen+rerank"):
+        for name in COMPARED:
             if name in report:
                 ours = per_user[name]
                 theirs = per_user[best][: len(ours)]  # same users, same order
                 sig = significance(ours, theirs)
                 sig["ndcg_gain_pct"] = 100.0 * (float(ours.mean()) / float(theirs.mean()) - 1.0)
                 report[name]["vs_best_baseline"] = {"baseline": best, **sig}
+    singles = [m for m in (*BASELINES, "gen") if m in report]
+    if "fused" in report and singles:
+        # The strictest comparison: the single model that did best on the test split itself.
+        top = max(singles, key=lambda m: report[m]["ndcg@10"])
+        sig = significance(per_user["fused"], per_user[top])
+        sig["ndcg_gain_pct"] = 100.0 * (
+            float(per_user["fused"].mean()) / max(float(per_user[top].mean()), 1e-12) - 1.0
+        )
+        report["fused"]["vs_best_single"] = {"model": top, **sig}
     report["_meta"] = meta
     return report
 
@@ -472,6 +509,11 @@ def cold_start_table(section: dict[str, Any]) -> str:
             f"{base['hr@10']:>13.4f}{ours['hr@10']:>10.4f}"
         )
     return "\n".join(lines)
+
+
+def _fusion_valid(fusion: Any) -> dict[str, Any]:
+    """The fusion's validation NDCG@10 (each part alone and fused) for the report."""
+    return {"valid_ndcg@10": dict(fusion.valid_ndcg), "fit_users": fusion.fit_users}
 
 
 def _seed_rows(

@@ -10,20 +10,33 @@ the grid, so the hybrid falls back to a single component when mixing does not he
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from inference.hybrid import blend, mix
+from inference.hybrid import blend, fuse, mix, standardise
 from inference.retrieval import RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer
 from lab.baselines import Ranker
 from lab.protocol import Split, metrics_from_ranks, target_ranks
 
-__all__ = ["ALPHAS", "FIT_PREFIXES", "RETRIEVAL_WEIGHTS", "Hybrid", "fit_retrieval"]
+__all__ = [
+    "ALPHAS",
+    "COMPONENTS",
+    "FIT_PREFIXES",
+    "FUSION_STEPS",
+    "RETRIEVAL_WEIGHTS",
+    "Fusion",
+    "Hybrid",
+    "fit_retrieval",
+]
 
 ALPHAS = tuple(round(a, 1) for a in np.linspace(0.0, 1.0, 11))
 RETRIEVAL_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 FIT_PREFIXES = (1, 2, 3, 4, 5)  # retrieval's threshold is one past the longest prefix it serves
+COMPONENTS = ("gen", "ease", "itemknn", "pop")  # the fusion's parts, in the order they are named
+FUSION_STEPS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # weights tried per part, the best single at 1
+FUSION_CELLS = 40_000_000  # validation users x items the fusion fit holds per component
 
 
 class Hybrid(Ranker):
@@ -88,3 +101,133 @@ def fit_retrieval(
                 best, best_gain = RetrievalConfig(weight=float(w), max_history=n + 1), gain
     record = {f"prefix{n}_w{w}": v for (n, w), v in sorted(ndcg.items())}
     return RetrievalConfig(best.weight, best.max_history, valid_ndcg=record)
+
+
+class Fusion(Ranker):
+    """The served model: per-user standardised scores of several components, weighted.
+
+    ``components`` maps names (:data:`COMPONENTS`: the transformer, EASE, item-kNN, popularity)
+    to fitted scorers of one catalog. :meth:`fit` chooses the weights on validation NDCG@10:
+    every component alone first, then, from the best of them, coordinate ascent over
+    :data:`FUSION_STEPS` for each weight in turn, a move kept only when it gains at least
+    ``min_gain``. The single models are candidates, so the fitted fusion's validation NDCG@10 is
+    at least the best single model's (on the validation users it was fitted on). ``trace``
+    records every weight set tried, in order.
+    """
+
+    def __init__(
+        self, components: dict[str, CatalogScorer], weights: dict[str, float] | None = None
+    ) -> None:
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown component(s) {sorted(unknown)}")
+        sizes = {c.n_items for c in components.values() if c.n_items}
+        if len(sizes) > 1:
+            raise ValueError("all components must score the same catalog")
+        self.components = {n: components[n] for n in COMPONENTS if n in components}
+        self.n_items = sizes.pop() if sizes else 0
+        self.weights = dict(weights) if weights else {next(iter(self.components)): 1.0}
+        self.name = self._named()
+        self.valid_ndcg: dict[str, float] = {}
+        self.trace: list[dict[str, Any]] = []
+        self.fit_users = 0
+
+    def _named(self) -> str:
+        """The parts of non-zero weight, joined by ``+`` (the served model's name)."""
+        return "+".join(n for n in COMPONENTS if self.weights.get(n, 0.0) > 0.0)
+
+    def fit(
+        self,
+        split: Split,
+        *,
+        min_gain: float = 1e-4,
+        rounds: int = 3,
+        max_cells: int = FUSION_CELLS,
+    ) -> Fusion:
+        """Choose the weights on validation NDCG@10 (see the class docstring)."""
+        hist, targets = split.histories("valid"), split.targets("valid")
+        cap = max(200, max_cells // max(self.n_items, 1))
+        if len(hist) > cap:
+            rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
+            hist, targets = [hist[r] for r in rows], targets[rows]
+        self.fit_users = len(hist)
+        z = {
+            name: np.concatenate(
+                [
+                    standardise(np.asarray(c.score(hist[s : s + 256]), dtype=np.float32))
+                    for s in range(0, len(hist), 256)
+                ]
+            )
+            for name, c in self.components.items()
+        }
+        lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+        seen = (np.repeat(np.arange(len(hist)), lengths), np.concatenate(hist).astype(np.int64))
+        names = list(self.components)
+
+        def judge(weights: dict[str, float]) -> float:
+            fused = np.zeros_like(z[names[0]])
+            for n, w in weights.items():
+                if w:
+                    fused += np.float32(w) * z[n]
+            ranks = _masked_ranks(fused, seen, targets)
+            ndcg = float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+            self.trace.append({"weights": dict(weights), "valid_ndcg@10": ndcg})
+            return ndcg
+
+        self.trace = []
+        self.valid_ndcg = {n: judge({n: 1.0}) for n in names}
+        first = max(names, key=lambda n: self.valid_ndcg[n])
+        weights = {n: 1.0 if n == first else 0.0 for n in names}
+        best = self.valid_ndcg[first]
+        for _ in range(rounds):
+            moved = False
+            for n in names:
+                for step in FUSION_STEPS:
+                    if step == weights[n]:
+                        continue
+                    trial = {**weights, n: step}
+                    if not any(trial.values()):
+                        continue
+                    ndcg = judge(trial)
+                    if ndcg > best + min_gain:
+                        weights, best, moved = trial, ndcg, True
+            if not moved:
+                break
+        total = sum(weights.values())
+        self.weights = {n: w / total for n, w in weights.items()}
+        self.name = self._named()
+        self.valid_ndcg["fused"] = best
+        return self
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        parts = {
+            n: self.components[n].score(histories)
+            for n, w in self.weights.items()
+            if w > 0.0 and n in self.components
+        }
+        return fuse(parts, self.weights)
+
+    def summary(self) -> dict[str, Any]:
+        """What the fit chose and saw: the weights, validation NDCG@10 and the search trace."""
+        return {
+            "weights": {n: float(w) for n, w in self.weights.items()},
+            "valid_ndcg@10": dict(self.valid_ndcg),
+            "fit_users": self.fit_users,
+            "trace": list(self.trace),
+        }
+
+
+def _masked_ranks(
+    scores: np.ndarray, seen: tuple[np.ndarray, np.ndarray], targets: np.ndarray
+) -> np.ndarray:
+    """:func:`lab.protocol.target_ranks` on an in-place copy, with the seen cells given."""
+    scores = scores.copy()
+    rows = np.arange(len(targets))
+    seen_target = np.zeros(len(targets), dtype=bool)
+    seen_target[seen[0][seen[1] == targets[seen[0]]]] = True
+    scores[seen] = -np.inf
+    t = scores[rows, targets][:, None]
+    ranks = np.count_nonzero(scores > t, axis=1) + np.count_nonzero(scores == t, axis=1) - 1
+    ranks[seen_target] = scores.shape[1]
+    out: np.ndarray = ranks
+    return out

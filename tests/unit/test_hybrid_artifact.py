@@ -231,11 +231,18 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
     config = json.loads((out / "config.json").read_text())
     rec = load_recommender(out, device="cpu")
     if hybrid:
-        assert config["hybrid"]["top_k"] == 5
-        assert 0.0 <= config["hybrid"]["alpha"] <= 1.0
-        assert rec.name == "gen+ease"
-        assert rec.cf is not None
-        assert np.diff(rec.cf.weights.tocsc().indptr).max() <= 5
+        # The served fusion: weights chosen on validation, at least the best single model there.
+        weights = config["hybrid"]["fusion"]
+        assert all(0.0 <= w <= 1.0 for w in weights.values())
+        assert sum(weights.values()) == pytest.approx(1.0)
+        valid = config["hybrid"]["valid_ndcg@10"]
+        assert valid["fused"] >= max(valid[n] for n in ("gen", "ease", "itemknn", "pop"))
+        assert rec.name == config["model"]
+        assert rec.name == "+".join(n for n in ("gen", "ease", "itemknn", "pop") if weights[n])
+        if weights["ease"]:
+            assert config["hybrid"]["top_k"] == 5
+            assert rec.cf is not None
+            assert np.diff(rec.cf.weights.tocsc().indptr).max() <= 5
     else:
         assert "hybrid" not in config
         assert rec.name == "gen"
