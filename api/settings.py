@@ -69,7 +69,7 @@ class ApiSettings(CommonSettings):
     )
     api_conversation_ttl_s: int = Field(
         1800,
-        ge=10,
+        ge=1,
         le=7 * 24 * 3600,
         description="How long a conversation session lives after its last turn (seconds).",
     )

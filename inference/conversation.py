@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from inference.index import ItemIndex
 
 __all__ = [
+    "LIKE_WEIGHT",
     "TOKEN_BUDGET",
     "CatalogAttributes",
     "Parsed",
@@ -253,10 +254,12 @@ def describe(constraints: Constraints, attributes: CatalogAttributes, item_id: s
 _GENRE_WORDS: dict[str, tuple[str, ...]] = {
     "action": ("action", "action packed", "explosions", "explosive", "shoot em up", "martial arts"),
     "adventure": ("adventure", "adventures", "adventurous", "quest", "swashbuckling"),
-    "animation": ("animation", "animated", "cartoon", "cartoons", "anime"),
+    "animation": ("animation", "animated", "cartoon", "cartoons", "anime", "toon", "toons"),
     "childrens": (
         "kids",
         "kid",
+        "kiddy",
+        "kiddie",
         "children",
         "childrens",
         "child",
@@ -285,7 +288,19 @@ _GENRE_WORDS: dict[str, tuple[str, ...]] = {
         "goofy",
         "witty",
     ),
-    "crime": ("crime", "crimes", "heist", "heists", "gangster", "gangsters", "mafia", "mob"),
+    "crime": (
+        "crime",
+        "crimes",
+        "heist",
+        "heists",
+        "gangster",
+        "gangsters",
+        "mafia",
+        "mob",
+        "cop",
+        "cops",
+        "police",
+    ),
     "documentary": (
         "documentary",
         "documentaries",
@@ -295,7 +310,16 @@ _GENRE_WORDS: dict[str, tuple[str, ...]] = {
         "nonfiction",
         "non fiction",
     ),
-    "drama": ("drama", "dramas", "dramatic", "tearjerker", "tear jerker", "serious"),
+    "drama": (
+        "drama",
+        "dramas",
+        "dramatic",
+        "tearjerker",
+        "tear jerker",
+        "serious",
+        "make me cry",
+        "cry",
+    ),
     "fantasy": ("fantasy", "fantasies", "magic", "magical", "wizards", "dragons", "fairy tale"),
     "filmnoir": ("noir", "film noir", "noirs"),
     "horror": (
@@ -310,8 +334,13 @@ _GENRE_WORDS: dict[str, tuple[str, ...]] = {
         "slasher",
         "slashers",
         "creepy",
-        "gory",
-        "gore",
+        "scare",
+        "scares",
+        "terrified",
+        "spine chilling",
+        "chilling",
+        "ghost",
+        "ghosts",
         "monster",
         "monsters",
         "zombie",
@@ -431,16 +460,30 @@ _BEFORE = re.compile(
     rf"\b(?:before|pre|prior to|older than|earlier than|up to|until|no later than)\s+{_YEAR}\b"
 )
 _AFTER = re.compile(
-    rf"\b(?:after|post|newer than|later than|since|from|no earlier than|starting)\s+{_YEAR}\b"
+    rf"\b(?:after|post|newer than|later than|since|no earlier than|starting|not older than)\s+"
+    rf"{_YEAR}\b|\b{_YEAR}\s+(?:or|and)\s+(?:later|after|newer|since)\b|\bfrom\s+{_YEAR}\s+on"
 )
-_IN_YEAR = re.compile(rf"\b(?:in|of|year|released in|came out in|made in)\s+{_YEAR}\b")
+_NOT_AFTER = re.compile(
+    rf"\b(?:nothing|no|not)\s+(?:newer|later|more recent)\s+than\s+{_YEAR}\b|"
+    rf"\b{_YEAR}\s+(?:or|and)\s+(?:earlier|before|older)\b"
+)
+_IN_YEAR = re.compile(
+    rf"\b(?:in|of|from|year|released in|came out in|made in)\s+{_YEAR}\b|"
+    r"\b(?:in|from|of)\s+(\d\d)\b(?!\s*s\b)"
+)
+_OR_EARLIER = re.compile(r"^\s*(?:or|and)\s+(?:earlier|before|older)\b")
+_OR_LATER = re.compile(r"^\s*(?:(?:or|and)\s+(?:later|after|newer)|onwards?)\b")
+_COLOUR = re.compile(r"\b(in colou?r|colou?r)\b")
 _BLACK_WHITE = re.compile(r"\b(black and white|black white|b and w|bw|silent)\b")
 _OLD = re.compile(
     r"\b(old|older|oldie|oldies|classic|classics|vintage|golden age|old school|old fashioned|"
     r"retro)\b"
 )
 _RECENT = re.compile(r"\b(recent|new|newer|newest|latest|modern|contemporary|fresh)\b")
-_NOT_OLD = re.compile(r"\b(not|no|nothing|without|avoid)\s+(too\s+)?(old|older|ancient|dated)\b")
+_NOT_OLD = re.compile(
+    r"\b(not|no|nothing|without|avoid|isnt|arent|wasnt)\s+(too\s+|that\s+|very\s+)?"
+    r"(old|older|ancient|dated)\b"
+)
 
 OLD_BEFORE = 1970
 """"Old" or "classic" means released before this year; "black-and-white" before 1960."""
@@ -563,46 +606,65 @@ class RuleParser:
         item = str(ids[0][0])
         return item if item in self.attributes else None
 
-    def _years(  # noqa: PLR0911 - one return per way of saying when, in order of precedence
-        self, text: str, clauses: Sequence[str]
-    ) -> tuple[int | None, int | None]:
-        lo: int | None = None
-        hi: int | None = None
+    def _years(self, text: str, clauses: Sequence[str]) -> tuple[int | None, int | None]:
+        """Year bounds, in order of precedence: an explicit range, a decade, open bounds and a
+        single year, then the catalog's readings of "black-and-white", "old", "recent"."""
         if m := _BETWEEN.search(text) or _SPAN.search(text):
             a, b = sorted((int(m.group(1)), int(m.group(2))))
             return a, b
         if m := _DECADE.search(text):
-            part, full, short, word = m.groups()
-            if full:
-                start = int(full)
-            elif word:
-                start = _NUMBER_WORDS[word]
-            else:
-                start = (2000 if short == "00" else 1900) + int(short)
-            lo, hi = start, start + 9
-            if part == "early":
-                hi = start + 3
-            elif part == "mid":
-                lo, hi = start + 3, start + 6
-            elif part == "late":
-                lo = start + 6
-            if any((d := _DECADE.search(c)) and _NEGATION.search(c[: d.start()]) for c in clauses):
-                # "nothing from the 80s": one range cannot say "not in a range", so the side
-                # of it that the catalog has more items on is kept.
-                later = int((self.attributes.years >= start + 10).sum())
-                earlier = int(((self.attributes.years > 0) & (self.attributes.years < start)).sum())
-                return (start + 10, None) if later >= earlier else (None, start - 1)
-            return lo, hi
+            return self._decade(m, text, clauses)
+        lo: int | None = None
+        hi: int | None = None
         if m := _BEFORE.search(text):
             hi = int(m.group(1)) - 1
+        if m := _NOT_AFTER.search(text):
+            hi = int(m.group(1) or m.group(2))
         if m := _AFTER.search(text):
-            lo = int(m.group(1)) + (0 if "since" in m.group(0) or "from" in m.group(0) else 1)
+            year = int(next(g for g in m.groups() if g))
+            exclusive = m.group(0).startswith(("after", "post", "newer", "later"))
+            lo = year + exclusive
         if lo is None and hi is None and (m := _IN_YEAR.search(text)):
-            return int(m.group(1)), int(m.group(1))
+            year = int(m.group(1)) if m.group(1) else 1900 + int(m.group(2))
+            return year, year
         if lo is not None or hi is not None:
             return lo, hi
+        return self._era(text)
+
+    def _decade(
+        self, m: re.Match[str], text: str, clauses: Sequence[str]
+    ) -> tuple[int | None, int | None]:
+        part, full, short, word = m.groups()
+        if full:
+            start = int(full)
+        elif word:
+            start = _NUMBER_WORDS[word]
+        else:
+            start = (2000 if short == "00" else 1900) + int(short)
+        if any((d := _DECADE.search(c)) and _NEGATION.search(c[: d.start()]) for c in clauses):
+            # "nothing from the 80s": one range cannot say "not in a range", so the side of
+            # it that the catalog has more items on is kept.
+            later = int((self.attributes.years >= start + 10).sum())
+            earlier = int(((self.attributes.years > 0) & (self.attributes.years < start)).sum())
+            return (start + 10, None) if later >= earlier else (None, start - 1)
+        if _OR_EARLIER.search(text[m.end() :]):
+            return None, start + 9
+        if _OR_LATER.search(text[m.end() :]):
+            return start, None
+        lo, hi = start, start + 9
+        if part == "early":
+            hi = start + 3
+        elif part == "mid":
+            lo, hi = start + 3, start + 6
+        elif part == "late":
+            lo = start + 6
+        return lo, hi
+
+    def _era(self, text: str) -> tuple[int | None, int | None]:
         if _BLACK_WHITE.search(text):
             return None, BLACK_WHITE_BEFORE - 1
+        if _COLOUR.search(text):
+            return BLACK_WHITE_BEFORE, None
         if _NOT_OLD.search(text):
             return OLD_BEFORE, None
         if _OLD.search(text):
@@ -690,6 +752,8 @@ def refine(
     attributes: CatalogAttributes,
     k: int,
     vectors: Callable[[Sequence[str]], np.ndarray] | None = None,
+    *,
+    like_weight: float = LIKE_WEIGHT,
 ) -> list[tuple[str, float]]:
     """The best ``k`` of ``ranked`` (a model's scores of unseen items, best first) that meet the
     hard constraints, reordered towards ``constraints.like`` when ``vectors`` (item ids -> unit
@@ -714,7 +778,7 @@ def refine(
     anchor = vectors(list(constraints.like)).mean(axis=0)
     anchor /= max(float(np.linalg.norm(anchor)), 1e-9)
     similarity = vectors(items) @ anchor
-    combined = _z(model) + LIKE_WEIGHT * _z(similarity.astype(np.float64))
+    combined = _z(model) + like_weight * _z(similarity.astype(np.float64))
     order = np.lexsort((np.arange(len(items)), -combined))[:k]
     return [(items[i], float(combined[i])) for i in order]
 
