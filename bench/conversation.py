@@ -91,6 +91,9 @@ class Row:
     ndcg_unrefined: list[float] = field(default_factory=list)
     ndcg_refined: list[float] = field(default_factory=list)
     ndcg_like: list[tuple[float, float]] = field(default_factory=list)  # requests with "like"
+    # Mean MiniLM cosine of the top 10 to the "like" item: unrefined (within the constraints)
+    # and refined, what the reordering buys.
+    like_cosine: list[tuple[float, float]] = field(default_factory=list)
     parse_ms: list[float] = field(default_factory=list)
     misses: list[str] = field(default_factory=list)
 
@@ -138,6 +141,20 @@ def evaluate(
                 like_weight=users.like_weight,
             )
             ids = [i for i, _ in listed]
+            if gold.like:
+                anchor = users.vectors(list(gold.like)).mean(axis=0)
+                plain = [
+                    i
+                    for i, _ in user_ranked
+                    if gold_mask[attributes.position[i]] and i not in gold.like
+                ][:10]
+                if plain and ids:
+                    row.like_cosine.append(
+                        (
+                            float((users.vectors(plain) @ anchor).mean()),
+                            float((users.vectors(ids) @ anchor).mean()),
+                        )
+                    )
             if gold.hard:
                 meeting = [i for i, _ in user_ranked if gold_mask[attributes.position[i]]]
                 if len(meeting) >= 10:
@@ -172,15 +189,18 @@ def report(rows: Sequence[Row], n_labels: int) -> None:
         print(f"{r.name:<8} {r.exact / n_labels:5.3f} {per_field}")
     print(
         "\nparser   satisfaction@10 (pairs) | NDCG@10 unrefined-in-subset / refined (pairs)"
-        " | of which 'like' requests | parse p50 / p99 ms"
+        " | of which 'like' requests | cosine to 'like' before / after | parse p50 / p99 ms"
     )
     for r in rows:
         like_un = _mean([u for u, _ in r.ndcg_like])
         like_re = _mean([v for _, v in r.ndcg_like])
+        cos_before = _mean([a for a, _ in r.like_cosine])
+        cos_after = _mean([b for _, b in r.like_cosine])
         print(
             f"{r.name:<8} {_mean(r.satisfaction):.4f} ({len(r.satisfaction)}) | "
             f"{_mean(r.ndcg_unrefined):.4f} / {_mean(r.ndcg_refined):.4f} "
             f"({len(r.ndcg_refined)}) | {like_un:.4f} / {like_re:.4f} ({len(r.ndcg_like)}) | "
+            f"{cos_before:.3f} / {cos_after:.3f} | "
             f"{percentile(r.parse_ms, 0.5):.2f} / {percentile(r.parse_ms, 0.99):.2f}"
         )
 
@@ -275,6 +295,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200, help="sampled test users (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm", action="store_true", help="also measure the language-model parser")
+    parser.add_argument("--lm-int8", action="store_true", help="the language model in INT8")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N requests (0 = all)")
     parser.add_argument("--turns", type=int, default=200, help="turns timed for latency")
     parser.add_argument(
         "--http", action="store_true", help="also time turns over HTTP (needs Redis)"
@@ -301,6 +323,8 @@ def main() -> None:
     print(f"engine loaded in {time.perf_counter() - started:.1f} s ({engine.model.name})")
     attributes = engine.attributes
     labels = read_labels(args.labels, attributes)
+    if args.limit:
+        labels = labels[: args.limit]
 
     rng = np.random.default_rng(args.seed)
     users = split.eval_users
@@ -320,10 +344,13 @@ def main() -> None:
         ("oracle", {lab.message: lab.parsed for lab in labels}.__getitem__),
         ("rules", engine.parser.parse),
     ]
+    lm = None
     if args.lm:
         from inference.conversation import LMParser
+        from lab.reranker import LLMReranker, RerankerConfig
 
-        lm = LMParser(attributes, engine.parser)
+        loaded = LLMReranker(RerankerConfig(quantize_int8=args.lm_int8))
+        lm = LMParser(loaded.model, loaded.tokenizer, engine.parser)
         parsers.append(("lm", lm.parse))
     sample = Users(attributes, ranked, targets, engine.vectors, args.like_weight)
     results = []
@@ -332,6 +359,8 @@ def main() -> None:
         results.append(evaluate(name, parse, labels, sample))
         print(f"{name}: evaluated in {time.perf_counter() - started:.1f} s")
     report(results, len(labels))
+    if lm is not None:
+        print(f"lm: {lm.fallbacks} of {len(labels)} answers did not parse (rules answered them)")
     if args.show_misses:
         for r in results[1:]:
             print(f"\n{r.name} misses:")

@@ -164,6 +164,7 @@ class RegenService:
         self._redis_down_since: float | None = None  # first failed profile read of an outage
         self._redis_retry_at = 0.0
         self._refiner: SessionRefiner | None = None  # loaded at the first session seen
+        self._sessions_refused = False  # the ACL refused reading a session: stop trying
         self.consumer = at_least_once_consumer(
             settings,
             settings.regen_group_id,
@@ -322,13 +323,23 @@ class RegenService:
     def _session_constraints(self, user_id: str) -> Constraints | None:
         """The constraints of the user's conversation session, when one is live and this
         service can apply them (the catalog is loaded)."""
-        session = read_session(self.redis, self.keys, user_id)
+        if self._sessions_refused:
+            return None
+        try:
+            session = read_session(self.redis, self.keys, user_id)
+        except redis.exceptions.NoPermissionError:
+            # A deployment whose ACL does not let this principal read sessions: lists stay
+            # unrefined rather than the service failing on every change.
+            log.warning("conversation sessions are not applied: this principal may not read them")
+            self._sessions_refused = True
+            return None
         if session is None or session.constraints.empty:
             return None
         if self._refiner is None:
             try:
                 attributes = read_catalog_attributes(self.redis, self.keys)
-            except InferenceError as exc:  # no catalog loaded: nothing to apply them with
+            except (InferenceError, redis.exceptions.NoPermissionError) as exc:
+                # No catalog loaded (or none this principal may read): nothing to apply them with.
                 log.warning("a conversation session is not applied: %s", exc)
                 return None
             index = None

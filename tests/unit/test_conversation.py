@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from inference.conversation import (
     TOKEN_BUDGET,
     CatalogAttributes,
+    LMParser,
     Parsed,
     RuleParser,
     describe,
@@ -235,3 +236,25 @@ def test_reasons_are_the_history_items_whose_removal_costs_the_most() -> None:
     reasons = occlusion_reasons(scorer, ["i0", "i1", "i2", "i3"], ["i4", "i5", "nope"])
     assert reasons == {"i4": ["i1", "i2", "i3"], "i5": ["i0"], "nope": []}
     assert occlusion_reasons(scorer, ["i2"], ["i4"]) == {"i4": ["i2"]}
+
+
+def test_the_language_models_answer_is_held_to_the_catalog(
+    parser: RuleParser, attributes: CatalogAttributes
+) -> None:
+    lm = LMParser(model=None, tokenizer=None, fallback=parser)
+    answer = (
+        '{"genres": ["comedy", "Space Opera", "Horror"], "exclude": ["horror"], "from": 1990, '
+        '"to": 99999, "like": "the godfather", "reset": true} and then some'
+    )
+    assert lm.read_answer(answer) == Parsed(
+        True,
+        Constraints(
+            genres=("Comedy",),
+            exclude_genres=("Horror",),
+            year_min=1990,
+            like=(_like(attributes, "The Godfather"),),
+        ),
+    )
+    for broken in ('{"genres": [', '["Comedy"]', '{"genres": "Comedy", "like": 7}'):
+        read = lm.read_answer(broken)
+        assert read is None or read == Parsed(False, Constraints())
