@@ -6,7 +6,8 @@
 2. replays ML-100K to ``clickstream`` at ``--rate`` events/s (deterministic event ids, one
    malformed record every ``--bad-every`` events) for ``--minutes``, while a probe user gets one
    event every 200 ms and its cached list is watched: a probe's freshness is the time from its
-   production until ``recs`` for the probe user carries its ts as ``trigger_ts``;
+   production until ``recs`` for the probe user carries its ts as ``trigger_ts`` in a list the
+   model computed (a fallback list is not fresh);
 3. meanwhile SIGKILLs, at random moments (one per time slot), each of: the stream worker, the
    regeneration service, a pool worker, the cache writer, the read API (``recstream run``
    restarts them), Redis (restarted here on its AOF) and the Kafka broker (restarted here).
@@ -279,8 +280,11 @@ class Probe(threading.Thread):
                 time.sleep(0.05)
                 continue
             seen = time.time()
-            if raw is not None:
-                trigger = datetime.fromisoformat(orjson.loads(raw)["trigger_ts"]).timestamp()
+            # A fallback list (the pool could not answer in time) carries the trigger but not
+            # the event's effect: it is not fresh.
+            doc = orjson.loads(raw) if raw is not None else None
+            if doc is not None and doc.get("source") != "fallback":
+                trigger = datetime.fromisoformat(doc["trigger_ts"]).timestamp()
                 trigger = round(trigger, 6)
                 if trigger > answered:
                     answered = trigger

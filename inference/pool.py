@@ -23,9 +23,9 @@ worker pipe and does all the bookkeeping:
   and :meth:`WorkerPool.submit` raises :class:`PoolBrokenError`, so the service fails its health
   check and exits for its supervisor instead of hanging while it looks healthy.
 
-Workers are ``spawn``-ed (safe with torch and CUDA): one per GPU when CUDA is present, otherwise the
-``workers`` setting, with torch threads (``threads_per_worker``, clamped so that
-workers * threads <= CPU cores).
+Workers are ``spawn``-ed (safe with torch and CUDA): the ``workers`` setting, or else one per GPU
+when CUDA is present and two on a CPU (one on a single core), with torch threads
+(``threads_per_worker``, clamped so that workers * threads <= CPU cores).
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class PoolConfig(BaseModel):
     workers: int | None = Field(
         None,
         ge=1,
-        description="Worker processes; unset = one per GPU when CUDA is present, else 1.",
+        description="Worker processes; unset = one per GPU when CUDA is present, else 2 (1 on "
+        "a single core): a crashed worker's replacement loads for seconds, while its twin serves.",
     )
     max_batch_size: int = Field(32, ge=1, description="Largest batch a worker gets.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest wait to fill a partial batch.")
@@ -216,8 +217,10 @@ class WorkerPool:
         self._warmup = warmup_history or []
         gpus = _cuda_devices() if self.config.workers is None else 0
         self._gpus = gpus
-        self._n_workers = self.config.workers or max(gpus, 1)
         cores = os.cpu_count() or 1
+        # On a CPU, two workers: one crash leaves a warm worker serving while the replacement
+        # loads (importing transformers alone takes seconds), instead of every request waiting.
+        self._n_workers = self.config.workers or gpus or min(2, cores)
         # workers x threads never exceeds the cores.
         self._threads = max(1, min(self.config.threads_per_worker, cores // self._n_workers))
         self._ctx = mp.get_context("spawn")

@@ -53,5 +53,6 @@ def expected(history: list[str], k: int) -> list[tuple[str, float]]:
     ]
 
 
-def make_echo(delay_s: float = 0.0, fail: bool = False) -> EchoRecommender:
+def make_echo(delay_s: float = 0.0, fail: bool = False, load_s: float = 0.0) -> EchoRecommender:
+    time.sleep(load_s)  # a model that takes this long to load in each (re)started worker
     return EchoRecommender(delay_s, fail)

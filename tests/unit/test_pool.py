@@ -129,6 +129,40 @@ def test_a_killed_worker_loses_no_request() -> None:
         pool.close(timeout=5)
 
 
+def test_on_a_cpu_a_killed_workers_twin_serves_while_the_replacement_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inference.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(pool_module.os, "cpu_count", lambda: 2)
+    loader = functools.partial(make_echo, load_s=3.0)
+    pool = WorkerPool(loader, FALLBACK, CATALOG, PoolConfig(request_timeout_s=60)).start()
+    try:
+        assert len(pool.worker_pids()) == 2  # the default on a CPU with two cores
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        histories = [CATALOG[:n] for n in range(1, 9)]
+        results = [pool.submit(h, k=4).result(60) for h in histories]
+        assert [r.source for r in results] == ["model"] * len(histories)
+        assert [r.items for r in results] == [expected(h, 4) for h in histories]
+        # Answered by the twin: the replacement is still loading its model.
+        assert len(pool.health(timeout=1)["workers"]) == 1
+    finally:
+        pool.close(timeout=5)
+
+
+def test_a_single_core_gets_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inference.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(pool_module.os, "cpu_count", lambda: 1)
+    pool = _pool(PoolConfig())
+    try:
+        assert len(pool.worker_pids()) == 1
+    finally:
+        pool.close(timeout=5)
+
+
 def test_an_answer_the_bookkeeping_cannot_read_gets_the_fallback_and_the_pool_goes_on(
     fast_pool: WorkerPool,
 ) -> None:
