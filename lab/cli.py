@@ -18,6 +18,10 @@ from recstream.options import given, settings_options
 # The eval options of the served post-processing read their help from its settings fields.
 _POST = PostConfig.model_fields
 
+TUNE_MINUTES = 4.0  # default search budget for a dataset without a preset
+SAMPLED_ABOVE = 10_000  # catalog size above which the transformer trains on a sampled softmax
+SAMPLED_NEGATIVES = 2048
+
 _DATASET_HELP = (
     "Dataset name (ml-100k, ml-latest-small, ml-latest-small-llamarec; found under "
     "RECSTREAM_DATA_DIR, downloaded by `recstream data fetch`) or a folder with interactions.csv "
@@ -139,6 +143,22 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     "rarer items are left to item-kNN, the transformer and EASE's Markov term.",
 )
 @click.option(
+    "--negatives",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Train the transformer with a sampled softmax over the batch's targets and this many "
+    f"random items (0: full softmax). Default: {SAMPLED_NEGATIVES} for catalogs over "
+    f"{SAMPLED_ABOVE:,} items, else 0.",
+)
+@click.option(
+    "--tune-budget",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Minutes of hyper-parameter search on validation (Optuna) for EASE, item-kNN and the "
+    f"transformer before training; the presets are its warm starts. Default: {TUNE_MINUTES:g} "
+    "for a dataset without a preset (a folder), 0 (the presets as they are) for the named ones.",
+)
+@click.option(
     "--cf-top-k",
     type=click.IntRange(min=1),
     default=256,
@@ -175,6 +195,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     with_index: bool,
     hybrid: bool,
     ease_max_items: int,
+    negatives: int | None,
+    tune_budget: float | None,
     cf_top_k: int,
     signing_key_file: Path | None,
     threads: int,
@@ -221,16 +243,48 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         with_index = False
     cfg = GenConfig(seed=seed, **{**preset, **chosen, **overrides})
     text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
+    if negatives is None:
+        negatives = SAMPLED_NEGATIVES if split.n_items > SAMPLED_ABOVE else 0
+    if tune_budget is None:
+        tune_budget = 0.0 if split.dataset in _NAMED else TUNE_MINUTES
+    searched: dict[str, Any] = {}
+    tuned: dict[str, Any] = {}
+    if tune_budget > 0:
+        from dataclasses import replace
+
+        from lab.tuning import search_baseline, search_gen, split_budget
+
+        cf_s, gen_s = split_budget(tune_budget * 60)
+        click.echo(f"search: {tune_budget:g} min on validation ({cf_s:.0f}s CF, {gen_s:.0f}s gen)")
+        if hybrid:
+            for name in ("ease", "itemknn"):
+                tuned[name], searched[name] = search_baseline(
+                    name,
+                    split,
+                    cf_s / 2,
+                    seed=seed,
+                    ease_max_items=ease_max_items,
+                    progress=progress,
+                    say=click.echo,
+                )
+        fixed = set(chosen) | set(overrides)  # what the command line set is not searched
+        best, searched["gen"] = search_gen(
+            split, cfg, gen_s, text_embeddings=text, negatives=negatives, say=click.echo
+        )
+        cfg = replace(cfg, **{k: v for k, v in best.items() if k not in fixed})
     model, log = train_gen(
         split,
         cfg,
         text_embeddings=text,
         time_budget_s=max_minutes * 60,
+        negatives=negatives,
         progress=progress,
         say=click.echo,
     )
     log["dataset"] = split.dataset
-    mixed = _fit_fusion(split, model, cfg, ease_max_items) if hybrid else None
+    if searched:
+        log["search"] = {"budget_minutes": tune_budget, **searched}
+    mixed = _fit_fusion(split, model, cfg, ease_max_items, tuned) if hybrid else None
     if mixed is not None:
         log["fusion"] = mixed.summary()
     retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
@@ -286,8 +340,11 @@ def _has_text(split: Any) -> bool:
     return any(item.title and item.title != item.item_id for item in split.items.values())
 
 
-def _fit_fusion(split: Any, model: Any, cfg: Any, ease_max_items: int) -> Any:
-    """EASE, item-kNN and popularity tuned on validation, then fused with the transformer."""
+def _fit_fusion(
+    split: Any, model: Any, cfg: Any, ease_max_items: int, tuned: dict[str, Any]
+) -> Any:
+    """EASE, item-kNN and popularity tuned on validation (grid, or the search's ``tuned``
+    models), then fused with the transformer."""
     import time
 
     from inference.generative import GenScorer
@@ -296,7 +353,8 @@ def _fit_fusion(split: Any, model: Any, cfg: Any, ease_max_items: int) -> Any:
 
     started = time.perf_counter()
     parts = {
-        name: baseline(name, split, say=click.echo, ease_max_items=ease_max_items)
+        name: tuned.get(name)
+        or baseline(name, split, say=click.echo, ease_max_items=ease_max_items)
         for name in ("ease", "itemknn", "pop")
     }
     fusion = Fusion({"gen": GenScorer(model, cfg), **parts}).fit(split)
@@ -310,8 +368,9 @@ def _fit_fusion(split: Any, model: Any, cfg: Any, ease_max_items: int) -> Any:
     "--models",
     default="pop,itemknn,ease,gen,gen+ease,gen+rerank",
     show_default=True,
-    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), fused (the served "
-    "fusion of gen, EASE, item-kNN and popularity, weights chosen on validation), gen+ease+post "
+    help="Comma-separated models: pop, itemknn, ease, gen, gen+ease (hybrid), fused (gen, EASE, "
+    "item-kNN and popularity fused, weights chosen on validation here), served (each --artifact "
+    "exactly as the workers serve it), gen+ease+post "
     "(the hybrid with the served cosine floor / MMR), gen+rerank.",
 )
 @click.option(
@@ -466,12 +525,13 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
                 f"{name} vs {v['baseline']}: NDCG@10 {v['ndcg_gain_pct']:+.1f}%, "
                 f"Wilcoxon p={v['wilcoxon_p']:.3g}, paired t p={v['paired_t_p']:.3g}"
             )
-    if "vs_best_single" in report.get("fused", {}):
-        v = report["fused"]["vs_best_single"]
-        click.echo(
-            f"fused vs {v['model']} (best single model on test): NDCG@10 "
-            f"{v['ndcg_gain_pct']:+.1f}%, Wilcoxon p={v['wilcoxon_p']:.3g}"
-        )
+    for name in ("fused", "served"):
+        if "vs_best_single" in report.get(name, {}):
+            v = report[name]["vs_best_single"]
+            click.echo(
+                f"{name} vs {v['model']} (best single model on test): NDCG@10 "
+                f"{v['ndcg_gain_pct']:+.1f}%, Wilcoxon p={v['wilcoxon_p']:.3g}"
+            )
     if "_cold_start" in report:
         click.echo("cold start (test targets; history = first N training items):")
         click.echo(cold_start_table(report["_cold_start"]))

@@ -23,7 +23,14 @@ from inference.generative import GenConfig, GenScorer, ItemTransformer
 from lab.baselines import Ranker
 from lab.protocol import Split, metrics_from_ranks, target_ranks
 
-__all__ = ["GenRanker", "evaluate_ndcg", "future_loss", "train_gen", "training_windows"]
+__all__ = [
+    "GenRanker",
+    "evaluate_ndcg",
+    "future_loss",
+    "sampled_loss",
+    "train_gen",
+    "training_windows",
+]
 
 
 class GenRanker(GenScorer, Ranker):
@@ -74,6 +81,31 @@ def future_loss(
     return total / max(norm, 1e-9)
 
 
+def sampled_loss(
+    model: ItemTransformer,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: int,
+    loss_fn: nn.Module,
+) -> torch.Tensor:
+    """Cross-entropy over the batch's targets and ``negatives`` uniformly drawn items.
+
+    ``targets`` is ``(B, T)`` with -100 at padding. Uniform negatives need no sampling
+    correction; the batch's targets, which are also negatives for the other positions, follow
+    popularity, as in-batch negatives do.
+    """
+    valid = targets >= 0
+    drawn = torch.randint(0, model.cfg.n_items, (negatives,))
+    candidates = torch.unique(torch.cat([targets[valid], drawn]))
+    position = torch.full((model.cfg.n_items,), -100, dtype=torch.long)
+    position[candidates] = torch.arange(len(candidates))
+    mapped = torch.where(valid, position[targets.clamp(min=0)], torch.full_like(targets, -100))
+    weight = model.head.weight[candidates + 1]  # token 0 is padding
+    logits = hidden @ weight.T
+    loss: torch.Tensor = loss_fn(logits.reshape(-1, len(candidates)), mapped.reshape(-1))
+    return loss
+
+
 def evaluate_ndcg(rec: GenScorer, split: Split, stage: str, batch: int = 256) -> float:
     hist, targets = split.histories(stage), split.targets(stage)
     ranks = np.concatenate(
@@ -93,11 +125,15 @@ def train_gen(
     *,
     text_embeddings: np.ndarray | None = None,
     time_budget_s: float | None = None,
+    negatives: int = 0,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> tuple[ItemTransformer, dict[str, Any]]:
     """Train on ``split.train`` with full-softmax CE; early-stop on validation NDCG@10.
 
+    ``negatives`` > 0 (and below the catalog size) trains with a sampled softmax instead
+    (:func:`sampled_loss`), which is what makes an epoch over a large catalog affordable on CPU;
+    validation still ranks the whole catalog. The time budget is checked after every step.
     Returns the best model (by validation NDCG@10) and a training log.
     """
     _seed_all(cfg.seed)
@@ -111,6 +147,8 @@ def train_gen(
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
     windows = training_windows(split.train, cfg.max_len)
+    # Sampled softmax: the batch's own targets plus ``negatives`` uniform items per step.
+    sampled = 0 < negatives < split.n_items and cfg.future == 1
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
@@ -156,8 +194,12 @@ def train_gen(
                 inputs[row, : len(s) - 1] = torch.from_numpy(s[:-1] + 1)
                 for k in range(min(cfg.future, len(s) - 1)):
                     targets[k, row, : len(s) - 1 - k] = torch.from_numpy(s[1 + k :])
-            logits = model.catalog_logits(model.hidden_states(inputs))
-            loss = future_loss(logits, targets, cfg.future_decay, loss_fn)
+            hidden = model.hidden_states(inputs)
+            if sampled:
+                loss = sampled_loss(model, hidden, targets[0], negatives, loss_fn)
+            else:
+                logits = model.catalog_logits(hidden)
+                loss = future_loss(logits, targets, cfg.future_decay, loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,6 +208,8 @@ def train_gen(
                 averaged.update_parameters(model)
             total += loss.item() * len(seqs)
             count += len(seqs)
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                break  # a large catalog's epoch can outlast the budget: stop inside it
         entry = {"epoch": float(epoch), "loss": total / max(count, 1)}
         if epoch % cfg.eval_every == 0:
             ndcg = evaluate_ndcg(GenScorer(judged, cfg), split, "valid")
@@ -190,6 +234,7 @@ def train_gen(
         "valid_ndcg@10": best[0],
         "epochs_run": len(history),
         "train_seconds": time.monotonic() - started,
+        "sampled_negatives": negatives if sampled else 0,
         "history": history,
     }
     return model, log

@@ -22,7 +22,7 @@ from lab.baselines import EASE, PopularityRanker
 from lab.datasets import Dataset, load_dataset
 from lab.gen_rerank import GenRerank, fuse
 from lab.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
-from lab.training import GenRanker, future_loss, train_gen
+from lab.training import GenRanker, future_loss, sampled_loss, train_gen
 from recstream.settings import CommonSettings
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
@@ -271,3 +271,34 @@ def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:
         ItemTransformer(GenConfig(n_items=5, hidden=8, text_projection="svd")).init_from_text(
             text[:5].astype(np.float32), seed=0
         )
+
+
+def test_sampled_loss_is_cross_entropy_over_the_targets_and_drawn_items() -> None:
+    torch.manual_seed(0)
+    cfg = GenConfig(n_items=50, hidden=16, layers=1, heads=2, ffn=32, max_len=8)
+    model = ItemTransformer(cfg).eval()
+    hidden = torch.randn(2, 3, 16)
+    targets = torch.tensor([[4, 9, -100], [9, 30, 2]])
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
+    torch.manual_seed(1)
+    loss = sampled_loss(model, hidden, targets, 5, loss_fn)
+    torch.manual_seed(1)
+    drawn = torch.randint(0, 50, (5,))
+    cand = torch.unique(torch.cat([torch.tensor([2, 4, 9, 30]), drawn]))
+    logits = model.catalog_logits(hidden)[..., cand]  # the catalog's scores, candidates only
+    pos = {int(c): i for i, c in enumerate(cand)}
+    mapped = torch.tensor([[pos[4], pos[9], -100], [pos[9], pos[30], pos[2]]])
+    expected = loss_fn(logits.reshape(-1, len(cand)), mapped.reshape(-1))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_sampled_softmax_training_beats_popularity(small_split: Split) -> None:
+    cfg = GenConfig(
+        hidden=32, layers=1, heads=2, ffn=64, max_len=30, batch_size=32, epochs=4, lr=5e-3
+    )
+    model, log = train_gen(small_split, cfg, negatives=256, progress=False, say=lambda _: None)
+    assert log["sampled_negatives"] == 256
+    hist = small_split.histories("test")
+    gen = _test_ndcg(GenScorer(model, cfg).score(hist), small_split)
+    pop = _test_ndcg(PopularityRanker().fit(small_split).score(hist), small_split)
+    assert gen > pop, (gen, pop)

@@ -225,6 +225,7 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
     out = tmp_path / "art"
     args = ["--dataset", str(data), "--out", str(out), "--epochs", "1", "--hidden", "16"]
     args += ["--layers", "1", "--max-len", "8", "--no-index", "--no-progress", "--threads", "1"]
+    args += ["--tune-budget", "0"]  # a folder has no preset: the search (tested apart) is on
     args += ["--hybrid", "--cf-top-k", "5"] if hybrid else ["--no-hybrid"]
     result = CliRunner().invoke(train_cmd, args)
     assert result.exit_code == 0, result.output

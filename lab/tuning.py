@@ -1,0 +1,188 @@
+"""Budgeted hyper-parameter search on validation, for datasets no preset was chosen on.
+
+``recstream train --tune-budget MINUTES`` (on by default for a dataset that is not one of the
+named MovieLens sets) searches with Optuna's TPE sampler, seeded, on validation NDCG@10 only:
+
+- EASE (``lam``, ``decay``, ``beta``) and item-kNN (``k_neighbours``, ``decay``), each in its
+  share of the budget. The evaluation grid's points that did best on the MovieLens sets are
+  enqueued first, so the presets are warm starts and the search can only add to them. EASE's
+  Gram matrix and item-kNN's similarities are built once and reused by every trial.
+- the transformer (``lr``, ``dropout``, ``hidden``): each trial is a training run cut to a
+  fraction of the budget, the dataset's preset the first trial. Runs that short favour settings
+  that learn fast, so the trace says how long each trial had. When one epoch over the catalog
+  would outlast a trial (large catalogs on CPU), the transformer keeps its preset and the trace
+  says why.
+
+Every trial (parameters, validation NDCG@10, seconds) is returned for the artifact's
+``training.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from lab.baselines import EASE, TUNE_USERS, ItemKNN, Ranker, validation_ndcg
+from lab.protocol import Split
+
+__all__ = ["GEN_SHARE", "WARM_STARTS", "search_baseline", "search_gen", "split_budget"]
+
+GEN_SHARE = 0.6  # of the budget for the transformer's trials; the rest for EASE and item-kNN
+GEN_TRIALS = 4  # trials the transformer's share is cut into
+# A trial is skipped for the transformer when tokens x catalog size per epoch exceeds this
+# many per second of trial (full-softmax cost; about what one CPU thread does).
+SOFTMAX_CELLS_PER_S = 2e7
+WARM_STARTS: dict[str, list[dict[str, float]]] = {
+    # The grid points chosen on ML-100K / ml-latest-small (docs/models.md), then the grid's centre.
+    "ease": [
+        {"lam": 1000.0, "decay": 0.9, "beta": 0.3},
+        {"lam": 300.0, "decay": 1.0, "beta": 1.0},
+    ],
+    "itemknn": [{"k_neighbours": 50, "decay": 0.6}, {"k_neighbours": 200, "decay": 0.9}],
+}
+
+
+def split_budget(budget_s: float) -> tuple[float, float]:
+    """``(baselines, transformer)`` seconds of a total budget."""
+    return budget_s * (1.0 - GEN_SHARE), budget_s * GEN_SHARE
+
+
+def _suggest(name: str, trial: Any) -> dict[str, float]:
+    if name == "ease":
+        return {
+            "lam": trial.suggest_float("lam", 30.0, 30_000.0, log=True),
+            "decay": trial.suggest_float("decay", 0.5, 1.0),
+            "beta": trial.suggest_float("beta", 0.0, 2.0),
+        }
+    return {
+        "k_neighbours": trial.suggest_int("k_neighbours", 10, 500, log=True),
+        "decay": trial.suggest_float("decay", 0.5, 1.0),
+    }
+
+
+def search_baseline(
+    name: str,
+    split: Split,
+    budget_s: float,
+    *,
+    seed: int = 0,
+    ease_max_items: int,
+    max_trials: int = 200,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> tuple[Ranker, dict[str, Any]]:
+    """EASE or item-kNN searched for ``budget_s`` seconds; the fitted best model and the trace."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    model: Ranker = EASE(max_items=ease_max_items) if name == "ease" else ItemKNN()
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    for warm in WARM_STARTS[name]:
+        study.enqueue_trial(warm)
+    trace: list[dict[str, Any]] = []
+    fitted = False
+
+    def objective(trial: Any) -> float:
+        nonlocal fitted
+        started = time.perf_counter()
+        params = _suggest(name, trial)
+        for key, value in params.items():
+            setattr(model, key, value)
+        if not fitted or name == "itemknn":
+            model.fit(split)  # EASE: the Gram matrix once; lam re-solves lazily
+            fitted = True
+        ndcg = validation_ndcg(model, split, TUNE_USERS)
+        trace.append(
+            {
+                "params": params,
+                "valid_ndcg@10": ndcg,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+        return ndcg
+
+    study.optimize(objective, n_trials=max_trials, timeout=budget_s, show_progress_bar=progress)
+    best = dict(study.best_params)
+    for key, value in best.items():
+        setattr(model, key, value)
+    model.fit(split)
+    say(
+        f"{name}: searched {len(trace)} trials in {budget_s:.0f}s budget, best {best} "
+        f"valid ndcg@10 {study.best_value:.4f}"
+    )
+    return model, {"best": best, "valid_ndcg@10": study.best_value, "trials": trace}
+
+
+def search_gen(
+    split: Split,
+    cfg: Any,
+    budget_s: float,
+    *,
+    text_embeddings: np.ndarray | None,
+    negatives: int = 0,
+    trials: int = GEN_TRIALS,
+    say: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The transformer's ``lr``, ``dropout`` and ``hidden`` searched in ``trials`` short runs.
+
+    Returns the chosen settings (to train with for the full budget) and the trace; ``{}`` and a
+    reason when one epoch would outlast a trial.
+    """
+    import optuna
+
+    from lab.training import train_gen
+
+    trial_s = budget_s / max(trials, 1)
+    tokens = sum(len(s) for s in split.train)
+    scored = split.n_items if not 0 < negatives < split.n_items else negatives
+    epoch_s = tokens * scored / SOFTMAX_CELLS_PER_S
+    if epoch_s > trial_s:
+        reason = (
+            f"one epoch (~{epoch_s:.0f}s for {tokens} tokens x {split.n_items} items) would "
+            f"outlast a {trial_s:.0f}s trial; the preset is kept"
+        )
+        say(f"gen search skipped: {reason}")
+        return {}, {"skipped": reason, "trials": []}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=int(cfg.seed))
+    )
+    study.enqueue_trial({"lr": cfg.lr, "dropout": cfg.dropout, "hidden": cfg.hidden})
+    trace: list[dict[str, Any]] = []
+
+    def objective(trial: Any) -> float:
+        params = {
+            "lr": trial.suggest_float("lr", 5e-4, 1e-2, log=True),
+            "dropout": trial.suggest_float("dropout", 0.1, 0.5),
+            "hidden": trial.suggest_categorical("hidden", [32, 64, 128]),
+        }
+        trial_cfg = replace(cfg, **params, ffn=max(cfg.ffn, 2 * int(params["hidden"])))
+        _, log = train_gen(
+            split,
+            trial_cfg,
+            text_embeddings=text_embeddings,
+            time_budget_s=trial_s,
+            negatives=negatives,
+            progress=False,
+            say=lambda _: None,
+        )
+        trace.append(
+            {
+                "params": params,
+                "valid_ndcg@10": log["valid_ndcg@10"],
+                "epochs": log["epochs_run"],
+                "seconds": round(log["train_seconds"], 1),
+            }
+        )
+        say(f"  gen trial {params}: valid ndcg@10 {log['valid_ndcg@10']:.4f}")
+        return float(log["valid_ndcg@10"])
+
+    study.optimize(objective, n_trials=trials)
+    best = dict(study.best_params)
+    best["ffn"] = max(cfg.ffn, 2 * int(best["hidden"]))
+    say(f"gen: searched {len(trace)} trials of {trial_s:.0f}s, chosen {best}")
+    return best, {"best": best, "trial_seconds": trial_s, "trials": trace}
