@@ -236,31 +236,47 @@ class WorkerPool:
         self._thread: threading.Thread | None = None
         self._broken: str | None = None  # why the I/O thread died, once it has
         self._start_failures: list[str] = []
+        self._later: list[int] = []  # slots still to start, one load at a time
         self.model_name = "unknown"
         self.model_version = "unknown"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> WorkerPool:
-        """Start every worker and return once all are warmed up (or raise PoolStartError)."""
-        self._workers = [self._spawn(slot) for slot in range(self._n_workers)]
+        """Start the workers and return once the first is warmed up (or raise PoolStartError).
+
+        The others are started after it, one load at a time, and take work once ready: a
+        restarted service serves after one model load, not after several competing for the
+        CPU. (On GPUs, where each worker has its own device, all start at once.)
+        """
         deadline = time.monotonic() + self.config.start_timeout_s
+        together = self._n_workers if self._gpus else 1
+        self._workers = [self._spawn(slot) for slot in range(together)]
         for worker in self._workers:
             self._await_ready(worker, deadline)
         first = self._workers[0].info
         self.model_name = str(first.get("model", "unknown"))
         self.model_version = str(first.get("version", "unknown"))
         WORKERS_READY.set(len(self._workers))
+        self._later = list(range(together, self._n_workers))
+        self._start_next()  # later ones: by the I/O thread, as each is ready
         self._thread = threading.Thread(target=self._run, name="pool-io", daemon=True)
         self._thread.start()
         log.info(
-            "pool ready: %d worker(s) × %d thread(s), model %s %s",
-            len(self._workers),
+            "pool ready: %d of %d worker(s) × %d thread(s), model %s %s",
+            together,
+            self._n_workers,
             self._threads,
             self.model_name,
             self.model_version,
         )
         return self
+
+    def _start_next(self) -> None:
+        """Spawn the next worker still to start, once no other one is loading."""
+        loading = any(w.alive and not w.ready for w in self._workers)
+        if self._later and not loading and not self._stopping:
+            self._workers.append(self._spawn(self._later.pop(0)))
 
     def _spawn(self, slot: int) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
@@ -392,9 +408,12 @@ class WorkerPool:
         return [w.process.pid for w in self._workers if w.alive and w.process.pid is not None]
 
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Ask every live worker to compute on its device; ``ok`` only if all answered.
+        """Ask every warmed-up worker to compute on its device.
 
-        A pool whose I/O thread died is never ok: nothing would read the workers' answers.
+        ``ok`` when at least one is warmed up and every warmed-up one answered: a worker still
+        loading (started after the first, or replacing a crashed one) is listed as starting,
+        not as a failure, since the others serve meanwhile. A pool whose I/O thread died is
+        never ok: nothing would read the workers' answers.
         """
         if self.broken is not None:
             return {
@@ -406,8 +425,13 @@ class WorkerPool:
                 "model": {"name": self.model_name, "version": self.model_version},
             }
         pending: list[tuple[_Worker, Future[dict[str, Any]]]] = []
+        answers: list[dict[str, Any]] = []
         for worker in list(self._workers):
-            if not (worker.alive and worker.ready):
+            if not worker.alive:  # failed to start: its model may fail the others too
+                answers.append({"slot": worker.slot, "ok": False, "error": "failed to start"})
+                continue
+            if not worker.ready:
+                answers.append({"slot": worker.slot, "ok": True, "starting": True})
                 continue
             token = next(self._ping_ids)
             fut: Future[dict[str, Any]] = Future()
@@ -417,7 +441,6 @@ class WorkerPool:
             except OSError:
                 continue
             pending.append((worker, fut))
-        answers: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         for worker, fut in pending:
             try:
@@ -425,10 +448,10 @@ class WorkerPool:
                 answers.append({"slot": worker.slot, "ok": True, **info})
             except TimeoutError:
                 answers.append({"slot": worker.slot, "ok": False, "error": "timeout"})
-        ok = len(answers) == self._n_workers and all(a["ok"] for a in answers)
+        ok = bool(pending) and all(a["ok"] for a in answers)
         return {
             "ok": ok and not self._stopping,
-            "workers": answers,
+            "workers": sorted(answers, key=lambda a: int(a["slot"])),
             "queued": self.queued,
             "inflight": self.inflight,
             "model": {"name": self.model_name, "version": self.model_version},
@@ -546,14 +569,16 @@ class WorkerPool:
                 fut = worker.pings.pop(message[1], None)
                 if fut is not None:
                     _settle(fut, message[2])
-            elif kind == "ready":  # a replacement finished warming up
+            elif kind == "ready":  # a later or replacement worker finished warming up
                 worker.ready = True
                 worker.info = message[1]
                 WORKERS_READY.set(sum(w.ready for w in self._workers))
+                self._start_next()
             elif kind == "failed":
-                log.error("replacement worker %d failed to start:\n%s", worker.slot, message[1])
+                log.error("worker %d failed to start:\n%s", worker.slot, message[1])
                 worker.alive = False
                 WORKERS_READY.set(sum(w.ready for w in self._workers))
+                self._start_next()
             elif kind in ("result", "error"):
                 self._complete(worker, message)
 

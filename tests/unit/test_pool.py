@@ -139,14 +139,27 @@ def test_on_a_cpu_a_killed_workers_twin_serves_while_the_replacement_loads(
     loader = functools.partial(make_echo, load_s=3.0)
     pool = WorkerPool(loader, FALLBACK, CATALOG, PoolConfig(request_timeout_s=60)).start()
     try:
-        assert len(pool.worker_pids()) == 2  # the default on a CPU with two cores
+        # The default on a CPU with two cores; the second loads after the first is ready, and
+        # the pool serves (and is healthy) meanwhile.
+        assert len(pool.worker_pids()) == 2
+        health = pool.health(timeout=1)
+        assert health["ok"] and [w.get("starting", False) for w in health["workers"]] == [
+            False,
+            True,
+        ]
+        assert pool.submit(CATALOG[:2], k=4).result(2).source == "model"
+        while any(w.get("starting") for w in pool.health(timeout=1)["workers"]):
+            time.sleep(0.1)
         os.kill(pool.worker_pids()[0], signal.SIGKILL)
         histories = [CATALOG[:n] for n in range(1, 9)]
         results = [pool.submit(h, k=4).result(60) for h in histories]
         assert [r.source for r in results] == ["model"] * len(histories)
         assert [r.items for r in results] == [expected(h, 4) for h in histories]
-        # Answered by the twin: the replacement is still loading its model.
-        assert len(pool.health(timeout=1)["workers"]) == 1
+        # Answered by the twin: the replacement is still loading its model, and the pool is
+        # healthy meanwhile (one worker serves).
+        health = pool.health(timeout=1)
+        assert health["ok"]
+        assert [w.get("starting", False) for w in health["workers"]].count(True) == 1
     finally:
         pool.close(timeout=5)
 
