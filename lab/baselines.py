@@ -120,6 +120,7 @@ class ItemKNN(ItemKNNScorer, Ranker):
         self.decay = decay
         self._full: sp.csr_matrix | None = None
         self._full_of: Split | None = None
+        self._pruned_k = -1
 
     def params(self) -> dict[str, float]:
         return {"k_neighbours": self.k_neighbours, "decay": self.decay}
@@ -128,7 +129,10 @@ class ItemKNN(ItemKNNScorer, Ranker):
         self.n_items = split.n_items
         if self._full is None or self._full_of is not split:
             self._full, self._full_of = cosine_similarity(interaction_matrix(split)), split
-        self.sim = top_k_per_row(self._full, self.k_neighbours)
+            self._pruned_k = -1
+        if self._pruned_k != self.k_neighbours:  # the decay grid needs no new neighbours
+            self.sim = top_k_per_row(self._full, self.k_neighbours)
+            self._pruned_k = self.k_neighbours
         return self
 
     def to_arrays(self) -> dict[str, np.ndarray]:
