@@ -229,18 +229,27 @@ def http_latency(
 ) -> list[float]:
     """Milliseconds per ``POST /v1/users/{id}/conversation`` on the real API and Redis,
     measured by the client (sequential requests; sessions of four turns)."""
+    import tempfile
+
     from aiohttp import ClientSession, web
 
     from api.app import SERVER_OPTIONS, build_app
+    from api.keys import add_key, new_key
     from api.settings import ApiSettings
     from lab.datasets import load_dataset
     from ops.catalog import load_catalog
     from recstream.keys import Keys
     from recstream.security import async_redis_client, redis_client
+    from schemas.api import Scope
     from streams.fold import FoldParams, FoldScript
 
+    keys_file = Path(tempfile.mkdtemp(prefix="bench-conv-")) / "keys"
+    key, record = new_key([Scope.CONVERSE], "bench")
+    add_key(keys_file, record)
     settings = ApiSettings(
-        key_prefix=f"bench:conv-{uuid.uuid4().hex[:8]}:", api_conversation_model_dir=artifact
+        key_prefix=f"bench:conv-{uuid.uuid4().hex[:8]}:",
+        api_conversation_model_dir=artifact,
+        api_keys_file=keys_file,
     )
     client = redis_client(settings)
     load_catalog(client, Keys(settings.key_prefix), load_dataset("ml-100k", settings.data_dir))
@@ -271,7 +280,7 @@ def http_latency(
                         body["session_id"] = session_ids[user]
                     url = f"http://127.0.0.1:{port}/v1/users/{user}/conversation"
                     started = time.perf_counter()
-                    async with http.post(url, json=body) as resp:
+                    async with http.post(url, json=body, headers={"X-API-Key": key}) as resp:
                         answer = await resp.json()
                     out.append((time.perf_counter() - started) * 1000)
                     assert resp.status == 200, answer
@@ -303,6 +312,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--show-misses", action="store_true")
+    parser.add_argument("--latency-only", action="store_true", help="skip the labelled sets")
     parser.add_argument(
         "--like-weight", type=float, default=LIKE_WEIGHT, help="weight of the 'like' similarity"
     )
@@ -354,11 +364,12 @@ def main() -> None:
         parsers.append(("lm", lm.parse))
     sample = Users(attributes, ranked, targets, engine.vectors, args.like_weight)
     results = []
-    for name, parse in parsers:
+    for name, parse in [] if args.latency_only else parsers:
         started = time.perf_counter()
         results.append(evaluate(name, parse, labels, sample))
         print(f"{name}: evaluated in {time.perf_counter() - started:.1f} s")
-    report(results, len(labels))
+    if results:
+        report(results, len(labels))
     if lm is not None:
         print(f"lm: {lm.fallbacks} of {len(labels)} answers did not parse (rules answered them)")
     if args.show_misses:

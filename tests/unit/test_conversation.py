@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference.conversation import (
+    LIKE_WEIGHT,
     TOKEN_BUDGET,
     CatalogAttributes,
     LMParser,
@@ -174,16 +175,26 @@ def test_refine_keeps_only_catalog_items_that_meet_every_constraint_in_model_ord
 
 
 def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> None:
-    items = [Item(str(n), f"t{n}", ("Comedy",), 1990) for n in range(6)]
+    items = [Item(str(n), f"t{n}", ("Comedy",), 1990) for n in range(20)]
     attributes = CatalogAttributes(items)
-    vectors = np.eye(6, dtype=np.float32)
-    vectors[3] = vectors[0]  # item 3 is just like item 0
-    ranked = [(str(n), 1.0 - n / 10) for n in range(6)]
-    out = refine(
-        ranked, Constraints(like=("0",)), attributes, 3, lambda ids: vectors[[int(i) for i in ids]]
-    )
-    assert out[0][0] == "3"
-    assert "0" not in [i for i, _ in out]
+    vectors = np.eye(20, dtype=np.float32)
+    vectors[8] = vectors[0]  # item 8 is just like item 0
+    ranked = [(str(n), 1.0 - n / 20) for n in range(20)]
+
+    def order(weight: float) -> list[str]:
+        out = refine(
+            ranked,
+            Constraints(like=("0",)),
+            attributes,
+            10,
+            lambda ids: vectors[[int(i) for i in ids]],
+            like_weight=weight,
+        )
+        return [i for i, _ in out]
+
+    assert order(0.0) == [str(n) for n in range(1, 11)]  # the model's order, item 0 left out
+    assert order(LIKE_WEIGHT).index("8") < 4  # the served weight moves its twin up
+    assert order(1.0)[0] == "8"
 
 
 @pytest.fixture(scope="module")
