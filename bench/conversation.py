@@ -205,6 +205,36 @@ def report(rows: Sequence[Row], n_labels: int) -> None:
         )
 
 
+def reasons_faithfulness(
+    engine: Any, histories: Sequence[list[str]], seed: int
+) -> dict[str, list[tuple[int, int]]]:
+    """How far each of a user's top 10 items falls in the model's ranking when one history item
+    is removed: its first reason (occlusion), the history item most like it in MiniLM space
+    (a text explanation), or a random one of the items occlusion tried."""
+    from inference.reasons import MAX_OCCLUDED, occlusion_reasons
+
+    rng = np.random.default_rng(seed)
+    drops: dict[str, list[tuple[int, int]]] = {"occlusion": [], "text": [], "random": []}
+    for history in histories:
+        items = [i for i, _ in engine.ranked(history)[:10]]
+        reasons = occlusion_reasons(engine.recommender, history, items)
+        window = list(dict.fromkeys(reversed(history)))[:MAX_OCCLUDED]
+        vectors = engine.vectors(window)
+        for item in items:
+            if not reasons[item]:
+                continue
+            text = window[int(np.argmax(vectors @ engine.vectors([item])[0]))]
+            others = [h for h in window if h not in reasons[item]]
+            picks = {"occlusion": reasons[item][0], "text": text}
+            if others:
+                picks["random"] = others[int(rng.integers(len(others)))]
+            before = [i for i, _ in engine.ranked(history)].index(item)
+            for name, removed in picks.items():
+                after = [i for i, _ in engine.ranked([h for h in history if h != removed])]
+                drops[name].append((before, after.index(item)))
+    return drops
+
+
 def engine_latency(
     engine: Any, histories: Sequence[list[str]], labels: Sequence[Label], n: int
 ) -> list[float]:
@@ -314,6 +344,9 @@ def main() -> None:
     parser.add_argument("--show-misses", action="store_true")
     parser.add_argument("--latency-only", action="store_true", help="skip the labelled sets")
     parser.add_argument(
+        "--faithfulness", type=int, default=0, help="users for the reasons' deletion test"
+    )
+    parser.add_argument(
         "--like-weight", type=float, default=LIKE_WEIGHT, help="weight of the 'like' similarity"
     )
     args = parser.parse_args()
@@ -377,6 +410,20 @@ def main() -> None:
             print(f"\n{r.name} misses:")
             for message in r.misses:
                 print(f"  {message}")
+
+    if args.faithfulness:
+        drops = reasons_faithfulness(engine, histories[: args.faithfulness], args.seed)
+        print(
+            f"\nreasons, deletion test ({args.faithfulness} users' top 10): rank fall of the item "
+            "when one history item is removed, mean / median / share falling out of the top 10"
+        )
+        for name, pairs in drops.items():
+            ranks = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+            fell = ranks[:, 1] - ranks[:, 0]
+            print(
+                f"  {name:<9} {fell.mean():8.1f} / {np.median(fell):6.1f} / "
+                f"{float(np.mean(ranks[:, 1] >= 10)):.3f}  ({len(pairs)} items)"
+            )
 
     turns = engine_latency(engine, histories, labels, args.turns)
     print(
