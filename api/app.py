@@ -110,6 +110,10 @@ REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("redis", redis.asyncio.Redis
 # that runs their work.
 ENGINE: web.AppKey[ConversationEngine | None] = web.AppKey("conversation", ConversationEngine)
 MODEL_THREAD: web.AppKey[ThreadPoolExecutor] = web.AppKey("model_thread", ThreadPoolExecutor)
+# The conversation's own Redis identity (principal ``converse``: the catalog and the user's
+# profile to read, the session to write), so the API's ``api`` user stays read-only on lists.
+CONVERSE = "converse"
+CONVERSE_REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("converse_redis", redis.asyncio.Redis)
 # The key a request was let in with (None: anonymous, on a deployment without keys); handlers
 # that act on a user's data name its key_id in their audit trail.
 PRINCIPAL: web.RequestKey[ApiKeyRecord | None] = web.RequestKey("principal", ApiKeyRecord)
@@ -416,7 +420,7 @@ def build_app(settings: ApiSettings) -> web.Application:
             reply = await run_turn(
                 engine,
                 request.app[MODEL_THREAD],
-                request.app[REDIS],
+                request.app[CONVERSE_REDIS],
                 keys=keys,
                 user_id=user_id,
                 request=turn,
@@ -447,7 +451,8 @@ def build_app(settings: ApiSettings) -> web.Application:
         app[ENGINE] = None
         folder = settings.api_conversation_model_dir
         if folder is not None:  # loaded before serving: a turn never waits for a model load
-            attributes = await load_attributes(app[REDIS], keys)
+            app[CONVERSE_REDIS] = async_redis_client(settings, CONVERSE)
+            attributes = await load_attributes(app[CONVERSE_REDIS], keys)
             app[ENGINE] = await asyncio.get_running_loop().run_in_executor(
                 app[MODEL_THREAD], ConversationEngine.load, folder, attributes
             )
@@ -455,6 +460,8 @@ def build_app(settings: ApiSettings) -> web.Application:
     async def disconnect(app: web.Application) -> None:
         nonlocal sink
         await app[REDIS].aclose()
+        if CONVERSE_REDIS in app:
+            await app[CONVERSE_REDIS].aclose()
         app[MODEL_THREAD].shutdown(wait=True)
         if sink is not None:  # dropped once closed, so the client itself goes with it
             closing, sink = sink, None

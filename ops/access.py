@@ -23,6 +23,7 @@ from consumers.settings import CacheWriterSettings, EmbeddingsSettings, RegenSet
 from ops.exceptions import OpsError
 from recstream.security import KAFKA_MECHANISM, PRINCIPALS, credentials, kafka_config
 from recstream.settings import CommonSettings
+from schemas.conversation import SESSION_KIND
 from streams.settings import StreamsSettings
 
 __all__ = ["Rights", "apply_kafka", "redis_acl_file", "rights"]
@@ -84,7 +85,8 @@ def rights(settings: CommonSettings) -> list[Rights]:
             reads=(s.topic_profiles_changed,),
             writes=(s.topic_recommendations, s.topic_profiles_changed_dlq),
             groups=(regen.regen_group_id,),
-            redis=f"{keys(profile, read_only=True)} {_READ}",
+            # The user's conversation session too: its constraints steer the regenerated list.
+            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {_READ}",
         ),
         Rights(
             "cache",
@@ -107,6 +109,13 @@ def rights(settings: CommonSettings) -> list[Rights]:
             "api",
             redis=f"{keys(['recs'], read_only=True)} %R~{p}catalog:popular "
             "+@read +@connection -@dangerous",
+        ),
+        # The read API's conversation turns (api.conversation): the catalog's attributes and the
+        # user's profile to read, the user's session to read and write; nothing else.
+        Rights(
+            "converse",
+            redis=f"{keys(profile, read_only=True)} {keys([SESSION_KIND])} "
+            f"%R~{p}catalog:* %R~{p}item:* +@read +@write +@connection -@dangerous",
         ),
         # Erasure (streams.erasure) reads the clickstream's end offsets, records the erasure,
         # deletes a user's keys under any prefix (live, rebuild namespaces) and removes the

@@ -52,9 +52,12 @@ PRINCIPALS: Final = (
     "embeddings",
     "producer",
     "api",
+    "converse",
     "eraser",
 )
-"""Every principal: one per service, the clickstream producers, the eraser and the operators."""
+"""Every principal: one per service, the clickstream producers, the read API's conversation
+(``converse``: the API's second Redis identity, for refinement turns), the eraser and the
+operators."""
 
 KAFKA_MECHANISM: Final = "SCRAM-SHA-512"
 

@@ -31,6 +31,7 @@ from ops.feed import produce, replay_records
 from recstream.keys import Keys
 from recstream.security import PRINCIPALS, kafka_config, redis_client
 from recstream.settings import ENV_PREFIX, CommonSettings
+from schemas.conversation import session_key
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
@@ -269,6 +270,33 @@ def test_redis_users_are_limited_to_their_keys_and_commands(secure: Secure) -> N
         assert admin.get(keys.recs("victim")) == b"{}"
     finally:
         for client in (admin, api, streams):
+            client.close()
+
+
+def test_a_conversation_reads_the_profile_and_writes_only_the_session(secure: Secure) -> None:
+    s = secure.settings
+    keys = Keys(s.key_prefix)
+    session = session_key(keys, "victim")
+    admin = redis_client(s, "admin")
+    admin.hset(keys.profile("victim"), mapping={"version": 1})
+    admin.set(keys.recs("victim"), b"{}")
+    converse, api, regen = (redis_client(s, p) for p in ("converse", "api", "regen"))
+    try:
+        assert converse.hgetall(keys.profile("victim")) == {b"version": b"1"}
+        converse.set(session, b"{}", ex=60)
+        assert regen.get(session) == b"{}"  # its constraints steer the regenerated list
+        for forged in (
+            lambda: converse.set(keys.recs("victim"), b"forged"),
+            lambda: converse.hset(keys.profile("victim"), "version", 9),
+            converse.flushall,
+            lambda: regen.set(session, b"forged"),
+            lambda: api.get(session),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forged()
+        assert admin.get(keys.recs("victim")) == b"{}"
+    finally:
+        for client in (admin, converse, api, regen):
             client.close()
 
 
