@@ -235,6 +235,55 @@ def reasons_faithfulness(
     return drops
 
 
+def _kept(
+    ranked: list[tuple[str, float]],
+    mask: np.ndarray,
+    attributes: CatalogAttributes,
+    like: Sequence[str],
+) -> list[str]:
+    """The first ten of ``ranked`` that ``mask`` keeps, the ``like`` items left out."""
+    return [i for i, _ in ranked if mask[attributes.position[i]] and i not in like][:10]
+
+
+def like_variants(
+    engine: Any, labels: Sequence[Label], users: Users, histories: Sequence[list[str]]
+) -> None:
+    """Ways to serve "more like <title>" on the labelled "like" requests: NDCG@10 of the
+    held-out item (pairs whose item meets the labelled constraints) and the top 10's mean
+    MiniLM cosine to the named film. ``append`` ranks with the film added to the history (the
+    model's own notion of what follows it) instead of reordering by text."""
+    attributes = users.attributes
+    ndcg: dict[str, list[float]] = {}
+    cosine: dict[str, list[float]] = {}
+    for label in labels:
+        gold = label.parsed.constraints
+        if not gold.like:
+            continue
+        mask = attributes.mask(gold)
+        anchor = users.vectors(list(gold.like)).mean(axis=0)
+        for history, target, ranked in zip(histories, users.targets, users.ranked, strict=True):
+            appended = engine.ranked([*history, *gold.like])
+            lists = {
+                "unrefined": _kept(ranked, mask, attributes, gold.like),
+                f"text {users.like_weight}": [
+                    i
+                    for i, _ in refine(
+                        ranked, gold, attributes, 10, users.vectors, like_weight=users.like_weight
+                    )
+                ],
+                "append": _kept(appended, mask, attributes, gold.like),
+            }
+            for name, listed in lists.items():
+                cosine.setdefault(name, []).append(float((users.vectors(listed) @ anchor).mean()))
+                pos = attributes.position.get(target)
+                if pos is not None and mask[pos]:
+                    found = listed.index(target) if target in listed else None
+                    ndcg.setdefault(name, []).append(_ndcg(found))
+    print("\n'like' requests: NDCG@10 of the held-out item (pairs) / mean cosine to the film")
+    for name, values in ndcg.items():
+        print(f"  {name:<10} {_mean(values):.4f} ({len(values)}) / {_mean(cosine[name]):.3f}")
+
+
 def engine_latency(
     engine: Any, histories: Sequence[list[str]], labels: Sequence[Label], n: int
 ) -> list[float]:
@@ -343,6 +392,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--show-misses", action="store_true")
     parser.add_argument("--latency-only", action="store_true", help="skip the labelled sets")
+    parser.add_argument("--like-variants", action="store_true", help="compare ways to serve 'like'")
     parser.add_argument(
         "--faithfulness", type=int, default=0, help="users for the reasons' deletion test"
     )
@@ -411,6 +461,8 @@ def main() -> None:
             for message in r.misses:
                 print(f"  {message}")
 
+    if args.like_variants:
+        like_variants(engine, labels, sample, histories)
     if args.faithfulness:
         drops = reasons_faithfulness(engine, histories[: args.faithfulness], args.seed)
         print(
