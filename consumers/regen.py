@@ -164,7 +164,8 @@ class RegenService:
         self._redis_down_since: float | None = None  # first failed profile read of an outage
         self._redis_retry_at = 0.0
         self._refiner: SessionRefiner | None = None  # loaded at the first session seen
-        self._sessions_refused = False  # the ACL refused reading a session: stop trying
+        self._sessions_refused = False  # the ACL refused a session or the catalog: stop trying
+        self._catalog_missing = False  # said once: no catalog loaded to apply sessions with
         self.consumer = at_least_once_consumer(
             settings,
             settings.regen_group_id,
@@ -338,9 +339,16 @@ class RegenService:
         if self._refiner is None:
             try:
                 attributes = read_catalog_attributes(self.redis, self.keys)
-            except (InferenceError, redis.exceptions.NoPermissionError) as exc:
-                # No catalog loaded (or none this principal may read): nothing to apply them with.
-                log.warning("a conversation session is not applied: %s", exc)
+            except redis.exceptions.NoPermissionError:
+                log.warning(
+                    "conversation sessions are not applied: this principal may not read the catalog"
+                )
+                self._sessions_refused = True
+                return None
+            except InferenceError as exc:  # no catalog loaded yet: tried again at the next one
+                if not self._catalog_missing:
+                    log.warning("a conversation session is not applied: %s", exc)
+                self._catalog_missing = True
                 return None
             index = None
             if self.settings.regen_model_dir is not None:
