@@ -70,14 +70,23 @@ from api.conversation import (
 from api.exceptions import IngestFailed, UnsafeExposureError
 from api.ingest import EventSink, Record, Refused, ingestion_refusal, parse_events
 from api.keys import KeyRing
-from api.metrics import EVENTS, FALLBACKS, LATENCY, REQUESTS
+from api.metrics import EVENTS, FALLBACKS, LATENCY, NOTICES, REQUESTS
 from api.settings import ApiSettings, is_loopback
 from inference.popularity import Popularity
 from recstream.errors import ConfigError
 from recstream.keys import Keys
 from recstream.security import async_redis_client, credentials
-from schemas import ErrorResponse, Health, ModelRef, Recommendations, ScoredItem
+from schemas import (
+    ErrorResponse,
+    Health,
+    ModelRef,
+    ProfileChanged,
+    ProfileChanges,
+    Recommendations,
+    ScoredItem,
+)
 from schemas.api import ApiKeyRecord, ErrorBody, EventsAccepted, EventsRejected, Scope
+from schemas.conversation import ConversationReply
 from schemas.events import Id
 from schemas.openapi import (
     ANONYMOUS_SCOPES,
@@ -136,6 +145,20 @@ def valid_user_id(user_id: str) -> bool:
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:
     return web.Response(status=status, body=to_json(model), content_type="application/json")
+
+
+def change_notice(reply: ConversationReply) -> Record:
+    """A conversation turn's notice on ``profiles.changed``: the profile version the turn read
+    (never ahead of the stored one, so the regeneration service accepts it) and the turn as
+    its one event and trigger."""
+    notice = ProfileChanged(
+        user_id=reply.user_id,
+        profile_version=reply.profile_version,
+        changes=ProfileChanges(events=1),
+        event_id=f"turn-{secrets.token_hex(8)}",
+        trigger_ts=reply.generated_at,
+    )
+    return reply.user_id.encode(), notice.model_dump_json().encode()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -387,6 +410,39 @@ def build_app(settings: ApiSettings) -> web.Application:
             sink = EventSink(settings, settings.api_events_ack_timeout_s)
         return sink
 
+    # A turn's change notice, so the regeneration service publishes the refined list (the
+    # cache, frontends and analytics see it): sent as ``converse`` after the reply is made,
+    # without holding the reply; an undelivered one is counted and logged (the list is then
+    # refined at the user's next change).
+    notices: EventSink | None = None
+    sending: set[asyncio.Task[None]] = set()
+
+    async def send_notice(record: Record) -> None:
+        nonlocal notices
+        try:
+            if notices is None or notices.broken:
+                if notices is not None:
+                    asyncio.get_running_loop().run_in_executor(None, notices.close)
+                notices = EventSink(
+                    settings,
+                    settings.api_events_ack_timeout_s,
+                    topic=settings.topic_profiles_changed,
+                    principal=CONVERSE,
+                )
+            await notices.send([record])
+        except (IngestFailed, ConfigError) as exc:
+            NOTICES.labels("failed").inc()
+            log.warning("%s: change notice not sent: %s", CONVERSATION_PATH, exc)
+            return
+        NOTICES.labels("sent").inc()
+
+    def announce(reply: ConversationReply) -> None:
+        if reply.profile_version < 1:  # no profile: nothing to regenerate
+            return
+        task = asyncio.create_task(send_notice(change_notice(reply)))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+
     async def post_events(request: web.Request) -> web.Response:
         if refused_ingestion is not None:
             return _error(503, "ingestion_unavailable", refused_ingestion)
@@ -431,6 +487,7 @@ def build_app(settings: ApiSettings) -> web.Application:
         except TurnRefused as refused:
             r = refused.refusal
             return _error(r.status, r.code, r.message)
+        announce(reply)
         return _json(reply)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -458,7 +515,12 @@ def build_app(settings: ApiSettings) -> web.Application:
             )
 
     async def disconnect(app: web.Application) -> None:
-        nonlocal sink
+        nonlocal sink, notices
+        if sending:  # notices on their way: a last chance, bounded by their ack timeout
+            await asyncio.wait(sending, timeout=settings.api_events_ack_timeout_s)
+        if notices is not None:
+            closing_notices, notices = notices, None
+            await asyncio.get_running_loop().run_in_executor(None, closing_notices.close)
         await app[REDIS].aclose()
         if CONVERSE_REDIS in app:
             await app[CONVERSE_REDIS].aclose()

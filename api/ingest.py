@@ -140,19 +140,27 @@ def ingestion_refusal(settings: CommonSettings) -> str | None:
 
 
 class EventSink:
-    """One idempotent producer, as ``producer``, whose deliveries resolve asyncio futures.
+    """One idempotent producer, as ``principal`` (``producer`` for the clickstream), to ``topic``
+    (default the clickstream), whose deliveries resolve asyncio futures.
 
     A daemon thread polls the producer (serving delivery reports); each report is handed to the
     event loop with ``call_soon_threadsafe``. :meth:`send` enqueues a request's records and
     waits for every ack, at most ``timeout_s``.
     """
 
-    def __init__(self, settings: CommonSettings, timeout_s: float) -> None:
-        self.topic = settings.topic_clickstream
+    def __init__(
+        self,
+        settings: CommonSettings,
+        timeout_s: float,
+        *,
+        topic: str | None = None,
+        principal: str = PRODUCER,
+    ) -> None:
+        self.topic = topic or settings.topic_clickstream
         self.timeout_s = timeout_s
         self.broken = False  # a fatal producer error: the app makes a new sink
         self._producer = idempotent_producer(
-            settings, PRODUCER, message_timeout_ms=max(1, int(timeout_s * 1000))
+            settings, principal, message_timeout_ms=max(1, int(timeout_s * 1000))
         )
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="events-producer", daemon=True)

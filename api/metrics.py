@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-__all__ = ["EVENTS", "FALLBACKS", "LATENCY", "REQUESTS"]
+__all__ = ["EVENTS", "FALLBACKS", "LATENCY", "NOTICES", "REQUESTS"]
 
 REQUESTS = Counter("recs_api_requests_total", "HTTP requests answered.", ["route", "status"])
 LATENCY = Histogram(
@@ -24,4 +24,11 @@ EVENTS = Counter(
     "request answered 400: nothing produced; a 413's body is never read, so not counted), "
     "failed (Kafka refused them or did not ack in time: answered 503).",
     ["topic", "outcome"],
+)
+NOTICES = Counter(
+    "recs_api_conversation_notices_total",
+    "Change notices a conversation turn sent on profiles.changed (so the regeneration service "
+    "publishes the refined list), by outcome: sent (acknowledged by Kafka) or failed (the turn "
+    "was answered all the same; the list is refined at the user's next change).",
+    ["outcome"],
 )

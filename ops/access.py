@@ -111,9 +111,12 @@ def rights(settings: CommonSettings) -> list[Rights]:
             "+@read +@connection -@dangerous",
         ),
         # The read API's conversation turns (api.conversation): the catalog's attributes and the
-        # user's profile to read, the user's session to read and write; nothing else.
+        # user's profile to read, the user's session to read and write, and a change notice for
+        # the version it read (the regeneration service refuses a version ahead of the stored
+        # one), so the refined list is published; nothing else.
         Rights(
             "converse",
+            writes=(s.topic_profiles_changed,),
             redis=f"{keys(profile, read_only=True)} {keys([SESSION_KIND])} "
             f"%R~{p}catalog:* %R~{p}item:* +@read +@write +@connection -@dangerous",
         ),

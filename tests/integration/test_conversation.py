@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, web
+from confluent_kafka import Consumer, TopicPartition
 
 from api.app import SERVER_OPTIONS, build_app, served_openapi
 from api.keys import add_key, new_key
@@ -35,7 +36,7 @@ from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
-from recstream.security import async_redis_client, redis_client
+from recstream.security import async_redis_client, kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import ProfileChanged, ProfileChanges, Recommendations
 from schemas.api import Scope
@@ -440,3 +441,39 @@ def _published(settings: CommonSettings, group: str, users: set[str]) -> dict[st
     finally:
         consumer.close()
     return out
+
+
+def test_a_turn_announces_a_change_so_the_refined_list_is_published(
+    api: Api, dataset: Dataset
+) -> None:
+    """The turn's notice on profiles.changed carries the version it read (the regeneration
+    service then publishes the refined list, as the test above shows for a live session)."""
+    user = f"announcer-{uuid.uuid4().hex[:6]}"
+    version = _fold(api.settings, user, list(dataset.items)[:5])
+    consumer = Consumer(
+        {
+            **kafka_config(api.settings),
+            "group.id": f"t-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
+    topic = api.settings.topic_profiles_changed
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        starts = [
+            TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p))[1])
+            for p in meta
+        ]
+        consumer.assign(starts)
+        status, body = api.post(user, {"message": "no horror please"})
+        assert status == 200, body
+        deadline = time.monotonic() + 30
+        notice = None
+        while notice is None and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and not message.error() and message.key() == user.encode():
+                notice = ProfileChanged.model_validate_json(message.value())
+        assert notice is not None, "no change notice for the turn"
+        assert (notice.user_id, notice.profile_version) == (user, version)
+    finally:
+        consumer.close()

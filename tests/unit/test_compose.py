@@ -23,7 +23,7 @@ OWN = {
     "streams": {"kafka/streams", "redis/streams"},
     "regen": {"kafka/regen", "redis/regen"},
     "cache-writer": {"kafka/cache", "redis/cache"},
-    "api": {"redis/api", "redis/converse"},
+    "api": {"redis/api", "redis/converse", "kafka/converse"},
     "catalog": {"redis/admin"},
     "trainer": set(),
 }
