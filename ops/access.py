@@ -85,8 +85,10 @@ def rights(settings: CommonSettings) -> list[Rights]:
             reads=(s.topic_profiles_changed,),
             writes=(s.topic_recommendations, s.topic_profiles_changed_dlq),
             groups=(regen.regen_group_id,),
-            # The user's conversation session too: its constraints steer the regenerated list.
-            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {_READ}",
+            # The user's conversation session too, and the catalog's attributes: a session's
+            # constraints steer the regenerated list.
+            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} %R~{p}catalog:* "
+            f"%R~{p}item:* {_READ}",
         ),
         Rights(
             "cache",

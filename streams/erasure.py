@@ -55,6 +55,7 @@ from schemas.conversation import SESSION_KIND, session_key
 from schemas.erasure import ErasureReceipt, StoredKey, UserErased, UserExport
 from schemas.events import Id
 from streams.exceptions import ErasureFailed
+from streams.metrics import ERASURES_REFUSED
 
 __all__ = [
     "ERASER",
@@ -234,6 +235,7 @@ def read_erasures(
     """
     consumer = _reader(kafka, group)
     erased: dict[str, UserErased] = {}
+    refused = 0
     try:
         highs = _highs(consumer, topic, timeout_s, missing_ok=True)
         todo = {p: h for p, h in highs.items() if h > 0}
@@ -266,6 +268,7 @@ def read_erasures(
                         if record is not None and record.user_id == user:
                             erased[user] = record
                         else:  # only admin and the eraser may write here; say it, never guess
+                            refused += 1
                             log.warning(
                                 "ignored a malformed erasure record at %s/%d@%d",
                                 topic,
@@ -277,6 +280,7 @@ def read_erasures(
                     todo.pop(partition)
     finally:
         consumer.close()
+    ERASURES_REFUSED.set(refused)
     return erased
 
 

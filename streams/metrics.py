@@ -34,6 +34,12 @@ IGNORED = Counter(
     "of an erased history.",
     ["reason"],
 )
+ERASURES_REFUSED = Gauge(
+    "recs_erasure_records_refused",
+    "Records on users.erased that the latest whole read of the topic refused (not a UserErased "
+    "of the user in its key): they erase nobody. Only admin and the eraser may write there, so "
+    "anything above 0 wants an operator.",
+)
 FOLDED = Counter("recs_stream_events_folded_total", "Events folded into profiles.")
 EVENTS_OUT = Counter(
     "recs_stream_events_out_total",

@@ -21,12 +21,14 @@ import redis
 import redis.asyncio
 from click.testing import CliRunner
 from jsonschema import Draft202012Validator
+from prometheus_client import REGISTRY
 
 from api.app import erasure_refusal, served_openapi
 from api.keys import add_key, new_key
 from api.settings import ApiSettings
 from cli.main import main
 from cli.supervise import free_port
+from ops.feed import produce
 from ops.rebuild import ProfileRebuild, RebuildStats
 from ops.settings import OpsSettings
 from recstream.keys import Keys, escape
@@ -386,3 +388,20 @@ def test_an_erasure_during_a_rebuild_reaches_its_namespace(ns: Namespace) -> Non
         assert set(keys_of(client, VICTIM)) == {keys.erased(VICTIM)}
     finally:
         client.close()
+
+
+def test_records_on_users_erased_that_erase_nobody_are_counted(ns: Namespace) -> None:
+    """Only admin and the eraser may write users.erased; what they write that is not a
+    UserErased of the user in its key erases nobody and shows in a gauge for operators."""
+    topic = ns.settings.topic_users_erased
+    good = UserErased(user_id="gone", erased_at_ms=1, topic="clickstream", watermarks={0: 3})
+    forged = good.model_copy(update={"user_id": "someone-else"})
+    records = [
+        (b"gone", good.model_dump_json().encode()),
+        (b"broken", b"{not json"),
+        (b"victim", forged.model_dump_json().encode()),  # another user's record under a key
+    ]
+    assert produce(ns.settings, topic, iter(records)) == 3
+    found = read_erasures(kafka_config(ns.settings), topic)
+    assert set(found) == {"gone"}
+    assert REGISTRY.get_sample_value("recs_erasure_records_refused") == 2

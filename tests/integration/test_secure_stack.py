@@ -285,6 +285,8 @@ def test_a_conversation_reads_the_profile_and_writes_only_the_session(secure: Se
         assert converse.hgetall(keys.profile("victim")) == {b"version": b"1"}
         converse.set(session, b"{}", ex=60)
         assert regen.get(session) == b"{}"  # its constraints steer the regenerated list
+        admin.hset(keys.item("victim-film"), "genres", "Drama")  # constraints are attributes
+        assert regen.hget(keys.item("victim-film"), "genres") == b"Drama"
         for forged in (
             lambda: converse.set(keys.recs("victim"), b"forged"),
             lambda: converse.hset(keys.profile("victim"), "version", 9),
