@@ -142,7 +142,7 @@ def search_gen(
     epoch_s = tokens * scored / SOFTMAX_CELLS_PER_S
     if epoch_s > trial_s:
         reason = (
-            f"one epoch (~{epoch_s:.0f}s for {tokens} tokens x {split.n_items} items) would "
+            f"one epoch (~{epoch_s:.0f}s for {tokens} tokens x {scored} scored items) would "
             f"outlast a {trial_s:.0f}s trial; the preset is kept"
         )
         say(f"gen search skipped: {reason}")
