@@ -269,7 +269,13 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
                 )
         fixed = set(chosen) | set(overrides)  # what the command line set is not searched
         best, searched["gen"] = search_gen(
-            split, cfg, gen_s, text_embeddings=text, negatives=negatives, say=click.echo
+            split,
+            cfg,
+            gen_s,
+            text_embeddings=text,
+            negatives=negatives,
+            fixed=frozenset(fixed),
+            say=click.echo,
         )
         cfg = replace(cfg, **{k: v for k, v in best.items() if k not in fixed})
     model, log = train_gen(

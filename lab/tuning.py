@@ -124,11 +124,13 @@ def search_gen(
     *,
     text_embeddings: np.ndarray | None,
     negatives: int = 0,
+    fixed: frozenset[str] = frozenset(),
     trials: int = GEN_TRIALS,
     say: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The transformer's ``lr``, ``dropout`` and ``hidden`` searched in ``trials`` short runs.
 
+    Settings in ``fixed`` (given on the command line) are not searched.
     Returns the chosen settings (to train with for the full budget) and the trace; ``{}`` and a
     reason when one epoch would outlast a trial.
     """
@@ -151,16 +153,24 @@ def search_gen(
     study = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=int(cfg.seed))
     )
-    study.enqueue_trial({"lr": cfg.lr, "dropout": cfg.dropout, "hidden": cfg.hidden})
+    searched = [n for n in ("lr", "dropout", "hidden") if n not in fixed]
+    if not searched:
+        return {}, {"skipped": "every searched setting was given on the command line", "trials": []}
+    hidden_choices = sorted({32, 64, 128, int(cfg.hidden)})  # the preset's size is a choice
+    study.enqueue_trial({n: getattr(cfg, n) for n in searched})
     trace: list[dict[str, Any]] = []
 
     def objective(trial: Any) -> float:
-        params = {
-            "lr": trial.suggest_float("lr", 5e-4, 1e-2, log=True),
-            "dropout": trial.suggest_float("dropout", 0.1, 0.5),
-            "hidden": trial.suggest_categorical("hidden", [32, 64, 128]),
+        space = {
+            "lr": lambda: trial.suggest_float("lr", min(5e-4, cfg.lr), max(1e-2, cfg.lr), log=True),
+            "dropout": lambda: trial.suggest_float(
+                "dropout", min(0.1, cfg.dropout), max(0.5, cfg.dropout)
+            ),
+            "hidden": lambda: trial.suggest_categorical("hidden", hidden_choices),
         }
-        trial_cfg = replace(cfg, **params, ffn=max(cfg.ffn, 2 * int(params["hidden"])))
+        params = {n: space[n]() for n in searched}
+        hidden = int(params.get("hidden", cfg.hidden))
+        trial_cfg = replace(cfg, **params, ffn=max(cfg.ffn, 2 * hidden))
         _, log = train_gen(
             split,
             trial_cfg,
@@ -183,6 +193,6 @@ def search_gen(
 
     study.optimize(objective, n_trials=trials)
     best = dict(study.best_params)
-    best["ffn"] = max(cfg.ffn, 2 * int(best["hidden"]))
+    best["ffn"] = max(cfg.ffn, 2 * int(best.get("hidden", cfg.hidden)))
     say(f"gen: searched {len(trace)} trials of {trial_s:.0f}s, chosen {best}")
     return best, {"best": best, "trial_seconds": trial_s, "trials": trace}

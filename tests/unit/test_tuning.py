@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,36 @@ def test_gen_search_is_skipped_when_an_epoch_outlasts_a_trial(split: Split) -> N
     assert chosen == {}
     assert "outlast" in record["skipped"]
     assert record["trials"] == []
+
+
+def test_train_on_a_folder_searches_and_records_the_trace(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lab.cli import train_cmd
+    from tests.unit.test_hybrid_artifact import _interactions
+
+    data = tmp_path / "walks"
+    data.mkdir()
+    rows = [f"{it.user_id},{it.item_id},{int(it.ts)}" for it in _interactions()]
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "art"
+    args = ["--dataset", str(data), "--out", str(out), "--epochs", "1", "--hidden", "16"]
+    args += ["--layers", "1", "--max-len", "8", "--no-progress", "--threads", "1"]
+    args += ["--tune-budget", "0.05"]  # 3 s: a few trials of each
+    result = CliRunner().invoke(train_cmd, args)
+    assert result.exit_code == 0, result.output
+    log = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    search = log["search"]
+    assert search["budget_minutes"] == 0.05
+    assert search["ease"]["trials"][0]["params"] == WARM_STARTS["ease"][0]
+    # The served parts carry the search's best settings, the transformer the chosen ones.
+    if config["hybrid"]["fusion"]["itemknn"]:
+        assert (
+            config["hybrid"]["itemknn"]["k_neighbours"] == search["itemknn"]["best"]["k_neighbours"]
+        )
+    if search["gen"]["trials"]:
+        assert config["gen"]["lr"] == search["gen"]["best"]["lr"]
+    # A folder without item text trains without text initialisation and without the index.
+    assert config["gen"]["text_init"] is False
+    assert not (out / "index").exists()
