@@ -51,9 +51,20 @@ class Hybrid(Ranker):
         self.valid_ndcg: dict[float, float] = {}
 
     def fit(self, split: Split) -> Hybrid:
-        """The components are fitted already; fitting the hybrid picks ``alpha`` on validation."""
+        """The components are fitted already; fitting the hybrid picks ``alpha`` on validation.
+
+        Above :data:`FUSION_CELLS` validation users x items, an evenly spaced sample of users
+        judges (as for :class:`Fusion`), so a large catalog does not hold gigabytes of scores.
+        """
         hist, targets = split.histories("valid"), split.targets("valid")
-        cf, gen = self.cf.score(hist), self.gen.score(hist)
+        if not hist:
+            raise ValueError("no user has a validation item (3+ interactions) to fit on")
+        cap = max(200, FUSION_CELLS // max(self.n_items, 1))
+        if len(hist) > cap:
+            rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
+            hist, targets = [hist[r] for r in rows], targets[rows]
+        cf = np.concatenate([self.cf.score(hist[s : s + 256]) for s in range(0, len(hist), 256)])
+        gen = np.concatenate([self.gen.score(hist[s : s + 256]) for s in range(0, len(hist), 256)])
         self.valid_ndcg = {
             alpha: metrics_from_ranks(target_ranks(mix(cf, gen, alpha), hist, targets))["ndcg@10"]
             for alpha in ALPHAS
@@ -146,6 +157,8 @@ class Fusion(Ranker):
     ) -> Fusion:
         """Choose the weights on validation NDCG@10 (see the class docstring)."""
         hist, targets = split.histories("valid"), split.targets("valid")
+        if not hist:
+            raise ValueError("no user has a validation item (3+ interactions) to fit on")
         cap = max(200, max_cells // max(self.n_items, 1))
         if len(hist) > cap:
             rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
