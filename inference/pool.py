@@ -655,7 +655,10 @@ class WorkerPool:
         worker.alive = False
         worker.ready = False
         worker.process.join(1.0)
-        log.warning("worker %d (pid %s) died", worker.slot, worker.process.pid)
+        if self._stopping and worker.process.exitcode == 0:  # asked to stop, and it did
+            log.info("worker %d (pid %s) stopped", worker.slot, worker.process.pid)
+        else:
+            log.warning("worker %d (pid %s) died", worker.slot, worker.process.pid)
         held = worker.batch[1] if worker.batch is not None else []
         worker.batch = None
         retry = []

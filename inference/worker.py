@@ -17,6 +17,7 @@ callables so the parent can name what each child should build.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -79,7 +80,14 @@ def worker_main(
     warmup_history: list[str],
     device_index: int | None = None,
 ) -> None:
-    """Entry point of a worker process (spawned; everything here runs in the child)."""
+    """Entry point of a worker process (spawned; everything here runs in the child).
+
+    It ignores SIGINT and SIGTERM: those go to the service's whole process group (Ctrl-C, a
+    supervisor's stop), and the service drains its requests through the workers before it
+    stops them with a ``stop`` message. A parent that dies closes the pipe, which ends it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if device_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
     # Before any numeric library loads: torch, numpy's BLAS and OpenMP all size their thread

@@ -164,6 +164,20 @@ def test_on_a_cpu_a_killed_workers_twin_serves_while_the_replacement_loads(
         pool.close(timeout=5)
 
 
+def test_a_signal_to_the_process_group_leaves_the_workers_to_the_pool(
+    fast_pool: WorkerPool,
+) -> None:
+    """Ctrl-C or a supervisor's SIGTERM reaches the workers too; they keep serving until the
+    draining service stops them."""
+    pids = fast_pool.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert fast_pool.worker_pids() == pids
+    assert fast_pool.submit(CATALOG[:3], k=2).result(10).source == "model"
+
+
 def test_a_single_core_gets_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     import inference.pool as pool_module
 
