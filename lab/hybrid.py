@@ -39,6 +39,21 @@ FUSION_STEPS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # weights tried per part, t
 FUSION_CELLS = 40_000_000  # validation users x items the fusion fit holds per component
 
 
+def validation_sample(
+    split: Split, n_items: int, max_cells: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The validation histories and targets a fit scores: every user, or above ``max_cells``
+    users x items an evenly spaced sample of them (at least 200)."""
+    hist, targets = split.histories("valid"), split.targets("valid")
+    if not hist:
+        raise ValueError("no user has a validation item (3+ interactions) to fit on")
+    cap = max(200, max_cells // max(n_items, 1))
+    if len(hist) > cap:
+        rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
+        hist, targets = [hist[r] for r in rows], targets[rows]
+    return hist, targets
+
+
 class Hybrid(Ranker):
     """Per-user standardised score fusion of a CF model and the generative model."""
 
@@ -56,13 +71,7 @@ class Hybrid(Ranker):
         Above :data:`FUSION_CELLS` validation users x items, an evenly spaced sample of users
         judges (as for :class:`Fusion`), so a large catalog does not hold gigabytes of scores.
         """
-        hist, targets = split.histories("valid"), split.targets("valid")
-        if not hist:
-            raise ValueError("no user has a validation item (3+ interactions) to fit on")
-        cap = max(200, FUSION_CELLS // max(self.n_items, 1))
-        if len(hist) > cap:
-            rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
-            hist, targets = [hist[r] for r in rows], targets[rows]
+        hist, targets = validation_sample(split, self.n_items, FUSION_CELLS)
         cf = np.concatenate([self.cf.score(hist[s : s + 256]) for s in range(0, len(hist), 256)])
         gen = np.concatenate([self.gen.score(hist[s : s + 256]) for s in range(0, len(hist), 256)])
         self.valid_ndcg = {
@@ -156,13 +165,7 @@ class Fusion(Ranker):
         max_cells: int = FUSION_CELLS,
     ) -> Fusion:
         """Choose the weights on validation NDCG@10 (see the class docstring)."""
-        hist, targets = split.histories("valid"), split.targets("valid")
-        if not hist:
-            raise ValueError("no user has a validation item (3+ interactions) to fit on")
-        cap = max(200, max_cells // max(self.n_items, 1))
-        if len(hist) > cap:
-            rows = np.unique(np.linspace(0, len(hist) - 1, cap).astype(np.int64))
-            hist, targets = [hist[r] for r in rows], targets[rows]
+        hist, targets = validation_sample(split, self.n_items, max_cells)
         self.fit_users = len(hist)
         z = {
             name: np.concatenate(

@@ -31,6 +31,15 @@ N_ITEMS = 20
 ALPHA = 0.4
 
 
+def walks_folder(parent: Path) -> Path:
+    """The walks as a generic dataset folder (``interactions.csv``), as a user brings one."""
+    data = parent / "walks"
+    data.mkdir()
+    rows = [f"{it.user_id},{it.item_id},{int(it.ts)}" for it in _interactions()]
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    return data
+
+
 def _interactions() -> list[Interaction]:
     # Random walks that mostly step to a neighbouring item: structure for EASE and Markov.
     rng = np.random.default_rng(7)
@@ -218,10 +227,7 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
 
     from lab.cli import train_cmd
 
-    data = tmp_path / "walks"
-    data.mkdir()
-    rows = [f"{it.user_id},{it.item_id},{int(it.ts)}" for it in _interactions()]
-    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    data = walks_folder(tmp_path)
     out = tmp_path / "art"
     args = ["--dataset", str(data), "--out", str(out), "--epochs", "1", "--hidden", "16"]
     args += ["--layers", "1", "--max-len", "8", "--no-index", "--no-progress", "--threads", "1"]

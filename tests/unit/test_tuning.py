@@ -53,12 +53,9 @@ def test_train_on_a_folder_searches_and_records_the_trace(tmp_path: Path) -> Non
     from click.testing import CliRunner
 
     from lab.cli import train_cmd
-    from tests.unit.test_hybrid_artifact import _interactions
+    from tests.unit.test_hybrid_artifact import walks_folder
 
-    data = tmp_path / "walks"
-    data.mkdir()
-    rows = [f"{it.user_id},{it.item_id},{int(it.ts)}" for it in _interactions()]
-    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    data = walks_folder(tmp_path)
     out = tmp_path / "art"
     args = ["--dataset", str(data), "--out", str(out), "--epochs", "1", "--hidden", "16"]
     args += ["--layers", "1", "--max-len", "8", "--no-progress", "--threads", "1"]
