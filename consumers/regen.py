@@ -75,17 +75,17 @@ from consumers.metrics import (
 )
 from consumers.regenerate import Headers, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
-from inference.conversation import SessionRefiner, read_catalog_attributes, read_session
+from inference.conversation import SessionRefiner, parse_session, read_catalog_attributes
 from inference.exceptions import InferenceError
 from inference.pool import PoolBrokenError, PoolResult, PoolSaturatedError, WorkerPool
 from recstream import security
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.metrics import count
-from schemas import ModelRef, ProfileChanged
-from schemas.conversation import Constraints
+from schemas import ModelRef, Profile, ProfileChanged
+from schemas.conversation import Constraints, Session, session_key
 from schemas.deadletter import dead_letter_headers
-from streams.profile import read_profile
+from streams.profile import read_profile, read_profile_and
 
 __all__ = ["RegenService", "build_pool"]
 
@@ -297,8 +297,8 @@ class RegenService:
             return
         for entry in self.coalescer.take_due(now, room, flush=flush):
             try:
-                profile = read_profile(self.redis, self.keys, entry.user_id)
-                constraints = self._session_constraints(entry.user_id)
+                profile, session = self._read_user(entry.user_id)
+                constraints = self._session_constraints(session)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Includes LOADING (a restarted Redis replaying its AOF). Stay in the group and
                 # keep the work: a crash would cost a restart and the model's load.
@@ -321,18 +321,25 @@ class RegenService:
                 break
             self._started(entry, profile.version, future, constraints)
 
-    def _session_constraints(self, user_id: str) -> Constraints | None:
+    def _read_user(self, user_id: str) -> tuple[Profile | None, Session | None]:
+        """The user's profile and live conversation session, in one round trip."""
+        if not self._sessions_refused:
+            try:
+                profile, raw = read_profile_and(
+                    self.redis, self.keys, user_id, session_key(self.keys, user_id)
+                )
+                return profile, parse_session(raw)
+            except redis.exceptions.NoPermissionError:
+                # A deployment whose ACL does not let this principal read sessions: lists stay
+                # unrefined rather than the service failing on every change.
+                log.warning("conversation sessions are not applied: this principal may not read")
+                self._sessions_refused = True
+        return read_profile(self.redis, self.keys, user_id), None
+
+    def _session_constraints(self, session: Session | None) -> Constraints | None:
         """The constraints of the user's conversation session, when one is live and this
         service can apply them (the catalog is loaded)."""
         if self._sessions_refused:
-            return None
-        try:
-            session = read_session(self.redis, self.keys, user_id)
-        except redis.exceptions.NoPermissionError:
-            # A deployment whose ACL does not let this principal read sessions: lists stay
-            # unrefined rather than the service failing on every change.
-            log.warning("conversation sessions are not applied: this principal may not read them")
-            self._sessions_refused = True
             return None
         if session is None or session.constraints.empty:
             return None

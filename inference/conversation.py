@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from inference.exceptions import InferenceError
 from recstream.keys import Keys
 from schemas.catalog import Item
-from schemas.conversation import Constraints, Session, Turn, session_key
+from schemas.conversation import Constraints, Session, Turn
 
 if TYPE_CHECKING:
     import redis
@@ -55,8 +55,8 @@ __all__ = [
     "describe",
     "load_tokenizer",
     "merge",
+    "parse_session",
     "read_catalog_attributes",
-    "read_session",
     "refine",
     "trim_turns",
 ]
@@ -799,9 +799,8 @@ def read_catalog_attributes(client: redis.Redis, keys: Keys) -> CatalogAttribute
     return CatalogAttributes.from_hashes(dict(zip(members, pipe.execute(), strict=True)))
 
 
-def read_session(client: redis.Redis, keys: Keys, user_id: str) -> Session | None:
-    """The user's live conversation session, or ``None`` (none, expired, or unreadable)."""
-    raw = client.get(session_key(keys, user_id))
+def parse_session(raw: Any) -> Session | None:
+    """A stored session's bytes as a :class:`Session`, or ``None`` (none, or unreadable)."""
     if raw is None:
         return None
     try:

@@ -67,6 +67,18 @@ def read_profile(client: redis.Redis, keys: Keys, user_id: str) -> Profile | Non
     return _decode(user_id, pipe.execute())
 
 
+def read_profile_and(
+    client: redis.Redis, keys: Keys, user_id: str, key: str
+) -> tuple[Profile | None, Any]:
+    """:func:`read_profile` and the value of one more of the user's keys (``GET key``), in the
+    same transaction: one round trip where a hot loop needs both."""
+    pipe = client.pipeline(transaction=True)
+    _commands(pipe, keys, user_id)
+    pipe.get(key)
+    *replies, value = pipe.execute()
+    return _decode(user_id, replies), value
+
+
 async def read_profile_async(
     client: redis.asyncio.Redis, keys: Keys, user_id: str
 ) -> Profile | None:
