@@ -402,12 +402,18 @@ def build_app(settings: ApiSettings) -> web.Application:
             error = ErrorBody(code=refused.code, message=refused.message)
             return _json(EventsRejected(error=error, invalid=refused.invalid), 400)
 
+    def working(current: EventSink | None, make: Callable[[], EventSink]) -> EventSink:
+        """``current``, or a new sink where there is none or it broke (a fatal producer error:
+        the old one is closed aside)."""
+        if current is not None and not current.broken:
+            return current
+        if current is not None:
+            asyncio.get_running_loop().run_in_executor(None, current.close)
+        return make()
+
     def event_sink() -> EventSink:
         nonlocal sink
-        if sink is None or sink.broken:
-            if sink is not None:  # a fatal producer error: replace it, close the old one aside
-                asyncio.get_running_loop().run_in_executor(None, sink.close)
-            sink = EventSink(settings, settings.api_events_ack_timeout_s)
+        sink = working(sink, lambda: EventSink(settings, settings.api_events_ack_timeout_s))
         return sink
 
     # A turn's change notice, so the regeneration service publishes the refined list (the
@@ -420,15 +426,15 @@ def build_app(settings: ApiSettings) -> web.Application:
     async def send_notice(record: Record) -> None:
         nonlocal notices
         try:
-            if notices is None or notices.broken:
-                if notices is not None:
-                    asyncio.get_running_loop().run_in_executor(None, notices.close)
-                notices = EventSink(
+            notices = working(
+                notices,
+                lambda: EventSink(
                     settings,
                     settings.api_events_ack_timeout_s,
                     topic=settings.topic_profiles_changed,
                     principal=CONVERSE,
-                )
+                ),
+            )
             await notices.send([record])
         except (IngestFailed, ConfigError) as exc:
             NOTICES.labels("failed").inc()
