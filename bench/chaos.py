@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -53,7 +52,7 @@ import redis
 
 from bench.common import percentile
 from cli.stack import Stack, StackSettings
-from cli.supervise import Child, free_port
+from cli.supervise import Child, free_port, free_port_pair
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import replay_records
@@ -78,18 +77,6 @@ SERVICES = {"streams": "streams", "regen": "regen", "cache-writer": "cache-write
 FRESH_S = 0.5
 PROBE_USER = "chaos-probe"
 REL = 1e-9  # profile weights are sums of floats folded in possibly different batch cuts
-
-
-def free_port_pair() -> int:
-    """A port whose successor is free too (the broker's controller listens on port + 1)."""
-    while True:
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def http_ok(port: int, path: str = "/healthz") -> bool:

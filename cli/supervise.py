@@ -22,7 +22,14 @@ from pathlib import Path
 
 from recstream.errors import RecstreamError
 
-__all__ = ["Child", "ChildFailedError", "free_port", "http_ok", "terminate_group"]
+__all__ = [
+    "Child",
+    "ChildFailedError",
+    "free_port",
+    "free_port_pair",
+    "http_ok",
+    "terminate_group",
+]
 
 Probe = Callable[[], bool]
 
@@ -192,3 +199,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_pair(taken: int = 0) -> int:
+    """A free port whose successor is free too (a Kafka broker's controller listens on port + 1),
+    neither of them ``taken``: both are bound once to check, so a port a client connection holds
+    counts as taken (not only one something listens on)."""
+    while True:
+        port = free_port()
+        if port >= 65535 or taken in (port, port + 1):
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 
 from cli.stack import Stack, StackSettings
-from cli.supervise import Child, free_port, http_ok
+from cli.supervise import Child, free_port, free_port_pair, http_ok
 from lab.datasets import load_dataset
 from ops.feed import produce, replay_records
 from recstream.keys import Keys
@@ -47,28 +47,13 @@ class Secure:
         return (self.stack.secrets / system / principal).read_text().strip()
 
 
-def _free_pair(taken: int) -> int:
-    """A free port whose successor (the controller's) is free too, neither of them ``taken``."""
-    while True:
-        port = free_port()
-        if port < 65535 and taken not in (port, port + 1) and _port_free(port + 1):
-            return port
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     root = tmp_path_factory.mktemp("secure-stack")
     redis_port = free_port()
     stack_settings = StackSettings(
         stack_dir=root,
-        kafka_bootstrap=f"127.0.0.1:{_free_pair(redis_port)}",
+        kafka_bootstrap=f"127.0.0.1:{free_port_pair(redis_port)}",
         redis_url=f"redis://127.0.0.1:{redis_port}/0",
         stack_kafka_heap="512m",
         stack_secure=True,
