@@ -50,6 +50,7 @@ __all__ = [
     "REGEN_PUBLISHED",
     "REGEN_PUBLISH_ERRORS",
     "REGEN_REGENERATIONS",
+    "REGEN_TITLE_FAILURES",
     "MetricsServer",
     "origin_ts",
     "parse_origin_ms",
@@ -79,6 +80,10 @@ REGEN_REGENERATIONS = Counter(
 REGEN_PUBLISHED = Counter("recs_regen_published_total", "Lists delivered to the output topic.")
 REGEN_PUBLISH_ERRORS = Counter(
     "recs_regen_publish_errors_total", "Lists the broker did not accept (offsets kept open)."
+)
+REGEN_TITLE_FAILURES = Counter(
+    "recs_regen_title_lookup_failures_total",
+    "Reads of reasons' catalog titles that Redis did not answer (those lists carry ids only).",
 )
 REGEN_MISSING_PROFILE = Counter(
     "recs_regen_missing_profiles_total", "Changes for users without a profile in Redis."

@@ -35,6 +35,9 @@ through a queue that the loop drains.
   for the whole ranking and the list is its best ``regen_k`` items that meet them
   (``inference.conversation.SessionRefiner``), published with ``source: "refined"``: the
   conversation steers the live stream until the session expires.
+- **Reasons**: each item of a model's list carries ``because``, up to three of the user's history
+  items behind it (the workers' ``inference.reasons.weight_reasons``, checked by the pool to be
+  the user's own), with their catalog titles (``consumers.regenerate.ItemTitles``).
 - **Shutdown**: :meth:`RegenService.stop` only sets a flag (signal-safe); the loop then pauses
   input, starts what waits, drains in-flight work, flushes the producer, commits and closes.
 """
@@ -73,7 +76,7 @@ from consumers.metrics import (
     REGEN_REGENERATIONS,
     origin_ts,
 )
-from consumers.regenerate import Headers, Record, RecsPublisher, model_history
+from consumers.regenerate import Headers, ItemTitles, Record, RecsPublisher, model_history
 from consumers.settings import RegenSettings
 from inference.conversation import SessionRefiner, parse_session, read_catalog_attributes
 from inference.exceptions import InferenceError
@@ -178,7 +181,10 @@ class RegenService:
             message_timeout_ms=settings.regen_delivery_timeout_ms,
         )
         self.publisher = RecsPublisher(
-            self.producer, settings.topic_recommendations, settings.regen_variant
+            self.producer,
+            settings.topic_recommendations,
+            settings.regen_variant,
+            ItemTitles(self.redis, self.keys),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -434,6 +440,7 @@ class RegenService:
                 model=ModelRef(name=result.model_name, version=result.model_version),
                 source=result.source,
                 trigger_ts=running.trigger_ts,
+                because=result.because,
             )
             if done.constraints is not None and result.source == "model":
                 recs = recs.model_copy(update={"source": "refined"})

@@ -38,6 +38,7 @@ from inference.hybrid import fuse
 from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
+from inference.reasons import weight_reasons
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import (
     CatalogScorer,
@@ -373,6 +374,19 @@ class ArtifactRecommender:
                 if not 0 <= i < self.n_items:
                     raise ArtifactError(f"model produced index {i} outside the catalog")
                 out[r].append((self.item_ids[i], float(v)))
+        return out
+
+    def explain(self, history: list[str], items: Sequence[str]) -> dict[str, list[str]]:
+        """Each item's reasons: up to three history item ids, the largest contributors first
+        (``inference.reasons.weight_reasons``; none without a collaborative part)."""
+        known = self.to_indices(history)
+        listed = [i for i in items if i in self.index]
+        out: dict[str, list[str]] = {i: [] for i in items}
+        if not len(known) or not listed:
+            return out
+        targets = np.asarray([self.index[i] for i in listed], dtype=np.int64)
+        for item, reasons in zip(listed, weight_reasons(self, known, targets), strict=True):
+            out[item] = [self.item_ids[r] for r in reasons]
         return out
 
 

@@ -50,6 +50,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from inference.exceptions import InferenceError
+from inference.reasons import MAX_REASONS
 from inference.recommender import Recommender
 from inference.worker import worker_main
 
@@ -83,6 +84,10 @@ FALLBACKS = Counter(
 )
 REJECTED_ITEMS = Counter(
     "recs_pool_rejected_items_total", "Items a model returned that are not in the catalog."
+)
+UNEXPLAINED = Counter(
+    "recs_pool_unexplained_requests_total",
+    "Model answers served without reasons because explaining them raised.",
 )
 RESTARTS = Counter("recs_pool_worker_restarts_total", "Workers replaced after they died.")
 RETRIES = Counter("recs_pool_retried_requests_total", "Requests re-queued after a worker died.")
@@ -153,6 +158,9 @@ class PoolResult:
     model_version: str
     latency_s: float
     reason: str | None = None  # why a fallback was used
+    because: dict[str, list[str]] = field(default_factory=dict)
+    """Per listed item, the history items (ids, largest contribution first) behind it, when the
+    model explains its lists (``inference.reasons``); items without any are left out."""
 
 
 @dataclass(eq=False)
@@ -592,11 +600,16 @@ class WorkerPool:
             for req in requests:
                 self._answer_fallback(req, "model_error")
             return
+        explained = message[3] if len(message) > 3 and message[3] is not None else None
+        if len(message) > 4 and message[4] is not None:  # the lists stand; their reasons do not
+            UNEXPLAINED.inc(len(requests))
+            log.error("model could not explain a batch of %d:\n%s", len(requests), message[4])
         try:
             answers = [
-                (req, self._validate(ranked, req))
-                for req, ranked in zip(requests, message[2], strict=True)
+                (req, items, self._validate_reasons(explained[n], req, items) if explained else {})
+                for n, (req, ranked) in enumerate(zip(requests, message[2], strict=True))
                 if not req.future.done()  # timed out already and got the fallback
+                for items in [self._validate(ranked, req)]
             ]
         except Exception:  # an answer of the wrong shape: the batch gets the fallback
             log.exception("unreadable answer for a batch of %d", len(requests))
@@ -604,12 +617,12 @@ class WorkerPool:
                 self._answer_fallback(req, "bad_answer")
             return
         now = time.monotonic()
-        for req, items in answers:
+        for req, items, because in answers:
             latency = now - req.submitted
-            if _settle(
-                req.future,
-                PoolResult(items, "model", self.model_name, self.model_version, latency),
-            ):
+            result = PoolResult(
+                items, "model", self.model_name, self.model_version, latency, because=because
+            )
+            if _settle(req.future, result):
                 LATENCY.observe(latency)
 
     def _validate(self, ranked: list[tuple[str, float]], req: _Request) -> list[tuple[str, float]]:
@@ -628,6 +641,20 @@ class WorkerPool:
                 break
         if rejected:
             REJECTED_ITEMS.inc(rejected)
+        return out
+
+    @staticmethod
+    def _validate_reasons(
+        given: dict[str, list[str]], req: _Request, items: list[tuple[str, float]]
+    ) -> dict[str, list[str]]:
+        """The reasons of listed items only, each naming distinct items of the request's own
+        history (at most three): a reason is never another user's item or a stranger."""
+        history = set(req.history)
+        out: dict[str, list[str]] = {}
+        for item, _ in items:
+            reasons = list(dict.fromkeys(str(r) for r in given.get(item, ()) if r in history))
+            if reasons:
+                out[item] = reasons[:MAX_REASONS]
         return out
 
     def _answer_fallback(self, req: _Request, reason: str) -> None:

@@ -1,25 +1,47 @@
-"""Why an item was recommended: the history items whose removal costs it the most score.
+"""Why an item was recommended: the history items that contribute most to its score.
 
-Attribution by occlusion on the served scorer itself: the user's history is scored once whole and
-once without each of its newest items (one batch), and a history item's contribution to a
-recommended item is how much that item's score falls without it. The scorer is whatever the
-artifact serves (the transformer, EASE's weights and the Markov term, mixed; retrieval for short
-histories), so the reasons follow the model's real dependence on the history rather than a
-separate explanation model. Items whose removal does not lower the score are no reason.
+Two attributions, both measured against the served scorer (``python -m bench.reasons``):
 
-CPU work (one batch through the model): run it in a worker thread, never on an event loop.
+- :func:`occlusion_reasons`, for conversation replies: the user's history is scored once whole
+  and once without each of its newest items (one batch), and a history item's contribution to a
+  recommended item is how much that item's score falls without it. The scorer is whatever the
+  artifact serves (the transformer, EASE's weights and the Markov term, fused; retrieval for short
+  histories). It costs one model pass per history item tried (about 80 ms on a CPU).
+- :func:`weight_reasons`, for every list the regeneration service publishes: the fusion's
+  collaborative parts (EASE with its Markov term, item-kNN) are sums over the history's items, so
+  each item's share of a recommended item's standardised score is exact and costs a gather of
+  their weights (about 1 ms). It leaves out the transformer's share; removing the first reason it
+  names costs the item nearly as many places in the served ranking as occlusion's first reason
+  (docs/models.md, "Reasons").
+
+Items whose removal (occlusion) or share (weights) does not raise the score are no reason.
+CPU work: run it in a worker, never on an event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["MAX_OCCLUDED", "MAX_REASONS", "HistoryScorer", "occlusion_reasons"]
+from schemas.messages import MAX_REASONS
 
-MAX_REASONS = 3
+if TYPE_CHECKING:  # the pool's parent imports this module and needs no scipy
+    from inference.scoring import Attribution
+
+__all__ = [
+    "EXPLAINED",
+    "MAX_OCCLUDED",
+    "MAX_REASONS",
+    "Attributable",
+    "FusedScorer",
+    "HistoryScorer",
+    "explain_lists",
+    "occlusion_reasons",
+    "weight_reasons",
+]
+
 MAX_OCCLUDED = 32
 """Only the newest this many history items are tried (one batch row each)."""
 
@@ -33,6 +55,70 @@ class HistoryScorer(Protocol):
     def to_indices(self, history: list[str]) -> np.ndarray: ...
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+EXPLAINED = 100
+"""Items explained per list: a regular list whole, and the head of a whole-catalog ranking that
+the regeneration service refines under a conversation's constraints."""
+
+
+def explain_lists(
+    model: object, histories: Sequence[list[str]], lists: Sequence[Sequence[tuple[str, float]]]
+) -> list[dict[str, list[str]]] | None:
+    """Each list's reasons (item -> history item ids) for its first :data:`EXPLAINED` items,
+    from the model's ``explain(history, items)``; ``None`` for a model that cannot explain."""
+    explain = getattr(model, "explain", None)
+    if explain is None:
+        return None
+    return [
+        explain(history, [item for item, _ in ranked[:EXPLAINED]])
+        for history, ranked in zip(histories, lists, strict=True)
+    ]
+
+
+@runtime_checkable
+class Attributable(Protocol):
+    """A fusion part whose score is a sum over the history's items
+    (``inference.scoring.EaseScorer``, ``ItemKNNScorer``)."""
+
+    def attribute(self, history: np.ndarray, targets: np.ndarray) -> Attribution: ...
+
+
+class FusedScorer(Protocol):
+    """What :func:`weight_reasons` needs of a loaded artifact: the fusion's weights and parts."""
+
+    @property
+    def weights(self) -> Mapping[str, float]: ...
+
+    @property
+    def parts(self) -> Mapping[str, object]: ...
+
+
+def weight_reasons(
+    model: FusedScorer, history: np.ndarray, targets: np.ndarray, top: int = MAX_REASONS
+) -> list[list[int]]:
+    """For each target (catalog index), up to ``top`` history items (catalog indices, largest
+    share first) whose weighted share of its standardised score is positive.
+
+    Every list is empty when no part of the fusion is attributable (a transformer alone).
+    """
+    total: dict[int, np.ndarray] = {}
+    for name, weight in model.weights.items():
+        part = model.parts.get(name)
+        if weight <= 0.0 or not isinstance(part, Attributable):
+            continue
+        items, shares = part.attribute(history, targets)
+        for item, share in zip(items.tolist(), shares, strict=True):
+            total[item] = total[item] + weight * share if item in total else weight * share
+    if not total:
+        return [[] for _ in targets]
+    items = np.fromiter(total, dtype=np.int64, count=len(total))
+    shares = np.stack([total[i] for i in items.tolist()])  # (history item, target)
+    out: list[list[int]] = []
+    for col in range(len(targets)):
+        ranked = np.argsort(-shares[:, col], kind="stable")[:top]
+        out.append([int(items[r]) for r in ranked if shares[r, col] > 0.0])
+    return out
 
 
 def occlusion_reasons(

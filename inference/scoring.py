@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = [
+    "Attribution",
     "CatalogScorer",
     "EaseScorer",
     "ItemKNNScorer",
@@ -33,6 +34,50 @@ class CatalogScorer(Protocol):
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """``(len(histories), n_items)`` float32 scores; higher is better."""
         ...
+
+
+Attribution = tuple[np.ndarray, np.ndarray]
+"""``(items, shares)``: a history's distinct items (catalog indices, ascending) and, per item and
+target, its additive share of the target's score minus its mean share over the catalog, divided
+by the standard deviation of the user's score row (the units of a standardised score)."""
+
+
+def _block(matrix: Any, items: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Rows ``items``, columns ``targets`` of a dense or sparse item-item matrix, dense."""
+    if sp.issparse(matrix):
+        return _dense(matrix[items][:, targets])
+    return np.asarray(matrix[np.ix_(items, targets)], dtype=np.float32)
+
+
+def _row_means(matrix: Any) -> np.ndarray:
+    """Each row's mean over the catalog."""
+    return np.asarray(matrix.mean(axis=1), dtype=np.float32).reshape(-1)
+
+
+class _RowMeans:
+    """The catalog means of item-item rows, computed once per matrix and kept for the last few
+    matrices (a refitted model has a new matrix, so a stale mean is never used)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._held: list[tuple[Any, np.ndarray]] = []
+
+    def __call__(self, matrix: Any) -> np.ndarray:
+        for held, means in self._held:
+            if held is matrix:
+                return means
+        means = _row_means(matrix)
+        self._held = [(matrix, means), *self._held[: self.keep - 1]]
+        return means
+
+
+_ROW_MEANS = _RowMeans()
+
+
+def _centred(share: np.ndarray, means: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Shares above each item's mean share, in units of the score row's spread."""
+    out: np.ndarray = (share - means[:, None]) / max(float(row.std()), 1e-9)
+    return out
 
 
 def top_k_unseen(
@@ -163,6 +208,34 @@ class EaseScorer:
             s += self.beta * t
         return s
 
+    def attribute(self, history: np.ndarray, targets: np.ndarray) -> Attribution:
+        """Each history item's share of ``targets``' scores (see :data:`Attribution`).
+
+        :meth:`score` is a sum over history items (recency weight times the item's row of
+        ``B``, and the Markov term's transitions from the newest items), scaled per user, so the
+        shares add up to the score exactly.
+        """
+        w = recency_weights([history], self.n_items, self.decay)
+        items = w.indices.astype(np.int64)
+        order = np.argsort(items)
+        items, weight = items[order], w.data[order]
+        raw = _dense(w @ self.weights)[0]
+        scale = max(float(np.abs(raw).max()), 1e-9)
+        share = weight[:, None] * _block(self.weights, items, targets) / scale
+        means = weight * _ROW_MEANS(self.weights)[items] / scale
+        row = raw / scale
+        if self.beta > 0:
+            m = recency_weights([history], self.n_items, 0.5, last=self.markov_last)
+            newest = np.zeros(self.n_items, dtype=np.float32)
+            newest[m.indices] = m.data
+            trans = _dense(m @ self.trans)[0]
+            t_scale = max(float(trans.max()), 1e-9)
+            step = self.beta * newest[items] / t_scale
+            share = share + step[:, None] * _block(self.trans, items, targets)
+            means = means + step * _ROW_MEANS(self.trans)[items]
+            row = row + self.beta * trans / t_scale
+        return items, _centred(share, means, row)
+
 
 class ItemKNNScorer:
     """Item-kNN: the recency-weighted history times a sparse neighbour table (rows = sources).
@@ -196,6 +269,17 @@ class ItemKNNScorer:
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         w = recency_weights(histories, self.n_items, self.decay)
         return _dense(w @ self.sim)
+
+    def attribute(self, history: np.ndarray, targets: np.ndarray) -> Attribution:
+        """Each history item's share of ``targets``' scores (see :data:`Attribution`): the
+        score is the recency-weighted sum of the items' neighbour rows."""
+        w = recency_weights([history], self.n_items, self.decay)
+        items = w.indices.astype(np.int64)
+        order = np.argsort(items)
+        items, weight = items[order], w.data[order]
+        share = weight[:, None] * _block(self.sim, items, targets)
+        row = _dense(w @ self.sim)[0]
+        return items, _centred(share, weight * _ROW_MEANS(self.sim)[items], row)
 
 
 class PopularityScorer:

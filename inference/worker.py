@@ -4,8 +4,11 @@ A worker is started by :class:`inference.pool.WorkerPool` with the ``spawn`` sta
 torch's thread pool, loads its recommender once, warms it up with a real batch, answers a ready
 message, and then serves messages from its pipe until told to stop:
 
-- ``("batch", batch_id, histories, k)`` → ``("result", batch_id, lists)`` or
-  ``("error", batch_id, text)`` when the model raised;
+- ``("batch", batch_id, histories, k)`` → ``("result", batch_id, lists, reasons, error)`` or
+  ``("error", batch_id, text)`` when the model raised. ``reasons`` holds, per list, the reasons
+  of its head when the model can explain (``inference.reasons.explain_lists``), else ``None``;
+  ``error`` is the traceback when explaining raised (the lists stand, without reasons), else
+  ``None``;
 - ``("ping", token)`` → ``("pong", token, info)`` after a small computation on the device;
 - ``("stop",)`` → the worker exits.
 
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from inference.postprocess import PostConfig
+from inference.reasons import explain_lists
 from inference.recommender import Recommender
 from inference.settings import ArtifactTrust
 
@@ -127,4 +131,8 @@ def worker_main(
         except Exception:  # reported per batch so the parent can fall back for those requests
             conn.send(("error", batch_id, traceback.format_exc(limit=5)))
             continue
-        conn.send(("result", batch_id, lists))
+        try:
+            reasons, error = explain_lists(model, histories, lists), None
+        except Exception:  # the lists stand without their reasons
+            reasons, error = None, traceback.format_exc(limit=5)
+        conn.send(("result", batch_id, lists, reasons, error))

@@ -27,7 +27,8 @@ from confluent_kafka import KafkaError, Message
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from consumers import RecsPublisher, model_history
+from consumers import ItemTitles, RecsPublisher, model_history
+from inference.reasons import explain_lists
 from inference.recommender import Recommender
 from ops.compare import Comparison, compare
 from ops.exceptions import ReplayError
@@ -181,7 +182,9 @@ class RegenReplay:
                 errors.append(err)
 
         producer = idempotent_producer(self.settings, linger_ms=5)
-        publisher = RecsPublisher(producer, out_topic, self.settings.replay_variant)
+        publisher = RecsPublisher(
+            producer, out_topic, self.settings.replay_variant, ItemTitles(self.redis, self.keys)
+        )
         users = sorted(changes)
         size = self.settings.replay_regen_batch_size
         with tqdm(
@@ -194,7 +197,8 @@ class RegenReplay:
                 stats.missing_profiles += len(chunk) - len(present)
                 histories = [model_history(p) for _, p in present]
                 ranked = self.recommender.recommend(histories, self.settings.replay_k)
-                for (user, profile), items in zip(present, ranked, strict=True):
+                reasons = explain_lists(self.recommender, histories, ranked) or [{}] * len(ranked)
+                for (user, profile), items, because in zip(present, ranked, reasons, strict=True):
                     recs = publisher.build(
                         user,
                         items,
@@ -202,6 +206,7 @@ class RegenReplay:
                         model=self.model,
                         source="model",
                         trigger_ts=changes[user].trigger_ts,
+                        because=because,
                     )
                     publisher.publish(recs, on_delivery=delivered)
                     stats.published += 1

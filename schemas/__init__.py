@@ -15,6 +15,7 @@ from schemas.events import (
 from schemas.exceptions import Reason, SchemaError, ValidationFailed
 from schemas.messages import (
     Envelope,
+    HistoryReason,
     ModelRef,
     Profile,
     ProfileChanged,
@@ -34,6 +35,7 @@ __all__ = [
     "ErrorResponse",
     "Event",
     "Health",
+    "HistoryReason",
     "ModelRef",
     "Profile",
     "ProfileChanged",

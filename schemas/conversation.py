@@ -18,7 +18,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from recstream.keys import Keys
 from schemas.events import Id
-from schemas.messages import ModelRef
+from schemas.messages import MAX_REASONS, HistoryReason, ModelRef
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
@@ -111,13 +111,6 @@ class ConversationRequest(_Frozen):
     session_id: SessionId | None = None
 
 
-class HistoryReason(_Frozen):
-    """A history item that contributed to a recommendation."""
-
-    item_id: Id
-    title: str
-
-
 class ExplainedItem(_Frozen):
     """A recommended item with its reasons: the history items behind it and the constraints it
     satisfies (as the reply's ``constraints`` name them, e.g. ``genre:Comedy``)."""
@@ -125,7 +118,7 @@ class ExplainedItem(_Frozen):
     item_id: Id
     score: float
     title: str = ""
-    because: list[HistoryReason] = Field(default_factory=list, max_length=3)
+    because: list[HistoryReason] = Field(default_factory=list, max_length=MAX_REASONS)
     satisfies: list[str] = Field(default_factory=list)
 
 

@@ -47,9 +47,27 @@ class ProfileChanged(_Frozen):
     trigger_ts: AwareDatetime = Field(description="The triggering event's ts.")
 
 
+class HistoryReason(_Frozen):
+    """A history item that contributed to a recommendation."""
+
+    item_id: Id
+    title: Annotated[str, Field(max_length=512)] = Field(
+        "", description="The catalog's title, when the catalog has the item."
+    )
+
+
+MAX_REASONS = 3
+
+
 class ScoredItem(_Frozen):
     item_id: Id
     score: float
+    because: list[HistoryReason] = Field(
+        default_factory=list,
+        max_length=MAX_REASONS,
+        description="Up to three of the user's history items that contributed most to this "
+        "item, largest first (empty when the list's source cannot say: a fallback list).",
+    )
 
 
 class ModelRef(_Frozen):

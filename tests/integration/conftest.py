@@ -34,13 +34,16 @@ def workers(
         worker.stop()
 
 
-def train_tiny_artifact(folder: Path, *, with_index: bool = False) -> Path:
+def train_tiny_artifact(folder: Path, *, with_index: bool = False, with_ease: bool = False) -> Path:
     """Train the tiny transformer (100 ML-100K users, one epoch) into ``folder``, signed with the
-    session's key; ``with_index`` adds the MiniLM item index (retrieval, private embeddings)."""
+    session's key; ``with_index`` adds the MiniLM item index (retrieval, private embeddings),
+    ``with_ease`` serves it mixed half and half with EASE (a model whose lists have reasons)."""
     from inference.embeddings import catalog_vectors
-    from inference.generative import GenConfig
+    from inference.generative import GenConfig, GenScorer
     from lab.artifact import save_artifact
+    from lab.baselines import EASE
     from lab.datasets import Dataset, load_dataset
+    from lab.hybrid import Hybrid
     from lab.protocol import leave_one_out
     from lab.training import train_gen
     from recstream.settings import CommonSettings
@@ -52,8 +55,18 @@ def train_tiny_artifact(folder: Path, *, with_index: bool = False) -> Path:
     cfg = GenConfig(hidden=16, layers=1, heads=2, ffn=32, max_len=20, batch_size=64, epochs=1)
     model, log = train_gen(split, cfg, progress=False, say=lambda _: None)
     vectors = catalog_vectors(split.item_ids, full.items) if with_index else None
-    save_artifact(folder, model, split, dict(log), text_embeddings=vectors)
+    hybrid = None
+    if with_ease:
+        ease = EASE(lam=100.0, decay=0.9, beta=0.3, markov_last=3).fit(split)
+        hybrid = Hybrid(ease, GenScorer(model, model.cfg)).fit(split)
+        hybrid.alpha = 0.5  # both parts serve, whatever validation picked for one epoch
+    save_artifact(folder, model, split, dict(log), text_embeddings=vectors, hybrid=hybrid)
     return folder
+
+
+@pytest.fixture(scope="session")
+def hybrid_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_artifact(tmp_path_factory.mktemp("hybrid-artifact") / "gen", with_ease=True)
 
 
 @pytest.fixture(scope="session")

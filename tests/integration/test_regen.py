@@ -26,9 +26,8 @@ from prometheus_client import REGISTRY
 from consumers.cache_writer import CacheWriter, CasOutcome, RecsCache
 from consumers.regen import RegenService, build_pool
 from consumers.settings import CacheWriterSettings, RegenSettings
-from inference.artifact import load_recommender
+from inference.artifact import ArtifactRecommender, load_recommender
 from inference.pool import WorkerPool
-from inference.recommender import Recommender
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from ops.feed import produce, replay_records
@@ -53,10 +52,10 @@ def dataset(stack_ready: CommonSettings) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def pool(stack_ready: CommonSettings, tiny_artifact: Path) -> Iterator[WorkerPool]:
+def pool(stack_ready: CommonSettings, hybrid_artifact: Path) -> Iterator[WorkerPool]:
     settings = RegenSettings(
         **stack_ready.model_dump(),
-        regen_model_dir=tiny_artifact,
+        regen_model_dir=hybrid_artifact,
         regen_pool={"workers": 1, "request_timeout_s": 10.0},
     )
     started = build_pool(settings).start()
@@ -65,9 +64,10 @@ def pool(stack_ready: CommonSettings, tiny_artifact: Path) -> Iterator[WorkerPoo
 
 
 @pytest.fixture(scope="module")
-def model(tiny_artifact: Path) -> Recommender:
-    """The same artifact the pool serves, loaded here to compute the expected answers."""
-    return load_recommender(tiny_artifact)
+def model(hybrid_artifact: Path) -> ArtifactRecommender:
+    """The same artifact the pool serves (gen+ease, so its lists have reasons), loaded here to
+    compute the expected answers."""
+    return load_recommender(hybrid_artifact)
 
 
 @dataclass
@@ -144,18 +144,22 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _expected(model: Recommender, svc: Services, user: str) -> tuple[int, list[str]]:
+def _expected(
+    model: ArtifactRecommender, svc: Services, user: str
+) -> tuple[int, list[str], dict[str, list[str]]]:
+    """The user's profile version, the model's list for it and each item's reasons."""
     profile = read_profile(svc.redis, svc.keys, user)
     assert profile is not None
     history = list(reversed(profile.recent_items))
-    return profile.version, [item for item, _ in model.recommend([history], K)[0]]
+    items = [item for item, _ in model.recommend([history], K)[0]]
+    return profile.version, items, model.explain(history, items)
 
 
 def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
     ns: Namespace,
     services: Services,
     dataset: Dataset,
-    model: Recommender,
+    model: ArtifactRecommender,
     tmp_path: Path,
 ) -> None:
     settings = ns.settings
@@ -203,7 +207,7 @@ def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
         expected = {user: _expected(model, services, user) for user in events}
 
         def cached() -> bool:
-            for user, (version, _) in expected.items():
+            for user, (version, _, _) in expected.items():
                 recs = _cached(services, user)
                 if recs is None or recs.profile_version != version:
                     return False
@@ -223,13 +227,22 @@ def test_replayed_slice_gets_fresh_model_lists_on_the_topic_and_in_the_cache(
         assert previous is None or previous.profile_version <= recs.profile_version
         newest[recs.user_id] = recs
         assert {i.item_id for i in recs.items} <= catalog
-    for user, (version, items) in expected.items():
+    explained = 0
+    for user, (version, items, because) in expected.items():
         cached_recs = _cached(services, user)
         assert cached_recs is not None
         assert cached_recs == newest[user]  # the cache holds the newest published list
         assert cached_recs.profile_version == version
         assert cached_recs.source == "model"
         assert [i.item_id for i in cached_recs.items] == items
+        # Each item's reasons are the model's, named with the catalog's titles.
+        for item in cached_recs.items:
+            assert [r.item_id for r in item.because] == because[item.item_id]
+            assert [r.title for r in item.because] == [
+                dataset.items[r.item_id].title for r in item.because
+            ]
+            explained += bool(item.because)
+    assert explained > len(expected)  # most lists explain most items
     assert len(published) < sum(events.values())  # far fewer lists than events
 
 
@@ -255,7 +268,7 @@ def _fold_one_by_one(
 
 
 def test_a_burst_of_fifty_changes_regenerates_far_fewer_times_on_the_last_profile(
-    ns: Namespace, services: Services, dataset: Dataset, model: Recommender
+    ns: Namespace, services: Services, dataset: Dataset, model: ArtifactRecommender
 ) -> None:
     settings = ns.settings
     user = "burst-user"

@@ -56,3 +56,23 @@ def expected(history: list[str], k: int) -> list[tuple[str, float]]:
 def make_echo(delay_s: float = 0.0, fail: bool = False, load_s: float = 0.0) -> EchoRecommender:
     time.sleep(load_s)  # a model that takes this long to load in each (re)started worker
     return EchoRecommender(delay_s, fail)
+
+
+STRANGER = "someone-elses-item"
+
+
+class ExplainingRecommender(EchoRecommender):
+    """An echo model that explains its lists, with reasons a pool must not pass on as they are:
+    an item outside the history, repeats, and more than three."""
+
+    name = "explaining"
+
+    def explain(self, history: list[str], items: list[str]) -> dict[str, list[str]]:
+        if "explain-boom" in history:
+            raise ValueError("cannot explain")
+        newest, oldest = history[-1], history[0]
+        return {item: [newest, STRANGER, oldest, oldest, *history] for item in items}
+
+
+def make_explaining() -> ExplainingRecommender:
+    return ExplainingRecommender(0.0, False)

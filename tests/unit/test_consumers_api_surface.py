@@ -19,6 +19,7 @@ import pytest
                 "DeadReason",
                 "OffsetTracker",
                 "RecsCache",
+                "ItemTitles",
                 "RecsPublisher",
                 "RegenService",
                 "RegenSettings",

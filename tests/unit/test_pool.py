@@ -272,3 +272,27 @@ def test_no_submit_waits_for_the_idle_round(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         pool.close()
     assert not failures, f"{len(failures)} clients saw a stalled request: {failures[0]!r}"
+
+
+def test_reasons_reach_the_caller_only_as_the_users_own_history() -> None:
+    from inference.pool import UNEXPLAINED
+    from tests.unit.pool_models import STRANGER, make_explaining
+
+    pool = WorkerPool(make_explaining, FALLBACK, CATALOG, PoolConfig(workers=1)).start()
+    try:
+        history = ["i3", "i9", "i5", "i7"]
+        result = pool.submit(history, k=5).result(30)
+        assert result.source == "model"
+        assert set(result.because) == {item for item, _ in result.items}
+        for reasons in result.because.values():
+            # The stranger and the repeat are dropped; three at most, all from the history.
+            assert reasons == ["i7", "i3", "i9"]
+            assert STRANGER not in reasons
+        before = UNEXPLAINED._value.get()
+        failed = pool.submit(["i1", "explain-boom"], k=5).result(30)
+        assert failed.source == "model"  # the list stands without its reasons
+        assert failed.items == expected(["i1", "explain-boom"], 5)
+        assert failed.because == {}
+        assert UNEXPLAINED._value.get() - before == 1
+    finally:
+        pool.close()
