@@ -6,13 +6,13 @@ Two attributions, both measured against the served scorer (``python -m bench.rea
   and once without each of its newest items (one batch), and a history item's contribution to a
   recommended item is how much that item's score falls without it. The scorer is whatever the
   artifact serves (the transformer, EASE's weights and the Markov term, fused; retrieval for short
-  histories). It costs one model pass per history item tried (about 80 ms on a CPU).
+  histories). It costs one model pass per history item tried (80-160 ms a list on a CPU).
 - :func:`weight_reasons`, for every list the regeneration service publishes: the fusion's
   collaborative parts (EASE with its Markov term, item-kNN) are sums over the history's items, so
   each item's share of a recommended item's standardised score is exact and costs a gather of
-  their weights (about 1 ms). It leaves out the transformer's share; removing the first reason it
-  names costs the item nearly as many places in the served ranking as occlusion's first reason
-  (docs/models.md, "Reasons").
+  their weights (a few ms a list). It leaves out the transformer's share: removing the first
+  reason it names costs the item about four fifths of the places occlusion's first reason costs
+  in the served ranking (docs/benchmarks.md, "Reasons").
 
 Items whose removal (occlusion) or share (weights) does not raise the score are no reason.
 CPU work: run it in a worker, never on an event loop.
