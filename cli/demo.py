@@ -233,7 +233,8 @@ def _render(board: Board, catalog: _Catalog) -> Table:
         ),
         expand=True,
     )
-    for name in ("user", "version", "latest event", "top 5 now", "source", "model"):
+    columns = ("user", "version", "latest event", "top 5 now", "#1 because", "source", "model")
+    for name in columns:
         table.add_column(name, overflow="fold")
     for user, message in reversed(board.latest.items()):
         items: list[dict[str, Any]] = message.get("items") or []
@@ -245,10 +246,18 @@ def _render(board: Board, catalog: _Catalog) -> Table:
             str(message.get("profile_version")),
             catalog.title(latest) if latest else "",
             top,
+            top_reasons(message),
             str(message.get("source")),
             f"{model.get('name')}@{model.get('version')}",
         )
     return table
+
+
+def top_reasons(message: dict[str, Any]) -> str:
+    """The titles of the history items behind the list's first item (its ``because``)."""
+    items: list[dict[str, Any]] = message.get("items") or []
+    because: list[dict[str, Any]] = items[0].get("because") or [] if items else []
+    return "; ".join(str(r.get("title") or r.get("item_id")) for r in because)
 
 
 @contextmanager

@@ -25,3 +25,13 @@ def test_board_is_bounded_and_counts_fallbacks() -> None:
     board.update(_msg("c", 1, "fallback"))
     assert list(board.latest) == ["b", "c"]
     assert board.fallbacks == 2
+
+
+def test_the_board_names_the_reasons_of_each_lists_first_item() -> None:
+    from cli.demo import top_reasons
+
+    reasons = [{"item_id": "1", "title": "Toy Story (1995)"}, {"item_id": "7", "title": ""}]
+    message = {**_msg("a", 1), "items": [{"item_id": "3", "score": 1.0, "because": reasons}]}
+    assert top_reasons(message) == "Toy Story (1995); 7"  # an id where the title is unknown
+    assert top_reasons(_msg("a", 1)) == ""  # an empty list
+    assert top_reasons({**_msg("a", 1), "items": [{"item_id": "3", "score": 1.0}]}) == ""
