@@ -75,6 +75,7 @@ class ItemTitles:
         self.client, self.keys = client, keys
         self.capacity, self.max_age_s, self.clock = capacity, max_age_s, clock
         self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.refused = False  # the ACL refused the reads: titles stay empty
 
     def titles(self, item_ids: Iterable[str]) -> dict[str, str]:
         """``item_id -> title`` for each id (``""`` for one the catalog does not have)."""
@@ -89,7 +90,7 @@ class ItemTitles:
             else:
                 missing.append(item)
         if missing:
-            out.update(self._read(missing, now))
+            out.update(dict.fromkeys(missing, "") if self.refused else self._read(missing, now))
         return out
 
     def _read(self, items: list[str], now: float) -> dict[str, str]:
@@ -98,6 +99,11 @@ class ItemTitles:
             pipe.hget(self.keys.item(item), "title")
         try:
             raw = pipe.execute()
+        except redis.exceptions.NoPermissionError:
+            # A deployment whose ACL predates reasons: ask once, not at every list.
+            log.warning("catalog titles are not read: this principal may not read item hashes")
+            self.refused = True
+            return dict.fromkeys(items, "")
         except redis.RedisError as exc:
             REGEN_TITLE_FAILURES.inc()
             log.warning("catalog titles unavailable, reasons go out without them: %s", exc)
