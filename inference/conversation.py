@@ -43,16 +43,20 @@ if TYPE_CHECKING:
     from inference.index import ItemIndex
 
 __all__ = [
+    "LIKE_RULE",
     "LIKE_WEIGHT",
     "TOKEN_BUDGET",
     "CatalogAttributes",
     "LMParser",
+    "LikeRule",
     "Parsed",
     "RuleParser",
     "SessionRefiner",
     "TextEncoderLike",
     "Tokenizer",
+    "combine",
     "describe",
+    "display_title",
     "load_tokenizer",
     "merge",
     "parse_session",
@@ -66,8 +70,7 @@ TOKEN_BUDGET = 1024
 
 LIKE_WEIGHT = 0.25
 """Weight of the MiniLM similarity to the ``like`` items against the model's standardised score
-(bench/conversation.py: 0.1 / 0.25 / 0.5 cost 5 / 15 / 27 % of the held-out item's NDCG@10 on
-"like" requests and raise the list's cosine to the item by 0.017 / 0.038 / 0.064)."""
+when the ``like`` list is chosen: see :class:`LikeRule`."""
 
 TITLE_MIN_COSINE = 0.6
 """A title that is not in the catalog verbatim is matched by MiniLM only this close or closer."""
@@ -749,6 +752,44 @@ def _z(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / std if std > 1e-9 else np.zeros_like(values)
 
 
+@dataclass(frozen=True)
+class LikeRule:
+    """How ``like`` shapes a list of the items that meet the hard constraints.
+
+    Which ``k`` items are listed: the model's first ``keep`` always, the rest by
+    ``z(model) + weight * z(cosine to the like items)``, drawn first from a subset: the items
+    sharing a genre with a ``like`` item (``shared_genre``) and the ``near`` share of the
+    constrained items nearest the ``like`` items in MiniLM space (when the subset is short the
+    rest follow). In which order: the model's (``model_order``), or the blended score's. The
+    bench's "more like" figure (the list's mean cosine to the film) does not depend on the
+    order, the held-out item's NDCG does: in the model's order the items the model is surest of
+    stay on top.
+    """
+
+    weight: float = 0.0
+    near: float = 1.0
+    shared_genre: bool = False
+    keep: int = 0
+    model_order: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.near <= 1.0 or self.weight < 0.0 or self.keep < 0:
+            raise ValueError("near is a share in (0, 1]; weight and keep are not negative")
+
+    @property
+    def name(self) -> str:
+        parts = [f"weight {self.weight:g}"] if self.weight else []
+        parts += [f"near {self.near:g}"] if self.near < 1.0 else []
+        parts += ["shared genre"] * self.shared_genre
+        parts += [f"keep {self.keep}"] if self.keep else []
+        parts += ["model order"] * self.model_order
+        return ", ".join(parts) or "model"
+
+
+LIKE_RULE = LikeRule(weight=LIKE_WEIGHT)
+"""What ``like`` does in serving (bench/conversation.py ``--like-variants``)."""
+
+
 def refine(
     ranked: Sequence[tuple[str, float]],
     constraints: Constraints,
@@ -756,11 +797,11 @@ def refine(
     k: int,
     vectors: Callable[[Sequence[str]], np.ndarray] | None = None,
     *,
-    like_weight: float = LIKE_WEIGHT,
+    like_rule: LikeRule = LIKE_RULE,
 ) -> list[tuple[str, float]]:
     """The best ``k`` of ``ranked`` (a model's scores of unseen items, best first) that meet the
-    hard constraints, reordered towards ``constraints.like`` when ``vectors`` (item ids -> unit
-    MiniLM vectors) is given.
+    hard constraints, shaped by ``constraints.like`` (``like_rule``) when ``vectors`` (item ids
+    -> unit MiniLM vectors) is given.
 
     Only catalog items come out, and never a ``like`` item itself. Without ``like`` the model's
     order is kept, so within the items asked for the list is as personal as the model's.
@@ -780,10 +821,27 @@ def refine(
     model = np.asarray([score for _, score in kept], dtype=np.float64)
     anchor = vectors(list(constraints.like)).mean(axis=0)
     anchor /= max(float(np.linalg.norm(anchor)), 1e-9)
-    similarity = vectors(items) @ anchor
-    combined = _z(model) + like_weight * _z(similarity.astype(np.float64))
-    order = np.lexsort((np.arange(len(items)), -combined))[:k]
-    return [(items[i], float(combined[i])) for i in order]
+    similarity = (vectors(items) @ anchor).astype(np.float64)
+    inside = np.ones(len(items), dtype=bool)
+    if like_rule.shared_genre:
+        rows = [attributes.position[i] for i in constraints.like if i in attributes.position]
+        genres = attributes.has_genre[rows].any(axis=0)
+        positions = np.asarray([attributes.position[i] for i in items])
+        inside &= (attributes.has_genre[positions] & genres).any(axis=1)
+    if like_rule.near < 1.0:
+        count = max(k, int(np.ceil(like_rule.near * len(items))))
+        close = np.zeros(len(items), dtype=bool)
+        close[np.argsort(-similarity, kind="stable")[:count]] = True
+        inside &= close
+    inside[: like_rule.keep] = True  # ``kept`` is in the model's order
+    first = np.arange(len(items)) < like_rule.keep
+    combined = _z(model) + like_rule.weight * _z(similarity)
+    # The kept items, then the subset, then the rest; each by the blend, ties in model order.
+    chosen = np.lexsort((np.arange(len(items)), -combined, ~inside, ~first))[:k]
+    if like_rule.model_order:
+        chosen = np.sort(chosen)
+        return [kept[i] for i in chosen]
+    return [(items[i], float(combined[i])) for i in chosen]
 
 
 # --- the regeneration service's side -----------------------------------------------------------
@@ -838,6 +896,13 @@ class SessionRefiner:
 MAX_LM_CHARS = 400
 """Characters of a message the language model reads (a request is a sentence)."""
 
+LM_TITLE_CANDIDATES = 6
+"""Catalog titles the language model may name as ``like``: those typed in the message, then the
+MiniLM + FAISS nearest to it."""
+
+LM_MAX_GENRES = 3
+"""Genres (and, apart, excluded genres) the language model may list in one answer."""
+
 _LM_SYSTEM = (
     "You turn a movie request into search constraints. Reply with one JSON object with the keys "
     "genres (the genres asked for), exclude (the genres refused), from and to (years, or null), "
@@ -863,107 +928,250 @@ _LM_SHOTS = (
         '"to": 1969, "like": "Jurassic Park", "reset": false}',
     ),
 )
+_LM_OPEN = '{"genres":'
+
+
+def display_title(title: str) -> str:
+    """A catalog title as a person writes it: no year, the article in front
+    (``"Godfather, The (1972)"`` -> ``"The Godfather"``)."""
+    base = re.sub(r"\s*\(\d{4}\)\s*$", "", title).strip()
+    moved = re.match(r"^(.*),\s*(The|A|An)$", base)
+    return f"{moved.group(2)} {moved.group(1)}" if moved else base
+
+
+class _Trie:
+    """The token sequences of a finite set of options, for decoding one of them."""
+
+    def __init__(self, options: Mapping[str, list[int]]) -> None:
+        self.children: dict[tuple[int, ...], set[int]] = {}
+        self.complete: dict[tuple[int, ...], str] = {}
+        for text, ids in options.items():
+            if not ids:
+                raise InferenceError(f"option {text!r} has no tokens")
+            for n in range(len(ids)):
+                self.children.setdefault(tuple(ids[:n]), set()).add(ids[n])
+            self.complete[tuple(ids)] = text
+        # An option whose tokens prefix another's ends where it is complete (see _choose).
 
 
 class LMParser:
-    """SmolLM2 reads the message into the same constraints as JSON, which is then held to the
-    catalog: genres not in it are dropped, a title is resolved to a catalog item (as the rules
-    do) or dropped, years are bounded. Output that is not such JSON falls back to ``fallback``.
+    """SmolLM2 reads the message into the same constraints as JSON, by constrained decoding.
+
+    The answer's skeleton is fixed text; at each slot the model may only emit one of the slot's
+    options, chosen token by token among the tokens that continue some option (greedy over a
+    trie of the options' tokens): catalog genre names for ``genres`` and ``exclude`` (each at
+    most once, at most ``LM_MAX_GENRES``), ``null`` or a year from 1900 to the catalog's newest
+    for ``from`` (``to`` no earlier than ``from``), ``null`` or one of the candidate titles for
+    ``like`` (:meth:`title_candidates`), ``true``/``false`` for ``reset``. Every answer is thus
+    valid JSON over catalog values, and no message text can reach the output but through these
+    choices.
 
     ``model`` and ``tokenizer`` are a loaded causal LM and its tokenizer (the lab's reranker
-    loads SmolLM2 from its pinned file); generation is greedy and short (at most
-    ``max_new_tokens``).
+    loads SmolLM2 from its pinned, verified file). The system prompt and the examples are run
+    once; each message then costs its own tokens and about 25 one-token steps.
     """
 
     name = "lm"
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        fallback: RuleParser,
-        max_new_tokens: int = 64,
-    ) -> None:
-        self.model, self.tokenizer, self.fallback = model, tokenizer, fallback
-        self.attributes = fallback.attributes
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, model: Any, tokenizer: Any, titles: RuleParser) -> None:
+        self.model, self.tokenizer, self.titles = model, tokenizer, titles
+        self.attributes = titles.attributes
         newest = self.attributes.newest_year or 2000
         self._system = _LM_SYSTEM.format(
             genres=", ".join(self.attributes.genres), recent=newest - RECENT_YEARS + 1
         )
-        self.fallbacks = 0  # messages whose output did not parse
-
-    def _prompt(self, message: str) -> str:
-        turns = [{"role": "system", "content": self._system}]
+        self._years = list(range(1900, newest + 1))
+        self._display = {i: display_title(t.title) for i, t in self.attributes.items.items()}
+        turns: list[dict[str, str]] = [{"role": "system", "content": self._system}]
         for asked, answer in _LM_SHOTS:
             turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answer}]
-        turns.append({"role": "user", "content": message[:MAX_LM_CHARS]})
-        text: str = self.tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=True
-        )
-        return text + '{"genres": ['
+        self._turns = turns
+        shots: str = tokenizer.apply_chat_template(turns, tokenize=False)
+        self._prefix_ids = self._ids(shots)
+        self._prefix_cache: Any = None
+        self._tries: dict[tuple[str, ...], _Trie] = {}
 
-    def generate(self, message: str) -> str:
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _trie(self, options: Sequence[str]) -> _Trie:
+        key = tuple(options)
+        if key not in self._tries:
+            if len(self._tries) > 4096:  # title options vary by message
+                self._tries.clear()
+            self._tries[key] = _Trie({o: self._ids(o) for o in options})
+        return self._tries[key]
+
+    def title_candidates(self, message: str) -> dict[str, str]:
+        """The catalog items the message may name, as the title shown to the model -> item id:
+        runs of words that are catalog titles (longest first), then the MiniLM + FAISS nearest
+        items to the words after "like" (or the whole message), at most
+        ``LM_TITLE_CANDIDATES``."""
+        words = _fold(message).split()
+        runs: list[tuple[int, str]] = []
+        for start in range(len(words)):
+            for n in range(min(len(words) - start, self.attributes.longest_title), 0, -1):
+                item = self.attributes.exact_title(" ".join(words[start : start + n]))
+                if item is not None:
+                    runs.append((n, item))
+                    break
+        found = [item for _, item in sorted(runs, key=lambda r: -r[0])]
+        if self.titles.encoder is not None and self.titles.index is not None:
+            match = _LIKE.search(_fold(message))
+            span = match.group(2) if match else _fold(message)
+            if span:
+                ids, _ = self.titles.index.search(self.titles.encoder.encode([span]), 3)
+                found += [str(i) for i in ids[0] if str(i) in self.attributes]
+        out: dict[str, str] = {}
+        for item in found:
+            shown = self._display[item].replace('"', "'")
+            out.setdefault(shown, item)
+            if len(out) == LM_TITLE_CANDIDATES:
+                break
+        return out
+
+    def _step(self, ids: Sequence[int], cache: Any) -> Any:
         import torch
 
-        encoded = self.tokenizer(self._prompt(message), return_tensors="pt")
         with torch.inference_mode():
-            out = self.model.generate(
-                **encoded,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.eos_token_id,
+            out = self.model(
+                input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True
             )
-        tail = self.tokenizer.decode(
-            out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+        return out.logits[0, -1]
+
+    def _choose(
+        self, options: Sequence[str], pending: list[int], cache: Any
+    ) -> tuple[str, list[int]]:
+        """Decode one of ``options`` greedily, token by token among those that continue one.
+
+        ``pending`` are tokens of the answer not yet run through the model; they are run only
+        where the model has a choice to make, so a token that is the only way on costs no step
+        of its own. Returns the option and the tokens then pending (its own, at least)."""
+        trie = self._trie(options)
+        path: tuple[int, ...] = ()
+        while path not in trie.complete:  # a complete option ends here, even if others go on
+            allowed = sorted(trie.children[path])
+            if len(allowed) == 1:
+                token = allowed[0]
+            else:
+                logits = self._step(pending, cache)
+                pending = []
+                token = allowed[int(logits[allowed].argmax())]
+            path += (token,)
+            pending = [*pending, token]
+        return trie.complete[path], pending
+
+    def _genres(
+        self, pending: list[int], cache: Any, barred: Sequence[str]
+    ) -> tuple[list[str], list[int]]:
+        """A list of distinct catalog genres, the comma after it included."""
+        chosen: list[str] = []
+        while True:
+            left = [g for g in self.attributes.genres if g not in chosen and g not in barred]
+            if not chosen:
+                options = [" [],", *(f' ["{g}' for g in left)]
+            else:
+                more = [f'", "{g}' for g in left] if len(chosen) < LM_MAX_GENRES else []
+                options = ['"],', *more]
+            option, pending = self._choose(options, pending, cache)
+            if option in (" [],", '"],'):
+                return chosen, pending
+            chosen.append(option.split('"')[-1])
+
+    def _value(
+        self, key: str, options: Sequence[str], pending: list[int], cache: Any
+    ) -> tuple[str, list[int]]:
+        """``"key":`` and one of ``options`` after it."""
+        return self._choose(options, [*pending, *self._ids(f' "{key}":')], cache)
+
+    def generate(self, message: str) -> tuple[str, dict[str, str]]:
+        """The model's constrained answer (JSON text) and the titles it could choose from.
+
+        Each option holds the punctuation after it up to the next key (`` 1980,``), so that
+        the answer's pieces are tokenized as the whole answer would be."""
+        from transformers import DynamicCache
+
+        turns = [*self._turns, {"role": "user", "content": message[:MAX_LM_CHARS]}]
+        prompt: str = self.tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=True
         )
-        return '{"genres": [' + str(tail)
+        ids = self._ids(prompt + _LM_OPEN)
+        n = len(self._prefix_ids)
+        if ids[:n] != self._prefix_ids:  # the examples did not tokenize apart: no reuse
+            cache, n = DynamicCache(), 0
+        else:
+            if self._prefix_cache is None:
+                self._prefix_cache = DynamicCache()
+                self._step(self._prefix_ids, self._prefix_cache)
+            cache = self._prefix_cache
+        try:
+            genres, pending = self._genres(ids[n:], cache, ())
+            pending += self._ids(' "exclude":')
+            excluded, pending = self._genres(pending, cache, genres)
+            years = [f" {y}," for y in self._years]
+            low, pending = self._value("from", [" null,", *years], pending, cache)
+            floor = int(low[1:-1]) if low != " null," else 0
+            highs = [f" {y}," for y in self._years if y >= floor]
+            high, pending = self._value("to", [" null,", *highs], pending, cache)
+            candidates = self.title_candidates(message)
+            titles = [f' "{t}",' for t in candidates]
+            like, pending = self._value("like", [" null,", *titles], pending, cache)
+            reset, _ = self._value("reset", [" true}", " false}"], pending, cache)
+        finally:
+            if n and (extra := cache.get_seq_length() - n) > 0:
+                cache.crop(-extra)  # back to the examples' cache for the next message
+        lists = [", ".join(f'"{g}"' for g in chosen) for chosen in (genres, excluded)]
+        answer = (
+            f'{_LM_OPEN} [{lists[0]}], "exclude": [{lists[1]}], "from":{low} "to":{high}'
+            f' "like":{like} "reset":{reset}'
+        )
+        return answer, candidates
 
     def parse(self, message: str) -> Parsed:
-        answer = self.generate(message)
-        parsed = self.read_answer(answer)
-        if parsed is None:
-            self.fallbacks += 1
-            return self.fallback.parse(message)
-        return parsed
+        answer, candidates = self.generate(message)
+        return self.read_answer(answer, candidates)
 
-    def read_answer(self, answer: str) -> Parsed | None:
-        """The constraints of the model's JSON answer, held to the catalog; ``None`` when the
-        answer is not such JSON."""
+    def read_answer(self, answer: str, candidates: Mapping[str, str]) -> Parsed:
+        """The constraints of a constrained answer (``candidates``: the titles it could name,
+        shown title -> item id)."""
         import json
 
-        end = answer.find("}")
-        try:
-            data = json.loads(answer[: end + 1]) if end >= 0 else None
-        except ValueError:
-            return None
-        if not isinstance(data, dict):
-            return None
-
-        def genres(key: str) -> list[str]:
-            values = data.get(key) or []
-            if not isinstance(values, list):
-                return []
-            found = (self.attributes.genre(str(v)) for v in values)
-            return list(dict.fromkeys(g for g in found if g is not None))
-
-        def year(key: str) -> int | None:
-            value = data.get(key)
-            return value if isinstance(value, int) and 1800 <= value <= 2100 else None
-
-        like: tuple[str, ...] = ()
-        title = data.get("like")
-        if isinstance(title, str) and title.strip():
-            item = self.attributes.exact_title(title) or self.fallback.nearest_title(title)
-            like = (item,) if item is not None else ()
-        excluded = genres("exclude")
+        data = json.loads(answer)
+        excluded = [g for g in data["exclude"] if g in self.attributes.genres]
+        title = data["like"]
+        like = (candidates[title],) if title in candidates else ()
         return Parsed(
-            data.get("reset") is True,
+            data["reset"] is True,
             Constraints(
-                genres=tuple(g for g in genres("genres") if g not in excluded),
+                genres=tuple(g for g in data["genres"] if g in self.attributes.genres),
                 exclude_genres=tuple(excluded),
-                year_min=year("from"),
-                year_max=year("to"),
+                year_min=data["from"],
+                year_max=data["to"],
                 like=like,
             ),
         )
+
+
+def combine(rules: Parsed, lm: Callable[[], Parsed], when: str) -> Parsed:
+    """The rules' reading, with the language model's where ``when`` says it may help:
+    ``"empty"`` uses the model's whole reading only when the rules understood nothing;
+    ``"fill"`` takes from the model each field the rules left empty."""
+    c = rules.constraints
+    if when == "empty":
+        return lm() if c.empty and not rules.reset else rules
+    if when != "fill":
+        raise ValueError(f"unknown combination {when!r}")
+    other = lm()
+    o = other.constraints
+    years = c.year_min is not None or c.year_max is not None
+    return Parsed(
+        rules.reset or other.reset,
+        Constraints(
+            genres=c.genres or tuple(g for g in o.genres if g not in c.exclude_genres),
+            exclude_genres=c.exclude_genres
+            or tuple(g for g in o.exclude_genres if g not in c.genres),
+            year_min=c.year_min if years else o.year_min,
+            year_max=c.year_max if years else o.year_max,
+            like=c.like or o.like,
+        ),
+    )

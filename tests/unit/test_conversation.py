@@ -12,13 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference.conversation import (
-    LIKE_WEIGHT,
+    LIKE_RULE,
     TOKEN_BUDGET,
     CatalogAttributes,
+    LikeRule,
     LMParser,
     Parsed,
     RuleParser,
+    combine,
     describe,
+    display_title,
     load_tokenizer,
     merge,
     refine,
@@ -181,20 +184,72 @@ def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> Non
     vectors[8] = vectors[0]  # item 8 is just like item 0
     ranked = [(str(n), 1.0 - n / 20) for n in range(20)]
 
-    def order(weight: float) -> list[str]:
+    def order(rule: LikeRule) -> list[str]:
         out = refine(
             ranked,
             Constraints(like=("0",)),
             attributes,
             10,
             lambda ids: vectors[[int(i) for i in ids]],
-            like_weight=weight,
+            like_rule=rule,
         )
         return [i for i, _ in out]
 
-    assert order(0.0) == [str(n) for n in range(1, 11)]  # the model's order, item 0 left out
-    assert order(LIKE_WEIGHT).index("8") < 4  # the served weight moves its twin up
-    assert order(1.0)[0] == "8"
+    assert order(LikeRule()) == [str(n) for n in range(1, 11)]  # the model's, item 0 left out
+    assert order(LikeRule(weight=0.25)).index("8") < 4
+    assert order(LikeRule(weight=1.0))[0] == "8"
+    assert "8" in order(LIKE_RULE)
+
+
+def _like_case(n: int = 40) -> tuple[CatalogAttributes, list[tuple[str, float]], Any]:
+    """Items 0..n-1 ranked in that order by the model; item ``n`` is the film named, and the
+    higher an item's number the closer it is to the film (items 30 up share its genre)."""
+    items = [Item(str(i), f"t{i}", ("Drama",) if i < 30 else ("Western",), 1990) for i in range(n)]
+    attributes = CatalogAttributes([*items, Item(str(n), "film", ("Western",), 1990)])
+    angle = np.linspace(1.5, 0.0, n + 1)
+    angle[n] = 0.0
+    vectors = np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+    ranked = [(str(i), 1.0 - i / n) for i in range(n + 1)]
+    return attributes, ranked, lambda ids: vectors[[int(i) for i in ids]]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        LikeRule(weight=2.0),
+        LikeRule(weight=2.0, model_order=True),
+        LikeRule(weight=2.0, keep=3, model_order=True),
+        LikeRule(near=0.25),
+        LikeRule(shared_genre=True),
+        LikeRule(near=0.1, shared_genre=True, weight=2.0),
+    ],
+)
+def test_each_like_rule_lists_k_items_closer_to_the_film_than_the_models_own(
+    rule: LikeRule,
+) -> None:
+    attributes, ranked, vectors = _like_case()
+    film = Constraints(like=("40",))
+    out = [i for i, _ in refine(ranked, film, attributes, 10, vectors, like_rule=rule)]
+    assert len(out) == len(set(out)) == 10 and "40" not in out
+    plain = [str(i) for i in range(10)]
+    anchor = vectors(["40"])[0]
+    assert (vectors(out) @ anchor).mean() > (vectors(plain) @ anchor).mean()
+    if rule.model_order:  # the items chosen, in the model's order
+        assert out == sorted(out, key=int)
+    assert out[: rule.keep] == plain[: rule.keep]  # the model's first ``keep`` stay first
+    if rule.shared_genre:  # ten of the items share the film's genre: all of them come out
+        assert sorted(out, key=int) == [str(i) for i in range(30, 40)]
+    if rule.near < 1.0:  # only the items nearest the film, best first by the model
+        assert set(out) <= {str(i) for i in range(40 - max(10, int(rule.near * 40)), 40)}
+
+
+def test_a_narrow_like_subset_is_filled_up_in_the_models_order() -> None:
+    attributes, ranked, vectors = _like_case()
+    film = Constraints(like=("40",))
+    out = refine(ranked, film, attributes, 15, vectors, like_rule=LikeRule(shared_genre=True))
+    assert [i for i, _ in out] == [*(str(i) for i in range(30, 40)), *map(str, range(5))]
+    with pytest.raises(ValueError, match="near"):
+        LikeRule(near=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -249,23 +304,97 @@ def test_reasons_are_the_history_items_whose_removal_costs_the_most() -> None:
     assert occlusion_reasons(scorer, ["i2"], ["i4"]) == {"i4": ["i2"]}
 
 
-def test_the_language_models_answer_is_held_to_the_catalog(
-    parser: RuleParser, attributes: CatalogAttributes
+def test_display_titles_read_as_people_write_them() -> None:
+    assert display_title("Godfather, The (1972)") == "The Godfather"
+    assert display_title("Toy Story (1995)") == "Toy Story"
+    assert display_title("Shall We Dance? (1996)") == "Shall We Dance?"
+
+
+class _Model:
+    """A causal LM's call as :class:`LMParser` makes it, with logits from a seeded generator:
+    whatever a model prefers, the answer must stay valid. Records the tokens it is fed."""
+
+    def __init__(self, vocabulary: int, seed: int, favour: Sequence[int] = ()) -> None:
+        import torch
+
+        self.vocabulary, self.favour = vocabulary, list(favour)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.fed: list[int] = []
+
+    def __call__(self, input_ids: Any, past_key_values: Any, use_cache: bool) -> Any:
+        import torch
+
+        ids = input_ids[0].tolist()
+        self.fed += ids
+        logits = torch.randn(1, len(ids), self.vocabulary, generator=self.generator)
+        logits[0, -1, self.favour] += 100.0  # e.g. tokens that would break the JSON
+        return type("Out", (), {"logits": logits})()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**31 - 1), message=st.lists(_WORDS, max_size=12).map(" ".join))
+def test_constrained_decoding_answers_valid_json_of_catalog_values_whatever_the_model_prefers(
+    parser: RuleParser, attributes: CatalogAttributes, tokenizer: Any, seed: int, message: str
 ) -> None:
-    lm = LMParser(model=None, tokenizer=None, fallback=parser)
-    answer = (
-        '{"genres": ["comedy", "Space Opera", "Horror"], "exclude": ["horror"], "from": 1990, '
-        '"to": 99999, "like": "the godfather", "reset": true} and then some'
+    import json
+
+    breaking = [tokenizer.encode(t, add_special_tokens=False)[0] for t in ("}", " ignore", "\n")]
+    model = _Model(len(tokenizer), seed, breaking)
+    lm = LMParser(model, tokenizer, parser)
+    message = f"more like Toy Story {message}"
+    answer, candidates = lm.generate(message)
+    data = json.loads(answer)
+    assert list(data) == ["genres", "exclude", "from", "to", "like", "reset"]
+    assert set(data["genres"]) | set(data["exclude"]) <= set(attributes.genres)
+    assert not set(data["genres"]) & set(data["exclude"])
+    assert len(data["genres"]) == len(set(data["genres"])) <= 3
+    newest = attributes.newest_year
+    for year in (data["from"], data["to"]):
+        assert year is None or 1900 <= year <= (newest or 0)
+    if data["from"] is not None and data["to"] is not None:
+        assert data["from"] <= data["to"]
+    assert data["like"] is None or data["like"] in candidates
+    assert "Toy Story" in candidates and candidates["Toy Story"] == _like(attributes, "Toy Story")
+    assert isinstance(data["reset"], bool)
+    # The pieces were fed as the whole answer tokenizes: the model reads what it would write.
+    prompt = tokenizer.apply_chat_template(
+        [*lm._turns, {"role": "user", "content": message}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
-    assert lm.read_answer(answer) == Parsed(
-        True,
-        Constraints(
-            genres=("Comedy",),
-            exclude_genres=("Horror",),
-            year_min=1990,
-            like=(_like(attributes, "The Godfather"),),
-        ),
+    whole = lm._ids(prompt + answer)
+    assert model.fed[len(lm._prefix_ids) :] == whole[len(lm._prefix_ids) : len(model.fed)]
+    parsed = lm.read_answer(answer, candidates)
+    assert set(parsed.constraints.like) <= set(candidates.values())
+
+
+def test_title_candidates_are_the_titles_typed_then_none_unknown(
+    parser: RuleParser, attributes: CatalogAttributes, tokenizer: Any
+) -> None:
+    lm = LMParser(None, tokenizer, parser)
+    found = lm.title_candidates("something like the godfather or star wars, not alien")
+    assert list(found)[:2] == ["The Godfather", "Star Wars"]  # longer runs first
+    assert found["Alien"] == _like(attributes, "Alien")
+    assert all(item in attributes for item in found.values())
+    assert lm.title_candidates("zzz qqq") == {}
+
+
+def test_the_language_model_helps_only_where_combine_lets_it() -> None:
+    calls: list[str] = []
+    lm_reading = Parsed(True, Constraints(genres=("Comedy",), year_min=1990, like=("1",)))
+
+    def lm() -> Parsed:
+        calls.append("lm")
+        return lm_reading
+
+    rules = Parsed(False, Constraints(exclude_genres=("Comedy",), year_max=1980))
+    assert combine(rules, lm, "empty") == rules and calls == []  # the rules understood
+    assert combine(Parsed(False, Constraints()), lm, "empty") == lm_reading
+    # "fill": each field the rules left empty, never against what they read.
+    assert combine(rules, lm, "fill") == Parsed(
+        True, Constraints(exclude_genres=("Comedy",), year_max=1980, like=("1",))
     )
-    for broken in ('{"genres": [', '["Comedy"]', '{"genres": "Comedy", "like": 7}'):
-        read = lm.read_answer(broken)
-        assert read is None or read == Parsed(False, Constraints())
+    with pytest.raises(ValueError, match="unknown"):
+        combine(rules, lm, "always")
