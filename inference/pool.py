@@ -600,17 +600,18 @@ class WorkerPool:
             for req in requests:
                 self._answer_fallback(req, "model_error")
             return
-        explained = message[3] if len(message) > 3 and message[3] is not None else None
-        if len(message) > 4 and message[4] is not None:  # the lists stand; their reasons do not
-            UNEXPLAINED.inc(len(requests))
-            log.error("model could not explain a batch of %d:\n%s", len(requests), message[4])
         try:
-            answers = [
-                (req, items, self._validate_reasons(explained[n], req, items) if explained else {})
-                for n, (req, ranked) in enumerate(zip(requests, message[2], strict=True))
-                if not req.future.done()  # timed out already and got the fallback
-                for items in [self._validate(ranked, req)]
-            ]
+            _, _, lists, explained, failure = message
+            if failure is not None:  # the lists stand; their reasons do not
+                UNEXPLAINED.inc(len(requests))
+                log.error("model could not explain a batch of %d:\n%s", len(requests), failure)
+            answers = []
+            for n, (req, ranked) in enumerate(zip(requests, lists, strict=True)):
+                if req.future.done():  # timed out already and got the fallback
+                    continue
+                items = self._validate(ranked, req)
+                because = self._validate_reasons(explained[n], req, items) if explained else {}
+                answers.append((req, items, because))
         except Exception:  # an answer of the wrong shape: the batch gets the fallback
             log.exception("unreadable answer for a batch of %d", len(requests))
             for req in requests:
