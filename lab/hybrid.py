@@ -29,6 +29,10 @@ __all__ = [
     "Fusion",
     "Hybrid",
     "fit_retrieval",
+    "search_weights",
+    "seen_cells",
+    "standardised_scores",
+    "validation_sample",
 ]
 
 ALPHAS = tuple(round(a, 1) for a in np.linspace(0.0, 1.0, 11))
@@ -167,52 +171,11 @@ class Fusion(Ranker):
         """Choose the weights on validation NDCG@10 (see the class docstring)."""
         hist, targets = validation_sample(split, self.n_items, max_cells)
         self.fit_users = len(hist)
-        z = {
-            name: np.concatenate(
-                [
-                    standardise(np.asarray(c.score(hist[s : s + 256]), dtype=np.float32))
-                    for s in range(0, len(hist), 256)
-                ]
-            )
-            for name, c in self.components.items()
-        }
-        lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-        seen = (np.repeat(np.arange(len(hist)), lengths), np.concatenate(hist).astype(np.int64))
-        names = list(self.components)
-
-        def judge(weights: dict[str, float]) -> float:
-            fused = np.zeros_like(z[names[0]])
-            for n, w in weights.items():
-                if w:
-                    fused += np.float32(w) * z[n]
-            ranks = _masked_ranks(fused, seen, targets)
-            ndcg = float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
-            self.trace.append({"weights": dict(weights), "valid_ndcg@10": ndcg})
-            return ndcg
-
-        self.trace = []
-        self.valid_ndcg = {n: judge({n: 1.0}) for n in names}
-        first = max(names, key=lambda n: self.valid_ndcg[n])
-        weights = {n: 1.0 if n == first else 0.0 for n in names}
-        best = self.valid_ndcg[first]
-        for _ in range(rounds):
-            moved = False
-            for n in names:
-                for step in FUSION_STEPS:
-                    if step == weights[n]:
-                        continue
-                    trial = {**weights, n: step}
-                    if not any(trial.values()):
-                        continue
-                    ndcg = judge(trial)
-                    if ndcg > best + min_gain:
-                        weights, best, moved = trial, ndcg, True
-            if not moved:
-                break
-        total = sum(weights.values())
-        self.weights = {n: w / total for n, w in weights.items()}
+        z = {name: standardised_scores(c, hist) for name, c in self.components.items()}
+        self.weights, self.valid_ndcg, self.trace = search_weights(
+            z, seen_cells(hist), targets, min_gain=min_gain, rounds=rounds
+        )
         self.name = self._named()
-        self.valid_ndcg["fused"] = best
         return self
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
@@ -231,6 +194,74 @@ class Fusion(Ranker):
             "fit_users": self.fit_users,
             "trace": list(self.trace),
         }
+
+
+def standardised_scores(model: CatalogScorer, histories: Sequence[np.ndarray]) -> np.ndarray:
+    """``model``'s catalog scores of ``histories``, standardised per user, in batches of 256."""
+    return np.concatenate(
+        [
+            standardise(np.asarray(model.score(histories[s : s + 256]), dtype=np.float32))
+            for s in range(0, len(histories), 256)
+        ]
+    )
+
+
+def seen_cells(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, items)`` of every history item, to mask in a ``(users, n_items)`` score array."""
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    if not lengths.sum():
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    items = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+    return np.repeat(np.arange(len(histories)), lengths), items
+
+
+def search_weights(
+    z: dict[str, np.ndarray],
+    seen: tuple[np.ndarray, np.ndarray],
+    targets: np.ndarray,
+    *,
+    min_gain: float = 1e-4,
+    rounds: int = 3,
+) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
+    """:class:`Fusion`'s weight search on standardised scores ``z`` (name -> users x items).
+
+    Returns the weights (normalised to sum 1), the NDCG@10 of each part alone and ``"fused"``,
+    and every weight set tried, in order (see :class:`Fusion`).
+    """
+    names = list(z)
+    trace: list[dict[str, Any]] = []
+
+    def judge(weights: dict[str, float]) -> float:
+        fused = np.zeros_like(z[names[0]])
+        for n, w in weights.items():
+            if w:
+                fused += np.float32(w) * z[n]
+        ranks = _masked_ranks(fused, seen, targets)
+        ndcg = float(np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+        trace.append({"weights": dict(weights), "valid_ndcg@10": ndcg})
+        return ndcg
+
+    valid_ndcg = {n: judge({n: 1.0}) for n in names}
+    first = max(names, key=lambda n: valid_ndcg[n])
+    weights = {n: 1.0 if n == first else 0.0 for n in names}
+    best = valid_ndcg[first]
+    for _ in range(rounds):
+        moved = False
+        for n in names:
+            for step in FUSION_STEPS:
+                if step == weights[n]:
+                    continue
+                trial = {**weights, n: step}
+                if not any(trial.values()):
+                    continue
+                ndcg = judge(trial)
+                if ndcg > best + min_gain:
+                    weights, best, moved = trial, ndcg, True
+        if not moved:
+            break
+    total = sum(weights.values())
+    valid_ndcg["fused"] = best
+    return {n: w / total for n, w in weights.items()}, valid_ndcg, trace
 
 
 def _masked_ranks(
