@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,46 +71,20 @@ def _ranker_latency(ltr: Any, histories: list[np.ndarray], users: int = 200) -> 
 def run(dataset: str, artifact: Path | None, repeats: int = 3, say: Any = print) -> dict[str, Any]:
     from lab.datasets import load_dataset
     from lab.evaluate import evaluate, significance
-    from lab.hybrid import FUSION_CELLS, Fusion, validation_sample
-    from lab.ltr import (
-        LtrFusion,
-        LtrParams,
-        candidate_table,
-        choose,
-        cross_validate,
-        score_parts,
-        train_ranker,
-    )
+    from lab.hybrid import Fusion
+    from lab.ltr import fit_ltr
     from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
     started = time.perf_counter()
     split = leave_one_out(load_dataset(dataset, CommonSettings().data_dir))
     parts = _parts(split, artifact)
-    hist, targets = validation_sample(split, split.n_items, FUSION_CELLS)
-    scores, pair_scores = score_parts(parts, hist, "ease")
-    table = candidate_table(scores, pair_scores, hist, targets, pair="ease")
-    recall = float(np.isin(np.arange(len(hist)), table.users[table.labels > 0]).mean())
-    params = LtrParams()
-    # Repeated with other fold assignments (seeds): one 5-fold split of a few hundred users is
-    # noisy at the third decimal, where the three candidates differ.
-    runs = [
-        cross_validate(scores, table, hist, targets, params=replace(params, seed=seed))
-        for seed in range(repeats)
-    ]
-    cv_means = {n: float(np.mean([cv.means()[n] for cv in runs])) for n in runs[0].ndcg}
-    # Each validation user's out-of-fold NDCG@10, averaged over the repeats: the paired test of
-    # the choice itself (is the ranker's edge on validation more than fold noise?).
-    cv_users = {n: np.mean([cv.ndcg[n] for cv in runs], axis=0) for n in runs[0].ndcg}
-    chosen = choose(cv_means)
     fusion = Fusion(parts).fit(split)
+    fit = fit_ltr(parts, split, fusion.weights, repeats=repeats)
+    ltr, chosen, cv_means = fit.model, fit.chosen, fit.summary["cv_valid_ndcg@10"]
     singles = {n: v for n, v in fusion.valid_ndcg.items() if n != "fused"}
     single = max(singles, key=lambda n: singles[n])
-    table = table.with_fusion(fusion.weights)
-    rounds = int(np.median([f["rounds"] for cv in runs for f in cv.folds]))
-    booster, rounds = train_ranker(table, params, rounds=rounds)
-    ltr = LtrFusion(parts, booster, fusion.weights, params, pair="ease")
-    say(f"{split.dataset}: cv {cv_means} -> {chosen}; candidates hold {recall:.1%} of targets")
+    say(f"{split.dataset}: cv {cv_means} -> {chosen}")
 
     test: dict[str, Any] = {}
     per_user: dict[str, np.ndarray] = {}
@@ -121,26 +94,16 @@ def run(dataset: str, artifact: Path | None, repeats: int = 3, say: Any = print)
     test["ltr"], per_user["ltr"] = evaluate(ltr, split)
     served = {"single": single, "fused": "fused", "ltr": "ltr"}[chosen]
     test_best = max(parts, key=lambda n: test[n]["ndcg@10"])
-    importance = booster.feature_importance(importance_type="gain")
     return {
         "dataset": split.dataset,
         "artifact": str(artifact) if artifact else None,
         "users": len(split.eval_users),
         "items": split.n_items,
-        "valid_users": len(hist),
-        "candidates_per_user": float(len(table.items) / max(len(hist), 1)),
-        "candidate_recall": recall,
-        "cv_valid_ndcg@10": cv_means,
-        "cv_ltr_vs_fused": significance(cv_users["ltr"], cv_users["fused"]),
-        "cv_fused_vs_single": significance(cv_users["fused"], cv_users["single"]),
-        "cv_repeats": [{"means": cv.means(), "folds": cv.folds} for cv in runs],
+        **fit.summary,
+        "cv_ltr_vs_fused": significance(fit.cv_ndcg["ltr"], fit.cv_ndcg["fused"]),
+        "cv_fused_vs_single": significance(fit.cv_ndcg["fused"], fit.cv_ndcg["single"]),
         "in_sample_valid_ndcg@10": dict(fusion.valid_ndcg),
         "fusion_weights": dict(fusion.weights),
-        "ltr_rounds": rounds,
-        "ltr_feature_gain": dict(
-            sorted(zip(table.names, importance.tolist(), strict=True), key=lambda kv: -kv[1])
-        ),
-        "chosen": chosen,
         "single_on_valid": single,
         "single_on_test": test_best,
         "test_ndcg@10": {n: float(r["ndcg@10"]) for n, r in test.items()},
