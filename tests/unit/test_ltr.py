@@ -18,6 +18,7 @@ from lab.ltr import (
     candidate_table,
     choose,
     cross_validate,
+    fit_ltr,
     score_parts,
     table_ndcg,
     train_ranker,
@@ -180,3 +181,15 @@ def test_choice_rule_picks_the_best_on_validation(ndcg: dict[str, float], expect
     assert chosen == expected
     assert ndcg[chosen] >= ndcg["single"]
     assert chosen in CHOICES
+
+
+def test_fit_chooses_by_cross_validation_and_never_below_the_best_single() -> None:
+    split = _cycle_split()
+    parts = {"ease": _Noise(split.n_items, 1), "itemknn": _Oracle(split)}
+    fit = fit_ltr(parts, split, {"itemknn": 1.0}, params=TINY, repeats=2, top_k=3)
+    cv = fit.summary["cv_valid_ndcg@10"]
+    assert fit.chosen == choose(cv)
+    assert cv[fit.chosen] >= cv["single"]
+    assert {n: float(v.mean()) for n, v in fit.cv_ndcg.items()} == pytest.approx(cv)
+    assert len(fit.summary["cv_repeats"]) == 2
+    assert fit.model.score(split.histories("test")).shape == (len(split.eval_users), split.n_items)
