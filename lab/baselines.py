@@ -203,9 +203,16 @@ class EASE(EaseScorer, Ranker):
         self.max_items = max_items
         self._gram: np.ndarray | None = None
         self._gram_of: Split | None = None
+        self._solved_lam: float | None = None
 
     def params(self) -> dict[str, float]:
-        return {"lam": self.lam, "decay": self.decay, "beta": self.beta}
+        return {
+            "lam": self.lam,
+            "decay": self.decay,
+            "beta": self.beta,
+            "markov_last": self.markov_last,
+            "max_items": self.max_items,
+        }
 
     def fit(self, split: Split) -> EASE:
         self.n_items = split.n_items
@@ -222,7 +229,9 @@ class EASE(EaseScorer, Ranker):
             self._gram = np.asarray((sub.T @ sub).toarray(), dtype=np.float32)
             self._gram_of = split
             self.trans = transitions(split)
-        self._solve()
+            self._solved_lam = None
+        if self._solved_lam != self.lam:  # a refit at the same lam keeps its inverse
+            self._solve()
         return self
 
     def _solve(self) -> None:

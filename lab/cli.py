@@ -10,17 +10,19 @@ from typing import Any
 import click
 
 from inference.postprocess import PostConfig
-from lab.baselines import DEFAULT_EASE_MAX_ITEMS
 from lab.datasets import NAMED as _NAMED
+from lab.plan import (
+    BUDGET_MINUTES,
+    PRESET_GEN_MINUTES,
+    SAMPLED_ABOVE,
+    SAMPLED_NEGATIVES,
+    SEARCH_MINUTES,
+)
 from lab.settings import FetchSettings
 from recstream.options import given, settings_options
 
 # The eval options of the served post-processing read their help from its settings fields.
 _POST = PostConfig.model_fields
-
-TUNE_MINUTES = 4.0  # default search budget for a dataset without a preset
-SAMPLED_ABOVE = 10_000  # catalog size above which the transformer trains on a sampled softmax
-SAMPLED_NEGATIVES = 2048
 
 _DATASET_HELP = (
     "Dataset name (ml-100k, ml-latest-small, ml-latest-small-llamarec; found under "
@@ -88,11 +90,20 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping decides).")
 @click.option(
+    "--budget-minutes",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    help="Minutes for the whole run, shared by its phases (search, transformer, the fits after "
+    "it; the plan is printed first and recorded in training.json). Default: "
+    f"{BUDGET_MINUTES:g} for a dataset without a preset; the named sets keep their preset plan "
+    f"(the transformer capped at {PRESET_GEN_MINUTES:g} min, no search).",
+)
+@click.option(
     "--max-minutes",
-    type=float,
-    default=14.0,
-    show_default=True,
-    help="Stop training after this many minutes (best epoch so far is kept).",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="The transformer's own minutes (the best epoch so far is kept), instead of its share "
+    "of the plan.",
 )
 @click.option("--hidden", type=int, default=None, help="Hidden size of the transformer.")
 @click.option("--layers", type=int, default=None, help="Transformer layers.")
@@ -137,10 +148,10 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
 @click.option(
     "--ease-max-items",
     type=click.IntRange(min=1),
-    default=DEFAULT_EASE_MAX_ITEMS,
-    show_default=True,
+    default=None,
     help="EASE is solved for this many most frequent items (a dense inverse of this size); "
-    "rarer items are left to item-kNN, the transformer and EASE's Markov term.",
+    "rarer items are left to item-kNN, the transformer and EASE's Markov term. Default: the "
+    "whole catalog up to the size whose inverse fits the plan's memory and time.",
 )
 @click.option(
     "--negatives",
@@ -155,8 +166,9 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     type=click.FloatRange(min=0.0),
     default=None,
     help="Minutes of hyper-parameter search on validation (Optuna) for EASE, item-kNN and the "
-    f"transformer before training; the presets are its warm starts. Default: {TUNE_MINUTES:g} "
-    "for a dataset without a preset (a folder), 0 (the presets as they are) for the named ones.",
+    f"transformer before training; the presets are its warm starts. Default: the plan's, "
+    f"{SEARCH_MINUTES:g} min or 40 % of the budget if less, for a dataset without a preset (a "
+    "folder), 0 (the presets as they are) for the named ones.",
 )
 @click.option(
     "--cf-top-k",
@@ -182,7 +194,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     out: Path,
     seed: int,
     epochs: int | None,
-    max_minutes: float,
+    budget_minutes: float | None,
+    max_minutes: float | None,
     hidden: int | None,
     layers: int | None,
     dropout: float | None,
@@ -194,7 +207,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     text_init: bool | None,
     with_index: bool,
     hybrid: bool,
-    ease_max_items: int,
+    ease_max_items: int | None,
     negatives: int | None,
     tune_budget: float | None,
     cf_top_k: int,
@@ -212,6 +225,9 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     the cold-start retrieval (weight and history threshold) on validation prefixes and stores it.
     A dataset without item text trains without text initialisation and without the index.
     """
+    import time
+
+    started = time.monotonic()
     chosen = gen_settings(settings)  # a typo fails here, before minutes of loading
     key = _signing_key(signing_key_file)  # and so does a bad key
     _threads(threads)
@@ -220,9 +236,26 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     from inference.integrity import key_id
     from lab.artifact import save_artifact
     from lab.evaluate import gen_preset
+    from lab.plan import plan_training
     from lab.training import train_gen
 
     split = _split(dataset)
+    plan = plan_training(
+        split,
+        preset=split.dataset in _NAMED,
+        budget_minutes=budget_minutes,
+        gen_minutes=max_minutes,
+        tune_minutes=tune_budget,
+        ease_max_items=ease_max_items,
+        negatives=negatives,
+        hybrid=hybrid,
+    )
+    click.echo(
+        f"{split.dataset}: {len(split.train):,} users, {split.n_items:,} items, "
+        f"{sum(len(s) for s in split.train):,} training interactions"
+    )
+    click.echo(plan.describe())
+    phases: dict[str, float] = {"load": time.monotonic() - started}
     overrides = _gen_overrides(
         epochs=epochs,
         hidden=hidden,
@@ -243,19 +276,18 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         with_index = False
     cfg = GenConfig(seed=seed, **{**preset, **chosen, **overrides})
     text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
-    if negatives is None:
-        negatives = SAMPLED_NEGATIVES if split.n_items > SAMPLED_ABOVE else 0
-    if tune_budget is None:
-        tune_budget = 0.0 if split.dataset in _NAMED else TUNE_MINUTES
     searched: dict[str, Any] = {}
     tuned: dict[str, Any] = {}
-    if tune_budget > 0:
+    if plan.search_s > 0:
         from dataclasses import replace
 
-        from lab.tuning import search_baseline, search_gen, split_budget
+        from lab.tuning import search_baseline, search_gen
 
-        cf_s, gen_s = split_budget(tune_budget * 60)
-        click.echo(f"search: {tune_budget:g} min on validation ({cf_s:.0f}s CF, {gen_s:.0f}s gen)")
+        mark = time.monotonic()
+        cf_s, gen_s = plan.search_cf_s, plan.search_gen_s
+        click.echo(
+            f"search: {plan.search_s / 60:g} min on validation ({cf_s:.0f}s CF, {gen_s:.0f}s gen)"
+        )
         if hybrid:
             for name in ("ease", "itemknn"):
                 tuned[name], searched[name] = search_baseline(
@@ -263,7 +295,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
                     split,
                     cf_s / 2,
                     seed=seed,
-                    ease_max_items=ease_max_items,
+                    ease_max_items=plan.ease_max_items,
                     progress=progress,
                     say=click.echo,
                 )
@@ -273,27 +305,39 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
             cfg,
             gen_s,
             text_embeddings=text,
-            negatives=negatives,
+            negatives=plan.negatives,
             fixed=frozenset(fixed),
             say=click.echo,
         )
         cfg = replace(cfg, **{k: v for k, v in best.items() if k not in fixed})
+        phases["search"] = time.monotonic() - mark
+    mark = time.monotonic()
+    gen_budget_s = plan.gen_deadline(mark - started)
+    click.echo(f"transformer: up to {gen_budget_s:.0f}s")
     model, log = train_gen(
         split,
         cfg,
         text_embeddings=text,
-        time_budget_s=max_minutes * 60,
-        negatives=negatives,
+        time_budget_s=gen_budget_s,
+        negatives=plan.negatives,
         progress=progress,
         say=click.echo,
     )
+    phases["gen"] = time.monotonic() - mark
     log["dataset"] = split.dataset
     if searched:
-        log["search"] = {"budget_minutes": tune_budget, **searched}
-    mixed = _fit_fusion(split, model, cfg, ease_max_items, tuned) if hybrid else None
+        log["search"] = {"budget_minutes": plan.search_s / 60, **searched}
+    mark = time.monotonic()
+    mixed = _fit_fusion(split, model, cfg, plan.ease_max_items, tuned) if hybrid else None
     if mixed is not None:
         log["fusion"] = mixed.summary()
+        log["baselines"] = _baseline_params(mixed)
     retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
+    phases["fits"] = time.monotonic() - mark
+    log["plan"] = {**plan.to_json(), "gen_budget_s": round(gen_budget_s, 1)}
+    # Saving is timed as well but cannot be recorded in the file it writes; it is printed.
+    log["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    mark = time.monotonic()
     version = save_artifact(
         out,
         model,
@@ -305,6 +349,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         retrieval=retrieval,
         key=key,
     )
+    phases["save"] = time.monotonic() - mark
     if key is None:
         click.echo(
             f"{out}: UNSIGNED (no signing key configured); services refuse it unless "
@@ -316,6 +361,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         f"trained {version}: valid ndcg@10 {log['valid_ndcg@10']:.4f} at epoch "
         f"{log['best_epoch']} ({log['train_seconds']:.0f}s) -> {out}"
     )
+    spent = ", ".join(f"{k} {v:.0f}s" for k, v in phases.items())
+    click.echo(f"phases: {spent}; {time.monotonic() - started:.0f}s in all")
     if mixed is not None:
         singles = ", ".join(f"{n} {v:.4f}" for n, v in mixed.valid_ndcg.items() if n != "fused")
         weights = ", ".join(f"{n} {w:.3f}" for n, w in mixed.weights.items() if w > 0)
@@ -344,6 +391,19 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
 def _has_text(split: Any) -> bool:
     """Whether any item has a title of its own (a generic dataset may have none)."""
     return any(item.title and item.title != item.item_id for item in split.items.values())
+
+
+def _baseline_params(fusion: Any) -> dict[str, dict[str, Any]]:
+    """Each CF part's settings chosen on validation, whatever its weight (for ``eval``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("ease", "itemknn"):
+        part = fusion.components.get(name)
+        if part is not None:
+            out[name] = {
+                **part.params(),
+                "valid_ndcg@10": float(fusion.valid_ndcg.get(name, float("nan"))),
+            }
+    return out
 
 
 def _fit_fusion(
@@ -465,9 +525,19 @@ def _fit_fusion(
 @click.option(
     "--ease-max-items",
     type=click.IntRange(min=1),
-    default=DEFAULT_EASE_MAX_ITEMS,
+    default=None,
+    help="EASE is solved for this many most frequent items. Default: the artifact's bound, "
+    "else the whole catalog up to the size whose inverse fits in memory.",
+)
+@click.option(
+    "--baselines",
+    "baselines_from",
+    type=click.Choice(["artifact", "grid"]),
+    default="artifact",
     show_default=True,
-    help="EASE is solved for this many most frequent items.",
+    help="artifact: EASE and item-kNN take the settings the first --artifact's training chose "
+    "on validation (its training.json; fitted once, no grid), where it has them; grid: search "
+    "the validation grid again.",
 )
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
 def eval_cmd(  # noqa: PLR0917 (click passes every option)
@@ -485,7 +555,8 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     cold_start: str | None,
     retrieval_weight: float | None,
     retrieval_below: int,
-    ease_max_items: int,
+    ease_max_items: int | None,
+    baselines_from: str,
     threads: int,
 ) -> None:
     """Evaluate models on DATASET's test split: table, JSON report and PNG plot.
@@ -493,13 +564,21 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     Full-catalog ranking, seen items masked, time-ordered leave-one-out; baselines tuned on
     validation; the generative model compared with the best baseline by paired per-user tests.
     """
+    import time
+
     prefixes = _prefixes(cold_start)
     _threads(threads)
     from inference.retrieval import RetrievalConfig
     from lab.evaluate import COMPARED, cold_start_table, plot_report, run_eval, table
 
+    started = time.monotonic()
     split = _split(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]
+    chosen = (
+        _artifact_baselines(artifacts[0], split)
+        if artifacts and baselines_from == "artifact"
+        else {}
+    )
     report = run_eval(
         split,
         names,
@@ -516,8 +595,10 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         if retrieval_weight is None
         else RetrievalConfig(weight=retrieval_weight, max_history=retrieval_below),
         ease_max_items=ease_max_items,
+        baseline_params=chosen,
         say=click.echo,
     )
+    report["_meta"]["eval_seconds"] = round(time.monotonic() - started, 1)
     click.echo(table(report))
     meta = report["_meta"]
     click.echo(
@@ -538,6 +619,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
                 f"{name} vs {v['model']} (best single model on test): NDCG@10 "
                 f"{v['ndcg_gain_pct']:+.1f}%, Wilcoxon p={v['wilcoxon_p']:.3g}"
             )
+    click.echo(f"eval took {report['_meta']['eval_seconds']:.0f}s")
     if "_cold_start" in report:
         click.echo("cold start (test targets; history = first N training items):")
         click.echo(cold_start_table(report["_cold_start"]))
@@ -546,6 +628,30 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
         out.write_text(json.dumps(report, indent=2), encoding="utf-8")
         plot_report(report, out.with_suffix(".png"))
         click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _artifact_baselines(folder: Path, split: Any) -> dict[str, dict[str, float]]:
+    """The baselines' settings an artifact's training chose on validation (``training.json``'s
+    ``"baselines"``), read from the verified artifact; ``{}`` for one trained before they were
+    recorded. An artifact trained on other data is refused."""
+    from inference.exceptions import ArtifactError
+    from inference.integrity import verify_manifest
+
+    try:
+        verified = verify_manifest(folder)
+        log = json.loads(verified.read("training.json"))
+    except (ArtifactError, ValueError) as exc:
+        raise click.ClickException(f"{folder}: {exc}") from exc
+    if verified.manifest.get("training_data_sha256") != dict(split.sha256):
+        raise click.ClickException(f"artifact {folder} was not trained on {split.dataset}")
+    found = log.get("baselines") if isinstance(log, dict) else None
+    if not isinstance(found, dict):
+        return {}
+    return {
+        name: {k: float(v) for k, v in params.items() if k != "valid_ndcg@10"}
+        for name, params in found.items()
+        if isinstance(params, dict)
+    }
 
 
 def _prefixes(raw: str | None) -> tuple[int, ...]:

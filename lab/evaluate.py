@@ -19,7 +19,7 @@ from inference.exceptions import InferenceError
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
-from lab.baselines import DEFAULT_EASE_MAX_ITEMS, EASE, ItemKNN, PopularityRanker, Ranker, tune
+from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
     METRIC_KEYS,
     Split,
@@ -35,10 +35,12 @@ __all__ = [
     "BASELINES",
     "MODELS",
     "PostRanked",
+    "SharedScores",
     "baseline",
     "cold_start",
     "cold_start_table",
     "evaluate",
+    "evaluate_together",
     "gen_preset",
     "plot_report",
     "significance",
@@ -86,19 +88,48 @@ def baseline(
     split: Split,
     say: Callable[[str], None] = print,
     *,
-    ease_max_items: int = DEFAULT_EASE_MAX_ITEMS,
+    ease_max_items: int | None = None,
+    params: dict[str, float] | None = None,
     progress: bool = True,
 ) -> Ranker:
-    """Fit a baseline, tuning its hyper-parameters on validation NDCG@10 (with a progress bar)."""
+    """Fit a baseline, tuning its hyper-parameters on validation NDCG@10 (with a progress bar).
+
+    ``params`` (settings already chosen on this split's validation, e.g. by the training that
+    wrote an artifact) are fitted once instead of searching the grid again. EASE is solved for
+    ``ease_max_items`` items (default: :func:`lab.plan.ease_bound` of the catalog).
+    """
+    from lab.plan import ease_bound
+
     if name == "pop":
         return PopularityRanker().fit(split)
     if name not in GRIDS:
         raise InferenceError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    if ease_max_items is None:
+        ease_max_items = int((params or {}).get("max_items", 0)) or ease_bound(split.n_items)
     model: Ranker = ItemKNN() if name == "itemknn" else EASE(max_items=ease_max_items)
     started = time.perf_counter()
+    if params is not None:
+        for key in (k for k in _SETTINGS[name] if k in params):
+            value = params[key]
+            setattr(model, key, int(value) if key in _INTEGERS else float(value))
+        model.fit(split)
+        chosen = {k: getattr(model, k) for k in _SETTINGS[name]}
+        say(
+            f"{name}: the settings chosen on validation in training {chosen}, fitted in "
+            f"{time.perf_counter() - started:.0f}s"
+        )
+        return model
     best = tune(model, split, GRIDS[name], progress=progress)
     say(f"{name}: tuned on validation {best} in {time.perf_counter() - started:.0f}s")
     return model
+
+
+# The settings of each baseline that ``baseline(params=...)`` takes, and which are integers.
+_SETTINGS = {
+    "ease": ("lam", "decay", "beta", "markov_last"),
+    "itemknn": ("k_neighbours", "decay"),
+}
+_INTEGERS = frozenset({"markov_last", "k_neighbours"})
 
 
 def evaluate(
@@ -109,26 +140,90 @@ def evaluate(
     latency_users: int = LATENCY_USERS,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``model`` on ``stage`` and the per-user NDCG@10 (for paired tests)."""
+    return evaluate_together({"model": model}, split, stage, batch_size, latency_users)["model"]
+
+
+def evaluate_together(
+    models: dict[str, CatalogScorer],
+    split: Split,
+    stage: str = "test",
+    batch_size: int = 256,
+    latency_users: int = LATENCY_USERS,
+) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    """:func:`evaluate` of several models, batch by batch in step.
+
+    Each model's figures are those :func:`evaluate` gives it alone; scoring every model on a
+    batch before the next lets models built on one :class:`SharedScores` (the transformer alone,
+    in the hybrid and in the fusion) compute its scores once per batch.
+    """
     hist, targets = split.histories(stage), split.targets(stage)
-    all_ranks, all_top, out_of_catalog, seen_returned = _rank_targets(
-        model, hist, targets, split.n_items, batch_size
+    ranks: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    tops: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    for s in range(0, len(hist), batch_size):
+        chunk, wanted = hist[s : s + batch_size], targets[s : s + batch_size]
+        for name, model in models.items():
+            r, top, _, _ = _rank_targets(model, chunk, wanted, split.n_items, batch_size)
+            ranks[name].append(r)
+            tops[name].append(top)
+    out = {}
+    for name, model in models.items():
+        all_ranks = np.concatenate(ranks[name]) if hist else np.empty(0, dtype=np.int64)
+        all_top = np.concatenate(tops[name]) if hist else np.empty((0, 10), dtype=np.int64)
+        result: dict[str, Any] = metrics_from_ranks(all_ranks)
+        result["coverage@10"] = coverage_at(all_top, split.n_items)
+        result["diversity"] = diversity_at(all_top, split.genres())
+        # Single-user requests, as the streaming path issues them (one profile change at a time).
+        timings = []
+        for h in hist[:latency_users]:
+            t0 = time.perf_counter()
+            top_k_unseen(model.score([h]), [h], 10)
+            timings.append(time.perf_counter() - t0)
+        if timings:
+            result.update(latency_summary(timings))
+        # _rank_targets fails on any out-of-catalog or seen item, so both counts are 0 here.
+        result["out_of_catalog"] = 0
+        result["seen_returned"] = 0
+        result["users"] = len(hist)
+        result["dataset_sha256"] = dict(split.sha256)
+        out[name] = (result, ndcg_per_user(all_ranks))
+    return out
+
+
+class SharedScores:
+    """A scorer that keeps its last batch's scores, so models built on it score a batch once.
+
+    The transformer is the costly part of ``gen``, ``gen+ease`` and ``fused``;
+    :func:`evaluate_together` asks all three for one batch in turn, and this wrapper answers
+    the second and third from the first (a copy, so no caller can change what the next sees).
+    """
+
+    def __init__(self, base: CatalogScorer) -> None:
+        self.base = base
+        self.name = base.name
+        self.n_items = base.n_items
+        self._key: tuple[Any, ...] | None = None
+        self._scores = np.empty((0, 0), dtype=np.float32)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)  # the scorer's own attributes (cfg, precision)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        key = _batch_key(histories)
+        if key != self._key:
+            self._scores = np.asarray(self.base.score(histories), dtype=np.float32)
+            self._key = key
+        return self._scores.copy()
+
+
+def _batch_key(histories: Sequence[np.ndarray]) -> tuple[Any, ...]:
+    """What identifies a batch of histories: their lengths and a digest of their items."""
+    import hashlib
+
+    lengths = tuple(len(h) for h in histories)
+    items = np.concatenate(
+        [np.asarray(h, dtype=np.int64) for h in histories] or [np.empty(0, np.int64)]
     )
-    result: dict[str, Any] = metrics_from_ranks(all_ranks)
-    result["coverage@10"] = coverage_at(all_top, split.n_items)
-    result["diversity"] = diversity_at(all_top, split.genres())
-    # Single-user requests, as the streaming path issues them (one profile change at a time).
-    timings = []
-    for h in hist[:latency_users]:
-        t0 = time.perf_counter()
-        top_k_unseen(model.score([h]), [h], 10)
-        timings.append(time.perf_counter() - t0)
-    if timings:
-        result.update(latency_summary(timings))
-    result["out_of_catalog"] = out_of_catalog
-    result["seen_returned"] = seen_returned
-    result["users"] = len(hist)
-    result["dataset_sha256"] = dict(split.sha256)
-    return result, ndcg_per_user(all_ranks)
+    return lengths, hashlib.blake2b(items.astype(np.int64).tobytes()).hexdigest()
 
 
 def _rank_targets(
@@ -289,10 +384,14 @@ def run_eval(
     post: PostConfig | None = None,
     cold_start_prefixes: Sequence[int] = (),
     retrieval: RetrievalConfig | None = None,
-    ease_max_items: int = DEFAULT_EASE_MAX_ITEMS,
+    ease_max_items: int | None = None,
+    baseline_params: dict[str, dict[str, float]] | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the test split; see the module docstring.
+
+    ``baseline_params`` (name -> settings chosen on validation, e.g. by the training of the
+    artifact under test) fits those baselines once instead of searching their grids again.
 
     ``fused`` is the served model: the transformer, EASE, item-kNN and popularity fused with
     weights chosen on validation (:class:`lab.hybrid.Fusion`), per seed.
@@ -307,8 +406,17 @@ def run_eval(
     report: dict[str, Any] = {}
     per_user: dict[str, np.ndarray] = {}
     fitted: dict[str, Ranker] = {}
+    chosen = baseline_params or {}
+
+    def fit_baseline(name: str) -> Ranker:
+        if name not in fitted:
+            fitted[name] = baseline(
+                name, split, say, ease_max_items=ease_max_items, params=chosen.get(name)
+            )
+        return fitted[name]
+
     for name in (m for m in models if m in BASELINES):
-        model = fitted[name] = baseline(name, split, say, ease_max_items=ease_max_items)
+        model = fit_baseline(name)
         report[name], per_user[name] = evaluate(model, split)
         say(f"{name}: test ndcg@10={report[name]['ndcg@10']:.4f} hr@10={report[name]['hr@10']:.4f}")
     gens = []
@@ -325,10 +433,44 @@ def run_eval(
                 say=say,
             )
         )
+    # The transformer's test scores are computed once per batch for every model built on it.
+    gens = [(seed, SharedScores(rec), fp32) for seed, rec, fp32 in gens]
+    fusions: list[tuple[int, CatalogScorer, dict[str, Any]]] = []
+    if "fused" in models:
+        from lab.hybrid import Fusion
+
+        parts = {name: fit_baseline(name) for name in ("ease", "itemknn", "pop")}
+        for seed, rec, _ in gens:
+            fusion = Fusion({"gen": rec, **parts}).fit(split)
+            fusions.append((seed, fusion, {"weights": fusion.weights, **_fusion_valid(fusion)}))
+    hybrids: list[tuple[int, CatalogScorer]] = []
+    if {"gen+ease", "gen+ease+post"} & set(models) or cold_start_prefixes:
+        from lab.hybrid import Hybrid
+
+        ease = fit_baseline("ease")
+        hybrids = [(seed, Hybrid(ease, rec).fit(split)) for seed, rec, _ in gens]
+    served: list[tuple[int, Any, dict[str, Any]]] = []
+    if "served" in models:
+        if not artifacts:
+            raise InferenceError("the served model is read from --artifact")
+        served = list(_served_models(split, artifacts))
+    tested: dict[int, tuple[dict[str, Any], np.ndarray]] = {}
+    for i, (_, rec, _) in enumerate(gens):
+        together: dict[str, CatalogScorer] = {}
+        if i < len(served) and _share_transformer(served[i][1], rec, split):
+            together["served"] = served[i][1]
+        if "gen" in models:
+            together["gen"] = rec
+        if fusions:
+            together["fused"] = fusions[i][1]
+        if "gen+ease" in models:
+            together["gen+ease"] = hybrids[i][1]
+        for name, result in evaluate_together(together, split).items():
+            tested[id(together[name])] = result
     if "gen" in models:
         runs, users = [], []
         for seed, rec, fp32 in gens:
-            res, nd = evaluate(rec, split)
+            res, nd = tested[id(rec)]
             res["seed"] = seed
             fp32_res, _ = evaluate(fp32, split, latency_users=0)
             res["ndcg@10_fp32"] = fp32_res["ndcg@10"]
@@ -343,31 +485,15 @@ def run_eval(
         report["gen"]["precision"] = getattr(gens[0][1], "precision", "fp32")
         per_user["gen"] = np.mean(users, axis=0)
     if "fused" in models:
-        from lab.hybrid import Fusion
-
-        parts = {
-            name: fitted.get(name) or baseline(name, split, say, ease_max_items=ease_max_items)
-            for name in ("ease", "itemknn", "pop")
-        }
-        fusions = []
-        for seed, rec, _ in gens:
-            fusion = Fusion({"gen": rec, **parts}).fit(split)
-            fusions.append((seed, fusion, {"weights": fusion.weights, **_fusion_valid(fusion)}))
-        report["fused"], per_user["fused"] = _seed_rows("fused", fusions, split, say)
-    if "served" in models:
-        if not artifacts:
-            raise InferenceError("the served model is read from --artifact")
-        report["served"], per_user["served"] = _seed_rows(
-            "served", list(_served_models(split, artifacts)), split, say
-        )
-    if {"gen+ease", "gen+ease+post"} & set(models) or cold_start_prefixes:
-        from lab.hybrid import Hybrid
-
-        ease = fitted.get("ease") or baseline("ease", split, say, ease_max_items=ease_max_items)
-        hybrids = [(seed, Hybrid(ease, rec).fit(split)) for seed, rec, _ in gens]
+        report["fused"], per_user["fused"] = _seed_rows("fused", fusions, split, say, tested)
+    if served:
+        report["served"], per_user["served"] = _seed_rows("served", served, split, say, tested)
+    if hybrids:
         if "gen+ease" in models:
-            alphas = [(seed, h, {"alpha": float(h.alpha)}) for seed, h in hybrids]
-            report["gen+ease"], per_user["gen+ease"] = _seed_rows("gen+ease", alphas, split, say)
+            alphas = [(seed, h, {"alpha": float(getattr(h, "alpha", 0.0))}) for seed, h in hybrids]
+            report["gen+ease"], per_user["gen+ease"] = _seed_rows(
+                "gen+ease", alphas, split, say, tested
+            )
         if "gen+ease+post" in models:
             config = post if post is not None and post.active else PostConfig(cosine_floor=0.0)
             steps = CatalogPost(split.item_ids, _item_vectors(split, artifacts), config)
@@ -415,6 +541,11 @@ def run_eval(
     present = [b for b in BASELINES if b in report]
     meta: dict[str, Any] = {
         "dataset": split.dataset,
+        "baselines_tuned": {
+            name: ("settings chosen in training" if name in chosen else "grid")
+            for name in fitted
+            if name in GRIDS
+        },
         "sha256": dict(split.sha256),
         "users": len(split.eval_users),
         "items": split.n_items,
@@ -538,6 +669,19 @@ def _served_models(
         yield int(rec.scorer.cfg.seed), rec, extra
 
 
+def _share_transformer(served: Any, shared: CatalogScorer, split: Split) -> bool:
+    """Let the served artifact's transformer answer from ``shared`` (the same artifact's
+    transformer, loaded the same way for the ``gen`` row), after checking on a few validation
+    histories that both score alike; ``False`` (nothing changed) when they do not."""
+    probe = split.histories("valid")[:8]
+    if not isinstance(shared, SharedScores) or not probe:
+        return False
+    if not np.array_equal(served.scorer.score(probe), shared.base.score(probe)):
+        return False
+    served.scorer = shared  # the served path is unchanged; its transformer scores come once
+    return True
+
+
 def _fusion_valid(fusion: Any) -> dict[str, Any]:
     """The fusion's validation NDCG@10 (each part alone and fused) for the report."""
     return {"valid_ndcg@10": dict(fusion.valid_ndcg), "fit_users": fusion.fit_users}
@@ -548,11 +692,13 @@ def _seed_rows(
     models: Sequence[tuple[int, CatalogScorer, dict[str, Any]]],
     split: Split,
     say: Callable[[str], None],
+    tested: dict[int, tuple[dict[str, Any], np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """One model's report row over seeds (each run notes ``extra``) and its per-user NDCG."""
+    """One model's report row over seeds (each run notes ``extra``) and its per-user NDCG;
+    ``tested`` holds the models already evaluated (by ``id``)."""
     runs, users = [], []
     for seed, model, extra in models:
-        res, nd = evaluate(model, split)
+        res, nd = (tested or {}).get(id(model)) or evaluate(model, split)
         res.update(seed=seed, **extra)
         runs.append(res)
         users.append(nd)

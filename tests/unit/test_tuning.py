@@ -49,7 +49,9 @@ def test_gen_search_is_skipped_when_an_epoch_outlasts_a_trial(split: Split) -> N
     assert record["trials"] == []
 
 
-def test_train_on_a_folder_searches_and_records_the_trace(tmp_path: Path) -> None:
+def test_train_on_a_folder_searches_and_records_the_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from click.testing import CliRunner
 
     from lab.cli import train_cmd
@@ -66,6 +68,14 @@ def test_train_on_a_folder_searches_and_records_the_trace(tmp_path: Path) -> Non
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     search = log["search"]
     assert search["budget_minutes"] == 0.05
+    # The plan the phases shared, and the seconds each took, are in the artifact.
+    assert log["plan"]["source"] == "budget"
+    assert log["plan"]["search_s"] == 3.0
+    assert {"load", "search", "gen", "fits"} <= set(log["phase_seconds"])
+    # Every CF part's chosen settings, whatever its weight, for `recstream eval` to reuse.
+    assert log["baselines"]["ease"]["lam"] == search["ease"]["best"]["lam"]
+    assert log["baselines"]["ease"]["markov_last"] == search["ease"]["best"]["markov_last"]
+    assert log["baselines"]["itemknn"]["k_neighbours"] == search["itemknn"]["best"]["k_neighbours"]
     assert search["ease"]["trials"][0]["params"] == WARM_STARTS["ease"][0]
     # The served parts carry the search's best settings, the transformer the chosen ones.
     if config["hybrid"]["fusion"]["itemknn"]:
@@ -77,3 +87,19 @@ def test_train_on_a_folder_searches_and_records_the_trace(tmp_path: Path) -> Non
     # A folder without item text trains without text initialisation and without the index.
     assert config["gen"]["text_init"] is False
     assert not (out / "index").exists()
+    # `recstream eval` fits the baselines with the settings training chose, not its grid.
+    from lab.cli import eval_cmd
+
+    monkeypatch.setenv("RECSTREAM_ARTIFACT_ALLOW_UNSIGNED", "true")
+    report_path = tmp_path / "report.json"
+    models = "pop,itemknn,ease,gen,gen+ease,fused,served"
+    args = ["--dataset", str(data), "--models", models, "--artifact", str(out)]
+    result = CliRunner().invoke(eval_cmd, [*args, "--threads", "1", "--out", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["_meta"]["baselines_tuned"] == {
+        "itemknn": "settings chosen in training",
+        "ease": "settings chosen in training",
+    }
+    assert report["ease"]["ndcg@10"] >= 0.0
+    assert {"fused", "served", "gen+ease"} <= set(report)
