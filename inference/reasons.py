@@ -102,23 +102,24 @@ def weight_reasons(
 
     Every list is empty when no part of the fusion is attributable (a transformer alone).
     """
-    total: dict[int, np.ndarray] = {}
-    for name, weight in model.weights.items():
-        part = model.parts.get(name)
-        if weight <= 0.0 or not isinstance(part, Attributable):
-            continue
-        items, shares = part.attribute(history, targets)
-        for item, share in zip(items.tolist(), shares, strict=True):
-            total[item] = total[item] + weight * share if item in total else weight * share
-    if not total:
+    attributed = [
+        (weight, part.attribute(history, targets))
+        for name, weight in model.weights.items()
+        if weight > 0.0 and isinstance(part := model.parts.get(name), Attributable)
+    ]
+    if not attributed:
         return [[] for _ in targets]
-    items = np.fromiter(total, dtype=np.int64, count=len(total))
-    shares = np.stack([total[i] for i in items.tolist()])  # (history item, target)
-    out: list[list[int]] = []
-    for col in range(len(targets)):
-        ranked = np.argsort(-shares[:, col], kind="stable")[:top]
-        out.append([int(items[r]) for r in ranked if shares[r, col] > 0.0])
-    return out
+    items, at = np.unique(np.concatenate([a[0] for _, a in attributed]), return_inverse=True)
+    shares = np.zeros((len(items), len(targets)))  # (history item, target)
+    start = 0
+    for weight, (part_items, part_shares) in attributed:
+        np.add.at(shares, at[start : start + len(part_items)], weight * part_shares)
+        start += len(part_items)
+    ranked = np.argsort(-shares, axis=0, kind="stable")[:top]  # (top, target)
+    return [
+        [int(items[r]) for r in ranked[:, col] if shares[r, col] > 0.0]
+        for col in range(len(targets))
+    ]
 
 
 def occlusion_reasons(

@@ -8,7 +8,7 @@ artifact, and the lab's fitted ``EASE`` (a subclass) from its dense weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,11 +42,32 @@ target, its additive share of the target's score minus its mean share over the c
 by the standard deviation of the user's score row (the units of a standardised score)."""
 
 
-def _block(matrix: Any, items: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Rows ``items``, columns ``targets`` of a dense or sparse item-item matrix, dense."""
-    if sp.issparse(matrix):
-        return _dense(matrix[items][:, targets])
-    return np.asarray(matrix[np.ix_(items, targets)], dtype=np.float32)
+def _weighted_rows(
+    matrix: Any, items: np.ndarray, weight: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_i weight[i] * matrix[items[i]]`` over the catalog, and each item's weighted entries
+    in the targets' columns ``(len(items), len(targets))``.
+
+    An artifact's CSR weights are walked as arrays: building scipy matrices per list costs more
+    than the arithmetic, and this runs for every published list.
+    """
+    n_items = int(matrix.shape[1])
+    if not (sp.issparse(matrix) and matrix.format == "csr"):
+        rows = weight[:, None] * _dense(matrix[items]).astype(np.float64)
+        return rows.sum(axis=0), rows[:, targets]
+    starts, ends = matrix.indptr[items], matrix.indptr[items + 1]
+    lengths = ends - starts
+    owner = np.repeat(np.arange(len(items)), lengths)
+    entry = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    cols = matrix.indices[entry]
+    vals = matrix.data[entry] * weight[owner]
+    row = np.bincount(cols, weights=vals, minlength=n_items)
+    column = np.full(n_items, -1, dtype=np.int64)
+    column[targets] = np.arange(len(targets))
+    hit = column[cols] >= 0
+    share = np.zeros((len(items), len(targets)))
+    share[owner[hit], column[cols[hit]]] = vals[hit]  # a CSR row holds each column once
+    return row, share
 
 
 def _row_means(matrix: Any) -> np.ndarray:
@@ -54,24 +75,24 @@ def _row_means(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.mean(axis=1), dtype=np.float32).reshape(-1)
 
 
-class _RowMeans:
-    """The catalog means of item-item rows, computed once per matrix and kept for the last few
-    matrices (a refitted model has a new matrix, so a stale mean is never used)."""
+class _Derived:
+    """Something computed once per item-item matrix and kept for the last few matrices (a
+    refitted model has a new matrix, so a stale result is never used)."""
 
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self._held: list[tuple[Any, np.ndarray]] = []
+    def __init__(self, derive: Callable[[Any], Any], keep: int = 8) -> None:
+        self.derive, self.keep = derive, keep
+        self._held: list[tuple[Any, Any]] = []
 
-    def __call__(self, matrix: Any) -> np.ndarray:
-        for held, means in self._held:
+    def __call__(self, matrix: Any) -> Any:
+        for held, derived in self._held:
             if held is matrix:
-                return means
-        means = _row_means(matrix)
-        self._held = [(matrix, means), *self._held[: self.keep - 1]]
-        return means
+                return derived
+        derived = self.derive(matrix)
+        self._held = [(matrix, derived), *self._held[: self.keep - 1]]
+        return derived
 
 
-_ROW_MEANS = _RowMeans()
+_ROW_MEANS = _Derived(_row_means)
 
 
 def _centred(share: np.ndarray, means: np.ndarray, row: np.ndarray) -> np.ndarray:
@@ -95,6 +116,21 @@ def top_k_unseen(
     return top.astype(np.int64), np.take_along_axis(scores, top, axis=1)
 
 
+def _recency(
+    history: np.ndarray, decay: float, last: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A history's distinct items (ascending) and their weights ``decay ** age`` (age 0 = newest;
+    a repeated item keeps its newest weight); ``last`` keeps only the most recent items."""
+    h = np.asarray(history, dtype=np.int64)
+    if last is not None:
+        h = h[-last:]
+    ages = np.arange(len(h) - 1, -1, -1, dtype=np.float64)
+    w = decay**ages
+    # Reverse so the newest occurrence of a repeated item comes first; np.unique keeps it.
+    items, first = np.unique(h[::-1], return_index=True)
+    return items, w[::-1][first]
+
+
 def recency_weights(
     histories: Sequence[np.ndarray], n_items: int, decay: float, last: int | None = None
 ) -> sp.csr_matrix:
@@ -104,16 +140,10 @@ def recency_weights(
     """
     rows, cols, vals = [], [], []
     for r, hist in enumerate(histories):
-        h = np.asarray(hist, dtype=np.int64)
-        if last is not None:
-            h = h[-last:]
-        ages = np.arange(len(h) - 1, -1, -1, dtype=np.float64)
-        w = decay**ages
-        # Reverse so the newest occurrence of a repeated item comes first; np.unique keeps it.
-        uniq, first = np.unique(h[::-1], return_index=True)
-        rows.append(np.full(len(uniq), r))
-        cols.append(uniq)
-        vals.append(w[::-1][first])
+        items, weights = _recency(hist, decay, last)
+        rows.append(np.full(len(items), r))
+        cols.append(items)
+        vals.append(weights)
     if not rows:
         return sp.csr_matrix((0, n_items), dtype=np.float32)
     return sp.csr_matrix(
@@ -215,24 +245,19 @@ class EaseScorer:
         ``B``, and the Markov term's transitions from the newest items), scaled per user, so the
         shares add up to the score exactly.
         """
-        w = recency_weights([history], self.n_items, self.decay)
-        items = w.indices.astype(np.int64)
-        order = np.argsort(items)
-        items, weight = items[order], w.data[order]
-        raw = _dense(w @ self.weights)[0]
+        items, weight = _recency(history, self.decay)
+        raw, share = _weighted_rows(self.weights, items, weight, targets)
         scale = max(float(np.abs(raw).max()), 1e-9)
-        share = weight[:, None] * _block(self.weights, items, targets) / scale
+        share /= scale
         means = weight * _ROW_MEANS(self.weights)[items] / scale
         row = raw / scale
         if self.beta > 0:
-            m = recency_weights([history], self.n_items, 0.5, last=self.markov_last)
-            newest = np.zeros(self.n_items, dtype=np.float32)
-            newest[m.indices] = m.data
-            trans = _dense(m @ self.trans)[0]
+            newest, m_weight = _recency(history, 0.5, last=self.markov_last)
+            trans, m_share = _weighted_rows(self.trans, newest, m_weight, targets)
             t_scale = max(float(trans.max()), 1e-9)
-            step = self.beta * newest[items] / t_scale
-            share = share + step[:, None] * _block(self.trans, items, targets)
-            means = means + step * _ROW_MEANS(self.trans)[items]
+            at = np.searchsorted(items, newest)  # the newest items are among the history's
+            share[at] += self.beta * m_share / t_scale
+            means[at] += self.beta * m_weight * _ROW_MEANS(self.trans)[newest] / t_scale
             row = row + self.beta * trans / t_scale
         return items, _centred(share, means, row)
 
@@ -273,12 +298,8 @@ class ItemKNNScorer:
     def attribute(self, history: np.ndarray, targets: np.ndarray) -> Attribution:
         """Each history item's share of ``targets``' scores (see :data:`Attribution`): the
         score is the recency-weighted sum of the items' neighbour rows."""
-        w = recency_weights([history], self.n_items, self.decay)
-        items = w.indices.astype(np.int64)
-        order = np.argsort(items)
-        items, weight = items[order], w.data[order]
-        share = weight[:, None] * _block(self.sim, items, targets)
-        row = _dense(w @ self.sim)[0]
+        items, weight = _recency(history, self.decay)
+        row, share = _weighted_rows(self.sim, items, weight, targets)
         return items, _centred(share, weight * _ROW_MEANS(self.sim)[items], row)
 
 
