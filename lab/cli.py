@@ -17,6 +17,7 @@ from lab.plan import (
     SAMPLED_ABOVE,
     SAMPLED_NEGATIVES,
     SEARCH_MINUTES,
+    SEARCH_SHARE,
 )
 from lab.settings import FetchSettings
 from recstream.options import given, settings_options
@@ -167,8 +168,9 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     default=None,
     help="Minutes of hyper-parameter search on validation (Optuna) for EASE, item-kNN and the "
     f"transformer before training; the presets are its warm starts. Default: the plan's, "
-    f"{SEARCH_MINUTES:g} min or 40 % of the budget if less, for a dataset without a preset (a "
-    "folder), 0 (the presets as they are) for the named ones.",
+    f"{SEARCH_MINUTES:g} min (at most {SEARCH_SHARE:.0%} of the budget; the transformer's "
+    "trials are left out when they could not hold a few epochs) for a dataset without a "
+    "preset (a folder), 0 (the presets as they are) for the named ones.",
 )
 @click.option(
     "--cf-top-k",

@@ -42,7 +42,7 @@ __all__ = [
 # The whole of `recstream train` for a dataset without a preset: on the 25,000-item synthetic
 # shop (300,000 interactions) train and `recstream eval` of every model then fit in 15 minutes
 # on this 2-core machine under the load of shared use.
-BUDGET_MINUTES = 7.0
+BUDGET_MINUTES = 8.0
 PRESET_GEN_MINUTES = 14.0  # the transformer's cap on the named sets (as their presets were run)
 SEARCH_MINUTES = 4.0  # the most the search takes
 SEARCH_SHARE = 0.6  # of the budget, the most the search takes
