@@ -281,16 +281,19 @@ LIKE_VARIANTS = (
     LikeRule(weight=0.5),
     LikeRule(near=0.5),
     LikeRule(near=0.25),
-    LikeRule(near=0.1),
     LikeRule(shared_genre=True),
-    LikeRule(near=0.5, shared_genre=True),
+    LikeRule(weight=0.1, model_order=True),
+    LikeRule(weight=0.15, model_order=True),
     LikeRule(weight=0.25, model_order=True),
     LikeRule(weight=0.5, model_order=True),
-    LikeRule(weight=1.0, model_order=True),
-    LikeRule(weight=0.5, keep=3, model_order=True),
-    LikeRule(weight=1.0, keep=3, model_order=True),
+    LikeRule(weight=0.2, model_order=True),
+    LikeRule(weight=0.25, keep=5, model_order=True),
+    LikeRule(weight=0.5, keep=5, model_order=True),
+    LikeRule(weight=0.5, keep=7, model_order=True),
     LikeRule(weight=1.0, keep=5, model_order=True),
-    LikeRule(near=0.25, keep=3, model_order=True),
+    LikeRule(weight=1.0, keep=7, model_order=True),
+    LikeRule(weight=1.0, keep=5, pool=20, model_order=True),
+    LikeRule(weight=2.0, keep=5, pool=40, model_order=True),
 )
 """The ways of serving "more like <title>" that ``--like-variants`` compares."""
 
@@ -437,6 +440,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm", action="store_true", help="also measure the language-model parser")
     parser.add_argument("--lm-int8", action="store_true", help="the language model in INT8")
+    parser.add_argument(
+        "--lm-calibrate",
+        action="store_true",
+        help="subtract the language model's answer to a content-free message at each choice",
+    )
     parser.add_argument("--limit", type=int, default=0, help="only the first N requests (0 = all)")
     parser.add_argument("--turns", type=int, default=200, help="turns timed for latency")
     parser.add_argument(
@@ -496,14 +504,24 @@ def main() -> None:
         from lab.reranker import LLMReranker, RerankerConfig
 
         loaded = LLMReranker(RerankerConfig(quantize_int8=args.lm_int8))
-        lm = Once(LMParser(loaded.model, loaded.tokenizer, engine.parser).parse)
+        lm = Once(
+            LMParser(
+                loaded.model, loaded.tokenizer, engine.parser, calibrate=args.lm_calibrate
+            ).parse
+        )
         rules = engine.parser.parse
         parsers += [
             ("lm", lm),
             ("lm-empty", lambda m: combine(rules(m), lambda: lm(m), "empty")),
             ("lm-fill", lambda m: combine(rules(m), lambda: lm(m), "fill")),
         ]
-    sample = Users(attributes, ranked, targets, engine.vectors, LIKE_RULE)
+    # The index's vectors, read once: the bench compares lists many times over.
+    matrix = engine.vectors(attributes.item_ids)
+
+    def vectors(items: Sequence[str]) -> np.ndarray:
+        return matrix[[attributes.position[i] for i in items]]
+
+    sample = Users(attributes, ranked, targets, vectors, LIKE_RULE)
     results = []
     for name, parse in [] if args.latency_only else parsers:
         started = time.perf_counter()

@@ -198,7 +198,10 @@ def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> Non
     assert order(LikeRule()) == [str(n) for n in range(1, 11)]  # the model's, item 0 left out
     assert order(LikeRule(weight=0.25)).index("8") < 4
     assert order(LikeRule(weight=1.0))[0] == "8"
-    assert "8" in order(LIKE_RULE)
+    vectors[8], vectors[15] = vectors[8 - 1], vectors[0]  # now item 15 is the twin
+    served = order(LIKE_RULE)
+    assert served[: LIKE_RULE.keep] == [str(n) for n in range(1, LIKE_RULE.keep + 1)]
+    assert "15" in served and served == sorted(served, key=int)  # the list in model order
 
 
 def _like_case(n: int = 40) -> tuple[CatalogAttributes, list[tuple[str, float]], Any]:
@@ -319,13 +322,13 @@ class _Model:
 
         self.vocabulary, self.favour = vocabulary, list(favour)
         self.generator = torch.Generator().manual_seed(seed)
-        self.fed: list[int] = []
+        self.fed: dict[int, list[int]] = {}  # by cache
 
     def __call__(self, input_ids: Any, past_key_values: Any, use_cache: bool) -> Any:
         import torch
 
         ids = input_ids[0].tolist()
-        self.fed += ids
+        self.fed.setdefault(id(past_key_values), []).extend(ids)
         logits = torch.randn(1, len(ids), self.vocabulary, generator=self.generator)
         logits[0, -1, self.favour] += 100.0  # e.g. tokens that would break the JSON
         return type("Out", (), {"logits": logits})()
@@ -334,15 +337,21 @@ class _Model:
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(seed=st.integers(0, 2**31 - 1), message=st.lists(_WORDS, max_size=12).map(" ".join))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    message=st.lists(_WORDS, max_size=12).map(" ".join),
+    calibrate=st.booleans(),
+)
 def test_constrained_decoding_answers_valid_json_of_catalog_values_whatever_the_model_prefers(
-    parser: RuleParser, attributes: CatalogAttributes, tokenizer: Any, seed: int, message: str
+    parser: RuleParser, tokenizer: Any, seed: int, message: str, calibrate: bool
 ) -> None:
     import json
 
+    attributes = parser.attributes
+
     breaking = [tokenizer.encode(t, add_special_tokens=False)[0] for t in ("}", " ignore", "\n")]
     model = _Model(len(tokenizer), seed, breaking)
-    lm = LMParser(model, tokenizer, parser)
+    lm = LMParser(model, tokenizer, parser, calibrate=calibrate)
     message = f"more like Toy Story {message}"
     answer, candidates = lm.generate(message)
     data = json.loads(answer)
@@ -365,7 +374,9 @@ def test_constrained_decoding_answers_valid_json_of_catalog_values_whatever_the_
         add_generation_prompt=True,
     )
     whole = lm._ids(prompt + answer)
-    assert model.fed[len(lm._prefix_ids) :] == whole[len(lm._prefix_ids) : len(model.fed)]
+    fed = model.fed[id(lm._prefix_cache)]
+    assert fed[len(lm._prefix_ids) :] == whole[len(lm._prefix_ids) : len(fed)]
+    assert len(model.fed) == 1 + calibrate  # the content-free message runs apart
     parsed = lm.read_answer(answer, candidates)
     assert set(parsed.constraints.like) <= set(candidates.values())
 
