@@ -14,8 +14,13 @@ On ML-100K with a trained artifact and the labelled requests of ``bench/data/ref
 - **latency** of a refinement turn: ``ConversationEngine.turn`` (parse, rank every item, refine,
   explain, trim) in process, and the whole HTTP turn on the real API and Redis (``--http``).
 
-Each parser is a row (``rules``; ``lm`` with ``--lm``), beside ``oracle``: the labelled
-constraints themselves, which shows what refining costs independent of understanding.
+Each parser is a row, beside ``oracle``: the labelled constraints themselves, which shows what
+refining costs independent of understanding. ``rules``; with ``--lm`` also ``lm`` (SmolLM2 by
+constrained decoding), ``lm-empty`` (the model only where the rules understood nothing) and
+``lm-fill`` (the model for each field the rules left empty); the model's answer to each message
+is computed once, and each row is timed as if it had parsed itself. ``--like-variants`` compares
+ways of serving "more like <title>" (``LIKE_VARIANTS``): the held-out item's NDCG@10 and the
+list's mean MiniLM cosine to the film.
 
     RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=~/.cache/recstream/artifact-keys/artifact-signing.pub \
         python -m bench.conversation --artifact artifacts/ml-100k --users 200 --http

@@ -1001,7 +1001,8 @@ class LMParser:
     loads SmolLM2 from its pinned, verified file). The system prompt and the examples are run
     once; each message then costs its own tokens and one step per choice the model has to make.
     ``calibrate`` subtracts, at each choice, the model's log-probabilities after a content-free
-    message (bench/conversation.py: worse than without on this model).
+    message (bench/conversation.py: worse than without on this model). One message at a time:
+    the prompt's cache is shared.
     """
 
     name = "lm"
