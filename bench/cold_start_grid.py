@@ -45,6 +45,7 @@ def main() -> None:
     for history in split.train:
         np.add.at(counts, history, 1.0)
     ndcg: dict[tuple[str, int, float, float], float] = {}
+    popular: dict[tuple[str, int], float] = {}  # popularity alone
     for stage in ("valid", "test"):
         for n in PREFIXES:
             hist, rows = split.prefix_histories(stage, n)
@@ -62,6 +63,7 @@ def main() -> None:
                 for w_p in WEIGHTS:
                     ranks = target_ranks(base + w_r * text + w_p * pop, hist, targets)
                     ndcg[stage, n, w_r, w_p] = float(ndcg_per_user(ranks).mean())
+            popular[stage, n] = float(ndcg_per_user(target_ranks(pop, hist, targets)).mean())
 
     def change(stage: str, n: int, w_r: float, w_p: float) -> float:
         return ndcg[stage, n, w_r, w_p] / max(ndcg[stage, n, 0.0, 0.0], 1e-12) - 1.0
@@ -72,6 +74,9 @@ def main() -> None:
             f"  {stage}: "
             + ", ".join(f"first {n} {ndcg[stage, n, 0.0, 0.0]:.4f}" for n in PREFIXES)
         )
+    print("popularity alone")
+    for stage in ("valid", "test"):
+        print(f"  {stage}: " + ", ".join(f"first {n} {popular[stage, n]:.4f}" for n in PREFIXES))
     print("\n| retrieval | popularity | valid 1 / 2 / 3 | valid mean | test 1 / 2 / 3 |")
     print("|---|---|---|---|---|")
     for w_r in WEIGHTS:
