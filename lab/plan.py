@@ -63,8 +63,6 @@ EASE_INVERSES = 3  # the evaluation grid's lam values: the fits re-solve once pe
 SECONDS_PER_CELL = 2e-8
 GRID_POINTS = 27 + 15  # the EASE and item-kNN grids (lab.evaluate.GRIDS)
 FUSION_JUDGED = 40  # weight sets the fusion's coordinate ascent judges, typically
-FIT_USERS = 5_000  # validation users each grid point is judged on (lab.baselines.TUNE_USERS)
-FUSION_CELLS = 40_000_000  # validation users x items the fusion's fit holds per component
 MIN_GEN_SECONDS = 60.0  # the transformer gets at least this much whatever the estimate
 
 
@@ -130,10 +128,13 @@ def ease_bound(n_items: int, seconds: float | None = None, inverses: int = EASE_
 def estimate_fit_seconds(split: Split, ease_items: int, *, grids: bool = True) -> float:
     """Seconds the fits after the transformer take: EASE's inverses, the validation grids and
     the fusion's weight search (a rough figure for this 2-core machine)."""
+    from lab.baselines import TUNE_USERS
+    from lab.hybrid import FUSION_CELLS
+
     users = len(split.eval_users)
     inverses = EASE_INVERSES if grids else 1
     ease = inverses * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
-    grid = (GRID_POINTS if grids else 0) * min(users, FIT_USERS) * split.n_items
+    grid = (GRID_POINTS if grids else 0) * min(users, TUNE_USERS) * split.n_items
     fusion = FUSION_JUDGED * min(users * split.n_items, FUSION_CELLS)
     return ease + SECONDS_PER_CELL * (grid + fusion)
 
