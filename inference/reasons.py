@@ -6,7 +6,7 @@ Two attributions, both measured against the served scorer (``python -m bench.rea
   and once without each of its newest items (one batch), and a history item's contribution to a
   recommended item is how much that item's score falls without it. The scorer is whatever the
   artifact serves (the transformer, EASE's weights and the Markov term, fused; retrieval for short
-  histories). It costs one model pass per history item tried (80-160 ms a list on a CPU).
+  histories). It costs one model pass per history item tried (70-160 ms a list on a CPU).
 - :func:`weight_reasons`, for every list the regeneration service publishes: the fusion's
   collaborative parts (EASE with its Markov term, item-kNN) are sums over the history's items, so
   each item's share of a recommended item's standardised score is exact and costs a gather of
