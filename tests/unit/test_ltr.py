@@ -76,10 +76,23 @@ def walk() -> tuple[Split, dict[str, object]]:
     return split, parts
 
 
-def test_features_do_not_read_the_targets(walk: tuple[Split, dict[str, object]]) -> None:
+Scored = tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray | None]
+
+
+@pytest.fixture(scope="module")
+def valid(walk: tuple[Split, dict[str, object]]) -> Scored:
+    """The walk's validation histories, targets and parts' scores (with EASE's of the last item)."""
     split, parts = walk
     hist, targets = split.histories("valid"), split.targets("valid")
     scores, pair = score_parts(parts, hist, "ease")  # type: ignore[arg-type]
+    return hist, targets, scores, pair
+
+
+def test_features_do_not_read_the_targets(
+    walk: tuple[Split, dict[str, object]], valid: Scored
+) -> None:
+    split, _ = walk
+    hist, targets, scores, pair = valid
     labelled = candidate_table(scores, pair, hist, targets, top_k=5, pair="ease")
     other = candidate_table(scores, pair, hist, (targets + 1) % split.n_items, top_k=5, pair="ease")
     blind = candidate_table(scores, pair, hist, top_k=5, pair="ease")
@@ -93,11 +106,10 @@ def test_features_do_not_read_the_targets(walk: tuple[Split, dict[str, object]])
 
 
 def test_a_users_features_do_not_depend_on_the_other_users(
-    walk: tuple[Split, dict[str, object]],
+    walk: tuple[Split, dict[str, object]], valid: Scored
 ) -> None:
-    split, parts = walk
-    hist = split.histories("valid")
-    scores, pair = score_parts(parts, hist, "ease")  # type: ignore[arg-type]
+    _, parts = walk
+    hist, _, scores, pair = valid
     together = candidate_table(scores, pair, hist, top_k=5, pair="ease")
     for u in (0, len(hist) // 2, len(hist) - 1):
         alone_scores, alone_pair = score_parts(parts, [hist[u]], "ease")  # type: ignore[arg-type]
@@ -112,12 +124,8 @@ def column(table: CandidateTable, name: str) -> np.ndarray:
     return out
 
 
-def test_fusion_column_is_the_weighted_sum_of_z_scores(
-    walk: tuple[Split, dict[str, object]],
-) -> None:
-    split, parts = walk
-    hist = split.histories("valid")
-    scores, pair = score_parts(parts, hist, "ease")  # type: ignore[arg-type]
+def test_fusion_column_is_the_weighted_sum_of_z_scores(valid: Scored) -> None:
+    hist, _, scores, pair = valid
     table = candidate_table(scores, pair, hist, top_k=5, pair="ease")
     fused = table.with_fusion({"ease": 0.75, "itemknn": 0.25, "pop": 0.0})
     again = fused.with_fusion({"ease": 1.0})
@@ -127,12 +135,8 @@ def test_fusion_column_is_the_weighted_sum_of_z_scores(
     np.testing.assert_allclose(column(again, "fused_z"), column(table, "ease_z"))
 
 
-def test_ties_in_the_ranker_are_broken_by_the_weighted_fusion(
-    walk: tuple[Split, dict[str, object]],
-) -> None:
-    split, parts = walk
-    hist, targets = split.histories("valid"), split.targets("valid")
-    scores, pair = score_parts(parts, hist, "ease")  # type: ignore[arg-type]
+def test_ties_in_the_ranker_are_broken_by_the_weighted_fusion(valid: Scored) -> None:
+    hist, targets, scores, pair = valid
     table = candidate_table(scores, pair, hist, targets, top_k=5, pair="ease")
     table = table.with_fusion({"ease": 1.0})
     flat = np.zeros(len(table.items))
