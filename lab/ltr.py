@@ -110,25 +110,21 @@ def score_parts(
     parts: Mapping[str, CatalogScorer], histories: Sequence[np.ndarray], pair: str | None
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Each part's catalog scores of ``histories``; the ``pair`` part's of the last item alone."""
-    scores = {
-        n: np.concatenate(
-            [
-                np.asarray(p.score(histories[s : s + BATCH]), dtype=np.float32)
-                for s in range(0, len(histories), BATCH)
-            ]
-        )
-        for n, p in parts.items()
-    }
+    scores = {n: _batched(p, histories) for n, p in parts.items()}
     if pair is None:
         return scores, None
     last = [np.asarray(h[-1:], dtype=np.int64) for h in histories]
-    pair_scores = np.concatenate(
+    return scores, _batched(parts[pair], last)
+
+
+def _batched(part: CatalogScorer, histories: Sequence[np.ndarray]) -> np.ndarray:
+    """``part``'s float32 catalog scores of ``histories``, :data:`BATCH` users at a time."""
+    return np.concatenate(
         [
-            np.asarray(parts[pair].score(last[s : s + BATCH]), dtype=np.float32)
-            for s in range(0, len(last), BATCH)
+            np.asarray(part.score(histories[s : s + BATCH]), dtype=np.float32)
+            for s in range(0, len(histories), BATCH)
         ]
     )
-    return scores, pair_scores
 
 
 def candidate_items(
