@@ -37,6 +37,7 @@ from inference.conversation import (
     describe,
     load_tokenizer,
     merge,
+    parse_session,
     refine,
     trim_turns,
 )
@@ -221,12 +222,9 @@ async def run_turn(
     """One turn on the store: read the session and profile, refine, write the session back."""
     key = session_key(keys, user_id)
     raw = await client.get(key)
-    previous: Session | None = None
-    if raw is not None:
-        try:
-            previous = Session.model_validate_json(raw)
-        except ValidationError:
-            log.warning("a stored conversation session did not parse; it is started over")
+    previous = parse_session(raw)
+    if raw is not None and previous is None:
+        log.warning("a stored conversation session did not parse; it is started over")
     if request.session_id is not None and (
         previous is None or previous.session_id != request.session_id
     ):
