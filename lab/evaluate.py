@@ -162,7 +162,7 @@ def evaluate_together(
     for s in range(0, len(hist), batch_size):
         chunk, wanted = hist[s : s + batch_size], targets[s : s + batch_size]
         for name, model in models.items():
-            r, top, _, _ = _rank_targets(model, chunk, wanted, split.n_items, batch_size)
+            r, top = _rank_targets(model, chunk, wanted, split.n_items, batch_size)
             ranks[name].append(r)
             tops[name].append(top)
     out = {}
@@ -180,7 +180,7 @@ def evaluate_together(
             timings.append(time.perf_counter() - t0)
         if timings:
             result.update(latency_summary(timings))
-        # _rank_targets fails on any out-of-catalog or seen item, so both counts are 0 here.
+        # _rank_targets fails on any out-of-catalog or seen item, so both counts are 0.
         result["out_of_catalog"] = 0
         result["seen_returned"] = 0
         result["users"] = len(hist)
@@ -223,7 +223,7 @@ def _batch_key(histories: Sequence[np.ndarray]) -> tuple[Any, ...]:
     items = np.concatenate(
         [np.asarray(h, dtype=np.int64) for h in histories] or [np.empty(0, np.int64)]
     )
-    return lengths, hashlib.blake2b(items.astype(np.int64).tobytes()).hexdigest()
+    return lengths, hashlib.blake2b(items.tobytes()).hexdigest()
 
 
 def _rank_targets(
@@ -232,7 +232,7 @@ def _rank_targets(
     targets: np.ndarray,
     n_items: int,
     batch_size: int = 256,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Target ranks and top 10s of ``model`` on ``hist``; fails on a non-catalog or seen item."""
     ranks, tops = [], []
     out_of_catalog = 0
@@ -251,7 +251,7 @@ def _rank_targets(
         raise InferenceError(
             f"{model.name} returned {out_of_catalog} out-of-catalog and {seen_returned} seen items"
         )
-    return np.concatenate(ranks), np.concatenate(tops), out_of_catalog, seen_returned
+    return np.concatenate(ranks), np.concatenate(tops)
 
 
 def cold_start(
