@@ -63,6 +63,7 @@ def rights(settings: CommonSettings) -> list[Rights]:
     cache, embeddings = CacheWriterSettings(), EmbeddingsSettings()
     p = _glob_escape(s.key_prefix)
     user = f"{p}u:{{*}}:"
+    catalog = f"%R~{p}catalog:* %R~{p}item:*"  # the catalog's attributes, read-only
 
     def keys(kinds: Iterable[str], *, read_only: bool = False) -> str:
         mark = "%R~" if read_only else "~"
@@ -87,8 +88,7 @@ def rights(settings: CommonSettings) -> list[Rights]:
             groups=(regen.regen_group_id,),
             # The user's conversation session too, and the catalog's attributes: a session's
             # constraints steer the regenerated list.
-            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} %R~{p}catalog:* "
-            f"%R~{p}item:* {_READ}",
+            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {catalog} {_READ}",
         ),
         Rights(
             "cache",
@@ -120,7 +120,7 @@ def rights(settings: CommonSettings) -> list[Rights]:
             "converse",
             writes=(s.topic_profiles_changed,),
             redis=f"{keys(profile, read_only=True)} {keys([SESSION_KIND])} "
-            f"%R~{p}catalog:* %R~{p}item:* +@read +@write +@connection -@dangerous",
+            f"{catalog} +@read +@write +@connection -@dangerous",
         ),
         # Erasure (streams.erasure) reads the clickstream's end offsets, records the erasure,
         # deletes a user's keys under any prefix (live, rebuild namespaces) and removes the
