@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from inference.popularity import Popularity
 from inference.scoring import EaseScorer, ItemKNNScorer, top_k_unseen
-from lab.protocol import Split, metrics_from_ranks, target_ranks
+from lab.protocol import Split, ndcg_per_user, target_ranks
 
 __all__ = [
     "DEFAULT_EASE_MAX_ITEMS",
@@ -38,6 +38,7 @@ __all__ = [
     "interaction_matrix",
     "tune",
     "validation_ndcg",
+    "validation_ndcg_per_user",
 ]
 
 
@@ -335,16 +336,24 @@ def validation_ndcg(model: Ranker, split: Split, max_users: int | None = None) -
     ``max_users`` judges an evenly spaced sample of that many validation users (all of them
     when there are fewer), which is what keeps tuning short on a large dataset.
     """
+    return float(np.mean(validation_ndcg_per_user(model, split, max_users)))
+
+
+def validation_ndcg_per_user(
+    model: Ranker, split: Split, max_users: int | None = None
+) -> np.ndarray:
+    """Each judged validation user's NDCG@10 (the users :func:`validation_ndcg` averages)."""
     hist, targets = split.histories("valid"), split.targets("valid")
     if max_users is not None and len(hist) > max_users:
         rows = np.unique(np.linspace(0, len(hist) - 1, max_users).astype(np.int64))
         hist, targets = [hist[r] for r in rows], targets[rows]
+    if not hist:
+        raise ValueError("no validation users to judge")
     parts = [
         target_ranks(model.score(hist[s : s + 512]), hist[s : s + 512], targets[s : s + 512])
         for s in range(0, len(hist), 512)
     ]
-    ranks = np.concatenate(parts)
-    return metrics_from_ranks(ranks)["ndcg@10"]
+    return ndcg_per_user(np.concatenate(parts))
 
 
 def tune(

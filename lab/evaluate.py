@@ -28,6 +28,7 @@ from lab.protocol import (
     latency_summary,
     metrics_from_ranks,
     ndcg_per_user,
+    significance,
     target_ranks,
 )
 
@@ -286,19 +287,6 @@ def cold_start(
             }
             per_user[label][name] = ndcg_per_user(ranks)
     return rows, per_user
-
-
-def significance(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
-    """Paired tests on per-user NDCG@10: Wilcoxon signed-rank and paired t."""
-    from scipy import stats
-
-    diff = np.asarray(ours) - np.asarray(theirs)
-    out = {"mean_diff": float(diff.mean()), "users": float(diff.size)}
-    if np.count_nonzero(diff) == 0:
-        return {**out, "wilcoxon_p": 1.0, "paired_t_p": 1.0}
-    out["wilcoxon_p"] = float(stats.wilcoxon(ours, theirs).pvalue)
-    out["paired_t_p"] = float(stats.ttest_rel(ours, theirs).pvalue)
-    return out
 
 
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:

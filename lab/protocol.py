@@ -30,6 +30,7 @@ __all__ = [
     "leave_one_out",
     "metrics_from_ranks",
     "ndcg_per_user",
+    "significance",
     "target_ranks",
 ]
 
@@ -242,3 +243,16 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
         "latency_ms_p50": float(np.percentile(ms, 50)),
         "latency_ms_p99": float(np.percentile(ms, 99)),
     }
+
+
+def significance(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """Paired tests on per-user NDCG@10: Wilcoxon signed-rank and paired t."""
+    from scipy import stats
+
+    diff = np.asarray(ours) - np.asarray(theirs)
+    out = {"mean_diff": float(diff.mean()), "users": float(diff.size)}
+    if np.count_nonzero(diff) == 0:
+        return {**out, "wilcoxon_p": 1.0, "paired_t_p": 1.0}
+    out["wilcoxon_p"] = float(stats.wilcoxon(ours, theirs).pvalue)
+    out["paired_t_p"] = float(stats.ttest_rel(ours, theirs).pvalue)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from inference.generative import GenConfig
 from lab.baselines import TUNE_USERS, validation_ndcg
 from lab.datasets import Dataset, Interaction, Item
 from lab.protocol import Split, leave_one_out
-from lab.tuning import WARM_STARTS, search_baseline, search_gen
+from lab.tuning import SEARCH_ALPHA, WARM_STARTS, choose_trial, search_baseline, search_gen
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def split() -> Split:
     return leave_one_out(Dataset("walk", rows, items))
 
 
-def test_search_starts_from_the_presets_and_keeps_the_best_trial(split: Split) -> None:
+def test_search_starts_from_the_presets_and_keeps_the_chosen_trial(split: Split) -> None:
     model, record = search_baseline(
         "itemknn", split, 5.0, ease_max_items=100, max_trials=6, progress=False, say=lambda _: None
     )
@@ -36,9 +37,59 @@ def test_search_starts_from_the_presets_and_keeps_the_best_trial(split: Split) -
     assert [t["params"] for t in trials[:2]] == WARM_STARTS["itemknn"]
     assert len(trials) <= 6
     best = max(t["valid_ndcg@10"] for t in trials)
-    assert record["valid_ndcg@10"] == best
-    # The returned model is fitted with the best trial's settings.
-    assert validation_ndcg(model, split, TUNE_USERS) == best
+    warm_best = max(t["valid_ndcg@10"] for t in trials[:2])
+    if record["chosen_by"] == "search":
+        assert record["valid_ndcg@10"] == best > warm_best
+        assert record["search_vs_warm_start"]["wilcoxon_p"] < SEARCH_ALPHA
+    else:
+        assert record["valid_ndcg@10"] == warm_best
+        assert record["best"] in WARM_STARTS["itemknn"]
+    # The returned model is fitted with the chosen trial's settings.
+    assert validation_ndcg(model, split, TUNE_USERS) == record["valid_ndcg@10"]
+
+
+def _study_over(per_user: list[np.ndarray], warm: int) -> tuple[Any, dict[int, np.ndarray]]:
+    """A finished Optuna study whose trial ``n`` scores ``per_user[n]`` (the first ``warm``
+    enqueued as warm starts), and the per-user table :func:`lab.tuning.choose_trial` reads."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    for n in range(warm):
+        study.enqueue_trial({"x": float(n)})
+    table = dict(enumerate(per_user))
+
+    def objective(trial: Any) -> float:
+        trial.suggest_float("x", 0.0, 10.0)
+        return float(table[trial.number].mean())
+
+    study.optimize(objective, n_trials=len(per_user))
+    return study, table
+
+
+def test_a_searched_trial_replaces_the_warm_start_only_when_significantly_better() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    noise = rng.normal(0.0, 0.3, size=400)
+    warm = [base, base - 0.05]
+    # Slightly better on average, but as much worse as better user by user: the luck of a trial.
+    lucky = [*warm, base + 0.01 + noise]
+    study, table = _study_over(lucky, warm=2)
+    chosen, record = choose_trial(study, table, 2)
+    assert chosen.number == 0 and record["chosen_by"] == "warm start"
+    assert record["best"] == {"x": 0.0} and record["valid_ndcg@10"] == float(base.mean())
+    assert record["search_best"]["valid_ndcg@10"] > record["valid_ndcg@10"]
+    assert record["search_vs_warm_start"]["wilcoxon_p"] >= SEARCH_ALPHA
+    # Better for most users: the search's trial is kept.
+    better = [*warm, base + np.abs(noise) * 0.1]
+    study, table = _study_over(better, warm=2)
+    chosen, record = choose_trial(study, table, 2)
+    assert chosen.number == 2 and record["chosen_by"] == "search"
+    assert record["search_vs_warm_start"]["wilcoxon_p"] < SEARCH_ALPHA
+    # A search that found nothing better keeps the best warm start without a test.
+    study, table = _study_over([base - 0.05, base, base - 0.1], warm=2)
+    chosen, record = choose_trial(study, table, 2)
+    assert chosen.number == 1 and "search_vs_warm_start" not in record
 
 
 def test_gen_search_is_skipped_when_an_epoch_outlasts_a_trial(split: Split) -> None:
