@@ -128,7 +128,7 @@ def sweep(dataset: str, artifact: Path | None, say: Any = print) -> dict[str, An
     the booster's settings move it against the weighted fusion and the best single part."""
     from lab.datasets import load_dataset
     from lab.hybrid import FUSION_CELLS, validation_sample
-    from lab.ltr import LtrParams, candidate_table, cross_validate, score_parts
+    from lab.ltr import LtrParams, candidate_table, cross_validate, score_parts, standardised
     from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
@@ -146,9 +146,10 @@ def sweep(dataset: str, artifact: Path | None, say: Any = print) -> dict[str, An
     hist, targets = validation_sample(split, split.n_items, FUSION_CELLS)
     scores, pair = score_parts(parts, hist, "ease")
     cands = candidate_table(scores, pair, hist, targets, pair="ease")
+    z = standardised(scores)
     out: dict[str, Any] = {"dataset": split.dataset}
     for name, params in settings.items():
-        out[name] = cross_validate(scores, cands, hist, targets, params=params).means()
+        out[name] = cross_validate(z, cands, hist, targets, params=params).means()
         say(f"{Path(split.dataset).name} {name}: {out[name]}")
     return out
 

@@ -46,6 +46,7 @@ __all__ = [
     "fit_ltr",
     "predict",
     "score_parts",
+    "standardised",
     "table_ndcg",
     "train_ranker",
 ]
@@ -336,8 +337,13 @@ class CrossValidation:
         return {n: float(v.mean()) for n, v in self.ndcg.items()}
 
 
+def standardised(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each part's catalog scores standardised per user, as :func:`cross_validate` takes them."""
+    return {name: standardise(np.asarray(s, dtype=np.float32)) for name, s in scores.items()}
+
+
 def cross_validate(
-    scores: Mapping[str, np.ndarray],
+    z: Mapping[str, np.ndarray],
     table: CandidateTable,
     histories: Sequence[np.ndarray],
     targets: np.ndarray,
@@ -345,13 +351,15 @@ def cross_validate(
     folds: int = 5,
     params: LtrParams | None = None,
 ) -> CrossValidation:
-    """User-level K-fold over the validation users (see the module docstring)."""
+    """User-level K-fold over the validation users (see the module docstring).
+
+    ``z`` is each part's scores from :func:`standardised`, computed once for every repeat.
+    """
     params = params or LtrParams()
     n = len(histories)
     order = np.random.default_rng(params.seed).permutation(n)
     fold_of = np.empty(n, dtype=np.int64)
     fold_of[order] = np.arange(n) % folds
-    z = {name: standardise(np.asarray(s, dtype=np.float32)) for name, s in scores.items()}
     out = {name: np.zeros(n) for name in CHOICES}
     report: list[dict[str, Any]] = []
     for k in range(folds):
@@ -459,8 +467,9 @@ def fit_ltr(
     hist, targets = validation_sample(split, n_items, FUSION_CELLS)
     scores, pair_scores = score_parts(parts, hist, pair)
     table = candidate_table(scores, pair_scores, hist, targets, top_k=top_k, pair=pair)
+    z = standardised(scores)
     runs = [
-        cross_validate(scores, table, hist, targets, params=replace(params, seed=params.seed + r))
+        cross_validate(z, table, hist, targets, params=replace(params, seed=params.seed + r))
         for r in range(repeats)
     ]
     cv_ndcg = {n: np.mean([cv.ndcg[n] for cv in runs], axis=0) for n in CHOICES}

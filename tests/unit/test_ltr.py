@@ -20,6 +20,7 @@ from lab.ltr import (
     cross_validate,
     fit_ltr,
     score_parts,
+    standardised,
     table_ndcg,
     train_ranker,
 )
@@ -156,7 +157,7 @@ def test_the_ranker_learns_which_part_to_trust() -> None:
     hist, targets = split.histories("valid"), split.targets("valid")
     scores, pair = score_parts(parts, hist, None)
     table = candidate_table(scores, pair, hist, targets, top_k=3)
-    cv = cross_validate(scores, table, hist, targets, folds=3, params=TINY)
+    cv = cross_validate(standardised(scores), table, hist, targets, folds=3, params=TINY)
     assert cv.means()["ltr"] > 0.9
     assert cv.means()["single"] == pytest.approx(1.0)  # the oracle, chosen on the other folds
     with pytest.raises(ValueError, match="with_fusion"):
