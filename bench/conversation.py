@@ -42,6 +42,7 @@ import numpy as np
 
 from bench.common import percentile
 from inference.conversation import LIKE_RULE, CatalogAttributes, LikeRule, Parsed, refine
+from lab.like_rules import SERVED, LikeVariant
 from schemas.conversation import Constraints
 
 LABELS = Path(__file__).parent / "data" / "refinements.jsonl"
@@ -281,24 +282,24 @@ def _kept(
 
 
 LIKE_VARIANTS = (
-    LikeRule(weight=0.1),
-    LikeRule(weight=0.25),
-    LikeRule(weight=0.5),
-    LikeRule(near=0.5),
-    LikeRule(near=0.25),
-    LikeRule(shared_genre=True),
-    LikeRule(weight=0.1, model_order=True),
-    LikeRule(weight=0.15, model_order=True),
-    LikeRule(weight=0.25, model_order=True),
-    LikeRule(weight=0.5, model_order=True),
-    LikeRule(weight=0.2, model_order=True),
-    LikeRule(weight=0.25, keep=5, model_order=True),
-    LikeRule(weight=0.5, keep=5, model_order=True),
-    LikeRule(weight=0.5, keep=7, model_order=True),
-    LikeRule(weight=1.0, keep=5, model_order=True),
-    LikeRule(weight=1.0, keep=7, model_order=True),
-    LikeRule(weight=1.0, keep=5, pool=20, model_order=True),
-    LikeRule(weight=2.0, keep=5, pool=40, model_order=True),
+    LikeVariant(weight=0.1),
+    LikeVariant(weight=0.25),
+    LikeVariant(weight=0.5),
+    LikeVariant(near=0.5),
+    LikeVariant(near=0.25),
+    LikeVariant(shared_genre=True),
+    LikeVariant(weight=0.1, model_order=True),
+    LikeVariant(weight=0.15, model_order=True),
+    LikeVariant(weight=0.25, model_order=True),
+    LikeVariant(weight=0.5, model_order=True),
+    LikeVariant(weight=0.2, model_order=True),
+    LikeVariant(weight=0.25, keep=5, model_order=True),
+    LikeVariant(weight=0.5, keep=5, model_order=True),
+    LikeVariant(weight=0.5, keep=7, model_order=True),
+    LikeVariant(weight=1.0, keep=5, model_order=True),
+    LikeVariant(weight=1.0, keep=7, model_order=True),
+    LikeVariant(weight=1.0, keep=5, pool=20, model_order=True),
+    LikeVariant(weight=2.0, keep=5, pool=40, model_order=True),
 )
 """The ways of serving "more like <title>" that ``--like-variants`` compares."""
 
@@ -339,7 +340,7 @@ def like_variants(
                     ndcg.setdefault(name, []).append(_ndcg(found))
     print("\n'like' requests: NDCG@10 of the held-out item (pairs) / mean cosine to the film")
     for name, values in ndcg.items():
-        served = " (served)" if name == LIKE_RULE.name else ""
+        served = " (served)" if name == SERVED.name else ""
         print(
             f"  {name:<28} {_mean(values):.4f} ({len(values)}) / {_mean(cosine[name]):.3f}{served}"
         )
@@ -505,7 +506,7 @@ def main() -> None:
     ]
     lm = None
     if args.lm:
-        from inference.conversation import LMParser, combine
+        from lab.lm_parser import LMParser, combine
         from lab.reranker import LLMReranker, RerankerConfig
 
         loaded = LLMReranker(RerankerConfig(quantize_int8=args.lm_int8))
