@@ -7,6 +7,11 @@ weights; the script prints, per weight pair, the relative NDCG@10 change against
 on each validation and test prefix. It shows whether any blend that validation could choose
 reaches a goal on test, and how far validation and test agree.
 
+A second table does the same for recent popularity, the signal a live system has and the models
+lack: ``z(log(1 + other users' interactions with the item in the D days up to the user's last
+prefix item))`` (nothing after that moment, nothing of the user's own), for D in
+:data:`RECENT_DAYS`.
+
 ``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.cold_start_grid --dataset ml-100k
 --artifact <folder>`` (an artifact with the item index, from ``recstream train``).
 """
@@ -19,13 +24,41 @@ import numpy as np
 
 from inference.artifact import load_recommender, read_item_index
 from inference.hybrid import standardise
-from lab.datasets import load_dataset
-from lab.protocol import leave_one_out, ndcg_per_user, target_ranks
+from lab.datasets import Dataset, load_dataset
+from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
 from recstream.settings import CommonSettings
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+RECENT_DAYS = (7, 30)
+RECENT_WEIGHTS = (0.5, 1.0, 2.0)
 PREFIXES = (1, 2, 3)
 BATCH = 128
+DAY_S = 86_400.0
+
+
+class RecentPopularity:
+    """Other users' interactions per item in a window before a moment, from the time-ordered
+    interactions (a binary search and a count per query)."""
+
+    def __init__(self, ds: Dataset, split: Split) -> None:
+        users = {u: n for n, u in enumerate(split.user_ids)}
+        rows = [(it.ts, split.item_index[it.item_id], users[it.user_id]) for it in ds.interactions]
+        rows.sort(key=lambda r: r[0])
+        self.ts = np.asarray([r[0] for r in rows], dtype=np.float64)
+        self.item = np.asarray([r[1] for r in rows], dtype=np.int64)
+        self.user = np.asarray([r[2] for r in rows], dtype=np.int64)
+        self.n_items = split.n_items
+        # Each user's interaction times in the split's order (time, ties in file order).
+        self.times: list[list[float]] = [[] for _ in split.user_ids]
+        for it in ds.interactions:
+            self.times[users[it.user_id]].append(it.ts)
+
+    def scores(self, user: int, until: float, days: float) -> np.ndarray:
+        lo = np.searchsorted(self.ts, until - days * DAY_S, side="right")
+        hi = np.searchsorted(self.ts, until, side="right")
+        others = self.user[lo:hi] != user
+        counts = np.bincount(self.item[lo:hi][others], minlength=self.n_items)
+        return np.log1p(counts.astype(np.float64))
 
 
 def main() -> None:
@@ -38,7 +71,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    split = leave_one_out(load_dataset(args.dataset, CommonSettings().data_dir))
+    ds = load_dataset(args.dataset, CommonSettings().data_dir)
+    split = leave_one_out(ds)
+    recent = RecentPopularity(ds, split)
     model = load_recommender(args.artifact, retrieval=False)
     vectors = read_item_index(args.artifact).vectors(split.item_ids)
     counts = np.zeros(split.n_items)
@@ -46,6 +81,7 @@ def main() -> None:
         np.add.at(counts, history, 1.0)
     ndcg: dict[tuple[str, int, float, float], float] = {}
     popular: dict[tuple[str, int], float] = {}  # popularity alone
+    trending: dict[tuple[str, int, int, float], float] = {}  # (stage, n, days, weight)
     for stage in ("valid", "test"):
         for n in PREFIXES:
             hist, rows = split.prefix_histories(stage, n)
@@ -64,6 +100,14 @@ def main() -> None:
                     ranks = target_ranks(base + w_r * text + w_p * pop, hist, targets)
                     ndcg[stage, n, w_r, w_p] = float(ndcg_per_user(ranks).mean())
             popular[stage, n] = float(ndcg_per_user(target_ranks(pop, hist, targets)).mean())
+            users = split.eval_users[rows]
+            for days in RECENT_DAYS:
+                fresh = standardise(
+                    np.stack([recent.scores(u, recent.times[u][n - 1], days) for u in users])
+                )
+                for w in RECENT_WEIGHTS:
+                    ranks = target_ranks(base + w * fresh, hist, targets)
+                    trending[stage, n, days, w] = float(ndcg_per_user(ranks).mean())
 
     def change(stage: str, n: int, w_r: float, w_p: float) -> float:
         return ndcg[stage, n, w_r, w_p] / max(ndcg[stage, n, 0.0, 0.0], 1e-12) - 1.0
@@ -85,6 +129,18 @@ def main() -> None:
             test = [change("test", n, w_r, w_p) for n in PREFIXES]
             print(
                 f"| {w_r:g} | {w_p:g} | {' / '.join(f'{v:+.1%}' for v in valid)} | "
+                f"{np.mean(valid):+.1%} | {' / '.join(f'{t:+.1%}' for t in test)} |"
+            )
+    print("\n| recent popularity | weight | valid 1 / 2 / 3 | valid mean | test 1 / 2 / 3 |")
+    print("|---|---|---|---|---|")
+    for days in RECENT_DAYS:
+        for w in RECENT_WEIGHTS:
+            valid, test = (
+                [trending[stage, n, days, w] / ndcg[stage, n, 0.0, 0.0] - 1.0 for n in PREFIXES]
+                for stage in ("valid", "test")
+            )
+            print(
+                f"| {days} days | {w:g} | {' / '.join(f'{v:+.1%}' for v in valid)} | "
                 f"{np.mean(valid):+.1%} | {' / '.join(f'{t:+.1%}' for t in test)} |"
             )
 
