@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -214,6 +215,13 @@ def apply_kafka(settings: CommonSettings, timeout_s: float = 30.0) -> None:
     if stale:
         _wait_all(admin.delete_acls(stale), timeout_s, "removing ACLs")
     _wait_all(admin.create_acls(wanted), timeout_s, "ACLs")
+    # The controller has the change; the broker's authorizer applies it from the metadata log a
+    # moment later. Return once the broker shows exactly the table's ACLs, so they are in force.
+    deadline = time.monotonic() + timeout_s
+    while set(admin.describe_acls(everything).result(timeout=timeout_s)) != set(wanted):
+        if time.monotonic() > deadline:
+            raise OpsError(f"the broker did not show the applied ACLs within {timeout_s:g}s")
+        time.sleep(0.05)
 
 
 def _fields(binding: Any) -> tuple[Any, ...]:
