@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from inference.popularity import Popularity
-from inference.scoring import EaseScorer, ItemKNNScorer, top_k_unseen
+from inference.scoring import CatalogScorer, EaseScorer, ItemKNNScorer, top_k_unseen
 from lab.protocol import Split, ndcg_per_user, target_ranks
 
 __all__ = [
@@ -340,7 +340,7 @@ def validation_ndcg(model: Ranker, split: Split, max_users: int | None = None) -
 
 
 def validation_ndcg_per_user(
-    model: Ranker, split: Split, max_users: int | None = None
+    model: CatalogScorer, split: Split, max_users: int | None = None
 ) -> np.ndarray:
     """Each judged validation user's NDCG@10 (the users :func:`validation_ndcg` averages)."""
     hist, targets = split.histories("valid"), split.targets("valid")

@@ -12,12 +12,13 @@ named MovieLens sets) searches with Optuna's TPE sampler, seeded, on validation 
   item-kNN's similarities are built once and reused by every trial, and trials at the same
   ``lam`` reuse its inverse (the warm starts at one ``lam`` come first).
 - the transformer (``lr``, ``dropout``, ``hidden``): each trial is a training run cut to a
-  fraction of the budget, the dataset's preset the first trial. Runs that short favour settings
-  that learn fast, so the trace says how long each trial had. When a trial would not hold
-  :data:`MIN_TRIAL_EPOCHS` epochs over the catalog (large catalogs on CPU), the transformer keeps
-  its preset, the trace says why, and the plan gives the unused time to its training.
+  fraction of the budget, the dataset's preset the first trial (its warm start). Runs that
+  short favour settings that learn fast, so the trace says how long each trial had. When a
+  trial would not hold :data:`MIN_TRIAL_EPOCHS` epochs over the catalog (large catalogs on
+  CPU), the transformer keeps its preset, the trace says why, and the plan gives the unused
+  time to its training.
 
-For EASE and item-kNN the search's best trial replaces the best warm start only when a paired
+For every searched part the search's best trial replaces the best warm start only when a paired
 Wilcoxon test on the judged validation users says it is better (p < :data:`SEARCH_ALPHA`): on a
 small validation split the best of many trials is mostly the luckiest, and a warm start chosen on
 the MovieLens sets generalises better than it (measured on the small shops, docs/models.md).
@@ -215,6 +216,7 @@ def search_gen(
     """
     import optuna
 
+    from inference.generative import GenScorer
     from lab.training import train_gen
 
     trial_s = budget_s / max(trials, 1)
@@ -238,6 +240,7 @@ def search_gen(
     hidden_choices = sorted({32, 64, 128, int(cfg.hidden)})  # the preset's size is a choice
     study.enqueue_trial({n: getattr(cfg, n) for n in searched})
     trace: list[dict[str, Any]] = []
+    per_user: dict[int, np.ndarray] = {}
 
     def objective(trial: Any) -> float:
         space = {
@@ -250,7 +253,7 @@ def search_gen(
         params = {n: space[n]() for n in searched}
         hidden = int(params.get("hidden", cfg.hidden))
         trial_cfg = replace(cfg, **params, ffn=max(cfg.ffn, 2 * hidden))
-        _, log = train_gen(
+        model, log = train_gen(
             split,
             trial_cfg,
             text_embeddings=text_embeddings,
@@ -259,6 +262,7 @@ def search_gen(
             progress=False,
             say=lambda _: None,
         )
+        per_user[trial.number] = validation_ndcg_per_user(GenScorer(model, trial_cfg), split)
         trace.append(
             {
                 "params": params,
@@ -271,7 +275,8 @@ def search_gen(
         return float(log["valid_ndcg@10"])
 
     study.optimize(objective, n_trials=trials)
-    best = dict(study.best_params)
+    chosen, record = choose_trial(study, per_user, 1)
+    best = dict(chosen.params)
     best["ffn"] = max(cfg.ffn, 2 * int(best.get("hidden", cfg.hidden)))
-    say(f"gen: searched {len(trace)} trials of {trial_s:.0f}s, chosen {best}")
-    return best, {"best": best, "trial_seconds": trial_s, "trials": trace}
+    say(f"gen: searched {len(trace)} trials of {trial_s:.0f}s, chosen {record['chosen_by']} {best}")
+    return best, {**record, "best": best, "trial_seconds": trial_s, "trials": trace}

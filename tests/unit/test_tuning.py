@@ -92,6 +92,20 @@ def test_a_searched_trial_replaces_the_warm_start_only_when_significantly_better
     assert chosen.number == 1 and "search_vs_warm_start" not in record
 
 
+def test_gen_search_keeps_the_preset_unless_a_trial_is_significantly_better(split: Split) -> None:
+    cfg = GenConfig(n_items=split.n_items, hidden=16, layers=1, heads=2, ffn=32, max_len=8)
+    chosen, record = search_gen(split, cfg, 3.0, text_embeddings=None, trials=3, say=lambda _: None)
+    trials = record["trials"]
+    assert trials[0]["params"] == {"lr": cfg.lr, "dropout": cfg.dropout, "hidden": cfg.hidden}
+    if record["chosen_by"] == "warm start":
+        assert {k: chosen[k] for k in ("lr", "dropout", "hidden")} == trials[0]["params"]
+        assert record["valid_ndcg@10"] == trials[0]["valid_ndcg@10"]
+    else:
+        assert record["search_vs_warm_start"]["wilcoxon_p"] < SEARCH_ALPHA
+        assert record["valid_ndcg@10"] == max(t["valid_ndcg@10"] for t in trials)
+    assert chosen["ffn"] >= 2 * int(chosen["hidden"])
+
+
 def test_gen_search_is_skipped_when_an_epoch_outlasts_a_trial(split: Split) -> None:
     cfg = GenConfig(n_items=split.n_items, hidden=16, layers=1, heads=2, ffn=32)
     chosen, record = search_gen(split, cfg, 1e-6, text_embeddings=None, say=lambda _: None)
