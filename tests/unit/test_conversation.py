@@ -174,25 +174,27 @@ def test_refine_keeps_only_catalog_items_that_meet_every_constraint_in_model_ord
     check()
 
 
-def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> None:
-    items = [Item(str(n), f"t{n}", ("Comedy",), 1990) for n in range(20)]
-    attributes = CatalogAttributes(items)
+def like_order(rule: LikeRule, twin: int) -> list[str]:
+    """The 10 items ``rule`` lists for "more like 0" among 20 comedies that the model ranks in
+    id order, where item ``twin`` is just like item 0 (the same MiniLM vector) and the others
+    are unrelated."""
+    attributes = CatalogAttributes([Item(str(n), f"t{n}", ("Comedy",), 1990) for n in range(20)])
     vectors = np.eye(20, dtype=np.float32)
-    vectors[15] = vectors[0]  # item 15 is just like item 0
+    vectors[twin] = vectors[0]
     ranked = [(str(n), 1.0 - n / 20) for n in range(20)]
+    out = refine(
+        ranked,
+        Constraints(like=("0",)),
+        attributes,
+        10,
+        lambda ids: vectors[[int(i) for i in ids]],
+        like_rule=rule,
+    )
+    return [i for i, _ in out]
 
-    def order(rule: LikeRule) -> list[str]:
-        out = refine(
-            ranked,
-            Constraints(like=("0",)),
-            attributes,
-            10,
-            lambda ids: vectors[[int(i) for i in ids]],
-            like_rule=rule,
-        )
-        return [i for i, _ in out]
 
-    served = order(LIKE_RULE)
+def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> None:
+    served = like_order(LIKE_RULE, twin=15)
     assert "0" not in served
     assert served[: LIKE_RULE.keep] == [str(n) for n in range(1, LIKE_RULE.keep + 1)]
     assert "15" in served and served == sorted(served, key=int)  # the list in model order

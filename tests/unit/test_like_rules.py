@@ -15,29 +15,14 @@ from inference.conversation import LIKE_RULE, CatalogAttributes, refine
 from lab.like_rules import SERVED, LikeVariant
 from schemas.catalog import Item
 from schemas.conversation import Constraints
+from tests.unit.test_conversation import like_order
 
 
 def test_a_heavier_weight_pulls_the_films_twin_higher() -> None:
-    items = [Item(str(n), f"t{n}", ("Comedy",), 1990) for n in range(20)]
-    attributes = CatalogAttributes(items)
-    vectors = np.eye(20, dtype=np.float32)
-    vectors[8] = vectors[0]  # item 8 is just like item 0
-    ranked = [(str(n), 1.0 - n / 20) for n in range(20)]
-
-    def order(rule: LikeVariant) -> list[str]:
-        out = refine(
-            ranked,
-            Constraints(like=("0",)),
-            attributes,
-            10,
-            lambda ids: vectors[[int(i) for i in ids]],
-            like_rule=rule,
-        )
-        return [i for i, _ in out]
-
-    assert order(LikeVariant()) == [str(n) for n in range(1, 11)]  # the model's, item 0 left out
-    assert order(LikeVariant(weight=0.25)).index("8") < 4
-    assert order(LikeVariant(weight=1.0))[0] == "8"
+    # The model's order, item 0 left out; then the twin (item 8) climbs with the weight.
+    assert like_order(LikeVariant(), twin=8) == [str(n) for n in range(1, 11)]
+    assert like_order(LikeVariant(weight=0.25), twin=8).index("8") < 4
+    assert like_order(LikeVariant(weight=1.0), twin=8)[0] == "8"
 
 
 def _like_case(n: int = 40) -> tuple[CatalogAttributes, list[tuple[str, float]], Any]:
