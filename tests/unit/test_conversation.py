@@ -26,20 +26,8 @@ from inference.conversation import (
 )
 from inference.reasons import occlusion_reasons
 from inference.scoring import EaseScorer
-from lab.datasets import load_dataset
-from recstream.settings import CommonSettings
 from schemas.catalog import Item
 from schemas.conversation import Constraints, Turn
-
-
-@pytest.fixture(scope="module")
-def attributes() -> CatalogAttributes:
-    return CatalogAttributes(load_dataset("ml-100k", CommonSettings().data_dir).items.values())
-
-
-@pytest.fixture(scope="module")
-def parser(attributes: CatalogAttributes) -> RuleParser:
-    return RuleParser(attributes)
 
 
 def _like(attributes: CatalogAttributes, title: str) -> str:

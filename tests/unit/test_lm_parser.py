@@ -12,21 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference.conversation import CatalogAttributes, Parsed, RuleParser, load_tokenizer
-from lab.datasets import load_dataset
 from lab.lm_parser import LMParser, combine, display_title
-from recstream.settings import CommonSettings
 from schemas.conversation import Constraints
 from tests.unit.test_conversation import _WORDS, _like
-
-
-@pytest.fixture(scope="module")
-def attributes() -> CatalogAttributes:
-    return CatalogAttributes(load_dataset("ml-100k", CommonSettings().data_dir).items.values())
-
-
-@pytest.fixture(scope="module")
-def parser(attributes: CatalogAttributes) -> RuleParser:
-    return RuleParser(attributes)
 
 
 @pytest.fixture(scope="module")
