@@ -1,0 +1,92 @@
+"""How far each part of an artifact's model falls from validation to test, by history length.
+
+The served fusion's weights are fitted on validation, so a part whose validation NDCG@10
+overstates its test NDCG@10 more than the others' gets more weight than test would give it. For
+the artifact's transformer and each collaborative part it carries (EASE, item-kNN), the script
+prints NDCG@10 on the validation targets (history = training items) and on the test targets
+(history = training items + the validation item), overall and for users with fewer than 50,
+50-199 and at least 200 training items.
+
+``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.valid_test_gap --dataset
+ml-latest-small-llamarec --artifact <folder>`` (an artifact from ``recstream train`` on that
+dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+
+from inference.artifact import load_recommender
+from inference.scoring import CatalogScorer
+from lab.datasets import load_dataset
+from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
+from recstream.settings import CommonSettings
+
+LENGTHS = ((0, 50), (50, 200), (200, None))
+BATCH = 64
+
+
+def per_user(model: CatalogScorer, split: Split, stage: str) -> np.ndarray:
+    """Each evaluated user's NDCG@10 on ``stage``'s target."""
+    hist, targets = split.histories(stage), split.targets(stage)
+    return np.concatenate(
+        [
+            ndcg_per_user(
+                target_ranks(
+                    model.score(hist[s : s + BATCH]), hist[s : s + BATCH], targets[s : s + BATCH]
+                )
+            )
+            for s in range(0, len(hist), BATCH)
+        ]
+    )
+
+
+def row(name: str, valid: np.ndarray, test: np.ndarray, lengths: np.ndarray) -> str:
+    cells = [
+        f"{name:<8} {valid.mean():.4f} -> {test.mean():.4f} ({test.mean() / valid.mean() - 1:+.0%})"
+    ]
+    for low, high in LENGTHS:
+        rows = (lengths >= low) & (lengths < (high or np.inf))
+        cells.append(f"{valid[rows].mean():.4f} -> {test[rows].mean():.4f}")
+    return " | ".join(cells)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="dataset name or folder")
+    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    split = leave_one_out(load_dataset(args.dataset, CommonSettings().data_dir))
+    served = load_recommender(args.artifact, retrieval=False)
+    if served.item_ids != split.item_ids:
+        raise SystemExit(f"{args.artifact} was not trained on {split.dataset}")
+    parts: dict[str, CatalogScorer] = {"gen": served.scorer, **served.parts}
+    lengths = np.asarray([len(h) for h in split.histories("valid")])
+    print(
+        f"{served.name} ({served.version}) on {split.dataset}, {len(lengths)} users: "
+        "NDCG@10 validation -> test"
+    )
+    head = " | ".join(
+        ["part     all users"]
+        + [f"{low}-{high - 1} items" if high else f">= {low} items" for low, high in LENGTHS]
+    )
+    counts = " | ".join(
+        ["users"]
+        + [str(int(((lengths >= lo) & (lengths < (hi or np.inf))).sum())) for lo, hi in LENGTHS]
+    )
+    print(head)
+    print(counts)
+    for name, part in parts.items():
+        print(row(name, per_user(part, split, "valid"), per_user(part, split, "test"), lengths))
+
+
+if __name__ == "__main__":
+    main()
