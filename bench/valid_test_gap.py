@@ -5,7 +5,8 @@ overstates its test NDCG@10 more than the others' gets more weight than test wou
 the artifact's transformer and each collaborative part it carries (EASE, item-kNN), the script
 prints NDCG@10 on the validation targets (history = training items) and on the test targets
 (history = training items + the validation item), overall and for users with fewer than 50,
-50-199 and at least 200 training items.
+50-199 and at least 200 training items. ``--against <folder>`` adds the paired Wilcoxon test of
+this artifact's transformer against that one's, on each stage.
 
 ``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.valid_test_gap --dataset
 ml-latest-small-llamarec --artifact <folder>`` (an artifact from ``recstream train`` on that
@@ -22,7 +23,7 @@ import numpy as np
 from inference.artifact import load_recommender
 from inference.scoring import CatalogScorer
 from lab.datasets import load_dataset
-from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
+from lab.protocol import Split, leave_one_out, ndcg_per_user, significance, target_ranks
 from recstream.settings import CommonSettings
 
 LENGTHS = ((0, 50), (50, 200), (200, None))
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, help="dataset name or folder")
     parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--against", help="another artifact whose transformer to test against")
     args = parser.parse_args(argv)
 
     import torch
@@ -86,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(counts)
     for name, part in parts.items():
         print(row(name, per_user(part, split, "valid"), per_user(part, split, "test"), lengths))
+    if args.against:
+        other = load_recommender(args.against, retrieval=False).scorer
+        for stage in ("valid", "test"):
+            test = significance(
+                per_user(served.scorer, split, stage), per_user(other, split, stage)
+            )
+            print(
+                f"gen against {args.against}, {stage}: mean difference {test['mean_diff']:+.4f}, "
+                f"Wilcoxon p = {test['wilcoxon_p']:.2g}"
+            )
 
 
 if __name__ == "__main__":
