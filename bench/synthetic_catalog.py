@@ -1,9 +1,9 @@
 """A synthetic shop in the generic dataset format, sized to time training on a large catalog.
 
-``python -m bench.synthetic_catalog --out /tmp/synth-25k`` writes ``interactions.csv``
-(``user_id,item_id,timestamp``) for 25,000 items and about 300,000 interactions, no ``items.csv``
-(a shop with no item text). The data has what the models feed on, so timings are not measured
-on noise:
+``python -m bench.synthetic_catalog --out /tmp/synth-25k --items 27500`` writes
+``interactions.csv`` (``user_id,item_id,timestamp``) for about 25,000 items that occur and
+300,000 interactions, no ``items.csv`` (a shop with no item text). The data has what the models
+feed on, so timings are not measured on noise:
 
 - power-law popularity: item ``i`` (0-based rank) has weight ``(i + 10) ** -zipf``;
 - taste: items fall into ``clusters`` groups and each user draws most items from one group;
@@ -12,15 +12,74 @@ on noise:
 
 History lengths are 3 + a geometric number (mean ``mean_len``), so every user reaches the
 evaluation. Deterministic for a seed. Not a claim about any real shop: it is a timing fixture.
+
+Because the generator is known, the best any model can do on it is known too.
+``--ceiling <report.json>`` (after ``--out``, with the generator's settings of the data) scores
+every evaluated user with the generator's own next-item probability, its taste group inferred
+from the history (the Bayes-optimal ranking: ordering by probability maximises the expected
+NDCG@10 with one held-out item). A second oracle knows the same except which item follows which:
+it counts that in the training items, as a model must. Both are printed on validation and test
+beside each model of a ``recstream eval`` report on the same data.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
+
+from lab.datasets import load_dataset
+from lab.protocol import leave_one_out, ndcg_per_user, target_ranks
+
+REDRAWS = 10  # draws per step to avoid a repeat; a repeat is kept after that
+
+
+@dataclass(frozen=True)
+class Generator:
+    """The fixed parts of the shop: who is popular, who belongs together, what follows what."""
+
+    item_of_rank: np.ndarray  # the written item id of each popularity rank
+    cluster: np.ndarray  # each rank's taste group
+    members: list[np.ndarray]
+    member_p: list[np.ndarray]
+    global_p: np.ndarray
+    successors: np.ndarray  # (ranks, 3): the items often bought next, same group
+    p_next: float
+    p_cluster: float
+
+    def base(self, taste: int) -> np.ndarray:
+        """Each item's probability from one draw without the successor step, for a taste group."""
+        p = (1.0 - self.p_cluster) * self.global_p
+        m = self.members[taste]
+        p[m] += self.p_cluster * self.member_p[taste]
+        return p
+
+
+def build(
+    n_items: int, *, clusters: int, zipf: float, p_next: float, p_cluster: float, seed: int
+) -> tuple[Generator, np.random.Generator]:
+    """The shop's fixed parts, and the random stream that goes on to draw the users."""
+    rng = np.random.default_rng(seed)
+    weight = (np.arange(n_items) + 10.0) ** -zipf
+    # Item ids are shuffled against popularity rank, so id order says nothing.
+    item_of_rank = rng.permutation(n_items)
+    cluster = rng.integers(0, clusters, n_items)
+    members = [np.flatnonzero(cluster == c) for c in range(clusters)]
+    member_p = [weight[m] / weight[m].sum() for m in members]
+    global_p = weight / weight.sum()
+    successors = np.empty((n_items, 3), dtype=np.int64)
+    for c, m in enumerate(members):
+        successors[m] = rng.choice(m, size=(len(m), 3), p=member_p[c])
+    shop = Generator(
+        item_of_rank, cluster, members, member_p, global_p, successors, p_next, p_cluster
+    )
+    return shop, rng
 
 
 def generate(
@@ -35,17 +94,9 @@ def generate(
     seed: int = 0,
 ) -> list[tuple[int, int, int]]:
     """``(user, item, timestamp)`` rows, in user order then time order."""
-    rng = np.random.default_rng(seed)
-    weight = (np.arange(n_items) + 10.0) ** -zipf
-    # Item ids are shuffled against popularity rank, so id order says nothing.
-    item_of_rank = rng.permutation(n_items)
-    cluster = rng.integers(0, clusters, n_items)
-    members = [np.flatnonzero(cluster == c) for c in range(clusters)]
-    member_p = [weight[m] / weight[m].sum() for m in members]
-    global_p = weight / weight.sum()
-    successors = np.empty((n_items, 3), dtype=np.int64)
-    for c, m in enumerate(members):
-        successors[m] = rng.choice(m, size=(len(m), 3), p=member_p[c])
+    shop, rng = build(
+        n_items, clusters=clusters, zipf=zipf, p_next=p_next, p_cluster=p_cluster, seed=seed
+    )
     rows: list[tuple[int, int, int]] = []
     user = 0
     t0 = 1_600_000_000
@@ -56,20 +107,148 @@ def generate(
         prev = -1
         seen: set[int] = set()
         for step in range(length):
-            for _ in range(10):  # a few draws to avoid repeats; a repeat is allowed after that
+            for _ in range(REDRAWS):
                 if prev >= 0 and rng.random() < p_next:
-                    item = int(successors[prev, rng.integers(0, 3)])
+                    item = int(shop.successors[prev, rng.integers(0, 3)])
                 elif rng.random() < p_cluster:
-                    item = int(rng.choice(members[taste], p=member_p[taste]))
+                    item = int(rng.choice(shop.members[taste], p=shop.member_p[taste]))
                 else:
-                    item = int(rng.choice(n_items, p=global_p))
+                    item = int(rng.choice(n_items, p=shop.global_p))
                 if item not in seen:
                     break
             seen.add(item)
-            rows.append((user, int(item_of_rank[item]), start + step * 3_600))
+            rows.append((user, int(shop.item_of_rank[item]), start + step * 3_600))
             prev = item
         user += 1
     return rows[:n_interactions] if len(rows) > n_interactions else rows
+
+
+def taste_weights(shop: Generator, history: np.ndarray) -> tuple[np.ndarray, float]:
+    """Posterior over taste groups times each group's redraw factor for the next step.
+
+    Returns ``(w, p_next)`` such that an unseen item ``j``'s probability of being drawn next is
+    ``sum_c w[c] * ((1 - p_next) * base_c(j) + p_next * successor_share(j))``.
+    """
+    n_groups = len(shop.members)
+    uniq, pos = np.unique(history, return_inverse=True)
+    mine = shop.cluster[uniq][None, :] == np.arange(n_groups)[:, None]
+    mp = np.zeros(len(uniq))
+    for k, r in enumerate(uniq):
+        c = shop.cluster[r]
+        mp[k] = shop.member_p[c][np.searchsorted(shop.members[c], r)]
+    base = (1.0 - shop.p_cluster) * shop.global_p[uniq][None, :] + shop.p_cluster * mp * mine
+    loglik = np.zeros(n_groups)
+    seen = np.zeros(len(uniq), dtype=bool)
+    steps = len(history)
+    for t in range(steps + 1):
+        if t == 0:
+            q = base
+        else:
+            share = (shop.successors[history[t - 1]][:, None] == uniq[None, :]).sum(0) / 3.0
+            q = (1.0 - shop.p_next) * base + shop.p_next * share[None, :]
+        taken = q[:, seen].sum(1).clip(0.0, 1.0 - 1e-12)
+        redraw = (1.0 - taken**REDRAWS) / (1.0 - taken)
+        if t == steps:
+            break
+        k = pos[t]
+        p = q[:, k] * (taken ** (REDRAWS - 1) if seen[k] else redraw)
+        loglik += np.log(np.maximum(p, 1e-300))
+        seen[k] = True
+    post = np.exp(loglik - loglik.max())
+    post /= post.sum()
+    return post * redraw, shop.p_next
+
+
+def oracle_scores(
+    shop: Generator, history: np.ndarray, transitions: sparse.csr_matrix | None = None
+) -> np.ndarray:
+    """The generator's probability of each popularity rank being the next item (up to scale).
+
+    With ``transitions`` (row-stochastic, ranks x ranks) the successor step follows that
+    estimate instead of the generator's true successors.
+    """
+    w, p_next = taste_weights(shop, history)
+    mp = np.empty(len(shop.global_p))
+    for c, m in enumerate(shop.members):
+        mp[m] = shop.member_p[c] * w[c]
+    drawn = (1.0 - shop.p_cluster) * shop.global_p * w.sum() + shop.p_cluster * mp
+    scores: np.ndarray = (1.0 - p_next) * drawn
+    prev = history[-1]
+    if transitions is None:
+        np.add.at(scores, shop.successors[prev], p_next * w.sum() / 3.0)
+    else:
+        lo, hi = transitions.indptr[prev], transitions.indptr[prev + 1]
+        scores[transitions.indices[lo:hi]] += p_next * w.sum() * transitions.data[lo:hi]
+    return scores
+
+
+def counted_transitions(sequences: list[np.ndarray], n: int) -> sparse.csr_matrix:
+    """How often each rank followed each other in ``sequences``, each row scaled to sum 1."""
+    pairs = [(s[:-1], s[1:]) for s in sequences if len(s) > 1]
+    src = np.concatenate([a for a, _ in pairs])
+    dst = np.concatenate([b for _, b in pairs])
+    counts = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n))
+    rows = np.asarray(counts.sum(axis=1)).ravel()
+    scaled: sparse.csr_matrix = sparse.diags(1.0 / np.maximum(rows, 1.0)) @ counts
+    return scaled.tocsr()
+
+
+def ceiling(folder: Path, shop: Generator, batch: int = 256) -> dict[str, dict[str, np.ndarray]]:
+    """Per-user NDCG@10 of the two oracles on validation and test of ``folder``'s shop.
+
+    ``"oracle"`` knows everything the generator knows; ``"counted"`` knows the taste groups and
+    the mixing but learns which item follows which from the training items' transitions, as
+    every model must.
+    """
+    split = leave_one_out(load_dataset(folder, folder.parent))
+    n = len(shop.item_of_rank)
+    rank_of_item = np.empty(n, dtype=np.int64)
+    rank_of_item[shop.item_of_rank] = np.arange(n)
+    ranks = rank_of_item[[int(i.removeprefix("i")) for i in split.item_ids]]
+    learned = counted_transitions([ranks[t] for t in split.train], n)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, transitions in (("oracle", None), ("counted", learned)):
+        out[name] = {}
+        for stage in ("valid", "test"):
+            hist, targets = split.histories(stage), split.targets(stage)
+            ndcg = []
+            for s in range(0, len(hist), batch):
+                part = hist[s : s + batch]
+                scores = np.stack([oracle_scores(shop, ranks[h], transitions)[ranks] for h in part])
+                ndcg.append(ndcg_per_user(target_ranks(scores, part, targets[s : s + batch])))
+            out[name][stage] = np.concatenate(ndcg)
+    return out
+
+
+def csv_text(rows: list[tuple[int, int, int]]) -> str:
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["user_id", "item_id", "timestamp"])
+    writer.writerows((f"u{u}", f"i{i}", ts) for u, i, ts in rows)
+    return buf.getvalue()
+
+
+def print_ceiling(folder: Path, shop: Generator, report: Path | None) -> None:
+    found = ceiling(folder, shop)
+    labels = {
+        "oracle": "oracle (the generator's own probabilities)",
+        "counted": "oracle with the transitions counted in training",
+    }
+    for name, label in labels.items():
+        valid, test = (float(found[name][s].mean()) for s in ("valid", "test"))
+        print(f"{label}: NDCG@10 validation {valid:.4f}, test {test:.4f}")
+    if report is None:
+        return
+    results = json.loads(report.read_text(encoding="utf-8"))
+    best = results["_meta"]["best_baseline"]
+    base = results[best]["ndcg@10"]
+    oracle = float(found["oracle"]["test"].mean())
+    rows = {name: row["ndcg@10"] for name, row in results.items() if name != "_meta"}
+    rows.update({name: float(found[name]["test"].mean()) for name in labels})
+    print(f"{'model':<10} {'NDCG@10':>8} {'of oracle':>10} {'vs ' + best:>10}")
+    for name, score in rows.items():
+        print(f"{name:<10} {score:8.4f} {score / oracle:10.1%} {score / base - 1:+10.1%}")
+    print(f"+10 % over {best} needs {1.1 * base:.4f}, {1.1 * base / oracle:.1%} of the oracle")
 
 
 def main() -> None:
@@ -79,13 +258,30 @@ def main() -> None:
     parser.add_argument("--interactions", type=int, default=300_000)
     parser.add_argument("--mean-len", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ceiling",
+        type=Path,
+        nargs="?",
+        const=Path(),
+        help="Instead of writing, check --out holds this generator's data and print the oracle's "
+        "NDCG@10 (beside the models of the recstream eval report given, if any).",
+    )
     args = parser.parse_args()
     rows = generate(args.items, args.interactions, mean_len=args.mean_len, seed=args.seed)
+    text = csv_text(rows)
+    target = args.out / "interactions.csv"
+    if args.ceiling is not None:
+        if target.read_bytes() != text.encode():
+            parser.error(
+                f"{target} is not this generator's data: pass the settings it was made with"
+            )
+        shop, _ = build(
+            args.items, clusters=50, zipf=1.0, p_next=0.4, p_cluster=0.8, seed=args.seed
+        )
+        print_ceiling(args.out, shop, args.ceiling if args.ceiling != Path() else None)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "interactions.csv").open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["user_id", "item_id", "timestamp"])
-        writer.writerows((f"u{u}", f"i{i}", ts) for u, i, ts in rows)
+    target.write_bytes(text.encode())
     users = len({u for u, _, _ in rows})
     items = len({i for _, i, _ in rows})
     print(f"{args.out}: {len(rows):,} interactions, {users:,} users, {items:,} items")
