@@ -18,7 +18,9 @@ Because the generator is known, the best any model can do on it is known too.
 every evaluated user with the generator's own next-item probability, its taste group inferred
 from the history (the Bayes-optimal ranking: ordering by probability maximises the expected
 NDCG@10 with one held-out item). A second oracle knows the same except which item follows which:
-it counts that in the training items, as a model must. Both are printed on validation and test
+it counts that in the training items, as a model must, smoothed toward the generator's prior
+(a successor is a popularity-weighted item of the same taste group; the weight chosen on
+validation). Both are printed on validation and test
 beside each model of a ``recstream eval`` report on the same data.
 """
 
@@ -35,9 +37,12 @@ import numpy as np
 from scipy import sparse
 
 from lab.datasets import load_dataset
-from lab.protocol import leave_one_out, ndcg_per_user, target_ranks
+from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
 
 REDRAWS = 10  # draws per step to avoid a repeat; a repeat is kept after that
+STAGES = ("valid", "test")
+ALPHAS = (1.0, 3.0, 10.0)  # the counted oracle's prior weights, one chosen on validation
+BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -159,13 +164,34 @@ def taste_weights(shop: Generator, history: np.ndarray) -> tuple[np.ndarray, flo
     return post * redraw, shop.p_next
 
 
+@dataclass(frozen=True)
+class Counted:
+    """Transitions counted in training, smoothed toward the generator's prior for successors.
+
+    A successor is a popularity-weighted draw from the previous item's taste group, so an item
+    never seen after ``prev`` still has prior mass ``alpha * member_p`` there.
+    """
+
+    counts: sparse.csr_matrix  # ranks x ranks
+    totals: np.ndarray
+    alpha: float
+
+    @classmethod
+    def of(cls, sequences: list[np.ndarray], n: int, alpha: float) -> Counted:
+        pairs = [(s[:-1], s[1:]) for s in sequences if len(s) > 1]
+        src = np.concatenate([a for a, _ in pairs])
+        dst = np.concatenate([b for _, b in pairs])
+        counts = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n))
+        return cls(counts, np.asarray(counts.sum(axis=1)).ravel(), alpha)
+
+
 def oracle_scores(
-    shop: Generator, history: np.ndarray, transitions: sparse.csr_matrix | None = None
+    shop: Generator, history: np.ndarray, counted: Counted | None = None
 ) -> np.ndarray:
     """The generator's probability of each popularity rank being the next item (up to scale).
 
-    With ``transitions`` (row-stochastic, ranks x ranks) the successor step follows that
-    estimate instead of the generator's true successors.
+    With ``counted`` the successor step follows the counted transitions instead of the
+    generator's true successors.
     """
     w, p_next = taste_weights(shop, history)
     mp = np.empty(len(shop.global_p))
@@ -174,50 +200,50 @@ def oracle_scores(
     drawn = (1.0 - shop.p_cluster) * shop.global_p * w.sum() + shop.p_cluster * mp
     scores: np.ndarray = (1.0 - p_next) * drawn
     prev = history[-1]
-    if transitions is None:
+    if counted is None:
         np.add.at(scores, shop.successors[prev], p_next * w.sum() / 3.0)
-    else:
-        lo, hi = transitions.indptr[prev], transitions.indptr[prev + 1]
-        scores[transitions.indices[lo:hi]] += p_next * w.sum() * transitions.data[lo:hi]
+        return scores
+    step = p_next * w.sum() / (counted.totals[prev] + counted.alpha)
+    lo, hi = counted.counts.indptr[prev], counted.counts.indptr[prev + 1]
+    scores[counted.counts.indices[lo:hi]] += step * counted.counts.data[lo:hi]
+    group = shop.cluster[prev]
+    scores[shop.members[group]] += step * counted.alpha * shop.member_p[group]
     return scores
 
 
-def counted_transitions(sequences: list[np.ndarray], n: int) -> sparse.csr_matrix:
-    """How often each rank followed each other in ``sequences``, each row scaled to sum 1."""
-    pairs = [(s[:-1], s[1:]) for s in sequences if len(s) > 1]
-    src = np.concatenate([a for a, _ in pairs])
-    dst = np.concatenate([b for _, b in pairs])
-    counts = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n))
-    rows = np.asarray(counts.sum(axis=1)).ravel()
-    scaled: sparse.csr_matrix = sparse.diags(1.0 / np.maximum(rows, 1.0)) @ counts
-    return scaled.tocsr()
+def per_user(
+    shop: Generator, split: Split, ranks: np.ndarray, stage: str, counted: Counted | None
+) -> np.ndarray:
+    """Each evaluated user's NDCG@10 on ``stage`` when ranked by ``oracle_scores``."""
+    hist, targets = split.histories(stage), split.targets(stage)
+    ndcg = []
+    for s in range(0, len(hist), BATCH):
+        part = hist[s : s + BATCH]
+        scores = np.stack([oracle_scores(shop, ranks[h], counted)[ranks] for h in part])
+        ndcg.append(ndcg_per_user(target_ranks(scores, part, targets[s : s + BATCH])))
+    return np.concatenate(ndcg)
 
 
-def ceiling(folder: Path, shop: Generator, batch: int = 256) -> dict[str, dict[str, np.ndarray]]:
-    """Per-user NDCG@10 of the two oracles on validation and test of ``folder``'s shop.
+def ceiling(folder: Path, shop: Generator) -> dict[str, dict[str, float]]:
+    """Mean NDCG@10 of the two oracles on validation and test of ``folder``'s shop.
 
     ``"oracle"`` knows everything the generator knows; ``"counted"`` knows the taste groups and
     the mixing but learns which item follows which from the training items' transitions, as
-    every model must.
+    every model must, its smoothing toward the prior chosen on validation.
     """
     split = leave_one_out(load_dataset(folder, folder.parent))
     n = len(shop.item_of_rank)
     rank_of_item = np.empty(n, dtype=np.int64)
     rank_of_item[shop.item_of_rank] = np.arange(n)
     ranks = rank_of_item[[int(i.removeprefix("i")) for i in split.item_ids]]
-    learned = counted_transitions([ranks[t] for t in split.train], n)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for name, transitions in (("oracle", None), ("counted", learned)):
-        out[name] = {}
-        for stage in ("valid", "test"):
-            hist, targets = split.histories(stage), split.targets(stage)
-            ndcg = []
-            for s in range(0, len(hist), batch):
-                part = hist[s : s + batch]
-                scores = np.stack([oracle_scores(shop, ranks[h], transitions)[ranks] for h in part])
-                ndcg.append(ndcg_per_user(target_ranks(scores, part, targets[s : s + batch])))
-            out[name][stage] = np.concatenate(ndcg)
-    return out
+    train = [ranks[t] for t in split.train]
+    found = {"oracle": {s: float(per_user(shop, split, ranks, s, None).mean()) for s in STAGES}}
+    tried = {a: Counted.of(train, n, a) for a in ALPHAS}
+    valid = {a: float(per_user(shop, split, ranks, "valid", c).mean()) for a, c in tried.items()}
+    alpha = max(valid, key=valid.__getitem__)
+    test = float(per_user(shop, split, ranks, "test", tried[alpha]).mean())
+    found["counted"] = {"valid": valid[alpha], "test": test, "alpha": alpha}
+    return found
 
 
 def csv_text(rows: list[tuple[int, int, int]]) -> str:
@@ -232,19 +258,20 @@ def print_ceiling(folder: Path, shop: Generator, report: Path | None) -> None:
     found = ceiling(folder, shop)
     labels = {
         "oracle": "oracle (the generator's own probabilities)",
-        "counted": "oracle with the transitions counted in training",
+        "counted": "oracle with the transitions counted in training "
+        f"(prior weight {found['counted']['alpha']:g})",
     }
     for name, label in labels.items():
-        valid, test = (float(found[name][s].mean()) for s in ("valid", "test"))
+        valid, test = found[name]["valid"], found[name]["test"]
         print(f"{label}: NDCG@10 validation {valid:.4f}, test {test:.4f}")
     if report is None:
         return
     results = json.loads(report.read_text(encoding="utf-8"))
     best = results["_meta"]["best_baseline"]
     base = results[best]["ndcg@10"]
-    oracle = float(found["oracle"]["test"].mean())
+    oracle = found["oracle"]["test"]
     rows = {name: row["ndcg@10"] for name, row in results.items() if name != "_meta"}
-    rows.update({name: float(found[name]["test"].mean()) for name in labels})
+    rows.update({name: found[name]["test"] for name in labels})
     print(f"{'model':<10} {'NDCG@10':>8} {'of oracle':>10} {'vs ' + best:>10}")
     for name, score in rows.items():
         print(f"{name:<10} {score:8.4f} {score / oracle:10.1%} {score / base - 1:+10.1%}")
