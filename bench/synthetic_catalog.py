@@ -243,6 +243,12 @@ def ceiling(folder: Path, shop: Generator) -> dict[str, dict[str, float]]:
     alpha = max(valid, key=valid.__getitem__)
     test = float(per_user(shop, split, ranks, "test", tried[alpha]).mean())
     found["counted"] = {"valid": valid[alpha], "test": test, "alpha": alpha}
+    last = np.array([ranks[h[-1]] for h in split.histories("test")])
+    target = ranks[split.targets("test")]
+    follows = (shop.successors[last] == target[:, None]).any(axis=1)
+    counts = tried[alpha].counts
+    known = np.asarray(counts[last[follows], target[follows]]).ravel() > 0
+    found["targets"] = {"successor": float(follows.mean()), "seen": float(known.mean())}
     return found
 
 
@@ -264,6 +270,11 @@ def print_ceiling(folder: Path, shop: Generator, report: Path | None) -> None:
     for name, label in labels.items():
         valid, test = found[name]["valid"], found[name]["test"]
         print(f"{label}: NDCG@10 validation {valid:.4f}, test {test:.4f}")
+    share = found["targets"]
+    print(
+        f"test targets that are a successor of the user's last item: {share['successor']:.1%}, "
+        f"of which followed that item in training: {share['seen']:.1%}"
+    )
     if report is None:
         return
     results = json.loads(report.read_text(encoding="utf-8"))
