@@ -58,7 +58,9 @@ __all__ = [
     "TextEncoderLike",
     "Tokenizer",
     "describe",
+    "fold",
     "like_score",
+    "like_span",
     "load_tokenizer",
     "merge",
     "parse_session",
@@ -108,7 +110,7 @@ def _ascii(text: str) -> str:
     return re.sub(r"['\u2019`]", "", text.replace("&", " and "))
 
 
-def _fold(text: str) -> str:
+def fold(text: str) -> str:
     """Lower case, no accents, letters and digits separated by single spaces."""
     return " ".join(re.sub(r"[^a-z0-9]+", " ", _ascii(text)).split())
 
@@ -125,7 +127,7 @@ def _title_keys(title: str) -> set[str]:
         moved = re.match(r"^(.*),\s*(the|a|an|les|la|le|il|el|das|der|die)$", base, re.IGNORECASE)
         if moved:
             base = f"{moved.group(2)} {moved.group(1)}"
-        folded = _fold(base)
+        folded = fold(base)
         if not folded:
             continue
         keys.add(folded)
@@ -152,7 +154,7 @@ class CatalogAttributes:
         # Not genres a person asks for: ML-100K's "unknown", ml-latest's "(no genres listed)".
         self.genres = [g for g in genres if not g.startswith("(") and g != "unknown"]
         self._genre_col = {g: c for c, g in enumerate(self.genres)}
-        self._genre_by_fold = {_fold(g).replace(" ", ""): g for g in self.genres}
+        self._genre_by_fold = {fold(g).replace(" ", ""): g for g in self.genres}
         self.has_genre = np.zeros((len(self.item_ids), len(self.genres)), dtype=bool)
         self.years = np.full(len(self.item_ids), -1, dtype=np.int32)
         self._titles: dict[str, str] = {}
@@ -200,7 +202,7 @@ class CatalogAttributes:
 
     def genre(self, word: str) -> str | None:
         """The catalog's own name of a genre (``"childrens"`` -> ``"Children's"``)."""
-        key = _fold(word).replace(" ", "")
+        key = fold(word).replace(" ", "")
         if key in self._genre_by_fold:
             return self._genre_by_fold[key]
         return self._genre_by_fold.get(key.rstrip("s"))
@@ -211,7 +213,7 @@ class CatalogAttributes:
 
     def exact_title(self, text: str) -> str | None:
         """The item whose title ``text`` is (any case, with or without its article)."""
-        return self._titles.get(_fold(text))
+        return self._titles.get(fold(text))
 
     def mask(self, constraints: Constraints) -> np.ndarray:
         """Which catalog items meet every hard constraint (catalog order)."""
@@ -446,6 +448,14 @@ _LIKE = re.compile(
     r"as good as|closer to|a bit like|kind of like|sort of like)|like|i (?:loved|liked|enjoyed)|"
     r"fans? of)\s+(.+)$"
 )
+
+
+def like_span(folded: str) -> str | None:
+    """The words after "more like", "similar to"... in ``folded`` text (see :func:`fold`)."""
+    match = _LIKE.search(folded)
+    return match.group(2) if match else None
+
+
 # Words that end a title inside a sentence ("more like Toy Story but for adults").
 _TITLE_END = re.compile(
     r"\b(but|please|only|though|except|without|from|in the|set in|made|with|that|which|"
@@ -553,12 +563,12 @@ class RuleParser:
 
     def parse(self, message: str) -> Parsed:
         raw = _ascii(message)
-        text = _fold(raw)
+        text = fold(raw)
         reset = bool(_RESET.search(text))
         like, raw = self._like(text, raw)
         # "anything but X" negates X; "but" elsewhere ends a clause.
         raw = re.sub(r"\b(anything|everything|whatever|all)\s+but\b", r"\1 except", raw)
-        clauses = [_fold(c) for c in _clauses(raw)]
+        clauses = [fold(c) for c in _clauses(raw)]
         genres: list[str] = []
         excluded: list[str] = []
         for clause in clauses:
@@ -570,7 +580,7 @@ class RuleParser:
         if children is not None and any(_ADULT.search(c) for c in clauses):
             excluded.append(children)
             genres = [g for g in genres if g != children]
-        year_min, year_max = self._years(_fold(raw), clauses)
+        year_min, year_max = self._years(fold(raw), clauses)
         genres = list(dict.fromkeys(g for g in genres if g not in excluded))
         return Parsed(
             reset,

@@ -22,12 +22,12 @@ from typing import Any
 
 # The rule parser's own folding and "more like <title>" pattern: both parsers find titles alike.
 from inference.conversation import (
-    _LIKE,
     OLD_BEFORE,
     RECENT_YEARS,
     Parsed,
     RuleParser,
-    _fold,
+    fold,
+    like_span,
 )
 from inference.exceptions import InferenceError
 from schemas.conversation import Constraints
@@ -215,7 +215,7 @@ class LMParser:
         runs of words that are catalog titles (longest first), then the MiniLM + FAISS nearest
         items to the words after "like" (or the whole message), at most
         ``LM_TITLE_CANDIDATES``."""
-        words = _fold(message).split()
+        words = fold(message).split()
         runs: list[tuple[int, str]] = []
         for start in range(len(words)):
             for n in range(min(len(words) - start, self.attributes.longest_title), 0, -1):
@@ -225,8 +225,7 @@ class LMParser:
                     break
         found = [item for _, item in sorted(runs, key=lambda r: -r[0])]
         if self.titles.encoder is not None and self.titles.index is not None:
-            match = _LIKE.search(_fold(message))
-            span = match.group(2) if match else _fold(message)
+            span = like_span(fold(message)) or fold(message)
             if span:
                 ids, _ = self.titles.index.search(self.titles.encoder.encode([span]), 3)
                 found += [str(i) for i in ids[0] if str(i) in self.attributes]
