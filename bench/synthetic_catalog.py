@@ -58,16 +58,15 @@ class Generator:
     p_next: float
     p_cluster: float
 
-    def base(self, taste: int) -> np.ndarray:
-        """Each item's probability from one draw without the successor step, for a taste group."""
-        p = (1.0 - self.p_cluster) * self.global_p
-        m = self.members[taste]
-        p[m] += self.p_cluster * self.member_p[taste]
-        return p
-
 
 def build(
-    n_items: int, *, clusters: int, zipf: float, p_next: float, p_cluster: float, seed: int
+    n_items: int,
+    *,
+    clusters: int = 50,
+    zipf: float = 1.0,
+    p_next: float = 0.4,
+    p_cluster: float = 0.8,
+    seed: int = 0,
 ) -> tuple[Generator, np.random.Generator]:
     """The shop's fixed parts, and the random stream that goes on to draw the users."""
     rng = np.random.default_rng(seed)
@@ -313,9 +312,7 @@ def main() -> None:
             parser.error(
                 f"{target} is not this generator's data: pass the settings it was made with"
             )
-        shop, _ = build(
-            args.items, clusters=50, zipf=1.0, p_next=0.4, p_cluster=0.8, seed=args.seed
-        )
+        shop, _ = build(args.items, seed=args.seed)
         print_ceiling(args.out, shop, args.ceiling if args.ceiling != Path() else None)
         return
     args.out.mkdir(parents=True, exist_ok=True)
