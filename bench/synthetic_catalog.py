@@ -30,6 +30,7 @@ import argparse
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import numpy as np
 from scipy import sparse
 
 from lab.datasets import load_dataset
-from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
+from lab.protocol import leave_one_out, stage_ndcg_per_user
 
 REDRAWS = 10  # draws per step to avoid a repeat; a repeat is kept after that
 STAGES = ("valid", "test")
@@ -210,17 +211,20 @@ def oracle_scores(
     return scores
 
 
-def per_user(
-    shop: Generator, split: Split, ranks: np.ndarray, stage: str, counted: Counted | None
-) -> np.ndarray:
-    """Each evaluated user's NDCG@10 on ``stage`` when ranked by ``oracle_scores``."""
-    hist, targets = split.histories(stage), split.targets(stage)
-    ndcg = []
-    for s in range(0, len(hist), BATCH):
-        part = hist[s : s + BATCH]
-        scores = np.stack([oracle_scores(shop, ranks[h], counted)[ranks] for h in part])
-        ndcg.append(ndcg_per_user(target_ranks(scores, part, targets[s : s + BATCH])))
-    return np.concatenate(ndcg)
+class Oracle:
+    """:func:`oracle_scores` as a catalog scorer over the split's item indices."""
+
+    name = "oracle"
+
+    def __init__(self, shop: Generator, ranks: np.ndarray, counted: Counted | None = None) -> None:
+        self.shop, self.counted = shop, counted
+        self.ranks = ranks  # each catalog index's popularity rank
+        self.n_items = len(ranks)
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack(
+            [oracle_scores(self.shop, self.ranks[h], self.counted)[self.ranks] for h in histories]
+        )
 
 
 def ceiling(folder: Path, shop: Generator) -> dict[str, dict[str, float]]:
@@ -236,11 +240,15 @@ def ceiling(folder: Path, shop: Generator) -> dict[str, dict[str, float]]:
     rank_of_item[shop.item_of_rank] = np.arange(n)
     ranks = rank_of_item[[int(i.removeprefix("i")) for i in split.item_ids]]
     train = [ranks[t] for t in split.train]
-    found = {"oracle": {s: float(per_user(shop, split, ranks, s, None).mean()) for s in STAGES}}
+
+    def mean(oracle: Oracle, stage: str) -> float:
+        return float(stage_ndcg_per_user(oracle, split, stage, batch=BATCH).mean())
+
+    found = {"oracle": {stage: mean(Oracle(shop, ranks), stage) for stage in STAGES}}
     tried = {a: Counted.of(train, n, a) for a in ALPHAS}
-    valid = {a: float(per_user(shop, split, ranks, "valid", c).mean()) for a, c in tried.items()}
+    valid = {a: mean(Oracle(shop, ranks, c), "valid") for a, c in tried.items()}
     alpha = max(valid, key=valid.__getitem__)
-    test = float(per_user(shop, split, ranks, "test", tried[alpha]).mean())
+    test = mean(Oracle(shop, ranks, tried[alpha]), "test")
     found["counted"] = {"valid": valid[alpha], "test": test, "alpha": alpha}
     last = np.array([ranks[h[-1]] for h in split.histories("test")])
     target = ranks[split.targets("test")]

@@ -23,26 +23,18 @@ import numpy as np
 from inference.artifact import load_recommender
 from inference.scoring import CatalogScorer
 from lab.datasets import load_dataset
-from lab.protocol import Split, leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.protocol import leave_one_out, significance, stage_ndcg_per_user
 from recstream.settings import CommonSettings
 
 LENGTHS = ((0, 50), (50, 200), (200, None))
 BATCH = 64
+STAGES = ("valid", "test")
 
 
-def per_user(model: CatalogScorer, split: Split, stage: str) -> np.ndarray:
-    """Each evaluated user's NDCG@10 on ``stage``'s target."""
-    hist, targets = split.histories(stage), split.targets(stage)
-    return np.concatenate(
-        [
-            ndcg_per_user(
-                target_ranks(
-                    model.score(hist[s : s + BATCH]), hist[s : s + BATCH], targets[s : s + BATCH]
-                )
-            )
-            for s in range(0, len(hist), BATCH)
-        ]
-    )
+def bucket(lengths: np.ndarray, low: int, high: int | None) -> np.ndarray:
+    """Which users have from ``low`` to below ``high`` training items (no upper bound: None)."""
+    out: np.ndarray = (lengths >= low) & (lengths < (high or np.inf))
+    return out
 
 
 def row(name: str, valid: np.ndarray, test: np.ndarray, lengths: np.ndarray) -> str:
@@ -50,7 +42,7 @@ def row(name: str, valid: np.ndarray, test: np.ndarray, lengths: np.ndarray) -> 
         f"{name:<8} {valid.mean():.4f} -> {test.mean():.4f} ({test.mean() / valid.mean() - 1:+.0%})"
     ]
     for low, high in LENGTHS:
-        rows = (lengths >= low) & (lengths < (high or np.inf))
+        rows = bucket(lengths, low, high)
         cells.append(f"{valid[rows].mean():.4f} -> {test[rows].mean():.4f}")
     return " | ".join(cells)
 
@@ -81,18 +73,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         + [f"{low}-{high - 1} items" if high else f">= {low} items" for low, high in LENGTHS]
     )
     counts = " | ".join(
-        ["users"]
-        + [str(int(((lengths >= lo) & (lengths < (hi or np.inf))).sum())) for lo, hi in LENGTHS]
+        ["users"] + [str(int(bucket(lengths, low, high).sum())) for low, high in LENGTHS]
     )
     print(head)
     print(counts)
-    for name, part in parts.items():
-        print(row(name, per_user(part, split, "valid"), per_user(part, split, "test"), lengths))
+    judged = {
+        name: {stage: stage_ndcg_per_user(part, split, stage, batch=BATCH) for stage in STAGES}
+        for name, part in parts.items()
+    }
+    for name, ndcg in judged.items():
+        print(row(name, ndcg["valid"], ndcg["test"], lengths))
     if args.against:
         other = load_recommender(args.against, retrieval=False).scorer
-        for stage in ("valid", "test"):
+        for stage in STAGES:
             test = significance(
-                per_user(served.scorer, split, stage), per_user(other, split, stage)
+                judged["gen"][stage], stage_ndcg_per_user(other, split, stage, batch=BATCH)
             )
             print(
                 f"gen against {args.against}, {stage}: mean difference {test['mean_diff']:+.4f}, "

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from inference.popularity import Popularity
 from inference.scoring import CatalogScorer, EaseScorer, ItemKNNScorer, top_k_unseen
-from lab.protocol import Split, ndcg_per_user, target_ranks
+from lab.protocol import Split, stage_ndcg_per_user
 
 __all__ = [
     "DEFAULT_EASE_MAX_ITEMS",
@@ -343,17 +343,7 @@ def validation_ndcg_per_user(
     model: CatalogScorer, split: Split, max_users: int | None = None
 ) -> np.ndarray:
     """Each judged validation user's NDCG@10 (the users :func:`validation_ndcg` averages)."""
-    hist, targets = split.histories("valid"), split.targets("valid")
-    if max_users is not None and len(hist) > max_users:
-        rows = np.unique(np.linspace(0, len(hist) - 1, max_users).astype(np.int64))
-        hist, targets = [hist[r] for r in rows], targets[rows]
-    if not hist:
-        raise ValueError("no validation users to judge")
-    parts = [
-        target_ranks(model.score(hist[s : s + 512]), hist[s : s + 512], targets[s : s + 512])
-        for s in range(0, len(hist), 512)
-    ]
-    return ndcg_per_user(np.concatenate(parts))
+    return stage_ndcg_per_user(model, split, "valid", max_users=max_users)
 
 
 def tune(

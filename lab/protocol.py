@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from inference.scoring import CatalogScorer
 from lab.datasets import Dataset, Item
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "metrics_from_ranks",
     "ndcg_per_user",
     "significance",
+    "stage_ndcg_per_user",
     "target_ranks",
 ]
 
@@ -194,6 +196,32 @@ def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     """Per-user NDCG@k with one relevant item: ``1 / log2(rank + 2)`` inside the top k."""
     ranks = np.asarray(ranks)
     return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def stage_ndcg_per_user(
+    model: CatalogScorer,
+    split: Split,
+    stage: str,
+    *,
+    max_users: int | None = None,
+    batch: int = 512,
+) -> np.ndarray:
+    """Each evaluated user's NDCG@10 on ``stage``'s target, ``model`` scoring ``batch`` at a time.
+
+    ``max_users`` judges an evenly spaced sample of that many users (all of them when there are
+    fewer).
+    """
+    hist, targets = split.histories(stage), split.targets(stage)
+    if max_users is not None and len(hist) > max_users:
+        rows = np.unique(np.linspace(0, len(hist) - 1, max_users).astype(np.int64))
+        hist, targets = [hist[r] for r in rows], targets[rows]
+    if not hist:
+        raise ValueError(f"no {stage} users to judge")
+    parts = [
+        target_ranks(model.score(hist[s : s + batch]), hist[s : s + batch], targets[s : s + batch])
+        for s in range(0, len(hist), batch)
+    ]
+    return ndcg_per_user(np.concatenate(parts))
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:

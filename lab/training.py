@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from inference.generative import GenConfig, GenScorer, ItemTransformer
 from lab.baselines import Ranker
-from lab.protocol import Split, metrics_from_ranks, target_ranks
+from lab.protocol import Split, stage_ndcg_per_user
 
 __all__ = [
     "GenRanker",
@@ -107,16 +107,7 @@ def sampled_loss(
 
 
 def evaluate_ndcg(rec: GenScorer, split: Split, stage: str, batch: int = 256) -> float:
-    hist, targets = split.histories(stage), split.targets(stage)
-    ranks = np.concatenate(
-        [
-            target_ranks(
-                rec.score(hist[s : s + batch]), hist[s : s + batch], targets[s : s + batch]
-            )
-            for s in range(0, len(hist), batch)
-        ]
-    )
-    return metrics_from_ranks(ranks)["ndcg@10"]
+    return float(np.mean(stage_ndcg_per_user(rec, split, stage, batch=batch)))
 
 
 def train_gen(
