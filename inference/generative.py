@@ -64,6 +64,12 @@ class GenConfig:
     text_init: bool = False
     # How text vectors map to the hidden size: "random" projection or "pca" (top components).
     text_projection: str = "random"
+    # Knowledge distillation (``lab.training.Distillation``): the weight of a teacher's
+    # next-item distribution in the loss (0 = off), its softmax temperature, and how many folds
+    # of users the teacher is fitted out of. Training only; serving ignores them.
+    distill: float = 0.0
+    distill_temperature: float = 0.2
+    distill_folds: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

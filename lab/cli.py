@@ -277,6 +277,11 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
             click.echo(f"{split.dataset}: no item text; no text initialisation, no index")
         with_index = False
     cfg = GenConfig(seed=seed, **{**preset, **chosen, **overrides})
+    if cfg.distill > 0 and (0 < plan.negatives < split.n_items or cfg.future != 1):
+        raise click.UsageError(
+            "distill needs the full softmax over the catalog and the next-item target "
+            "(--negatives 0, future=1)"
+        )
     text = catalog_vectors(split.item_ids, split.items) if (cfg.text_init or with_index) else None
     searched: dict[str, Any] = {}
     tuned: dict[str, Any] = {}
@@ -314,7 +319,17 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         cfg = replace(cfg, **{k: v for k, v in best.items() if k not in fixed})
         phases["search"] = time.monotonic() - mark
     mark = time.monotonic()
-    gen_budget_s = plan.gen_deadline(mark - started)
+    teacher = None
+    if cfg.distill > 0:
+        from lab.evaluate import baseline
+        from lab.training import ease_teacher
+
+        # The teacher is EASE with the settings validation chose, which the fusion reuses.
+        tuned.setdefault(
+            "ease", baseline("ease", split, say=click.echo, ease_max_items=plan.ease_max_items)
+        )
+        teacher = ease_teacher(tuned["ease"].params())
+    gen_budget_s = plan.gen_deadline(time.monotonic() - started)
     click.echo(f"transformer: up to {gen_budget_s:.0f}s")
     model, log = train_gen(
         split,
@@ -322,6 +337,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         text_embeddings=text,
         time_budget_s=gen_budget_s,
         negatives=plan.negatives,
+        teacher=teacher,
         progress=progress,
         say=click.echo,
     )

@@ -79,6 +79,10 @@ def gen_preset(dataset: str) -> dict[str, Any]:
     # "Where llamarec's gap comes from"). llamarec's preset once added a target on the two items
     # after the next (``future`` 3), chosen before the EMA and the text start; with them the plain
     # next-item target scores higher on validation, so that target is gone.
+    # Distillation from EASE (``distill``, lab.training.Distillation) lifts the transformer alone
+    # above EASE on llamarec and ML-100K, but the served fusion then loses what the transformer
+    # added beside EASE and scores lower on validation, so no preset turns it on (docs/models.md,
+    # "Distillation from EASE").
     presets: dict[str, dict[str, Any]] = {
         "ml-latest-small": {"text_projection": "pca"},
         "ml-latest-small-llamarec": {"text_projection": "pca"},

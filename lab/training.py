@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,14 +21,19 @@ from torch import nn
 from tqdm import tqdm
 
 from inference.generative import GenConfig, GenScorer, ItemTransformer
+from inference.scoring import CatalogScorer
 from lab.baselines import Ranker
 from lab.protocol import Split, stage_ndcg_per_user
 
 __all__ = [
+    "Distillation",
     "GenRanker",
+    "default_teacher",
+    "ease_teacher",
     "evaluate_ndcg",
     "future_loss",
     "sampled_loss",
+    "teacher_targets",
     "train_gen",
     "training_windows",
 ]
@@ -56,6 +62,69 @@ def training_windows(seqs: Sequence[np.ndarray], max_len: int) -> list[np.ndarra
             if start == 0:
                 break
     return out
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A teacher's next-item distribution as a second training target (knowledge distillation).
+
+    At every training position the teacher scores the catalog from the items up to it (the last
+    ``context`` of them), the items already there are excluded, and its ``top_k`` items get
+    ``softmax(score / temperature)``. The transformer's loss becomes ``(1 - weight) * CE(next
+    item) + weight * CE(teacher distribution)``: the teacher's view of what else could come next
+    is a denser target than the one item that did.
+
+    The teacher is fitted out of fold: ``fit`` is called ``folds`` times, each on the split
+    without the users ``u % folds == f``, and that teacher scores only those users. A teacher
+    fitted on a user's own history has memorised what came next there and would hand the target
+    back instead of its judgement.
+    """
+
+    fit: Callable[[Split], CatalogScorer]
+    weight: float = 0.5
+    temperature: float = 0.2
+    folds: int = 5
+    top_k: int = 64
+    context: int = 50
+
+
+def teacher_targets(
+    split: Split, max_len: int, distill: Distillation, *, progress: bool = True
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per training window (in :func:`training_windows` order), ``(items, probs)`` of shape
+    ``(len(window) - 1, top_k)``: the out-of-fold teacher's distribution after each position."""
+    folds, seqs = distill.folds, split.train
+    taught: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    empty = np.zeros(0, dtype=np.int64)
+    bar = tqdm(total=sum(max(len(s) - 1, 0) for s in seqs), desc="teacher", disable=not progress)
+    for f in range(folds):
+        # Fitted, used and dropped one fold at a time: a teacher can be a dense items x items.
+        teacher = distill.fit(
+            replace(split, train=[empty if u % folds == f else s for u, s in enumerate(seqs)])
+        )
+        for u in range(f, len(seqs), folds):
+            taught[u] = [_teach(teacher, w, distill) for w in training_windows([seqs[u]], max_len)]
+            bar.update(max(len(seqs[u]) - 1, 0))
+    bar.close()
+    return [pair for u in range(len(seqs)) for pair in taught[u]]
+
+
+def _teach(
+    teacher: CatalogScorer, window: np.ndarray, distill: Distillation
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's ``top_k`` items after each position of ``window`` (none of the items up to
+    it) and their softmax at the distillation's temperature."""
+    ends = range(1, len(window))
+    scores = teacher.score([window[max(0, end - distill.context) : end] for end in ends])
+    for row, end in enumerate(ends):
+        scores[row, window[:end]] = -1e30  # finite: a tiny catalog may have nothing else
+    k = min(distill.top_k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(scores, top, axis=1) / distill.temperature
+    s -= s.max(axis=1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=1, keepdims=True)
+    return top, p.astype(np.float32)
 
 
 def _seed_all(seed: int) -> None:
@@ -106,6 +175,73 @@ def sampled_loss(
     return loss
 
 
+def ease_teacher(params: dict[str, float]) -> Callable[[Split], CatalogScorer]:
+    """Fits EASE with ``params`` (e.g. the settings tuned on validation): the default teacher."""
+    from lab.baselines import EASE
+
+    def fit(part: Split) -> CatalogScorer:
+        return EASE(
+            lam=params["lam"],
+            decay=params["decay"],
+            beta=params["beta"],
+            markov_last=int(params["markov_last"]),
+            max_items=int(params.get("max_items", part.n_items)),
+        ).fit(part)
+
+    return fit
+
+
+def default_teacher(split: Split, *, progress: bool = False) -> Callable[[Split], CatalogScorer]:
+    """EASE with the settings tuned on ``split``'s validation, as :func:`ease_teacher`."""
+    from lab.baselines import EASE
+    from lab.evaluate import baseline
+
+    tuned = baseline("ease", split, say=lambda _: None, progress=progress)
+    assert isinstance(tuned, EASE)
+    return ease_teacher(tuned.params())
+
+
+def _distillation(
+    split: Split,
+    cfg: GenConfig,
+    teacher: Callable[[Split], CatalogScorer] | None,
+    sampled: bool,
+    progress: bool,
+) -> Distillation | None:
+    if cfg.distill <= 0:
+        return None
+    if sampled or cfg.future != 1:
+        raise ValueError("distillation trains with the full softmax and the next-item target")
+    return Distillation(
+        teacher or default_teacher(split, progress=progress),
+        weight=cfg.distill,
+        temperature=cfg.distill_temperature,
+        folds=cfg.distill_folds,
+    )
+
+
+def _distilled_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    taught: Sequence[tuple[np.ndarray, np.ndarray]],
+    distill: Distillation,
+) -> torch.Tensor:
+    """``(1 - weight) * CE(next item) + weight * CE(teacher)`` over the batch's positions."""
+    logp = torch.log_softmax(logits, dim=-1)
+    b, width = targets.shape
+    items = torch.zeros(b, width, distill.top_k, dtype=torch.long)
+    probs = torch.zeros(b, width, distill.top_k)
+    for row, (i, p) in enumerate(taught):
+        items[row, : len(i)] = torch.from_numpy(i)
+        probs[row, : len(p)] = torch.from_numpy(p)
+    valid = targets >= 0
+    n = valid.sum().clamp(min=1)
+    ce = nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1))
+    kd = -(probs * logp.gather(-1, items)).sum() / n
+    loss: torch.Tensor = (1 - distill.weight) * ce + distill.weight * kd
+    return loss
+
+
 def evaluate_ndcg(rec: GenScorer, split: Split, stage: str, batch: int = 256) -> float:
     return float(np.mean(stage_ndcg_per_user(rec, split, stage, batch=batch)))
 
@@ -117,6 +253,7 @@ def train_gen(
     text_embeddings: np.ndarray | None = None,
     time_budget_s: float | None = None,
     negatives: int = 0,
+    teacher: Callable[[Split], CatalogScorer] | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> tuple[ItemTransformer, dict[str, Any]]:
@@ -140,6 +277,11 @@ def train_gen(
     windows = training_windows(split.train, cfg.max_len)
     # Sampled softmax: the batch's own targets plus ``negatives`` uniform items per step.
     sampled = 0 < negatives < split.n_items and cfg.future == 1
+    # The time budget covers the teacher: its targets are part of this training's cost.
+    started = time.monotonic()
+    distill = _distillation(split, cfg, teacher, sampled, progress)
+    taught = teacher_targets(split, cfg.max_len, distill, progress=progress) if distill else None
+    teacher_s = time.monotonic() - started
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
@@ -154,7 +296,6 @@ def train_gen(
     judged: ItemTransformer = averaged.module if averaged is not None else model  # type: ignore[assignment]
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
-    started = time.monotonic()
     stale = 0
     bar = tqdm(range(1, cfg.epochs + 1), desc="train gen", disable=not progress, unit="epoch")
     for epoch in bar:
@@ -188,6 +329,10 @@ def train_gen(
             hidden = model.hidden_states(inputs)
             if sampled:
                 loss = sampled_loss(model, hidden, targets[0], negatives, loss_fn)
+            elif taught is not None and distill is not None:
+                loss = _distilled_loss(
+                    model.catalog_logits(hidden), targets[0], [taught[i] for i in batch], distill
+                )
             else:
                 logits = model.catalog_logits(hidden)
                 loss = future_loss(logits, targets, cfg.future_decay, loss_fn)
@@ -226,6 +371,7 @@ def train_gen(
         "epochs_run": len(history),
         "train_seconds": time.monotonic() - started,
         "sampled_negatives": negatives if sampled else 0,
+        "teacher_seconds": round(teacher_s, 1),
         "history": history,
     }
     return model, log

@@ -217,7 +217,7 @@ def search_gen(
     import optuna
 
     from inference.generative import GenScorer
-    from lab.training import train_gen
+    from lab.training import default_teacher, train_gen
 
     trial_s = budget_s / max(trials, 1)
     tokens = sum(len(s) for s in split.train)
@@ -237,6 +237,8 @@ def search_gen(
     searched = [n for n in ("lr", "dropout", "hidden") if n not in fixed]
     if not searched:
         return {}, {"skipped": "every searched setting was given on the command line", "trials": []}
+    # A distilling transformer's teacher is tuned once, not once per trial.
+    teacher = default_teacher(split) if cfg.distill > 0 else None
     hidden_choices = sorted({32, 64, 128, int(cfg.hidden)})  # the preset's size is a choice
     study.enqueue_trial({n: getattr(cfg, n) for n in searched})
     trace: list[dict[str, Any]] = []
@@ -259,6 +261,7 @@ def search_gen(
             text_embeddings=text_embeddings,
             time_budget_s=trial_s,
             negatives=negatives,
+            teacher=teacher,
             progress=False,
             say=lambda _: None,
         )

@@ -6,6 +6,7 @@ One tiny model is trained once per session (seconds) and shared by the tests.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from lab.baselines import EASE, PopularityRanker
 from lab.datasets import Dataset, load_dataset
 from lab.gen_rerank import GenRerank, fuse
 from lab.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
-from lab.training import GenRanker, future_loss, sampled_loss, train_gen
+from lab.training import (
+    Distillation,
+    GenRanker,
+    ease_teacher,
+    future_loss,
+    sampled_loss,
+    teacher_targets,
+    train_gen,
+    training_windows,
+)
 from recstream.settings import CommonSettings
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
@@ -254,6 +264,86 @@ def test_future_targets_and_weight_averaging_train(small_split: Split) -> None:
     assert np.isfinite(far_log["history"][-1]["loss"])
     scores = GenScorer(far, far.cfg).score(small_split.histories("test")[:5])
     assert scores.shape == (5, small_split.n_items)
+
+
+EASE_SETTINGS = {"lam": 100.0, "decay": 0.8, "beta": 0.3, "markov_last": 3}
+
+
+def test_teacher_targets_come_out_of_fold_and_never_name_an_item_already_there(
+    small_split: Split,
+) -> None:
+    fitted: list[set[int]] = []  # per fit, the users whose training it did not see
+
+    def fit(part: Split) -> EASE:
+        fitted.append({u for u, seq in enumerate(part.train) if len(seq) == 0})
+        return EASE(**EASE_SETTINGS).fit(part)  # type: ignore[arg-type]
+
+    distill = Distillation(fit, folds=3, top_k=16, context=10)
+    taught = teacher_targets(small_split, 30, distill, progress=False)
+    windows = training_windows(small_split.train, 30)
+    assert len(taught) == len(windows)
+    # Each fold's teacher was fitted without exactly that fold's users.
+    users = range(len(small_split.train))
+    assert fitted == [{u for u in users if u % 3 == f} for f in range(3)]
+    for window, (items, probs) in zip(windows, taught, strict=True):
+        assert items.shape == probs.shape == (len(window) - 1, 16)
+        assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+        for j in range(len(window) - 1):
+            assert not set(items[j][probs[j] > 0]) & set(window[: j + 1])
+    # User 4 (fold 1) is taught what EASE fitted without fold 1 ranks after their first items.
+    first = next(n for n, w in enumerate(windows) if set(w) <= set(small_split.train[4]))
+    without = [np.zeros(0, np.int64) if u % 3 == 1 else s for u, s in enumerate(small_split.train)]
+    ease = EASE(**EASE_SETTINGS).fit(replace(small_split, train=without))  # type: ignore[arg-type]
+    window = windows[first]
+    scores = ease.score([window[max(0, 5 - 10) : 5]])[0]
+    scores[window[:5]] = -np.inf
+    assert set(taught[first][0][4]) == set(np.argsort(-scores)[:16])
+    # A teacher fitted on everyone has seen the very next items: out of fold it cannot have.
+    everyone = EASE(**EASE_SETTINGS).fit(small_split)  # type: ignore[arg-type]
+    inside = teacher_targets(
+        small_split,
+        30,
+        Distillation(lambda _: everyone, folds=3, top_k=16, context=10),
+        progress=False,
+    )
+
+    def next_item_mass(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        mass = [
+            p[j][i[j] == w[j + 1]].sum()
+            for w, (i, p) in zip(windows, pairs, strict=True)
+            for j in range(len(w) - 1)
+        ]
+        return float(np.mean(mass))
+
+    assert next_item_mass(inside) > 1.2 * next_item_mass(taught)
+
+
+def test_distillation_trains_toward_the_teacher(small_split: Split) -> None:
+    base: dict[str, Any] = {"hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "max_len": 20}
+    plain, _ = train_gen(small_split, GenConfig(**base, epochs=1), progress=False, say=print)
+    taught, log = train_gen(
+        small_split,
+        GenConfig(**base, epochs=1, distill=1.0, distill_folds=2),
+        teacher=ease_teacher(EASE_SETTINGS),
+        progress=False,
+        say=print,
+    )
+    assert log["teacher_seconds"] > 0
+    assert np.isfinite(log["history"][0]["loss"])
+    assert not torch.allclose(taught.head.weight, plain.head.weight)
+    # Without a teacher given, training tunes EASE on validation and teaches with it.
+    _, tuned = train_gen(
+        small_split.subset(20), GenConfig(**base, epochs=1, distill=0.5), progress=False, say=print
+    )
+    assert tuned["teacher_seconds"] > 0
+    # The teacher's distribution needs the next-item target over the whole catalog.
+    with pytest.raises(ValueError, match="distillation"):
+        train_gen(
+            small_split,
+            GenConfig(**base, epochs=1, distill=0.5, future=2),
+            teacher=ease_teacher(EASE_SETTINGS),
+            progress=False,
+        )
 
 
 def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -36,3 +38,15 @@ def test_train_refuses_a_bad_setting_before_loading_data() -> None:
     )
     assert result.exit_code == 2
     assert "futur=3" in result.output
+
+
+@pytest.mark.parametrize("extra", [["--set", "future=2"], ["--negatives", "100"]])
+def test_train_refuses_distillation_without_the_full_next_item_softmax(
+    extra: list[str], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        train_cmd,
+        ["--dataset", "ml-100k", "--out", str(tmp_path), "--set", "distill=0.5", *extra],
+    )
+    assert result.exit_code == 2, result.output
+    assert "distill needs the full softmax" in result.output
