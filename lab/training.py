@@ -1,8 +1,9 @@
 """Training the generative transformer (``inference.generative.ItemTransformer``).
 
 Full-softmax cross-entropy over the catalog on windows of the training histories, optionally
-against the near future (next ``K`` items) and with an exponential moving average of the weights;
-early stopping on validation NDCG@10. Serving never imports this: it loads what
+against the near future (next ``K`` items), against a teacher's next-item distribution as well
+(:class:`Distillation`) and with an exponential moving average of the weights; early stopping on
+validation NDCG@10. Serving never imports this: it loads what
 ``lab.artifact.save_artifact`` wrote.
 """
 
@@ -229,8 +230,9 @@ def _distilled_loss(
     """``(1 - weight) * CE(next item) + weight * CE(teacher)`` over the batch's positions."""
     logp = torch.log_softmax(logits, dim=-1)
     b, width = targets.shape
-    items = torch.zeros(b, width, distill.top_k, dtype=torch.long)
-    probs = torch.zeros(b, width, distill.top_k)
+    k = taught[0][0].shape[1]  # top_k, or the whole catalog when it is smaller
+    items = torch.zeros(b, width, k, dtype=torch.long)
+    probs = torch.zeros(b, width, k)
     for row, (i, p) in enumerate(taught):
         items[row, : len(i)] = torch.from_numpy(i)
         probs[row, : len(p)] = torch.from_numpy(p)

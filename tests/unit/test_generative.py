@@ -346,6 +346,27 @@ def test_distillation_trains_toward_the_teacher(small_split: Split) -> None:
         )
 
 
+def test_distillation_on_a_catalog_smaller_than_the_teachers_top_k() -> None:
+    rng = np.random.default_rng(0)
+    n_items, n_users = 20, 30
+    split = Split(
+        "tiny",
+        {},
+        [str(i) for i in range(n_items)],
+        [str(u) for u in range(n_users)],
+        [rng.permutation(n_items)[:8] for _ in range(n_users)],
+        rng.integers(0, n_items, n_users),
+        rng.integers(0, n_items, n_users),
+    )
+    cfg = GenConfig(
+        hidden=8, layers=1, heads=2, ffn=16, max_len=10, epochs=1, distill=0.5, distill_folds=2
+    )
+    _, log = train_gen(
+        split, cfg, teacher=ease_teacher({**EASE_SETTINGS, "lam": 10.0}), progress=False
+    )
+    assert np.isfinite(log["history"][0]["loss"])
+
+
 def test_pca_text_init_spreads_items_along_uncorrelated_directions() -> None:
     text = np.random.default_rng(1).normal(size=(300, 24)) * np.linspace(3, 0.5, 24) + 2.0
     cfg = GenConfig(n_items=300, hidden=8, layers=1, heads=2, ffn=16, text_projection="pca")
