@@ -87,7 +87,8 @@ def counts() -> dict[str, tuple[float, float]]:
 def test_freshness_from_the_header_else_a_recent_trigger_and_never_for_stale_lists() -> None:
     writer = CacheWriter(CacheWriterSettings(cache_freshness_trigger_max_age_s=60))
     writer.consumer = FakeConsumer()  # type: ignore[assignment]  # no broker needed
-    now_ms = round(time.time() * 1000)
+    # Rounded down: an origin never lies in the writer's future, so the header's age is >= 2 s.
+    now_ms = int(time.time() * 1000)
     messages = [
         record("a", 1, trigger_age_s=3600, origin_ms=now_ms - 2000),  # header wins: ~2 s
         record("b", 2, trigger_age_s=5, origin_ms=None),  # recent trigger: ~5 s
