@@ -30,6 +30,7 @@ __all__ = [
     "Distillation",
     "GenRanker",
     "default_teacher",
+    "distillation",
     "ease_teacher",
     "evaluate_ndcg",
     "future_loss",
@@ -202,22 +203,10 @@ def default_teacher(split: Split, *, progress: bool = False) -> Callable[[Split]
     return ease_teacher(tuned.params())
 
 
-def _distillation(
-    split: Split,
-    cfg: GenConfig,
-    teacher: Callable[[Split], CatalogScorer] | None,
-    sampled: bool,
-    progress: bool,
-) -> Distillation | None:
-    if cfg.distill <= 0:
-        return None
-    if sampled or cfg.future != 1:
-        raise ValueError("distillation trains with the full softmax and the next-item target")
+def distillation(cfg: GenConfig, fit: Callable[[Split], CatalogScorer]) -> Distillation:
+    """The distillation ``cfg`` asks for (weight, temperature, folds), taught by ``fit``."""
     return Distillation(
-        teacher or default_teacher(split, progress=progress),
-        weight=cfg.distill,
-        temperature=cfg.distill_temperature,
-        folds=cfg.distill_folds,
+        fit, weight=cfg.distill, temperature=cfg.distill_temperature, folds=cfg.distill_folds
     )
 
 
@@ -225,7 +214,7 @@ def _distilled_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     taught: Sequence[tuple[np.ndarray, np.ndarray]],
-    distill: Distillation,
+    weight: float,
 ) -> torch.Tensor:
     """``(1 - weight) * CE(next item) + weight * CE(teacher)`` over the batch's positions."""
     logp = torch.log_softmax(logits, dim=-1)
@@ -240,7 +229,7 @@ def _distilled_loss(
     n = valid.sum().clamp(min=1)
     ce = nn.functional.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1))
     kd = -(probs * logp.gather(-1, items)).sum() / n
-    loss: torch.Tensor = (1 - distill.weight) * ce + distill.weight * kd
+    loss: torch.Tensor = (1 - weight) * ce + weight * kd
     return loss
 
 
@@ -256,6 +245,7 @@ def train_gen(
     time_budget_s: float | None = None,
     negatives: int = 0,
     teacher: Callable[[Split], CatalogScorer] | None = None,
+    taught: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> tuple[ItemTransformer, dict[str, Any]]:
@@ -264,6 +254,9 @@ def train_gen(
     ``negatives`` > 0 (and below the catalog size) trains with a sampled softmax instead
     (:func:`sampled_loss`), which is what makes an epoch over a large catalog affordable on CPU;
     validation still ranks the whole catalog. The time budget is checked after every step.
+    ``cfg.distill`` > 0 adds the teacher's distribution to the loss (:class:`Distillation`):
+    ``taught`` are its targets already built for this split and ``cfg.max_len`` (a search reuses
+    them across trials), else ``teacher`` fits it (default: EASE tuned on validation).
     Returns the best model (by validation NDCG@10) and a training log.
     """
     _seed_all(cfg.seed)
@@ -281,8 +274,13 @@ def train_gen(
     sampled = 0 < negatives < split.n_items and cfg.future == 1
     # The time budget covers the teacher: its targets are part of this training's cost.
     started = time.monotonic()
-    distill = _distillation(split, cfg, teacher, sampled, progress)
-    taught = teacher_targets(split, cfg.max_len, distill, progress=progress) if distill else None
+    if cfg.distill <= 0:
+        taught = None
+    elif sampled or cfg.future != 1:
+        raise ValueError("distillation trains with the full softmax and the next-item target")
+    elif taught is None:
+        fit = teacher or default_teacher(split, progress=progress)
+        taught = teacher_targets(split, cfg.max_len, distillation(cfg, fit), progress=progress)
     teacher_s = time.monotonic() - started
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)
@@ -331,9 +329,12 @@ def train_gen(
             hidden = model.hidden_states(inputs)
             if sampled:
                 loss = sampled_loss(model, hidden, targets[0], negatives, loss_fn)
-            elif taught is not None and distill is not None:
+            elif taught is not None:
                 loss = _distilled_loss(
-                    model.catalog_logits(hidden), targets[0], [taught[i] for i in batch], distill
+                    model.catalog_logits(hidden),
+                    targets[0],
+                    [taught[i] for i in batch],
+                    cfg.distill,
                 )
             else:
                 logits = model.catalog_logits(hidden)

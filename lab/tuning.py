@@ -217,7 +217,7 @@ def search_gen(
     import optuna
 
     from inference.generative import GenScorer
-    from lab.training import default_teacher, train_gen
+    from lab.training import default_teacher, distillation, teacher_targets, train_gen
 
     trial_s = budget_s / max(trials, 1)
     tokens = sum(len(s) for s in split.train)
@@ -237,8 +237,14 @@ def search_gen(
     searched = [n for n in ("lr", "dropout", "hidden") if n not in fixed]
     if not searched:
         return {}, {"skipped": "every searched setting was given on the command line", "trials": []}
-    # A distilling transformer's teacher is tuned once, not once per trial.
-    teacher = default_teacher(split) if cfg.distill > 0 else None
+    # A distilling transformer's teacher targets depend on neither searched setting: built once.
+    taught = (
+        teacher_targets(
+            split, cfg.max_len, distillation(cfg, default_teacher(split)), progress=False
+        )
+        if cfg.distill > 0 and cfg.future == 1 and not 0 < negatives < split.n_items
+        else None
+    )
     hidden_choices = sorted({32, 64, 128, int(cfg.hidden)})  # the preset's size is a choice
     study.enqueue_trial({n: getattr(cfg, n) for n in searched})
     trace: list[dict[str, Any]] = []
@@ -261,7 +267,7 @@ def search_gen(
             text_embeddings=text_embeddings,
             time_budget_s=trial_s,
             negatives=negatives,
-            teacher=teacher,
+            taught=taught,
             progress=False,
             say=lambda _: None,
         )

@@ -26,6 +26,7 @@ from lab.protocol import Split, leave_one_out, metrics_from_ranks, target_ranks
 from lab.training import (
     Distillation,
     GenRanker,
+    distillation,
     ease_teacher,
     future_loss,
     sampled_loss,
@@ -331,6 +332,13 @@ def test_distillation_trains_toward_the_teacher(small_split: Split) -> None:
     assert log["teacher_seconds"] > 0
     assert np.isfinite(log["history"][0]["loss"])
     assert not torch.allclose(taught.head.weight, plain.head.weight)
+    # Targets built once (as a search does for its trials) train exactly as the teacher does.
+    cfg = GenConfig(**base, epochs=1, distill=1.0, distill_folds=2)
+    targets = teacher_targets(
+        small_split, 20, distillation(cfg, ease_teacher(EASE_SETTINGS)), progress=False
+    )
+    reused, _ = train_gen(small_split, cfg, taught=targets, progress=False, say=print)
+    assert torch.allclose(reused.head.weight, taught.head.weight)
     # Without a teacher given, training tunes EASE on validation and teaches with it.
     _, tuned = train_gen(
         small_split.subset(20), GenConfig(**base, epochs=1, distill=0.5), progress=False, say=print
