@@ -24,8 +24,9 @@ import numpy as np
 
 from inference.artifact import load_recommender, read_item_index
 from inference.hybrid import standardise
-from lab.datasets import Dataset, load_dataset
-from lab.protocol import Split, leave_one_out, ndcg_per_user, target_ranks
+from lab.datasets import load_dataset
+from lab.protocol import leave_one_out, ndcg_per_user, target_ranks
+from lab.trending import RecentPopularity
 from recstream.settings import CommonSettings
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
@@ -33,32 +34,6 @@ RECENT_DAYS = (7, 30)
 RECENT_WEIGHTS = (0.5, 1.0, 2.0)
 PREFIXES = (1, 2, 3)
 BATCH = 128
-DAY_S = 86_400.0
-
-
-class RecentPopularity:
-    """Other users' interactions per item in a window before a moment, from the time-ordered
-    interactions (a binary search and a count per query)."""
-
-    def __init__(self, ds: Dataset, split: Split) -> None:
-        users = {u: n for n, u in enumerate(split.user_ids)}
-        rows = [(it.ts, split.item_index[it.item_id], users[it.user_id]) for it in ds.interactions]
-        rows.sort(key=lambda r: r[0])
-        self.ts = np.asarray([r[0] for r in rows], dtype=np.float64)
-        self.item = np.asarray([r[1] for r in rows], dtype=np.int64)
-        self.user = np.asarray([r[2] for r in rows], dtype=np.int64)
-        self.n_items = split.n_items
-        # Each user's interaction times in the split's order (time, ties in file order).
-        self.times: list[list[float]] = [[] for _ in split.user_ids]
-        for it in ds.interactions:
-            self.times[users[it.user_id]].append(it.ts)
-
-    def scores(self, user: int, until: float, days: float) -> np.ndarray:
-        lo = np.searchsorted(self.ts, until - days * DAY_S, side="right")
-        hi = np.searchsorted(self.ts, until, side="right")
-        others = self.user[lo:hi] != user
-        counts = np.bincount(self.item[lo:hi][others], minlength=self.n_items)
-        return np.log1p(counts.astype(np.float64))
 
 
 def main() -> None:
@@ -103,7 +78,12 @@ def main() -> None:
             users = split.eval_users[rows]
             for days in RECENT_DAYS:
                 fresh = standardise(
-                    np.stack([recent.scores(u, recent.times[u][n - 1], days) for u in users])
+                    np.stack(
+                        [
+                            recent.scores(u, recent.times[u][n - 1], days, inclusive=True)
+                            for u in users
+                        ]
+                    )
                 )
                 for w in RECENT_WEIGHTS:
                     ranks = target_ranks(base + w * fresh, hist, targets)

@@ -524,7 +524,8 @@ def _fit_fusion(
     default=None,
     metavar="N,N,...",
     help="Also run the cold-start protocol: each test user's history cut to their first N "
-    "training items (e.g. 1,2,3), same targets; gen+ease with and without retrieval.",
+    "training items (e.g. 1,2,3), same targets; gen+ease alone, with retrieval, and with recent "
+    "popularity (the blend chosen on held-out users).",
 )
 @click.option(
     "--retrieval-weight",
@@ -587,10 +588,15 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     prefixes = _prefixes(cold_start)
     _threads(threads)
     from inference.retrieval import RetrievalConfig
+    from lab.datasets import load_dataset
     from lab.evaluate import COMPARED, cold_start_table, plot_report, run_eval, table
+    from lab.protocol import leave_one_out
+    from lab.trending import RecentPopularity
+    from recstream.settings import CommonSettings
 
     started = time.monotonic()
-    split = _split(dataset)
+    ds = load_dataset(dataset, CommonSettings().data_dir)
+    split = leave_one_out(ds)
     names = [m.strip() for m in models.split(",") if m.strip()]
     chosen = (
         _artifact_baselines(artifacts[0], split)
@@ -609,6 +615,7 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
             cosine_floor=cosine_floor, mmr_lambda=mmr_lambda, candidates=post_candidates
         ),
         cold_start_prefixes=prefixes,
+        recent=RecentPopularity(ds, split) if prefixes else None,
         retrieval=None
         if retrieval_weight is None
         else RetrievalConfig(weight=retrieval_weight, max_history=retrieval_below),

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inference.exceptions import InferenceError
+from inference.hybrid import blend
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
@@ -31,6 +33,7 @@ from lab.protocol import (
     significance,
     target_ranks,
 )
+from lab.trending import RecentPopularity, TrendingChoice, at_targets
 
 __all__ = [
     "BASELINES",
@@ -46,6 +49,7 @@ __all__ = [
     "plot_report",
     "significance",
     "table",
+    "trending_cold_start",
 ]
 
 BASELINES = ("pop", "itemknn", "ease")
@@ -54,6 +58,7 @@ MODELS = (*BASELINES, "gen", "gen+ease", "fused", "served", "gen+ease+post", "ge
 COMPARED = ("gen", "gen+ease", "fused", "served", "gen+ease+post", "gen+rerank")
 LATENCY_USERS = 200
 RETRIEVED = "gen+ease+retrieval"  # the cold-start protocol's name for gen+ease with retrieval
+TRENDING = "gen+ease+trending"  # and for gen+ease with recent popularity (lab.trending)
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
     "itemknn": {"k_neighbours": [20, 50, 200], "decay": [1.0, 0.9, 0.8, 0.7, 0.6]},
@@ -242,23 +247,34 @@ def _rank_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Target ranks and top 10s of ``model`` on ``hist``; fails on a non-catalog or seen item."""
     ranks, tops = [], []
-    out_of_catalog = 0
-    seen_returned = 0
     for s in range(0, len(hist), batch_size):
         chunk = hist[s : s + batch_size]
-        scores = model.score(chunk)
-        if scores.shape[1] != n_items:
-            raise InferenceError(f"{model.name} scored {scores.shape[1]} items, not the catalog")
-        top, _ = top_k_unseen(scores.copy(), chunk, 10)
-        out_of_catalog += int(np.count_nonzero((top < 0) | (top >= n_items)))
-        seen_returned += sum(int(np.isin(t, h).sum()) for t, h in zip(top, chunk, strict=True))
-        ranks.append(target_ranks(scores, chunk, targets[s : s + batch_size]))
+        rank, top = _checked_ranks(
+            model.name, model.score(chunk), chunk, targets[s : s + batch_size], n_items
+        )
+        ranks.append(rank)
         tops.append(top)
+    return np.concatenate(ranks), np.concatenate(tops)
+
+
+def _checked_ranks(
+    name: str,
+    scores: np.ndarray,
+    hist: Sequence[np.ndarray],
+    targets: np.ndarray,
+    n_items: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Target ranks and top 10s of ``scores``; fails on a non-catalog or seen item."""
+    if scores.shape[1] != n_items:
+        raise InferenceError(f"{name} scored {scores.shape[1]} items, not the catalog")
+    top, _ = top_k_unseen(scores.copy(), hist, 10)
+    out_of_catalog = int(np.count_nonzero((top < 0) | (top >= n_items)))
+    seen_returned = sum(int(np.isin(t, h).sum()) for t, h in zip(top, hist, strict=True))
     if out_of_catalog or seen_returned:
         raise InferenceError(
-            f"{model.name} returned {out_of_catalog} out-of-catalog and {seen_returned} seen items"
+            f"{name} returned {out_of_catalog} out-of-catalog and {seen_returned} seen items"
         )
-    return np.concatenate(ranks), np.concatenate(tops)
+    return target_ranks(scores, hist, targets), top
 
 
 def cold_start(
@@ -293,6 +309,53 @@ def cold_start(
             }
             per_user[label][name] = ndcg_per_user(ranks)
     return rows, per_user
+
+
+def trending_cold_start(
+    model: CatalogScorer,
+    split: Split,
+    prefixes: Sequence[int],
+    recent: RecentPopularity,
+    choice: TrendingChoice,
+    *,
+    below: int,
+    stage: str = "test",
+    batch_size: int = 256,
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """:func:`cold_start` for ``model`` blended with recent popularity up to each target's
+    moment (``z(model) + weight * z(recent)``, :mod:`lab.trending`) on histories shorter than
+    ``below`` items; longer ones keep the model's scores. Returns, per prefix and ``"full"``,
+    HR@10, NDCG@10 and user count, and the per-user NDCG@10."""
+    targets = split.targets(stage)
+    views: list[tuple[str, list[np.ndarray], np.ndarray]] = []
+    for n in prefixes:
+        hist, rows = split.prefix_histories(stage, n)
+        views.append((str(n), hist, rows))
+    views.append(("full", split.histories(stage), np.arange(len(split.eval_users))))
+    rows_out: dict[str, dict[str, Any]] = {}
+    per_user: dict[str, np.ndarray] = {}
+    for label, hist, rows in views:
+        if not hist:
+            rows_out[label] = {}
+            continue
+        ranks = []
+        for s in range(0, len(hist), batch_size):
+            chunk, at = hist[s : s + batch_size], rows[s : s + batch_size]
+            scores = model.score(chunk)
+            short = np.fromiter((len(h) < below for h in chunk), dtype=bool, count=len(chunk))
+            if choice.weight > 0 and short.any():
+                fresh = at_targets(recent, split, stage, at[short], choice.days)
+                scores[short] = blend(scores[short], fresh, choice.weight)
+            ranks.append(_checked_ranks(TRENDING, scores, chunk, targets[at], split.n_items)[0])
+        rank = np.concatenate(ranks)
+        metrics = metrics_from_ranks(rank)
+        rows_out[label] = {
+            "hr@10": metrics["hr@10"],
+            "ndcg@10": metrics["ndcg@10"],
+            "users": len(hist),
+        }
+        per_user[label] = ndcg_per_user(rank)
+    return rows_out, per_user
 
 
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -378,6 +441,7 @@ def run_eval(
     post: PostConfig | None = None,
     cold_start_prefixes: Sequence[int] = (),
     retrieval: RetrievalConfig | None = None,
+    recent: RecentPopularity | None = None,
     ease_max_items: int | None = None,
     baseline_params: dict[str, dict[str, float]] | None = None,
     say: Callable[[str], None] = print,
@@ -392,7 +456,9 @@ def run_eval(
 
     ``cold_start_prefixes`` adds the cold-start protocol (:func:`cold_start`) for gen+ease with
     and without retrieval (its weight and threshold fitted on validation per seed, or
-    ``retrieval`` when given), in the report's ``"_cold_start"``.
+    ``retrieval`` when given), in the report's ``"_cold_start"``; with ``recent`` (the
+    dataset's interaction times) also gen+ease blended with recent popularity, the blend chosen
+    on held-out users (:func:`lab.trending.heldout_grid`, EASE with its settings here).
     """
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -499,8 +565,17 @@ def run_eval(
                 say,
             )
         if cold_start_prefixes:
+            trending = None
+            if recent is not None:
+                trending = _choose_trending(split, recent, ease, cold_start_prefixes, say)
             report["_cold_start"] = _cold_start_report(
-                hybrids, split, artifacts, cold_start_prefixes, retrieval, say=say
+                hybrids,
+                split,
+                artifacts,
+                cold_start_prefixes,
+                retrieval,
+                trending=trending,
+                say=say,
             )
     if "gen+rerank" in models:
         from lab.gen_rerank import GenRerank
@@ -580,9 +655,11 @@ def _cold_start_report(
     prefixes: Sequence[int],
     chosen: RetrievalConfig | None,
     *,
+    trending: tuple[RecentPopularity, TrendingChoice] | None = None,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """gen+ease with and without retrieval under the cold-start protocol, averaged over seeds."""
+    """gen+ease with and without retrieval (and with recent popularity, given ``trending``)
+    under the cold-start protocol, averaged over seeds."""
     from inference.index import ItemIndex
     from lab.hybrid import fit_retrieval
 
@@ -601,9 +678,20 @@ def _cold_start_report(
         )
         variants = {"gen+ease": hybrid, RETRIEVED: RetrievalBlend(hybrid, text, config)}
         rows, per_user = cold_start(variants, split, prefixes)
+        if trending is not None:
+            recent, choice = trending
+            blended, blended_users = trending_cold_start(
+                hybrid, split, prefixes, recent, choice, below=max(prefixes) + 1
+            )
+            for label, row in blended.items():
+                if row:
+                    rows[label][TRENDING] = row
+                    per_user[label][TRENDING] = blended_users[label]
         runs.append(rows)
         users.append(per_user)
     out: dict[str, Any] = {"prefixes": list(prefixes), "retrieval": configs, "rows": {}}
+    if trending is not None:
+        out["trending"] = {**asdict(trending[1]), "below": max(prefixes) + 1}
     for label, row in runs[0].items():
         merged: dict[str, Any] = {}
         for name in row:
@@ -614,32 +702,63 @@ def _cold_start_report(
                 "per_seed_ndcg@10": [r[label][name]["ndcg@10"] for r in runs],
             }
         if merged:
-            ours = np.mean([u[label][RETRIEVED] for u in users], axis=0)
             theirs = np.mean([u[label]["gen+ease"] for u in users], axis=0)
-            sig = significance(ours, theirs)
-            base = float(theirs.mean())
-            sig["ndcg_gain_pct"] = 100.0 * (float(ours.mean()) / base - 1.0) if base else 0.0
-            merged["retrieval_vs_gen+ease"] = sig
+            for name, key in (
+                (RETRIEVED, "retrieval_vs_gen+ease"),
+                (TRENDING, "trending_vs_gen+ease"),
+            ):
+                if name in row:
+                    ours = np.mean([u[label][name] for u in users], axis=0)
+                    sig = significance(ours, theirs)
+                    base = float(theirs.mean())
+                    sig["ndcg_gain_pct"] = (
+                        100.0 * (float(ours.mean()) / base - 1.0) if base else 0.0
+                    )
+                    merged[key] = sig
         out["rows"][label] = merged
     return out
 
 
+def _choose_trending(
+    split: Split,
+    recent: RecentPopularity,
+    ease: Ranker,
+    prefixes: Sequence[int],
+    say: Callable[[str], None],
+) -> tuple[RecentPopularity, TrendingChoice]:
+    """The recent-popularity blend chosen on held-out users, with ``ease``'s settings."""
+    from lab.training import ease_teacher
+    from lab.trending import DAYS, WEIGHTS, choose, heldout_grid
+
+    assert isinstance(ease, EASE)
+    grid = heldout_grid(split, recent, ease_teacher(ease.params()), prefixes, DAYS, WEIGHTS)
+    choice = choose(grid, prefixes, DAYS, WEIGHTS)
+    say(
+        f"recent popularity: {choice.days:g} days, weight {choice.weight:g} below "
+        f"{max(prefixes) + 1} items (held-out users, mean change {choice.gain:+.1%})"
+    )
+    return recent, choice
+
+
 def cold_start_table(section: dict[str, Any]) -> str:
-    """The cold-start rows as text: NDCG@10 and HR@10 per prefix, with and without retrieval."""
-    header = (
-        f"{'history':<9}{'users':>6}{'ndcg gen+ease':>15}{'ndcg +retr':>12}{'gain %':>8}"
-        f"{'wilcoxon p':>12}{'hr gen+ease':>13}{'hr +retr':>10}"
+    """The cold-start rows as text: NDCG@10 per prefix of gen+ease alone, with retrieval and,
+    when measured, with recent popularity (change against gen+ease and its Wilcoxon p)."""
+    blends = [
+        (RETRIEVED, "retrieval_vs_gen+ease", "+retr"),
+        (TRENDING, "trending_vs_gen+ease", "+trend"),
+    ]
+    rows = {label: row for label, row in section["rows"].items() if row}
+    shown = [b for b in blends if any(b[0] in row for row in rows.values())]
+    header = f"{'history':<9}{'users':>6}{'gen+ease':>10}" + "".join(
+        f"{short:>9}{'gain %':>8}{'p':>9}" for _, _, short in shown
     )
     lines = [header, "-" * len(header)]
-    for label, row in section["rows"].items():
-        if not row:
-            continue
-        base, ours, sig = row["gen+ease"], row[RETRIEVED], row["retrieval_vs_gen+ease"]
-        lines.append(
-            f"{label:<9}{base['users']:>6}{base['ndcg@10']:>15.4f}{ours['ndcg@10']:>12.4f}"
-            f"{sig['ndcg_gain_pct']:>+8.1f}{sig['wilcoxon_p']:>12.3g}"
-            f"{base['hr@10']:>13.4f}{ours['hr@10']:>10.4f}"
-        )
+    for label, row in rows.items():
+        cells = f"{label:<9}{row['gen+ease']['users']:>6}{row['gen+ease']['ndcg@10']:>10.4f}"
+        for name, key, _ in shown:
+            gain, p = row[key]["ndcg_gain_pct"], row[key]["wilcoxon_p"]
+            cells += f"{row[name]['ndcg@10']:>9.4f}{gain:>+8.1f}{p:>9.2g}"
+        lines.append(cells)
     return "\n".join(lines)
 
 

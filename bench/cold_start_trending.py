@@ -1,0 +1,135 @@
+"""Cold start with recent popularity, chosen on held-out users, judged on the test prefixes.
+
+1. :func:`lab.trending.heldout_grid`: EASE (its settings tuned on validation) fitted without
+   each of five folds of users; each held-out user's first 1, 2 and 3 training items predict
+   their last ten training items, recent popularity counted up to each target's moment. Prints
+   every blend's relative NDCG@10 change (with its standard error over the pairs) and the one
+   :func:`lab.trending.choose` picks.
+2. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
+   eval --cold-start`` (each test user's first 1, 2, 3 training items, the user's last
+   interaction as the target), alone and blended with recent popularity up to the target's
+   moment: the pick, then every blend of the grid, on the test and (for comparison) the
+   leave-one-out validation prefixes, with the paired Wilcoxon p on test.
+
+``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.cold_start_trending --dataset
+ml-100k --artifact <folder>`` (a signed artifact from ``recstream train`` on that dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from inference.artifact import load_recommender
+from inference.hybrid import standardise
+from lab.datasets import load_dataset
+from lab.protocol import leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.training import default_teacher
+from lab.trending import DAYS, WEIGHTS, RecentPopularity, at_targets, choose, heldout_grid
+from recstream.settings import CommonSettings
+
+BATCH = 128
+
+
+def _pct(values: list[float]) -> str:
+    return " / ".join(f"{v:+.1%}" for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="dataset name or folder")
+    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--folds", type=int, default=5, help="folds of held-out users")
+    parser.add_argument("--targets", type=int, default=10, help="targets per held-out user")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prefixes = (1, 2, 3)
+    ds = load_dataset(args.dataset, CommonSettings().data_dir)
+    split = leave_one_out(ds)
+    recent = RecentPopularity(ds, split)
+
+    grid = heldout_grid(
+        split, recent, default_teacher(split), prefixes, DAYS, WEIGHTS, args.folds, args.targets
+    )
+    pick = choose(grid, prefixes, DAYS, WEIGHTS)
+    base = {n: grid[n, 0.0, 0.0] for n in prefixes}
+    print(
+        f"{split.dataset}: held-out users ({args.folds} folds, EASE fitted without each), "
+        f"first 1 / 2 / 3 items -> each user's last {args.targets} training items; "
+        f"pairs {' / '.join(str(len(base[n])) for n in prefixes)}; EASE alone NDCG@10 "
+        + " / ".join(f"{base[n].mean():.4f}" for n in prefixes)
+    )
+    print("\n| days | weight | held-out change 1 / 2 / 3 (± s.e.) | mean |")
+    print("|---|---|---|---|")
+    for d in DAYS:
+        for w in WEIGHTS:
+            cells = []
+            for n in prefixes:
+                diff = grid[n, d, w] - base[n]
+                se = diff.std() / np.sqrt(len(diff)) / base[n].mean()
+                cells.append(f"{grid[n, d, w].mean() / base[n].mean() - 1:+.1%} ± {se:.1%}")
+            mean = np.mean([grid[n, d, w].mean() / base[n].mean() - 1 for n in prefixes])
+            print(f"| {d:g} | {w:g} | {' / '.join(cells)} | {mean:+.1%} |")
+    print(f"\nheld-out pick: {pick.days:g} days, weight {pick.weight:g} (mean {pick.gain:+.1%})")
+
+    model = load_recommender(args.artifact, retrieval=False)
+    if model.item_ids != split.item_ids:
+        raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
+    ndcg: dict[tuple[str, int, float, float], np.ndarray] = {}
+    for stage in ("valid", "test"):
+        for n in prefixes:
+            hist, rows = split.prefix_histories(stage, n)
+            targets = split.targets(stage)[rows]
+            scores = np.concatenate(
+                [model.model_score(hist[s : s + BATCH]) for s in range(0, len(hist), BATCH)]
+            )
+            model_z = standardise(scores)
+            ndcg[stage, n, 0.0, 0.0] = ndcg_per_user(target_ranks(model_z, hist, targets))
+            for d in DAYS:
+                fresh = standardise(at_targets(recent, split, stage, rows, d))
+                for w in WEIGHTS:
+                    ranks = target_ranks(model_z + w * fresh, hist, targets)
+                    ndcg[stage, n, d, w] = ndcg_per_user(ranks)
+
+    def change(stage: str, d: float, w: float) -> list[float]:
+        return [ndcg[stage, n, d, w].mean() / ndcg[stage, n, 0.0, 0.0].mean() - 1 for n in prefixes]
+
+    def p_values(d: float, w: float) -> str:
+        return " / ".join(
+            f"{significance(ndcg['test', n, d, w], ndcg['test', n, 0.0, 0.0])['wilcoxon_p']:.2g}"
+            for n in prefixes
+        )
+
+    print(
+        f"\n{model.name} ({model.version}) on the protocol's prefixes, NDCG@10 alone: "
+        + "; ".join(
+            f"{stage} " + " / ".join(f"{ndcg[stage, n, 0.0, 0.0].mean():.4f}" for n in prefixes)
+            for stage in ("valid", "test")
+        )
+    )
+    if pick.weight > 0:
+        with_pick = " / ".join(
+            f"{ndcg['test', n, pick.days, pick.weight].mean():.4f}" for n in prefixes
+        )
+        gains = _pct(change("test", pick.days, pick.weight))
+        print(
+            f"the held-out pick on test: {with_pick} ({gains}, "
+            f"Wilcoxon p {p_values(pick.days, pick.weight)})"
+        )
+    print("\n| days | weight | leave-one-out valid 1 / 2 / 3 | test 1 / 2 / 3 | test p |")
+    print("|---|---|---|---|---|")
+    for d in DAYS:
+        for w in WEIGHTS:
+            print(
+                f"| {d:g} | {w:g} | {_pct(change('valid', d, w))} | {_pct(change('test', d, w))}"
+                f" | {p_values(d, w)} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
