@@ -42,6 +42,7 @@ DAY_S = 86_400.0
 # The blends :func:`heldout_grid` tries: window in days, weight of z(recent popularity).
 DAYS = (1.0, 3.0, 7.0, 30.0)
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
 
 
 class RecentPopularity:
@@ -98,40 +99,54 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
 
     User ``u`` is in fold ``u % folds``; each fold's model is fitted on the others' training
     items only. A user takes part with at least ``max(prefixes) + 1`` training items; their
-    targets are the last ``targets`` training items after the prefix, the prefix masked.
+    targets are the last ``targets`` training items after the prefix, the prefix masked. Users
+    are scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once.
     """
     empty = np.zeros(0, dtype=np.int64)
     out: dict[tuple[int, float, float], list[np.ndarray]] = {}
     need = max(prefixes) + 1
+    step = max(1, CELLS // (targets * max(split.n_items, 1)))
     for f in range(folds):
         part = replace(
             split, train=[empty if u % folds == f else s for u, s in enumerate(split.train)]
         )
         model = fit(part)
         users = [u for u in range(f, len(split.train), folds) if len(split.train[u]) >= need]
-        if not users:
-            continue
-        for n in prefixes:
-            base = standardise(model.score([split.train[u][:n] for u in users]))
-            rows, items, moments = [], [], []
-            for i, u in enumerate(users):
-                seq = split.train[u]
-                for j in range(max(n, len(seq) - targets), len(seq)):
-                    rows.append(i)
-                    items.append(seq[j])
-                    moments.append((u, recent.times[u][j]))
-            hist = [split.train[users[i]][:n] for i in rows]
-            model_z = base[rows]
-            goal = np.asarray(items, dtype=np.int64)
-            out.setdefault((n, 0.0, 0.0), []).append(
-                ndcg_per_user(target_ranks(model_z, hist, goal))
-            )
-            for d in days:
-                fresh = standardise(np.stack([recent.scores(u, t, d) for u, t in moments]))
-                for w in weights:
-                    ranks = target_ranks(model_z + w * fresh, hist, goal)
-                    out.setdefault((n, float(d), float(w)), []).append(ndcg_per_user(ranks))
+        for s in range(0, len(users), step):
+            for n in prefixes:
+                _judge(out, model, split, recent, users[s : s + step], n, days, weights, targets)
     return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
+def _judge(  # noqa: PLR0917 - one step of heldout_grid, its loop variables
+    out: dict[tuple[int, float, float], list[np.ndarray]],
+    model: CatalogScorer,
+    split: Split,
+    recent: RecentPopularity,
+    users: Sequence[int],
+    n: int,
+    days: Sequence[float],
+    weights: Sequence[float],
+    targets: int,
+) -> None:
+    """:func:`heldout_grid` for ``users`` on their first ``n`` items: appends to ``out``."""
+    base = standardise(model.score([split.train[u][:n] for u in users]))
+    rows, items, moments = [], [], []
+    for i, u in enumerate(users):
+        seq = split.train[u]
+        for j in range(max(n, len(seq) - targets), len(seq)):
+            rows.append(i)
+            items.append(seq[j])
+            moments.append((u, recent.times[u][j]))
+    hist = [split.train[users[i]][:n] for i in rows]
+    model_z = base[rows]
+    goal = np.asarray(items, dtype=np.int64)
+    out.setdefault((n, 0.0, 0.0), []).append(ndcg_per_user(target_ranks(model_z, hist, goal)))
+    for d in days:
+        fresh = standardise(np.stack([recent.scores(u, t, d) for u, t in moments]))
+        for w in weights:
+            ranks = target_ranks(model_z + w * fresh, hist, goal)
+            out.setdefault((n, float(d), float(w)), []).append(ndcg_per_user(ranks))
 
 
 def choose(

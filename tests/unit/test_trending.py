@@ -199,3 +199,21 @@ def test_trending_cold_start_blends_only_below_the_threshold(
     off = TrendingChoice(days=1.0, weight=0.0, gain=0.0)
     rows, users = trending_cold_start(model, split, (1, 2), recent, off, below=3)
     assert np.array_equal(users["1"], alone_users["1"]["pop"])  # weight 0: the model's lists
+
+
+def test_heldout_grid_scores_a_few_users_at_a_time_to_the_same_result(
+    trend: tuple[Dataset, Split, RecentPopularity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lab import trending
+
+    _, split, recent = trend
+
+    def fit(part: Split) -> PopularityRanker:
+        return PopularityRanker().fit(part)
+
+    whole = heldout_grid(split, recent, fit, (1, 2), (1.0,), (2.0,), folds=3)
+    monkeypatch.setattr(trending, "CELLS", 3 * 10 * split.n_items)  # three users per step
+    steps = heldout_grid(split, recent, fit, (1, 2), (1.0,), (2.0,), folds=3)
+    assert whole.keys() == steps.keys()
+    for key in whole:
+        assert np.array_equal(np.sort(whole[key]), np.sort(steps[key]))
