@@ -5,7 +5,8 @@
    their last ten training items, recent popularity counted up to each target's moment. Prints
    every blend's relative NDCG@10 change (with its standard error over the pairs) and the one
    :func:`lab.trending.choose` picks.
-2. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
+2. How long after the longest prefix the protocol's test target comes.
+3. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
    eval --cold-start`` (each test user's first 1, 2, 3 training items, the user's last
    interaction as the target), alone and blended with recent popularity up to the target's
    moment: the pick, then every blend of the grid, on the test and (for comparison) the
@@ -26,7 +27,15 @@ from inference.hybrid import standardise
 from lab.datasets import load_dataset
 from lab.protocol import leave_one_out, ndcg_per_user, significance, target_ranks
 from lab.training import default_teacher
-from lab.trending import DAYS, WEIGHTS, RecentPopularity, at_targets, choose, heldout_grid
+from lab.trending import (
+    DAY_S,
+    DAYS,
+    WEIGHTS,
+    RecentPopularity,
+    at_targets,
+    choose,
+    heldout_grid,
+)
 from recstream.settings import CommonSettings
 
 BATCH = 128
@@ -76,6 +85,19 @@ def main() -> None:
             mean = np.mean([grid[n, d, w].mean() / base[n].mean() - 1 for n in prefixes])
             print(f"| {d:g} | {w:g} | {' / '.join(cells)} | {mean:+.1%} |")
     print(f"\nheld-out pick: {pick.days:g} days, weight {pick.weight:g} (mean {pick.gain:+.1%})")
+
+    # How far the protocol's test target lies after the last item of the longest prefix.
+    gaps = np.asarray(
+        [
+            (recent.times[u][-1] - recent.times[u][max(prefixes) - 1]) / DAY_S
+            for u in split.eval_users
+            if len(split.train[u]) >= max(prefixes)
+        ]
+    )
+    print(
+        f"test target after item {max(prefixes)}: within a day for {np.mean(gaps < 1):.0%} of "
+        f"the users, more than 30 days later for {np.mean(gaps > 30):.0%}"
+    )
 
     model = load_recommender(args.artifact, retrieval=False)
     if model.item_ids != split.item_ids:
