@@ -32,12 +32,18 @@ _DATASET_HELP = (
 )
 
 
-def _split(dataset: str) -> Any:
+def _dataset(dataset: str) -> tuple[Any, Any]:
+    """The dataset and its leave-one-out split."""
     from lab.datasets import load_dataset
     from lab.protocol import leave_one_out
     from recstream.settings import CommonSettings
 
-    return leave_one_out(load_dataset(dataset, CommonSettings().data_dir))
+    ds = load_dataset(dataset, CommonSettings().data_dir)
+    return ds, leave_one_out(ds)
+
+
+def _split(dataset: str) -> Any:
+    return _dataset(dataset)[1]
 
 
 def _threads(threads: int) -> None:
@@ -588,15 +594,11 @@ def eval_cmd(  # noqa: PLR0917 (click passes every option)
     prefixes = _prefixes(cold_start)
     _threads(threads)
     from inference.retrieval import RetrievalConfig
-    from lab.datasets import load_dataset
     from lab.evaluate import COMPARED, cold_start_table, plot_report, run_eval, table
-    from lab.protocol import leave_one_out
     from lab.trending import RecentPopularity
-    from recstream.settings import CommonSettings
 
     started = time.monotonic()
-    ds = load_dataset(dataset, CommonSettings().data_dir)
-    split = leave_one_out(ds)
+    ds, split = _dataset(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]
     chosen = (
         _artifact_baselines(artifacts[0], split)

@@ -277,6 +277,16 @@ def _checked_ranks(
     return target_ranks(scores, hist, targets), top
 
 
+def _cold_start_views(
+    split: Split, prefixes: Sequence[int], stage: str
+) -> list[tuple[str, list[np.ndarray], np.ndarray]]:
+    """``(label, histories, rows)`` of each prefix and of ``"full"``: the histories and their
+    positions among the evaluated users (:meth:`lab.protocol.Split.prefix_histories`)."""
+    views = [(str(n), *split.prefix_histories(stage, n)) for n in prefixes]
+    views.append(("full", split.histories(stage), np.arange(len(split.eval_users))))
+    return views
+
+
 def cold_start(
     models: dict[str, CatalogScorer], split: Split, prefixes: Sequence[int], stage: str = "test"
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
@@ -290,17 +300,12 @@ def cold_start(
     rows: dict[str, dict[str, Any]] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     targets = split.targets(stage)
-    views: list[tuple[str, list[np.ndarray], np.ndarray]] = []
-    for n in prefixes:
-        hist, users = split.prefix_histories(stage, n)
-        views.append((str(n), hist, targets[users]))
-    views.append(("full", split.histories(stage), targets))
-    for label, hist, tgt in views:
+    for label, hist, at in _cold_start_views(split, prefixes, stage):
         rows[label], per_user[label] = {}, {}
         if not hist:
             continue
         for name, model in models.items():
-            ranks = _rank_targets(model, hist, tgt, split.n_items)[0]
+            ranks = _rank_targets(model, hist, targets[at], split.n_items)[0]
             metrics = metrics_from_ranks(ranks)
             rows[label][name] = {
                 "hr@10": metrics["hr@10"],
@@ -327,14 +332,9 @@ def trending_cold_start(
     ``below`` items; longer ones keep the model's scores. Returns, per prefix and ``"full"``,
     HR@10, NDCG@10 and user count, and the per-user NDCG@10."""
     targets = split.targets(stage)
-    views: list[tuple[str, list[np.ndarray], np.ndarray]] = []
-    for n in prefixes:
-        hist, rows = split.prefix_histories(stage, n)
-        views.append((str(n), hist, rows))
-    views.append(("full", split.histories(stage), np.arange(len(split.eval_users))))
     rows_out: dict[str, dict[str, Any]] = {}
     per_user: dict[str, np.ndarray] = {}
-    for label, hist, rows in views:
+    for label, hist, rows in _cold_start_views(split, prefixes, stage):
         if not hist:
             rows_out[label] = {}
             continue

@@ -31,6 +31,7 @@ __all__ = [
     "GenRanker",
     "default_teacher",
     "distillation",
+    "distilled_targets",
     "ease_teacher",
     "evaluate_ndcg",
     "future_loss",
@@ -210,6 +211,32 @@ def distillation(cfg: GenConfig, fit: Callable[[Split], CatalogScorer]) -> Disti
     )
 
 
+def _distillable(cfg: GenConfig, negatives: int, n_items: int) -> bool:
+    """Whether ``cfg`` distils; refuses what distillation cannot train with (a sampled softmax,
+    the near-future target)."""
+    if cfg.distill <= 0:
+        return False
+    if 0 < negatives < n_items or cfg.future != 1:
+        raise ValueError("distillation trains with the full softmax and the next-item target")
+    return True
+
+
+def distilled_targets(
+    split: Split,
+    cfg: GenConfig,
+    negatives: int = 0,
+    *,
+    teacher: Callable[[Split], CatalogScorer] | None = None,
+    progress: bool = True,
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The teacher's targets :func:`train_gen` trains ``cfg`` with on ``split`` (``None`` when it
+    does not distil), taught by ``teacher`` (default: EASE tuned on validation)."""
+    if not _distillable(cfg, negatives, split.n_items):
+        return None
+    fit = teacher or default_teacher(split, progress=progress)
+    return teacher_targets(split, cfg.max_len, distillation(cfg, fit), progress=progress)
+
+
 def _distilled_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -255,8 +282,9 @@ def train_gen(
     (:func:`sampled_loss`), which is what makes an epoch over a large catalog affordable on CPU;
     validation still ranks the whole catalog. The time budget is checked after every step.
     ``cfg.distill`` > 0 adds the teacher's distribution to the loss (:class:`Distillation`):
-    ``taught`` are its targets already built for this split and ``cfg.max_len`` (a search reuses
-    them across trials), else ``teacher`` fits it (default: EASE tuned on validation).
+    ``taught`` are its targets already built for this split and ``cfg`` (:func:`distilled_targets`;
+    a search reuses them across trials), else ``teacher`` fits it (default: EASE tuned on
+    validation).
     Returns the best model (by validation NDCG@10) and a training log.
     """
     _seed_all(cfg.seed)
@@ -274,13 +302,10 @@ def train_gen(
     sampled = 0 < negatives < split.n_items and cfg.future == 1
     # The time budget covers the teacher: its targets are part of this training's cost.
     started = time.monotonic()
-    if cfg.distill <= 0:
+    if not _distillable(cfg, negatives, split.n_items):
         taught = None
-    elif sampled or cfg.future != 1:
-        raise ValueError("distillation trains with the full softmax and the next-item target")
     elif taught is None:
-        fit = teacher or default_teacher(split, progress=progress)
-        taught = teacher_targets(split, cfg.max_len, distillation(cfg, fit), progress=progress)
+        taught = distilled_targets(split, cfg, negatives, teacher=teacher, progress=progress)
     teacher_s = time.monotonic() - started
     # Sorting windows by length inside shuffled buckets keeps padding small on CPU.
     rng = np.random.default_rng(cfg.seed)

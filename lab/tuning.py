@@ -217,7 +217,7 @@ def search_gen(
     import optuna
 
     from inference.generative import GenScorer
-    from lab.training import default_teacher, distillation, teacher_targets, train_gen
+    from lab.training import distilled_targets, train_gen
 
     trial_s = budget_s / max(trials, 1)
     tokens = sum(len(s) for s in split.train)
@@ -238,13 +238,7 @@ def search_gen(
     if not searched:
         return {}, {"skipped": "every searched setting was given on the command line", "trials": []}
     # A distilling transformer's teacher targets depend on neither searched setting: built once.
-    taught = (
-        teacher_targets(
-            split, cfg.max_len, distillation(cfg, default_teacher(split)), progress=False
-        )
-        if cfg.distill > 0 and cfg.future == 1 and not 0 < negatives < split.n_items
-        else None
-    )
+    taught = distilled_targets(split, cfg, negatives, progress=False)
     hidden_choices = sorted({32, 64, 128, int(cfg.hidden)})  # the preset's size is a choice
     study.enqueue_trial({n: getattr(cfg, n) for n in searched})
     trace: list[dict[str, Any]] = []
