@@ -9,7 +9,7 @@ from consumers.cache_writer import CacheWriter, RecsCache
 from consumers.coalesce import Coalescer, OffsetTracker
 from consumers.deadletter import DeadReason
 from consumers.regen import RegenService, build_pool
-from consumers.regenerate import ItemTitles, RecsPublisher, model_history
+from consumers.regenerate import ItemTitles, RecentCounts, RecsPublisher, model_history
 from consumers.settings import CacheWriterSettings, RegenSettings
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DeadReason",
     "ItemTitles",
     "OffsetTracker",
+    "RecentCounts",
     "RecsCache",
     "RecsPublisher",
     "RegenService",

@@ -51,6 +51,8 @@ __all__ = [
     "REGEN_PUBLISH_ERRORS",
     "REGEN_REGENERATIONS",
     "REGEN_TITLE_FAILURES",
+    "REGEN_TRENDING_FAILURES",
+    "REGEN_TRENDING_ITEMS",
     "MetricsServer",
     "origin_ts",
     "parse_origin_ms",
@@ -84,6 +86,14 @@ REGEN_PUBLISH_ERRORS = Counter(
 REGEN_TITLE_FAILURES = Counter(
     "recs_regen_title_lookup_failures_total",
     "Reads of reasons' catalog titles that Redis did not answer (those lists carry ids only).",
+)
+REGEN_TRENDING_FAILURES = Counter(
+    "recs_regen_trending_read_failures_total",
+    "Reads of the recent-popularity counts that Redis did not answer (the last ones stay).",
+)
+REGEN_TRENDING_ITEMS = Gauge(
+    "recs_regen_trending_items",
+    "Items with a recent-popularity count in the window handed to the model.",
 )
 REGEN_MISSING_PROFILE = Counter(
     "recs_regen_missing_profiles_total", "Changes for users without a profile in Redis."

@@ -35,6 +35,10 @@ through a queue that the loop drains.
   for the whole ranking and the list is its best ``regen_k`` items that meet them
   (``inference.conversation.SessionRefiner``), published with ``source: "refined"``: the
   conversation steers the live stream until the session expires.
+- **Recent popularity**: when the served model blends it (``inference.trending``), the window
+  of the stream worker's per-day counts, ending on the latest change's day, is read every few
+  seconds (:class:`consumers.regenerate.RecentCounts`) and handed to the pool's workers, so a
+  user with a very short history gets what is popular now in their list.
 - **Reasons**: each item of a model's list carries ``because``, up to three of the user's history
   items behind it (the workers' ``inference.reasons.weight_reasons``, checked by the pool to be
   the user's own), with their catalog titles (``consumers.regenerate.ItemTitles``).
@@ -76,7 +80,14 @@ from consumers.metrics import (
     REGEN_REGENERATIONS,
     origin_ts,
 )
-from consumers.regenerate import Headers, ItemTitles, Record, RecsPublisher, model_history
+from consumers.regenerate import (
+    Headers,
+    ItemTitles,
+    RecentCounts,
+    Record,
+    RecsPublisher,
+    model_history,
+)
 from consumers.settings import RegenSettings
 from inference.conversation import SessionRefiner, parse_session, read_catalog_attributes
 from inference.exceptions import InferenceError
@@ -186,6 +197,16 @@ class RegenService:
             settings.regen_variant,
             ItemTitles(self.redis, self.keys),
         )
+        # The window of recent popularity the served model blends into short histories' lists.
+        self.recent: RecentCounts | None = None
+        if pool.recent_days > 0:
+            self.recent = RecentCounts(
+                self.redis,
+                self.keys,
+                pool.recent_days,
+                refresh_s=settings.regen_trending_refresh_s,
+            )
+        self._recent_sent: dict[str, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -254,6 +275,7 @@ class RegenService:
         for message in messages:
             self._accept(message, now)
         self._publish_finished()
+        self._refresh_recent()
         self._start_due(now, flush)
         self._backpressure()
         self.producer.poll(0)
@@ -286,6 +308,8 @@ class RegenService:
             self._dead_letter(where, refused.reason, refused.detail)
             return
         self._records[where] = (message, change.profile_version)
+        if self.recent is not None:
+            self.recent.saw(change.trigger_ts)
         fresh = self.coalescer.add(
             change.user_id,
             change.profile_version,
@@ -296,6 +320,16 @@ class RegenService:
         )
         if not fresh:
             REGEN_COALESCED.inc()
+
+    def _refresh_recent(self) -> None:
+        """Hand the pool the window's recent-popularity counts when they are due and changed
+        (before the lists they are for are submitted)."""
+        if self.recent is None or not self.recent.due():
+            return
+        counts = self.recent.read()
+        if counts is not None and counts != self._recent_sent:
+            self.pool.set_recent(counts)
+            self._recent_sent = counts
 
     def _start_due(self, now: float, flush: bool) -> None:
         room = self.pool.capacity

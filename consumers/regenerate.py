@@ -6,7 +6,9 @@ changed user's profile into a model history with :func:`model_history`, and the 
 into the public message and its record with :class:`RecsPublisher`. Only where the answer comes
 from and when it is published differ between them. Each item's reasons (the history items behind
 it, from the model) travel in the message with their catalog titles, which :class:`ItemTitles`
-reads from Redis once and keeps.
+reads from Redis once and keeps. :class:`RecentCounts` keeps the window of recent popularity a
+model blends into short histories' lists (``inference.trending``), summed from the stream
+worker's per-day counts.
 """
 
 from __future__ import annotations
@@ -21,12 +23,25 @@ from typing import Literal, NamedTuple
 import redis
 from confluent_kafka import KafkaError, Message, Producer
 
-from consumers.metrics import ORIGIN_HEADER, REGEN_TITLE_FAILURES
+from consumers.metrics import (
+    ORIGIN_HEADER,
+    REGEN_TITLE_FAILURES,
+    REGEN_TRENDING_FAILURES,
+    REGEN_TRENDING_ITEMS,
+)
 from inference.recommender import Ranked
 from recstream.keys import Keys
 from schemas import HistoryReason, ModelRef, Profile, Recommendations, ScoredItem
+from streams.trending import DAY_S, day_of
 
-__all__ = ["ItemTitles", "Record", "RecsPublisher", "model_history", "origin_headers"]
+__all__ = [
+    "ItemTitles",
+    "RecentCounts",
+    "Record",
+    "RecsPublisher",
+    "model_history",
+    "origin_headers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +132,104 @@ class ItemTitles:
         while len(self._held) > self.capacity:
             self._held.popitem(last=False)
         return read
+
+
+class RecentCounts:
+    """The recent-popularity counts of a ``days`` window, summed from the stream worker's
+    per-day hashes (``Keys.trending``, ``streams.trending``) and kept.
+
+    The window ends on the latest event day the service has seen (:meth:`saw`, fed with each
+    change's ``trigger_ts``), so a replay of old events is served the popularity of its own time,
+    as live traffic is today's; a time more than a day ahead of the wall clock is not believed.
+    The newest two days are read again every ``refresh_s``, older ones (settled: few events
+    arrive that late) every ``settled_s``. When Redis cannot answer, the counts read before stay;
+    when the ACL refuses them (a deployment that predates them), they are not asked again and
+    the model serves without them.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        days: int,
+        *,
+        refresh_s: float = 5.0,
+        settled_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.client, self.keys, self.days = client, keys, days
+        self.refresh_s, self.settled_s = refresh_s, settled_s
+        self.clock, self.wall = clock, wall
+        self.latest: int | None = None  # the latest event day seen
+        self._held: dict[int, tuple[dict[str, int], float]] = {}  # day -> (counts, read at)
+        self._read_at: float | None = None
+        self.refused = False
+
+    def saw(self, ts: datetime) -> None:
+        """A change of this event time arrived: the window ends on its day, if that is later."""
+        day = day_of(min(ts.timestamp(), self.wall() + DAY_S))
+        if self.latest is None or day > self.latest:
+            self.latest = day
+
+    def due(self) -> bool:
+        """Whether :meth:`read` would read anything now."""
+        if self.refused or self.latest is None or self.days <= 0:
+            return False
+        return self._read_at is None or self.clock() - self._read_at >= self.refresh_s
+
+    def read(self) -> dict[str, int] | None:
+        """The window's counts per item id, reading the days that are due; ``None`` when there
+        is no window yet or Redis refused every read so far."""
+        if self.latest is None or self.days <= 0:
+            return None
+        now = self.clock()
+        self._read_at = now
+        window = range(self.latest - self.days + 1, self.latest + 1)
+        for day in [d for d in self._held if d not in window]:
+            del self._held[day]
+        fresh = self.latest - 1  # this day and later are read every refresh_s
+        due = [
+            d
+            for d in window
+            if d not in self._held
+            or now - self._held[d][1] >= (self.refresh_s if d >= fresh else self.settled_s)
+        ]
+        if due and not self.refused:
+            self._read_days(due, now)
+        if not self._held:
+            return None
+        total: dict[str, int] = {}
+        for counts, _ in self._held.values():
+            for item, n in counts.items():
+                total[item] = total.get(item, 0) + n
+        REGEN_TRENDING_ITEMS.set(len(total))
+        return total
+
+    def _read_days(self, days: list[int], now: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for day in days:
+            pipe.hgetall(self.keys.trending(day))
+        try:
+            raw = pipe.execute()
+        except redis.exceptions.NoPermissionError:
+            log.warning("recent popularity is not read: this principal may not read its counts")
+            self.refused = True
+            return
+        except redis.RedisError as exc:
+            REGEN_TRENDING_FAILURES.inc()
+            log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
+            return
+        for day, fields in zip(days, raw, strict=True):
+            counts: dict[str, int] = {}
+            for item, value in (fields or {}).items():
+                try:
+                    n = int(value)
+                except (TypeError, ValueError):
+                    continue  # not a count: nothing the stream worker wrote
+                if n > 0:
+                    counts[item.decode("utf-8", "replace")] = n
+            self._held[day] = (counts, now)
 
 
 class RecsPublisher:

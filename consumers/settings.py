@@ -37,6 +37,12 @@ class RegenSettings(CommonSettings):
         "regeneration on the latest profile version.",
     )
     regen_k: int = Field(10, ge=1, le=200, description="Items per recommendation list.")
+    regen_trending_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between reads of today's and yesterday's recent-popularity counts "
+        "(older days of the window are read again every ten minutes).",
+    )
     regen_variant: str = Field(
         "default", min_length=1, max_length=64, description="A/B variant name."
     )

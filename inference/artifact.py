@@ -17,7 +17,10 @@ validation NDCG@10 of each part). Loaded with ``hybrid=True`` (the default) it s
 ``inference.hybrid.mix`` of both; an artifact without the section serves the transformer alone.
 A ``"retrieval"`` section (``weight``, ``max_history``; fitted on validation by the lab) adds the
 FAISS neighbours of a short history's items to the model's scores (``inference.retrieval``); it
-needs the artifact's ``index/``.
+needs the artifact's ``index/``. A ``"trending"`` section (``days``, ``weight``, ``below``; chosen
+by the lab on held-out users) blends recent popularity into short histories' scores once the
+service hands the model the live counts (:meth:`ArtifactRecommender.use_recent`,
+``inference.trending``).
 
 Inference runs on CUDA in bf16 when a GPU is present, otherwise on CPU with INT8 dynamic
 quantization of every linear layer.
@@ -26,15 +29,15 @@ quantization of every linear layer.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
-from inference.hybrid import fuse
+from inference.hybrid import blend, fuse
 from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
@@ -48,6 +51,7 @@ from inference.scoring import (
     top_k_unseen,
 )
 from inference.settings import ArtifactTrust
+from inference.trending import TrendingConfig, recent_vector
 
 if TYPE_CHECKING:
     from inference.index import ItemIndex
@@ -77,12 +81,14 @@ class ArtifactCatalog:
     """What a service needs from an artifact without loading the model: its catalog and popularity.
 
     ``popularity`` is the training popularity stored in ``items.json``: the pool's fallback, and
-    its head is the warm-up history.
+    its head is the warm-up history. ``trending`` is the recent-popularity blend the model
+    serves: the window of live counts the service must hand it.
     """
 
     version: str
     item_ids: list[str]
     popularity: Popularity
+    trending: TrendingConfig = field(default_factory=TrendingConfig)
 
 
 def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> ArtifactCatalog:
@@ -104,7 +110,8 @@ def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> Arti
         raise ArtifactError(f"{path} has a malformed config or vocabulary: {exc}") from exc
     if len(counts) != len(item_ids):
         raise ArtifactError(f"{path}: popularity does not match the vocabulary")
-    return ArtifactCatalog(version, item_ids, Popularity(dict(zip(item_ids, counts, strict=True))))
+    popularity = Popularity(dict(zip(item_ids, counts, strict=True)))
+    return ArtifactCatalog(version, item_ids, popularity, _trending_config(config, path))
 
 
 def read_item_index(folder: str | Path, trust: ArtifactTrust | None = None) -> ItemIndex:
@@ -223,7 +230,10 @@ class ArtifactRecommender:
     transformer alone and ``cf`` the pruned EASE model (``None`` without the hybrid).
     ``retrieval`` is the served retrieval config (inactive without the artifact's section, or
     with ``retrieval=False``): histories shorter than its ``max_history`` get the FAISS
-    neighbours of their items blended in; the name stays the model's.
+    neighbours of their items blended in; the name stays the model's. ``trending`` is the served
+    recent-popularity config (inactive without the artifact's section): once
+    :meth:`use_recent` gave the live counts, histories shorter than its ``below`` get them
+    blended in.
     """
 
     def __init__(
@@ -310,6 +320,8 @@ class ArtifactRecommender:
                     raise ArtifactError(f"{folder}: {exc} for retrieval") from exc
                 self.retrieval = chosen
                 self._retrieved = RetrievalBlend(_Mixed(self), text, chosen)
+        self.trending = _trending_config(config, folder)
+        self._recent: np.ndarray | None = None  # log(1 + count) per item, from use_recent
         self.post: CatalogPost | None = None
         if post is not None and post.active:
             self.post = CatalogPost(self.item_ids, self._item_vectors(verified), post)
@@ -330,12 +342,34 @@ class ArtifactRecommender:
         """Catalog indices of a history; unknown ids are skipped (they cannot be scored)."""
         return np.asarray([self.index[i] for i in history if i in self.index], dtype=np.int64)
 
+    @property
+    def recent_days(self) -> int:
+        """The window of recent popularity the model blends, in days (0: it blends none)."""
+        return self.trending.days if self.trending.active else 0
+
+    def use_recent(self, counts: Mapping[str, float] | None) -> None:
+        """Recent popularity from now on: interactions per item id in the artifact's window
+        (``None``: none known, the blend is off); ignored when the artifact has no blend."""
+        if self.trending.active:
+            known = None if counts is None else recent_vector(counts, self.index, self.n_items)
+            self._recent = known
+
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
-        with retrieval blended in for the short ones when the artifact carries it."""
+        with retrieval, then recent popularity, blended in for the short ones when the artifact
+        carries them."""
         if self._retrieved is not None:
-            return self._retrieved.score(histories)
-        return self.model_score(histories)
+            scores = self._retrieved.score(histories)
+        else:
+            scores = self.model_score(histories)
+        recent = self._recent
+        rows = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
+        if recent is None or not rows:
+            return scores
+        scores = np.array(scores, dtype=np.float32)
+        fresh = np.broadcast_to(recent, (len(rows), self.n_items))
+        scores[rows] = blend(scores[rows], fresh, self.trending.weight)
+        return scores
 
     def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """The model's catalog scores without retrieval: the fusion's, or the transformer's."""
@@ -388,6 +422,17 @@ class ArtifactRecommender:
         for item, reasons in zip(listed, weight_reasons(self, known, targets), strict=True):
             out[item] = [self.item_ids[r] for r in reasons]
         return out
+
+
+def _trending_config(config: Any, folder: Path) -> TrendingConfig:
+    """The served recent-popularity blend of a config (off without its section)."""
+    section = config.get("trending") if isinstance(config, dict) else None
+    if section is None:
+        return TrendingConfig()
+    try:
+        return TrendingConfig.from_json(section)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{folder}: {exc}") from exc
 
 
 class _Mixed:

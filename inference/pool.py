@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -184,6 +184,7 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     batch: tuple[int, list[_Request]] | None = None
     pings: dict[int, Future[dict[str, Any]]] = field(default_factory=dict)
+    recent: int = 0  # which of the pool's recent-popularity counts its model holds
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.send_lock:
@@ -245,8 +246,14 @@ class WorkerPool:
         self._broken: str | None = None  # why the I/O thread died, once it has
         self._start_failures: list[str] = []
         self._later: list[int] = []  # slots still to start, one load at a time
+        # The latest recent-popularity counts (set_recent) and their number: a worker is sent
+        # them before its next batch when it holds an older number.
+        self._recent: tuple[int, dict[str, float] | None] = (0, None)
         self.model_name = "unknown"
         self.model_version = "unknown"
+        # Days of recent popularity the model blends (its ``recent_days``; 0: none): what the
+        # caller should hand it with set_recent.
+        self.recent_days = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -265,6 +272,7 @@ class WorkerPool:
         first = self._workers[0].info
         self.model_name = str(first.get("model", "unknown"))
         self.model_version = str(first.get("version", "unknown"))
+        self.recent_days = int(first.get("recent_days", 0))
         WORKERS_READY.set(len(self._workers))
         self._later = list(range(together, self._n_workers))
         self._start_next()  # later ones: by the I/O thread, as each is ready
@@ -386,6 +394,15 @@ class WorkerPool:
             QUEUE_DEPTH.set(len(self._queue))
         self._wake()
         return req.future
+
+    def set_recent(self, counts: Mapping[str, float] | None) -> None:
+        """Recent popularity for the workers' models from now on (interactions per item id in the
+        window the artifact blends; ``None``: unknown): each worker gets it before its next
+        batch, a replacement before its first. Models without a recent-popularity blend ignore
+        it."""
+        held = None if counts is None else dict(counts)
+        with self._lock:
+            self._recent = (self._recent[0] + 1, held)
 
     async def recommend(self, history: list[str], k: int = 10) -> PoolResult:
         """Awaitable :meth:`submit` for asyncio callers (the model runs in a worker process)."""
@@ -749,6 +766,9 @@ class WorkerPool:
                 BATCH_SIZE.observe(len(batch))
                 k = max(r.k for r in batch)
                 try:
+                    if worker.recent != self._recent[0]:
+                        worker.send(("recent", self._recent[1]))
+                        worker.recent = self._recent[0]
                     worker.send(("batch", batch_id, [r.history for r in batch], k))
                 except OSError:  # died between checks: its sentinel fires next round
                     continue

@@ -10,6 +10,8 @@ message, and then serves messages from its pipe until told to stop:
   ``error`` is the traceback when explaining raised (the lists stand, without reasons), else
   ``None``;
 - ``("ping", token)`` → ``("pong", token, info)`` after a small computation on the device;
+- ``("recent", counts)`` → no answer: the model's recent popularity from now on (its
+  ``use_recent``, when it has one; ``inference.trending``);
 - ``("stop",)`` → the worker exits.
 
 A recommender is any object with ``recommend(histories, k) -> list[list[(item_id, score)]]``
@@ -112,6 +114,7 @@ def worker_main(
         return
     info["model"] = getattr(model, "name", type(model).__name__)
     info["version"] = str(getattr(model, "version", "1"))
+    info["recent_days"] = int(getattr(model, "recent_days", 0))
     info["warmup_s"] = time.perf_counter() - started
     conn.send(("ready", info))
     while True:
@@ -124,6 +127,14 @@ def worker_main(
             return
         if kind == "ping":
             conn.send(("pong", message[1], _touch_device(model)))
+            continue
+        if kind == "recent":
+            use_recent = getattr(model, "use_recent", None)
+            if use_recent is not None:
+                try:
+                    use_recent(message[1])
+                except Exception:  # the model keeps the counts it had; a crash would only repeat
+                    traceback.print_exc(limit=5)
             continue
         _, batch_id, histories, k = message
         try:

@@ -28,6 +28,7 @@ from inference.exceptions import ArtifactError
 from inference.integrity import signing_key, verify_manifest, write_manifest
 from inference.retrieval import RetrievalConfig
 from inference.settings import ArtifactSigning, ArtifactTrust
+from inference.trending import TrendingConfig
 from lab.baselines import EASE, ItemKNN
 from lab.hybrid import Fusion, Hybrid
 from lab.protocol import Split
@@ -48,6 +49,7 @@ def save_artifact(
     hybrid: Hybrid | Fusion | None = None,
     cf_top_k: int = DEFAULT_CF_TOP_K,
     retrieval: RetrievalConfig | None = None,
+    trending: TrendingConfig | None = None,
     key: Ed25519PrivateKey | None = None,
 ) -> str:
     """Write a complete artifact for ``model`` (an ``ItemTransformer``); return its version.
@@ -58,7 +60,9 @@ def save_artifact(
     non-zero weight to ``cf.safetensors`` and a ``"hybrid"`` section with ``"fusion"`` (the
     weights), each component's parameters, validation NDCG@10 and the weight search's trace.
     ``retrieval`` (fitted by :func:`lab.hybrid.fit_retrieval`; needs ``text_embeddings`` for the
-    index it searches) adds the config's ``"retrieval"`` section, which serving reads. The
+    index it searches) adds the config's ``"retrieval"`` section, which serving reads;
+    ``trending`` (chosen by :func:`lab.evaluate.choose_trending` on held-out users) its
+    ``"trending"`` section, the recent-popularity blend of short histories. The
     manifest is signed with ``key``, by default the signing key of the environment
     (``RECSTREAM_ARTIFACT_SIGNING_KEY`` or ``..._FILE``); with none configured the artifact is
     unsigned, and services refuse it unless they allow unsigned artifacts.
@@ -92,6 +96,8 @@ def save_artifact(
         if retrieval.active and text_embeddings is None:
             raise ArtifactError("retrieval needs the item index: pass text_embeddings")
         config["retrieval"] = retrieval.to_json()
+    if trending is not None:
+        config["trending"] = trending.to_json()
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     save_model(model, str(folder / WEIGHTS_FILE))
     popularity = np.bincount(np.concatenate(split.train), minlength=split.n_items)

@@ -230,7 +230,8 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     With --hybrid (default) it then fits EASE, item-kNN and popularity on the same training data,
     chooses the weights that fuse them with the transformer on validation and stores the CF parts
     of non-zero weight (EASE pruned), so the artifact serves the fusion. With the index too, it fits
-    the cold-start retrieval (weight and history threshold) on validation prefixes and stores it.
+    the cold-start retrieval (weight and history threshold) on validation prefixes and stores it,
+    and chooses the blend of recent popularity for histories of 1-3 items on held-out users.
     A dataset without item text trains without text initialisation and without the index.
     """
     import time
@@ -247,7 +248,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
     from lab.plan import plan_training
     from lab.training import train_gen
 
-    split = _split(dataset)
+    ds, split = _dataset(dataset)
     plan = plan_training(
         split,
         preset=split.dataset in _NAMED,
@@ -357,6 +358,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         log["fusion"] = mixed.summary()
         log["baselines"] = _baseline_params(mixed)
     retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
+    trending = _fit_trending(ds, split, mixed, plan.ease_max_items) if mixed is not None else None
     phases["fits"] = time.monotonic() - mark
     log["plan"] = {**plan.to_json(), "gen_budget_s": round(gen_budget_s, 1)}
     # Saving is timed as well but cannot be recorded in the file it writes; it is printed.
@@ -371,6 +373,7 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         hybrid=mixed,
         cf_top_k=cf_top_k,
         retrieval=retrieval,
+        trending=trending,
         key=key,
     )
     phases["save"] = time.monotonic() - mark
@@ -410,6 +413,22 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
         "(validation NDCG@10 of short history prefixes; weight 0 = off)"
     )
     return chosen
+
+
+def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int) -> Any:
+    """The recent-popularity blend of short histories, chosen on held-out users with EASE's
+    settings of the fusion (or tuned now when the fusion has no EASE)."""
+    from inference.trending import TrendingConfig
+    from lab.evaluate import baseline, choose_trending
+    from lab.trending import PREFIXES, RecentPopularity
+
+    ease = fusion.components.get("ease")
+    if ease is None:
+        ease = baseline("ease", split, say=click.echo, ease_max_items=ease_max_items)
+    _, choice = choose_trending(split, RecentPopularity(ds, split), ease, PREFIXES, click.echo)
+    return TrendingConfig(
+        days=round(choice.days), weight=choice.weight, below=max(PREFIXES) + 1, gain=choice.gain
+    )
 
 
 def _has_text(split: Any) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "PostRanked",
     "SharedScores",
     "baseline",
+    "choose_trending",
     "cold_start",
     "cold_start_table",
     "evaluate",
@@ -567,7 +568,7 @@ def run_eval(
         if cold_start_prefixes:
             trending = None
             if recent is not None:
-                trending = _choose_trending(split, recent, ease, cold_start_prefixes, say)
+                trending = choose_trending(split, recent, ease, cold_start_prefixes, say)
             report["_cold_start"] = _cold_start_report(
                 hybrids,
                 split,
@@ -719,7 +720,7 @@ def _cold_start_report(
     return out
 
 
-def _choose_trending(
+def choose_trending(
     split: Split,
     recent: RecentPopularity,
     ease: Ranker,

@@ -30,6 +30,7 @@ from lab.protocol import Split, ndcg_per_user, target_ranks
 __all__ = [
     "DAYS",
     "DAY_S",
+    "PREFIXES",
     "WEIGHTS",
     "RecentPopularity",
     "TrendingChoice",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 DAY_S = 86_400.0
+PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and served to)
 # The blends :func:`heldout_grid` tries: window in days, weight of z(recent popularity).
 DAYS = (1.0, 3.0, 7.0, 30.0)
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)

@@ -88,8 +88,10 @@ def rights(settings: CommonSettings) -> list[Rights]:
             writes=(s.topic_recommendations, s.topic_profiles_changed_dlq),
             groups=(regen.regen_group_id,),
             # The user's conversation session too, and the catalog's attributes: a session's
-            # constraints steer the regenerated list.
-            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {catalog} {_READ}",
+            # constraints steer the regenerated list; the stream worker's recent-popularity
+            # counts (no user in them), blended into short histories' lists.
+            redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {catalog} "
+            f"%R~{p}streams:trend:* {_READ}",
         ),
         Rights(
             "cache",

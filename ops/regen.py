@@ -7,7 +7,9 @@ batches, and each list is published to the output topic through the live consume
 regeneration core (:func:`consumers.model_history`, :class:`consumers.RecsPublisher`): the public
 ``Recommendations`` contract, key = user_id, ``variant`` = the replay variant. Profiles
 are the current ones: Redis keeps no history, so a user changed since the range is regenerated
-from their newer profile, exactly as the live consumer would do now.
+from their newer profile, exactly as the live consumer would do now. A model that blends recent
+popularity gets the window the live service would hold after the range's latest change
+(:class:`consumers.RecentCounts`).
 
 The comparison pairs, per user, the list with the highest ``profile_version`` on each topic (the
 latest on ties) and reports :class:`ops.compare.Comparison`.
@@ -27,7 +29,7 @@ from confluent_kafka import KafkaError, Message
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from consumers import ItemTitles, RecsPublisher, model_history
+from consumers import ItemTitles, RecentCounts, RecsPublisher, model_history
 from inference.reasons import explain_lists
 from inference.recommender import Recommender
 from ops.compare import Comparison, compare
@@ -185,6 +187,7 @@ class RegenReplay:
         publisher = RecsPublisher(
             producer, out_topic, self.settings.replay_variant, ItemTitles(self.redis, self.keys)
         )
+        self._use_recent(changes.values())
         users = sorted(changes)
         size = self.settings.replay_regen_batch_size
         with tqdm(
@@ -219,3 +222,15 @@ class RegenReplay:
                 + (f": {errors[0]}" if errors else "")
             )
         return stats
+
+    def _use_recent(self, changes: Iterable[ProfileChanged]) -> None:
+        """Give a model that blends recent popularity the window the live service would hold
+        after these changes: the stream worker's counts, ending on the latest change's day."""
+        days = int(getattr(self.recommender, "recent_days", 0))
+        use_recent = getattr(self.recommender, "use_recent", None)
+        if days <= 0 or use_recent is None:
+            return
+        window = RecentCounts(self.redis, self.keys, days)
+        for change in changes:
+            window.saw(change.trigger_ts)
+        use_recent(window.read())

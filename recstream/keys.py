@@ -153,6 +153,11 @@ class Keys:
         """
         return f"{self.prefix}streams:{escape(group)}:offsets"
 
+    def trending(self, day: int) -> str:
+        """Hash item id -> how many profiles took the item up on ``day`` (whole UTC days since
+        the epoch, by event time): the stream worker's recent-popularity counts. No user id."""
+        return f"{self.prefix}streams:trend:{int(day)}"
+
     def pending_changes(self, group: str, topic: str, partition: int) -> str:
         """Hash user -> change notice decided by ``group``'s fold, until Kafka has it (JSON)."""
         return f"{self.prefix}streams:{escape(group)}:pending:{escape(topic)}:{int(partition)}"

@@ -14,7 +14,9 @@ beside their topic, partition, offset, headers and Kafka timestamp) and:
 3. sends a ``ProfileChanged`` for each user with a new item or a category mix shift of at least
    ``profile_shift_threshold``, with header ``recs.origin_ts``: the Kafka timestamp (epoch
    milliseconds) of the user's newest record in the batch, which the regeneration consumer passes
-   on so the cache writer can measure end-to-end freshness.
+   on so the cache writer can measure end-to-end freshness;
+4. (the live worker) adds the items new to a profile to their day's recent-popularity count
+   (``streams.trending``: at most once, and never holding back the fold).
 
 It imports no Kafka client: the Faust agent and batch delivery (``streams/app.py``), the
 rebuild's confluent-kafka reader (``ops/rebuild.py``) and tests are thin adapters that turn their
@@ -76,6 +78,7 @@ from streams.fold import (
 )
 from streams.metrics import ORIGIN_HEADER
 from streams.settings import StreamsSettings
+from streams.trending import TrendCounter
 
 __all__ = ["BatchHook", "ProfileFolder", "Send"]
 
@@ -157,6 +160,10 @@ class ProfileFolder:
         self.group = group
         keys = Keys(settings.key_prefix)
         self._offsets_key = keys.stream_offsets(group) if group is not None else ""
+        # Recent popularity (streams.trending) is the live worker's: a rebuild's folds refold
+        # history that was counted when it was live.
+        keep = settings.streams_trending_keep_days
+        self._trending = TrendCounter(redis, keys, keep) if group is not None and keep else None
         self._pending_key = _memo(lambda tp: keys.pending_changes(group or "", tp[0], tp[1]))
         self._field_of = _memo(_field)
         self._forget = redis.register_script(FORGET_DELIVERED_LUA)
@@ -290,6 +297,8 @@ class ProfileFolder:
             self._out_changed.inc(announced)
         if sent:
             self._forget_when_delivered(sent)
+        if self._trending is not None:
+            await self._trending.add(folded)  # after the notices: it never delays a list
         done = time.monotonic()
         if arrived is None:
             latencies = [done - started] * len(records)

@@ -46,6 +46,14 @@ EVENTS_OUT = Counter(
     "Records the fold worker produced, by topic (profile changes and dead letters).",
     ["topic"],
 )
+TRENDING_COUNTED = Counter(
+    "recs_stream_trending_counted_total",
+    "Items new to a profile added to the per-day recent-popularity counts.",
+)
+TRENDING_LOST = Counter(
+    "recs_stream_trending_lost_total",
+    "Items new to a profile whose recent-popularity count Redis did not take (it undercounts).",
+)
 PROFILE_CHANGES = Counter(
     "recs_stream_profile_changes_emitted_total", "ProfileChanged messages emitted."
 )

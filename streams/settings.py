@@ -78,6 +78,14 @@ class StreamsSettings(CommonSettings):
         "the first fold that decides a change notice, before announcing it. Never set it in a "
         "deployment.",
     )
+    streams_trending_keep_days: int = Field(
+        35,
+        ge=0,
+        le=366,
+        description="Days (wall clock) each day's count of items new to a profile is kept, for "
+        "the recent popularity served to short histories; 0 = nothing is counted. Keep it above "
+        "the longest window an artifact blends (its config's trending.days).",
+    )
     event_max_future_s: float = Field(
         300.0, ge=0, description="Events whose ts lies further ahead than this are dead-lettered."
     )

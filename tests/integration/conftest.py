@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from inference.trending import TrendingConfig
 from tests.conftest import Namespace
 from tests.integration.streams_support import Worker
 
@@ -34,10 +35,17 @@ def workers(
         worker.stop()
 
 
-def train_tiny_artifact(folder: Path, *, with_index: bool = False, with_ease: bool = False) -> Path:
+def train_tiny_artifact(
+    folder: Path,
+    *,
+    with_index: bool = False,
+    with_ease: bool = False,
+    trending: TrendingConfig | None = None,
+) -> Path:
     """Train the tiny transformer (100 ML-100K users, one epoch) into ``folder``, signed with the
     session's key; ``with_index`` adds the MiniLM item index (retrieval, private embeddings),
-    ``with_ease`` serves it mixed half and half with EASE (a model whose lists have reasons)."""
+    ``with_ease`` serves it mixed half and half with EASE (a model whose lists have reasons),
+    ``trending`` blends recent popularity into short histories' lists."""
     from inference.embeddings import catalog_vectors
     from inference.generative import GenConfig, GenScorer
     from lab.artifact import save_artifact
@@ -60,13 +68,21 @@ def train_tiny_artifact(folder: Path, *, with_index: bool = False, with_ease: bo
         ease = EASE(lam=100.0, decay=0.9, beta=0.3, markov_last=3).fit(split)
         hybrid = Hybrid(ease, GenScorer(model, model.cfg)).fit(split)
         hybrid.alpha = 0.5  # both parts serve, whatever validation picked for one epoch
-    save_artifact(folder, model, split, dict(log), text_embeddings=vectors, hybrid=hybrid)
+    save_artifact(
+        folder, model, split, dict(log), text_embeddings=vectors, hybrid=hybrid, trending=trending
+    )
     return folder
 
 
 @pytest.fixture(scope="session")
 def hybrid_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_artifact(tmp_path_factory.mktemp("hybrid-artifact") / "gen", with_ease=True)
+
+
+@pytest.fixture(scope="session")
+def trending_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    blend = TrendingConfig(days=30, weight=16.0, below=4)
+    return train_tiny_artifact(tmp_path_factory.mktemp("trending-artifact") / "gen", trending=blend)
 
 
 @pytest.fixture(scope="session")

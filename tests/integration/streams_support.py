@@ -24,6 +24,7 @@ from recstream.security import kafka_config, redis_client
 from recstream.settings import CommonSettings
 from schemas import Profile
 from streams.profile import read_profile
+from streams.trending import day_of
 from tests.conftest import settings_env
 
 CATALOG = {
@@ -141,6 +142,25 @@ def profiles(settings: CommonSettings, users: Iterable[str]) -> dict[str, Profil
 
 def counts(settings: CommonSettings, users: Iterable[str]) -> dict[str, int]:
     return {u: (p.event_count if p else 0) for u, p in profiles(settings, users).items()}
+
+
+def trend_counts(settings: CommonSettings, ts: float) -> dict[str, int]:
+    """The recent-popularity counts of the day of event time ``ts`` (``streams.trending``)."""
+    client = redis_client(settings)
+    try:
+        raw = client.hgetall(Keys(settings.key_prefix).trending(day_of(ts)))
+    finally:
+        client.close()
+    return {item.decode(): int(n) for item, n in raw.items()}
+
+
+def users_per_item(events: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """How many users touched each item: the counts each item should have, at most."""
+    pairs = {(e["user_id"], e["item_id"]) for e in events}
+    out: dict[str, int] = {}
+    for _, item in pairs:
+        out[item] = out.get(item, 0) + 1
+    return out
 
 
 @dataclass

@@ -21,7 +21,9 @@ from recstream.settings import CommonSettings
 from schemas import ModelRef, ProfileChanged, ProfileChanges, Recommendations, ScoredItem
 from streams.fold import FoldParams, FoldScript
 from streams.profile import read_profile
+from streams.trending import day_of
 from tests.conftest import Namespace
+from tests.unit.pool_models import RecentEcho
 
 pytestmark = pytest.mark.integration
 
@@ -196,6 +198,19 @@ def test_regen_replay_over_a_time_range_and_its_comparison(ns: Namespace, out_to
     assert f"users compared: 3 (only in {ns.settings.topic_recommendations}: 1," in cli.output
     assert f"overlap@10 (mean): {2.5 / 3:.4f}" in cli.output
     assert "top-10 changed: 2 (item set changed: 1)" in cli.output
+
+    # A model that blends recent popularity gets the window ending on the latest change's day
+    # (RecentEcho: 7 days; it lists the counted items, most counted first, unseen only).
+    keys, client = Keys(ns.settings.key_prefix), redis_client(ns.settings)
+    try:
+        client.hset(keys.trending(day_of(T0)), mapping={"i10": 5, "i11": 9, "i00": 50})
+        client.hset(keys.trending(day_of(T0) - 10), "i12", 100)  # outside the window
+    finally:
+        client.close()
+    RegenReplay(settings, RecentEcho(), MODEL).run(changes, out_topic)
+    replayed = latest_lists(settings, out_topic)
+    assert [i.item_id for i in replayed["u1"].items] == ["i11", "i10"]  # i00 is u1's own
+    assert [i.item_id for i in replayed["u2"].items] == ["i00", "i11", "i10"]
 
 
 def test_regen_dry_run_lists_users_and_writes_nothing(ns: Namespace, out_topic: str) -> None:

@@ -24,6 +24,8 @@ from tests.integration.streams_support import (
     produce,
     produce_events,
     profiles,
+    trend_counts,
+    users_per_item,
     wait_for,
 )
 
@@ -118,6 +120,8 @@ def test_replaying_the_same_events_changes_nothing(
     workers()
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 15), "first pass")
     before = profiles(ns.settings, users)
+    # Recent popularity: one per user and item, however often the user touched it.
+    assert trend_counts(ns.settings, T0) == users_per_item(events) == dict.fromkeys("abcde", 4)
     produce_events(ns.settings, events)  # the replay: same event ids
     # One new event per user after the replay: the replay is done once these are folded,
     # because a user's events share a partition and are consumed in order.
@@ -130,6 +134,7 @@ def test_replaying_the_same_events_changes_nothing(
         assert old is not None and new is not None
         assert new.version == old.version + 1, "the replay itself must not bump the version"
     assert_matches_reference(ns, events + sentinels, catalog)
+    assert trend_counts(ns.settings, T0) == users_per_item(events), "a replay counts nothing"
 
 
 @pytest.mark.parametrize("ns", [4], indirect=True)

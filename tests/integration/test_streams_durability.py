@@ -30,9 +30,11 @@ from tests.integration.streams_support import (
     load_test_catalog,
     produce_events,
     profiles,
+    trend_counts,
+    users_per_item,
     wait_for,
 )
-from tests.integration.test_streams import assert_matches_reference, traffic
+from tests.integration.test_streams import T0, assert_matches_reference, traffic
 
 pytestmark = pytest.mark.integration
 
@@ -150,6 +152,11 @@ def test_notice_decided_before_a_kill_is_announced_after_restart(
     wait_for(lambda: counts(ns.settings, users) == dict.fromkeys(users, 6), "all folded once")
     wait_for(lambda: caught_up(ns), "offsets stored, pending notices removed once delivered")
     assert_matches_reference(ns, events, catalog)
+    # Recent popularity counts at most once: the killed batch's new items are not counted
+    # again by the restarted worker (its fold finds them in the profiles), nor twice anywhere.
+    counted, most = trend_counts(ns.settings, T0), users_per_item(events)
+    assert all(counted.get(item, 0) <= n for item, n in most.items()), (counted, most)
+    assert sum(counted.values()) < sum(most.values()), "the killed batch's items are lost"
 
 
 def test_redis_rolled_back_is_refed_the_gap(ns: Namespace, workers: Callable[..., Worker]) -> None:

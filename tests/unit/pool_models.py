@@ -76,3 +76,26 @@ class ExplainingRecommender(EchoRecommender):
 
 def make_explaining() -> ExplainingRecommender:
     return ExplainingRecommender(0.0, False)
+
+
+class RecentEcho:
+    """Lists the catalog items of the recent-popularity counts it was given, most counted first
+    (none before any): shows which counts a worker's model holds."""
+
+    name = "recent-echo"
+    version = "1"
+    recent_days = 7
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+
+    def use_recent(self, counts: dict[str, float] | None) -> None:
+        self.counts = dict(counts or {})
+
+    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
+        ranked = sorted(self.counts.items(), key=lambda kv: -kv[1])
+        return [[(i, float(n)) for i, n in ranked if i not in h][:k] for h in histories]
+
+
+def make_recent_echo() -> RecentEcho:
+    return RecentEcho()

@@ -1,4 +1,5 @@
-"""Cold start: the prefix protocol, retrieval's blend, and an artifact that serves it.
+"""Cold start: the prefix protocol, retrieval's blend, recent popularity's, and an artifact that
+serves them.
 
 The transformer is untrained (random weights, seeded) and the item vectors are random: these
 tests check what is cut, what is scored and what is served, not how good the lists are.
@@ -13,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from inference.artifact import load_recommender
+from inference.artifact import load_recommender, read_catalog
 from inference.exceptions import ArtifactError, InferenceError
 from inference.generative import GenConfig, GenScorer, ItemTransformer
 from inference.hybrid import blend
 from inference.index import ItemIndex
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import top_k_unseen
+from inference.trending import TrendingConfig
 from lab.artifact import save_artifact
 from lab.baselines import EASE
 from lab.datasets import Dataset, Interaction, Item
@@ -310,3 +312,60 @@ def test_retrieval_needs_the_index_and_a_sane_section(
     (changed / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError):
         load_recommender(changed, device="cpu", quantize=False)
+
+
+# Recent popularity, served ---------------------------------------------------------------------
+
+
+def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    config = TrendingConfig(days=30, weight=4.0, below=3, gain=0.5)
+    folder = tmp_path / "art"
+    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
+    stored = json.loads((folder / "config.json").read_text())["trending"]
+    assert stored == {"days": 30, "weight": 4.0, "below": 3, "heldout_gain": 0.5}
+    assert read_catalog(folder).trending == TrendingConfig(days=30, weight=4.0, below=3)
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    assert rec.recent_days == 30
+    hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6, 8])]
+    # No counts yet: the model's scores, as without the section.
+    np.testing.assert_allclose(rec.score(hist), hybrid.score(hist), atol=1e-5)
+    counts = {"i5": 40, "i9": 3, "not-in-the-catalog": 1000, "i11": -4, "i12": float("nan")}
+    rec.use_recent(counts)
+    recent = np.zeros(split.n_items, dtype=np.float32)
+    recent[split.item_index["i5"]] = np.log1p(40)
+    recent[split.item_index["i9"]] = np.log1p(3)
+    served = rec.score(hist)
+    expected = blend(hybrid.score(hist[:2]), np.stack([recent, recent]), 4.0)
+    np.testing.assert_allclose(served[:2], expected, atol=1e-4)
+    np.testing.assert_allclose(served[2], hybrid.score(hist)[2], atol=1e-5)  # 4 items: unchanged
+    lists = rec.recommend([["i2"], ["i5"]], 3)
+    assert lists[0][0][0] == "i5"  # what is popular now heads a one-item history's list
+    assert "i5" not in {item for item, _ in lists[1]}  # and is never a seen item
+    rec.use_recent(None)
+    np.testing.assert_allclose(rec.score(hist), hybrid.score(hist), atol=1e-5)
+
+
+def test_an_artifact_without_the_blend_ignores_counts_and_a_bad_section_is_refused(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    folder = tmp_path / "plain"
+    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS)
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    assert rec.recent_days == 0 and not rec.trending.active
+    rec.use_recent({"i5": 40})
+    hist = [np.asarray([2])]
+    np.testing.assert_allclose(rec.score(hist), hybrid.score(hist), atol=1e-5)
+    for section in (
+        {"days": 30.5, "weight": 1.0, "below": 4},
+        {"days": "30", "weight": 1.0, "below": 4},
+        {"days": 30, "weight": -1.0, "below": 4},
+        {"days": 30, "weight": float("inf"), "below": 4},
+        {"days": 0, "weight": 1.0, "below": 4},
+        {"days": 400, "weight": 1.0, "below": 4},
+        {"weight": 1.0, "below": 4},
+        [30, 1.0, 4],
+    ):
+        with pytest.raises(ArtifactError, match="trending"):
+            TrendingConfig.from_json(section)

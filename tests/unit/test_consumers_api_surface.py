@@ -20,6 +20,7 @@ import pytest
                 "OffsetTracker",
                 "RecsCache",
                 "ItemTitles",
+                "RecentCounts",
                 "RecsPublisher",
                 "RegenService",
                 "RegenSettings",

@@ -25,6 +25,7 @@ from lab.baselines import EASE
 from lab.datasets import Dataset, Interaction, Item
 from lab.hybrid import Hybrid
 from lab.protocol import Split, leave_one_out
+from lab.trending import DAYS, WEIGHTS
 from tests.unit.tamper import copy_artifact, flip_last_byte
 
 N_ITEMS = 20
@@ -250,8 +251,14 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
             assert config["hybrid"]["top_k"] == 5
             assert rec.cf is not None
             assert np.diff(rec.cf.weights.tocsc().indptr).max() <= 5
+        # Recent popularity for 1-3 items, chosen on held-out users (weight 0: none helped).
+        trending = config["trending"]
+        assert trending["below"] == 4 and trending["weight"] in (0.0, *WEIGHTS)
+        assert trending["days"] in (0, *(round(d) for d in DAYS))
+        assert (rec.trending.days, rec.trending.weight) == (trending["days"], trending["weight"])
+        assert "recent popularity:" in result.output
     else:
-        assert "hybrid" not in config
+        assert "hybrid" not in config and "trending" not in config
         assert rec.name == "gen"
 
 

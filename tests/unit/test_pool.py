@@ -20,7 +20,7 @@ from inference.pool import (
     WorkerPool,
 )
 from inference.popularity import Popularity
-from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo
+from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo, make_recent_echo
 
 FALLBACK = Popularity({item: 100 - n for n, item in enumerate(CATALOG)})
 
@@ -296,3 +296,32 @@ def test_reasons_reach_the_caller_only_as_the_users_own_history() -> None:
         assert UNEXPLAINED._value.get() - before == 1
     finally:
         pool.close()
+
+
+def test_recent_counts_reach_every_worker_before_its_next_batch_and_a_replacement() -> None:
+    pool = WorkerPool(make_recent_echo, FALLBACK, CATALOG, PoolConfig(workers=1)).start()
+    try:
+        assert pool.recent_days == 7  # what the model blends: what the caller must count
+
+        def listed() -> list[str]:
+            result = pool.submit(["i0"], k=5).result(30)
+            assert result.source == "model"
+            return [item for item, _ in result.items]
+
+        assert listed() == []
+        pool.set_recent({"i3": 5, "i1": 9, "i0": 50})
+        assert listed() == ["i1", "i3"]  # the history's own item is never listed
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while (not pool.worker_pids() or victim in pool.worker_pids()) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert listed() == ["i1", "i3"]  # the replacement was given them before its first batch
+        pool.set_recent({"i2": 1})
+        assert listed() == ["i2"]
+        pool.set_recent(None)
+        assert listed() == []
+    finally:
+        pool.close(timeout=5)
