@@ -156,7 +156,11 @@ class Keys:
     def trending(self, day: int) -> str:
         """Hash item id -> how many profiles took the item up on ``day`` (whole UTC days since
         the epoch, by event time): the stream worker's recent-popularity counts. No user id."""
-        return f"{self.prefix}streams:trend:{int(day)}"
+        return f"{self.trending_base()}{int(day)}"
+
+    def trending_base(self) -> str:
+        """What :meth:`trending` puts before the day (the fold script appends it)."""
+        return f"{self.prefix}streams:trend:"
 
     def pending_changes(self, group: str, topic: str, partition: int) -> str:
         """Hash user -> change notice decided by ``group``'s fold, until Kafka has it (JSON)."""

@@ -2,7 +2,7 @@
 --
 -- ARGV: prefix (unused: every key arrives built by recstream.keys.Keys), half_life_s, recent_max,
 -- retention_s, rebase_after_s, shift_threshold, batch, item_keys, seen_max, items_max,
--- cats_max, idle_ttl_s.
+-- cats_max, idle_ttl_s, trend_base, trend_ttl_s.
 -- batch is JSON: [[user_id, user_key_base, [[event_id, item_id, ts, weight], ...]], ...] (one
 -- argument, because packing thousands of separate arguments costs the client more than the fold
 -- costs Redis); a user's keys are user_key_base .. 'profile' | 'items' | 'cats' | 'recent' |
@@ -28,6 +28,11 @@
 -- HGET per such user per batch; events without an offset are never skipped. A fifth element of
 -- the group is a watermark the caller knows from the users.erased topic: the higher one counts
 -- (a Redis restored without the marker still skips the history).
+--
+-- Recent popularity (streams/trending.py): unless trend_base is '', each item new to a user's
+-- profile adds one to the hash trend_base .. <day> (Keys.trending: the UTC day of the user's
+-- newest event in the batch), in the same script as the fold, so a replay counts nothing again;
+-- each hash touched gets a TTL of trend_ttl_s.
 --
 -- Returns per user: {user_id, version, folded, duplicates, late, emit, shift, trigger_event_id,
 -- trigger_ts, erased, new_item...}; numbers that are not integers travel as strings.
@@ -58,6 +63,9 @@ local seen_max = tonumber(ARGV[9])
 local items_max = tonumber(ARGV[10])
 local cats_max = tonumber(ARGV[11])
 local idle_ttl = tonumber(ARGV[12])
+local trend_base = ARGV[13]
+local trend_ttl = tonumber(ARGV[14])
+local trend_keys = {}
 local progress_key = ARGV[#ARGV - 2]
 local progress_offsets = cjson.decode(ARGV[#ARGV - 1])
 local progress_notices = cjson.decode(ARGV[#ARGV])
@@ -379,11 +387,24 @@ for index, group in ipairs(batch) do
       row[#row + 1] = item
     end
     results[#results + 1] = row
+    if trend_base ~= '' and #new_items > 0 then
+      local tkey = trend_base .. string.format('%d', math.floor(trigger_ts / 86400))
+      for _, item in ipairs(new_items) do
+        redis.call('HINCRBY', tkey, item, 1)
+      end
+      trend_keys[tkey] = true
+    end
     if idle_ttl > 0 then
       for _, kind in ipairs(KINDS) do
         redis.call('EXPIRE', base_key .. kind, idle_ttl)
       end
     end
+  end
+end
+
+if trend_ttl > 0 then
+  for tkey in pairs(trend_keys) do
+    redis.call('EXPIRE', tkey, trend_ttl)
   end
 end
 

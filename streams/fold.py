@@ -82,6 +82,9 @@ class FoldParams:
     items_max: int = _DEFAULTS.profile_items_max
     categories_max: int = _DEFAULTS.profile_categories_max
     idle_ttl_s: int = _DEFAULTS.profile_idle_ttl_s
+    trending_ttl_s: int = 0
+    """Each item new to a profile adds to its day's recent-popularity count, kept this long
+    (``streams.trending``); 0: not counted (rebuilds, tests). Set by the live worker only."""
 
     @classmethod
     def from_settings(cls, settings: StreamsSettings) -> FoldParams:
@@ -224,6 +227,8 @@ def script_args(
         str(params.items_max),
         str(params.categories_max),
         str(params.idle_ttl_s),
+        keys.trending_base() if params.trending_ttl_s > 0 else "",
+        str(params.trending_ttl_s),
     ]
 
 

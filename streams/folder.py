@@ -14,9 +14,10 @@ beside their topic, partition, offset, headers and Kafka timestamp) and:
 3. sends a ``ProfileChanged`` for each user with a new item or a category mix shift of at least
    ``profile_shift_threshold``, with header ``recs.origin_ts``: the Kafka timestamp (epoch
    milliseconds) of the user's newest record in the batch, which the regeneration consumer passes
-   on so the cache writer can measure end-to-end freshness;
-4. (the live worker) adds the items new to a profile to their day's recent-popularity count
-   (``streams.trending``: at most once, and never holding back the fold).
+   on so the cache writer can measure end-to-end freshness.
+
+The live worker's fold also counts each item new to a profile into its day's recent popularity
+(``streams.trending``), in the same script.
 
 It imports no Kafka client: the Faust agent and batch delivery (``streams/app.py``), the
 rebuild's confluent-kafka reader (``ops/rebuild.py``) and tests are thin adapters that turn their
@@ -41,6 +42,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from typing import Protocol, TypeVar, cast
@@ -78,7 +80,7 @@ from streams.fold import (
 )
 from streams.metrics import ORIGIN_HEADER
 from streams.settings import StreamsSettings
-from streams.trending import TrendCounter
+from streams.trending import DAY_S
 
 __all__ = ["BatchHook", "ProfileFolder", "Send"]
 
@@ -148,7 +150,13 @@ class ProfileFolder:
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.script = FoldScript(redis, settings.key_prefix, FoldParams.from_settings(settings))
+        params = FoldParams.from_settings(settings)
+        if group is not None:
+            # Recent popularity (streams.trending) is the live worker's: a rebuild refolds
+            # history that was counted when it was live.
+            params = replace(params, trending_ttl_s=settings.streams_trending_keep_days * DAY_S)
+        self.script = FoldScript(redis, settings.key_prefix, params)
+        self._counts_trending = params.trending_ttl_s > 0
         self.weights = Weights.from_settings(settings)
         self.max_future = timedelta(seconds=settings.event_max_future_s)
         self._send_dlq = send_dlq
@@ -160,10 +168,6 @@ class ProfileFolder:
         self.group = group
         keys = Keys(settings.key_prefix)
         self._offsets_key = keys.stream_offsets(group) if group is not None else ""
-        # Recent popularity (streams.trending) is the live worker's: a rebuild's folds refold
-        # history that was counted when it was live.
-        keep = settings.streams_trending_keep_days
-        self._trending = TrendCounter(redis, keys, keep) if group is not None and keep else None
         self._pending_key = _memo(lambda tp: keys.pending_changes(group or "", tp[0], tp[1]))
         self._field_of = _memo(_field)
         self._forget = redis.register_script(FORGET_DELIVERED_LUA)
@@ -297,8 +301,6 @@ class ProfileFolder:
             self._out_changed.inc(announced)
         if sent:
             self._forget_when_delivered(sent)
-        if self._trending is not None:
-            await self._trending.add(folded)  # after the notices: it never delays a list
         done = time.monotonic()
         if arrived is None:
             latencies = [done - started] * len(records)
@@ -382,6 +384,8 @@ class ProfileFolder:
             break
         for result in results:
             metrics.FOLDED.inc(result.folded)
+            if self._counts_trending and result.new_items:
+                metrics.TRENDING_COUNTED.inc(len(result.new_items))
             if result.duplicates:
                 metrics.IGNORED.labels("duplicate").inc(result.duplicates)
             if result.late:

@@ -48,11 +48,7 @@ EVENTS_OUT = Counter(
 )
 TRENDING_COUNTED = Counter(
     "recs_stream_trending_counted_total",
-    "Items new to a profile added to the per-day recent-popularity counts.",
-)
-TRENDING_LOST = Counter(
-    "recs_stream_trending_lost_total",
-    "Items new to a profile whose recent-popularity count Redis did not take (it undercounts).",
+    "Items new to a profile added to the per-day recent-popularity counts (by the fold).",
 )
 PROFILE_CHANGES = Counter(
     "recs_stream_profile_changes_emitted_total", "ProfileChanged messages emitted."

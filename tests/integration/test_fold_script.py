@@ -216,6 +216,45 @@ def test_a_user_with_a_wrong_type_key_is_refused_whole_and_the_rest_folds(ns: Na
         client.close()
 
 
+def test_items_new_to_a_profile_are_counted_once_per_day_in_the_fold(ns: Namespace) -> None:
+    client = redis_client(ns.settings)
+    keys = Keys(ns.settings.key_prefix)
+    client.set(keys.profile_items("bad"), "not a hash")  # a refused user counts nothing
+    day = 1_600_000_000 // 86_400
+    first = views("u1", 6, 2) + views("u2", 1, 1) + views("bad", 3, 3)  # u1: i0, i1 three times
+    # The next day u1 views i0 again and i2 for the first time: only i2 is new; the copy of the
+    # first batch (same event ids) is a replay.
+    later = [*views("u1", 1, 1, start=(day + 1) * 86_400.0 + 10), *first]
+    later[0] = later[0].model_copy(update={"event_id": "u1-next-i0"})
+    later.append(views("u1", 3, 3, start=(day + 1) * 86_400.0 + 20)[2])
+    later[-1] = later[-1].model_copy(update={"event_id": "u1-next-i2"})
+    counting = FoldParams(trending_ttl_s=3_600)
+
+    def fold(params: FoldParams, events: list[AnyEvent]) -> list[Folded]:
+        async def run() -> list[Folded]:
+            aclient = async_redis_client(ns.settings)
+            try:
+                script = FoldScript(aclient, ns.settings.key_prefix, params)
+                return await script.run(group_by_user(rows_of(events)))
+            finally:
+                await aclient.aclose()
+
+        return asyncio.run(run())
+
+    try:
+        assert {r.user_id: r.rejected for r in fold(counting, first)}["bad"] == "WRONGTYPE"
+        assert client.hgetall(keys.trending(day)) == {b"i0": b"2", b"i1": b"1"}
+        assert 0 < client.ttl(keys.trending(day)) <= 3_600
+        fold(counting, later)
+        assert client.hgetall(keys.trending(day)) == {b"i0": b"2", b"i1": b"1"}
+        assert client.hgetall(keys.trending(day + 1)) == {b"i2": b"1"}
+        # Without trending_ttl_s (a rebuild, the defaults) nothing is counted.
+        fold(FoldParams(), views("u3", 2, 2))
+        assert client.hgetall(keys.trending(day)) == {b"i0": b"2", b"i1": b"1"}
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[str]:
     """A throwaway redis-server on a free port (memory limits and ACLs stay out of the stack's)."""

@@ -169,7 +169,11 @@ def test_script_args_layout() -> None:
         str(defaults.items_max),
         str(defaults.categories_max),
         str(defaults.idle_ttl_s),
+        "",  # no recent-popularity counts unless asked (the live worker does)
+        "0",
     ]
+    counting = script_args(Keys("p:"), FoldParams(trending_ttl_s=86_400), groups)
+    assert counting[12:] == ["p:streams:trend:", "86400"]
 
 
 def test_folded_decodes_script_rows() -> None:
