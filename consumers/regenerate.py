@@ -134,6 +134,9 @@ class ItemTitles:
         return read
 
 
+MAX_COUNT = 2**63 - 1  # HINCRBY's range: a larger "count" is nothing the stream worker wrote
+
+
 class RecentCounts:
     """The recent-popularity counts of a ``days`` window, summed from the stream worker's
     per-day hashes (``Keys.trending``, ``streams.trending``) and kept.
@@ -227,7 +230,7 @@ class RecentCounts:
                     n = int(value)
                 except (TypeError, ValueError):
                     continue  # not a count: nothing the stream worker wrote
-                if n > 0:
+                if 0 < n <= MAX_COUNT:
                     counts[item.decode("utf-8", "replace")] = n
             self._held[day] = (counts, now)
 

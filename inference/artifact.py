@@ -18,9 +18,9 @@ validation NDCG@10 of each part). Loaded with ``hybrid=True`` (the default) it s
 A ``"retrieval"`` section (``weight``, ``max_history``; fitted on validation by the lab) adds the
 FAISS neighbours of a short history's items to the model's scores (``inference.retrieval``); it
 needs the artifact's ``index/``. A ``"trending"`` section (``days``, ``weight``, ``below``; chosen
-by the lab on held-out users) blends recent popularity into short histories' scores once the
-service hands the model the live counts (:meth:`ArtifactRecommender.use_recent`,
-``inference.trending``).
+by the lab on held-out users) blends recent popularity into the scores of histories shorter than
+``below``, in place of retrieval, once the service hands the model the live counts
+(:meth:`ArtifactRecommender.use_recent`, ``inference.trending``).
 
 Inference runs on CUDA in bf16 when a GPU is present, otherwise on CPU with INT8 dynamic
 quantization of every linear layer.
@@ -356,20 +356,23 @@ class ArtifactRecommender:
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
-        with retrieval, then recent popularity, blended in for the short ones when the artifact
-        carries them."""
-        if self._retrieved is not None:
-            scores = self._retrieved.score(histories)
-        else:
-            scores = self.model_score(histories)
+        with recent popularity or retrieval blended in for the short ones when the artifact
+        carries them. A history short enough for recent popularity (once counts were given) gets
+        the blend the lab measured, ``z(model) + weight * z(recent)``, in place of retrieval's;
+        retrieval serves the short histories left."""
         recent = self._recent
-        rows = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
-        if recent is None or not rows:
-            return scores
-        scores = np.array(scores, dtype=np.float32)
-        fresh = np.broadcast_to(recent, (len(rows), self.n_items))
-        scores[rows] = blend(scores[rows], fresh, self.trending.weight)
-        return scores
+        trend = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
+        scorer = self._retrieved if self._retrieved is not None else _Mixed(self)
+        if recent is None or not trend:
+            return scorer.score(histories)
+        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        rest = sorted(set(range(len(histories))) - set(trend))
+        if rest:
+            out[rest] = scorer.score([histories[r] for r in rest])
+        base = self.model_score([histories[r] for r in trend])
+        fresh = np.broadcast_to(recent, (len(trend), self.n_items))
+        out[trend] = blend(base, fresh, self.trending.weight)
+        return out
 
     def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """The model's catalog scores without retrieval: the fusion's, or the transformer's."""

@@ -85,6 +85,10 @@ def recent_vector(
         pos = index.get(item)
         if pos is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if math.isfinite(value) and value > 0:
-            out[pos] = math.log1p(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float: no count Redis could hold
+            continue
+        if math.isfinite(number) and number > 0:
+            out[pos] = math.log1p(number)
     return out

@@ -2,8 +2,8 @@
 
 ``recstream train`` runs, in order: the hyper-parameter search (datasets without a preset), the
 transformer, then the fits after it (EASE, item-kNN and popularity tuned on validation, the
-fusion's weights, retrieval). :func:`plan_training` sizes each phase from the data instead of
-fixed defaults:
+fusion's weights, retrieval, the recent-popularity blend chosen on held-out users).
+:func:`plan_training` sizes each phase from the data instead of fixed defaults:
 
 - a dataset without a preset gets ``--budget-minutes`` (default :data:`BUDGET_MINUTES`) in all:
   the search takes :data:`SEARCH_MINUTES` (at most :data:`SEARCH_SHARE` of the budget), 40 % for
@@ -64,6 +64,8 @@ SECONDS_PER_CELL = 2e-8
 GRID_POINTS = 27 + 15  # the EASE and item-kNN grids (lab.evaluate.GRIDS)
 FUSION_JUDGED = 40  # weight sets the fusion's coordinate ascent judges, typically
 MIN_GEN_SECONDS = 60.0  # the transformer gets at least this much whatever the estimate
+TRENDING_FOLDS = 5  # lab.trending.heldout_grid's folds and targets, as `recstream train` runs it
+TRENDING_TARGETS = 10
 
 
 @dataclass(frozen=True)
@@ -126,17 +128,24 @@ def ease_bound(n_items: int, seconds: float | None = None, inverses: int = EASE_
 
 
 def estimate_fit_seconds(split: Split, ease_items: int, *, grids: bool = True) -> float:
-    """Seconds the fits after the transformer take: EASE's inverses, the validation grids and
-    the fusion's weight search (a rough figure for this 2-core machine)."""
+    """Seconds the fits after the transformer take: EASE's inverses, the validation grids, the
+    fusion's weight search and recent popularity's held-out choice (a rough figure for this
+    2-core machine)."""
     from lab.baselines import TUNE_USERS
     from lab.hybrid import FUSION_CELLS
+    from lab.trending import DAYS, HELDOUT_CELLS, PREFIXES, WEIGHTS
 
     users = len(split.eval_users)
     inverses = EASE_INVERSES if grids else 1
     ease = inverses * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
     grid = (GRID_POINTS if grids else 0) * min(users, TUNE_USERS) * split.n_items
     fusion = FUSION_JUDGED * min(users * split.n_items, FUSION_CELLS)
-    return ease + SECONDS_PER_CELL * (grid + fusion)
+    # Recent popularity's held-out choice: EASE once per fold, and each prefix's pairs judged
+    # for the model alone and every blend.
+    heldout = min(len(split.train) * TRENDING_TARGETS * split.n_items, HELDOUT_CELLS)
+    trending = TRENDING_FOLDS * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
+    trending_cells = heldout * len(PREFIXES) * (1 + len(DAYS) * len(WEIGHTS))
+    return ease + trending + SECONDS_PER_CELL * (grid + fusion + trending_cells)
 
 
 def plan_training(

@@ -45,6 +45,9 @@ PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and serv
 DAYS = (1.0, 3.0, 7.0, 30.0)
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
+# Held-out users x targets x items judged per prefix and blend, at most: every user of ML-100K
+# (16 M) and ml-latest-small (59 M); a larger set judges an evenly spaced share of its users.
+HELDOUT_CELLS = 60_000_000
 
 
 class RecentPopularity:
@@ -102,18 +105,23 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     User ``u`` is in fold ``u % folds``; each fold's model is fitted on the others' training
     items only. A user takes part with at least ``max(prefixes) + 1`` training items; their
     targets are the last ``targets`` training items after the prefix, the prefix masked. Users
-    are scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once.
+    are scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once,
+    and every ``stride``-th of them takes part so that at most :data:`HELDOUT_CELLS` are judged.
     """
     empty = np.zeros(0, dtype=np.int64)
     out: dict[tuple[int, float, float], list[np.ndarray]] = {}
     need = max(prefixes) + 1
     step = max(1, CELLS // (targets * max(split.n_items, 1)))
+    eligible = sum(len(seq) >= need for seq in split.train)
+    judged = max(1, HELDOUT_CELLS // (targets * max(split.n_items, 1)))
+    stride = max(1, -(-eligible // judged))
     for f in range(folds):
         part = replace(
             split, train=[empty if u % folds == f else s for u, s in enumerate(split.train)]
         )
         model = fit(part)
         users = [u for u in range(f, len(split.train), folds) if len(split.train[u]) >= need]
+        users = users[::stride]
         for s in range(0, len(users), step):
             for n in prefixes:
                 _judge(out, model, split, recent, users[s : s + step], n, days, weights, targets)

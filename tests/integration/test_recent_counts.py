@@ -38,7 +38,8 @@ def test_the_window_ends_on_the_latest_day_seen_and_is_read_again_on_time(ns: Na
         for back in range(40):  # one count of "a" every day, and "old" 35 days back
             client.hset(keys.trending(TODAY - back), "a", 1)
         client.hset(keys.trending(TODAY - 35), "old", 9)
-        client.hset(keys.trending(TODAY), mapping={"b": 3, "junk": "x", "neg": -2})
+        junk = {"junk": "x", "neg": -2, "huge": "9" * 400}  # nothing the fold writes
+        client.hset(keys.trending(TODAY), mapping={"b": 3, **junk})
         window = RecentCounts(
             client, keys, 30, refresh_s=5.0, settled_s=600.0, clock=clock, wall=wall
         )

@@ -321,30 +321,48 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
 ) -> None:
     config = TrendingConfig(days=30, weight=4.0, below=3, gain=0.5)
+    vectors = _vectors(split.n_items)
+    retrieval = RetrievalConfig(weight=0.5, max_history=4)
     folder = tmp_path / "art"
-    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
+    save_artifact(
+        folder,
+        gen[0],
+        split,
+        {},
+        text_embeddings=vectors,
+        hybrid=hybrid,
+        cf_top_k=N_ITEMS,
+        retrieval=retrieval,
+        trending=config,
+    )
     stored = json.loads((folder / "config.json").read_text())["trending"]
     assert stored == {"days": 30, "weight": 4.0, "below": 3, "heldout_gain": 0.5}
     assert read_catalog(folder).trending == TrendingConfig(days=30, weight=4.0, below=3)
     rec = load_recommender(folder, device="cpu", quantize=False)
     assert rec.recent_days == 30
-    hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6, 8])]
-    # No counts yet: the model's scores, as without the section.
-    np.testing.assert_allclose(rec.score(hist), hybrid.score(hist), atol=1e-5)
+    hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6]), np.asarray([2, 4, 6, 8])]
+    text = TextRetrieval(ItemIndex.build(split.item_ids, vectors), split.item_ids)
+    retrieved = RetrievalBlend(hybrid, text, retrieval).score(hist)
+    # No counts yet: retrieval's blend for histories under 4 items, as without the section.
+    np.testing.assert_allclose(rec.score(hist), retrieved, atol=1e-4)
     counts = {"i5": 40, "i9": 3, "not-in-the-catalog": 1000, "i11": -4, "i12": float("nan")}
+    counts |= {"i13": 10**400, "i14": "7", "i15": True}  # none a count: ignored
     rec.use_recent(counts)
     recent = np.zeros(split.n_items, dtype=np.float32)
     recent[split.item_index["i5"]] = np.log1p(40)
     recent[split.item_index["i9"]] = np.log1p(3)
     served = rec.score(hist)
+    # Under 3 items: the measured blend of the model and recent popularity, in place of
+    # retrieval's; 3 items: retrieval's; 4: the model's own.
     expected = blend(hybrid.score(hist[:2]), np.stack([recent, recent]), 4.0)
     np.testing.assert_allclose(served[:2], expected, atol=1e-4)
-    np.testing.assert_allclose(served[2], hybrid.score(hist)[2], atol=1e-5)  # 4 items: unchanged
+    np.testing.assert_allclose(served[2], retrieved[2], atol=1e-4)
+    np.testing.assert_allclose(served[3], hybrid.score(hist)[3], atol=1e-5)
     lists = rec.recommend([["i2"], ["i5"]], 3)
     assert lists[0][0][0] == "i5"  # what is popular now heads a one-item history's list
     assert "i5" not in {item for item, _ in lists[1]}  # and is never a seen item
     rec.use_recent(None)
-    np.testing.assert_allclose(rec.score(hist), hybrid.score(hist), atol=1e-5)
+    np.testing.assert_allclose(rec.score(hist), retrieved, atol=1e-4)
 
 
 def test_an_artifact_without_the_blend_ignores_counts_and_a_bad_section_is_refused(
