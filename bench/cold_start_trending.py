@@ -2,9 +2,10 @@
 
 1. :func:`lab.trending.heldout_grid`: EASE (its settings tuned on validation) fitted without
    each of five folds of users; each held-out user's first 1, 2 and 3 training items predict
-   their last ten training items, recent popularity counted up to each target's moment. Prints
-   every blend's relative NDCG@10 change (with its standard error over the pairs) and the one
-   :func:`lab.trending.choose` picks.
+   their last ten training items, recent popularity counted up to each target's moment, and
+   their next three items, recent popularity counted up to the prefix's last item. Prints every
+   blend's relative NDCG@10 change on both (with its standard error over the pairs) and the one
+   :func:`lab.trending.choose` picks (no loss on the next items beyond a standard error).
 2. How long after the longest prefix the protocol's test target comes.
 3. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
    eval --cold-start`` (each test user's first 1, 2, 3 training items, the user's last
@@ -30,6 +31,7 @@ from lab.training import default_teacher
 from lab.trending import (
     DAY_S,
     DAYS,
+    NEXT_ITEMS,
     WEIGHTS,
     RecentPopularity,
     at_targets,
@@ -62,29 +64,46 @@ def main() -> None:
     split = leave_one_out(ds)
     recent = RecentPopularity(ds, split)
 
-    grid = heldout_grid(
-        split, recent, default_teacher(split), prefixes, DAYS, WEIGHTS, args.folds, args.targets
+    fit = default_teacher(split)
+    grid = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, args.targets)
+    upcoming = heldout_grid(
+        split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, NEXT_ITEMS, upcoming=True
     )
-    pick = choose(grid, prefixes, DAYS, WEIGHTS)
+    pick = choose(grid, prefixes, DAYS, WEIGHTS, guard=upcoming)
     base = {n: grid[n, 0.0, 0.0] for n in prefixes}
+    ahead = {n: upcoming[n, 0.0, 0.0] for n in prefixes}
     print(
         f"{split.dataset}: held-out users ({args.folds} folds, EASE fitted without each), "
         f"first 1 / 2 / 3 items -> each user's last {args.targets} training items; "
         f"pairs {' / '.join(str(len(base[n])) for n in prefixes)}; EASE alone NDCG@10 "
         + " / ".join(f"{base[n].mean():.4f}" for n in prefixes)
     )
-    print("\n| days | weight | held-out change 1 / 2 / 3 (± s.e.) | mean |")
-    print("|---|---|---|---|")
+    print(
+        f"the next {NEXT_ITEMS} items, recent popularity at the prefix's last item: EASE alone "
+        + " / ".join(f"{ahead[n].mean():.4f}" for n in prefixes)
+    )
+
+    def cells(table: dict[tuple[int, float, float], np.ndarray], d: float, w: float) -> str:
+        out = []
+        for n in prefixes:
+            alone = table[n, 0.0, 0.0]
+            diff = table[n, d, w] - alone
+            se = diff.std() / np.sqrt(len(diff)) / alone.mean()
+            out.append(f"{table[n, d, w].mean() / alone.mean() - 1:+.1%} ± {se:.1%}")
+        return " / ".join(out)
+
+    print("\n| days | weight | held-out change 1 / 2 / 3 (± s.e.) | mean | next items 1 / 2 / 3 |")
+    print("|---|---|---|---|---|")
     for d in DAYS:
         for w in WEIGHTS:
-            cells = []
-            for n in prefixes:
-                diff = grid[n, d, w] - base[n]
-                se = diff.std() / np.sqrt(len(diff)) / base[n].mean()
-                cells.append(f"{grid[n, d, w].mean() / base[n].mean() - 1:+.1%} ± {se:.1%}")
             mean = np.mean([grid[n, d, w].mean() / base[n].mean() - 1 for n in prefixes])
-            print(f"| {d:g} | {w:g} | {' / '.join(cells)} | {mean:+.1%} |")
-    print(f"\nheld-out pick: {pick.days:g} days, weight {pick.weight:g} (mean {pick.gain:+.1%})")
+            later, soon = cells(grid, d, w), cells(upcoming, d, w)
+            print(f"| {d:g} | {w:g} | {later} | {mean:+.1%} | {soon} |")
+    print(
+        f"\nheld-out pick (no next-items prefix lower by more than its standard error): "
+        f"{pick.days:g} days, weight {pick.weight:g} (mean {pick.gain:+.1%}, next items "
+        f"{pick.next_gain or 0.0:+.1%})"
+    )
 
     # How far the protocol's test target lies after the last item of the longest prefix.
     gaps = np.asarray(

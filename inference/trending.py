@@ -32,14 +32,16 @@ __all__ = ["TrendingConfig", "recent_vector"]
 class TrendingConfig:
     """How much recent popularity counts, over how many days, and for histories under ``below``.
 
-    ``weight`` 0 or ``below`` 0 turns it off. ``gain`` is the held-out mean NDCG@10 change the lab
-    chose the blend by (for the record only).
+    ``weight`` 0 or ``below`` 0 turns it off. ``gain`` and ``next_gain`` are the held-out mean
+    NDCG@10 changes the lab chose the blend by, on later items and on the next ones (for the
+    record only).
     """
 
     days: int = 0
     weight: float = 0.0
     below: int = 0
     gain: float | None = None
+    next_gain: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and self.weight >= 0.0):
@@ -61,6 +63,8 @@ class TrendingConfig:
         out: dict[str, Any] = {"days": self.days, "weight": self.weight, "below": self.below}
         if self.gain is not None:
             out["heldout_gain"] = self.gain
+        if self.next_gain is not None:
+            out["heldout_next_gain"] = self.next_gain
         return out
 
     @classmethod

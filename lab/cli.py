@@ -417,7 +417,8 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
 
 def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int) -> Any:
     """The recent-popularity blend of short histories, chosen on held-out users with EASE's
-    settings of the fusion (or tuned now when the fusion has no EASE)."""
+    settings of the fusion (or tuned now when the fusion has no EASE): the largest gain on their
+    later items that costs nothing on their next ones (``lab.evaluate.choose_trending``)."""
     from inference.trending import TrendingConfig
     from lab.evaluate import baseline, choose_trending
     from lab.trending import PREFIXES, RecentPopularity
@@ -427,7 +428,11 @@ def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int) -> Any:
         ease = baseline("ease", split, say=click.echo, ease_max_items=ease_max_items)
     _, choice = choose_trending(split, RecentPopularity(ds, split), ease, PREFIXES, click.echo)
     return TrendingConfig(
-        days=round(choice.days), weight=choice.weight, below=max(PREFIXES) + 1, gain=choice.gain
+        days=round(choice.days),
+        weight=choice.weight,
+        below=max(PREFIXES) + 1,
+        gain=choice.gain,
+        next_gain=choice.next_gain,
     )
 
 

@@ -729,14 +729,19 @@ def choose_trending(
 ) -> tuple[RecentPopularity, TrendingChoice]:
     """The recent-popularity blend chosen on held-out users, with ``ease``'s settings."""
     from lab.training import ease_teacher
-    from lab.trending import DAYS, WEIGHTS, choose, heldout_grid
+    from lab.trending import DAYS, NEXT_ITEMS, WEIGHTS, choose, heldout_grid
 
     assert isinstance(ease, EASE)
-    grid = heldout_grid(split, recent, ease_teacher(ease.params()), prefixes, DAYS, WEIGHTS)
-    choice = choose(grid, prefixes, DAYS, WEIGHTS)
+    fit = ease_teacher(ease.params())
+    later = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS)
+    upcoming = heldout_grid(
+        split, recent, fit, prefixes, DAYS, WEIGHTS, targets=NEXT_ITEMS, upcoming=True
+    )
+    choice = choose(later, prefixes, DAYS, WEIGHTS, guard=upcoming)
+    ahead = "" if choice.next_gain is None else f", the next items {choice.next_gain:+.1%}"
     say(
         f"recent popularity: {choice.days:g} days, weight {choice.weight:g} below "
-        f"{max(prefixes) + 1} items (held-out users, mean change {choice.gain:+.1%})"
+        f"{max(prefixes) + 1} items (held-out users, mean change {choice.gain:+.1%}{ahead})"
     )
     return recent, choice
 

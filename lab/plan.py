@@ -133,17 +133,18 @@ def estimate_fit_seconds(split: Split, ease_items: int, *, grids: bool = True) -
     2-core machine)."""
     from lab.baselines import TUNE_USERS
     from lab.hybrid import FUSION_CELLS
-    from lab.trending import DAYS, HELDOUT_CELLS, PREFIXES, WEIGHTS
+    from lab.trending import DAYS, HELDOUT_CELLS, NEXT_ITEMS, PREFIXES, WEIGHTS
 
     users = len(split.eval_users)
     inverses = EASE_INVERSES if grids else 1
     ease = inverses * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
     grid = (GRID_POINTS if grids else 0) * min(users, TUNE_USERS) * split.n_items
     fusion = FUSION_JUDGED * min(users * split.n_items, FUSION_CELLS)
-    # Recent popularity's held-out choice: EASE once per fold, and each prefix's pairs judged
-    # for the model alone and every blend.
+    # Recent popularity's held-out choice, on later items and on the next ones: EASE once per
+    # fold for each, and each prefix's pairs judged for the model alone and every blend.
     heldout = min(len(split.train) * TRENDING_TARGETS * split.n_items, HELDOUT_CELLS)
-    trending = TRENDING_FOLDS * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
+    heldout += min(len(split.train) * NEXT_ITEMS * split.n_items, HELDOUT_CELLS)
+    trending = 2 * TRENDING_FOLDS * EASE_SECONDS_AT_10K * (ease_items / 10_000) ** 3
     trending_cells = heldout * len(PREFIXES) * (1 + len(DAYS) * len(WEIGHTS))
     return ease + trending + SECONDS_PER_CELL * (grid + fusion + trending_cells)
 

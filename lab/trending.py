@@ -30,6 +30,7 @@ from lab.protocol import Split, ndcg_per_user, target_ranks
 __all__ = [
     "DAYS",
     "DAY_S",
+    "NEXT_ITEMS",
     "PREFIXES",
     "WEIGHTS",
     "RecentPopularity",
@@ -45,6 +46,7 @@ PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and serv
 DAYS = (1.0, 3.0, 7.0, 30.0)
 WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
+NEXT_ITEMS = 3  # the next items a blend must not cost (heldout_grid(upcoming=True))
 # Held-out users x targets x items judged per prefix and blend, at most: every user of ML-100K
 # (16 M) and ml-latest-small (59 M); a larger set judges an evenly spaced share of its users.
 HELDOUT_CELLS = 60_000_000
@@ -73,20 +75,30 @@ class RecentPopularity:
     ) -> np.ndarray:
         """``log(1 + count)`` per item of the others' interactions in ``[until - days, until)``
         (``until`` itself included when ``inclusive``); none of ``user``'s own."""
-        lo = np.searchsorted(self.ts, until - days * DAY_S, side="left")
+        counts = self.counts(user, until - days * DAY_S, until, inclusive=inclusive)
+        return np.log1p(counts.astype(np.float64))
+
+    def counts(
+        self, user: int, since: float, until: float, *, inclusive: bool = False
+    ) -> np.ndarray:
+        """Per item, the others' interactions in ``[since, until)`` (``until`` itself included
+        when ``inclusive``); none of ``user``'s own."""
+        lo = np.searchsorted(self.ts, since, side="left")
         hi = np.searchsorted(self.ts, until, side="right" if inclusive else "left")
         others = self.user[lo:hi] != user
-        counts = np.bincount(self.item[lo:hi][others], minlength=self.n_items)
-        return np.log1p(counts.astype(np.float64))
+        counts: np.ndarray = np.bincount(self.item[lo:hi][others], minlength=self.n_items)
+        return counts
 
 
 @dataclass(frozen=True)
 class TrendingChoice:
-    """The blend :func:`choose` picked and its mean relative NDCG@10 change over the prefixes."""
+    """The blend :func:`choose` picked and its mean relative NDCG@10 change over the prefixes:
+    on the later targets (``gain``) and on the next items (``next_gain``, when judged)."""
 
     days: float
     weight: float
     gain: float
+    next_gain: float | None = None
 
 
 def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
@@ -98,15 +110,20 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     weights: Sequence[float],
     folds: int = 5,
     targets: int = 10,
+    *,
+    upcoming: bool = False,
 ) -> dict[tuple[int, float, float], np.ndarray]:
     """NDCG@10 per (held-out user, target) for the model alone (``days`` = ``weight`` = 0) and
     for each blend, keyed ``(n, days, weight)``.
 
     User ``u`` is in fold ``u % folds``; each fold's model is fitted on the others' training
     items only. A user takes part with at least ``max(prefixes) + 1`` training items; their
-    targets are the last ``targets`` training items after the prefix, the prefix masked. Users
-    are scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once,
-    and every ``stride``-th of them takes part so that at most :data:`HELDOUT_CELLS` are judged.
+    targets are the last ``targets`` training items after the prefix, the prefix masked, each
+    with recent popularity up to its own moment. With ``upcoming`` they are instead the next
+    ``targets`` items after the prefix, with recent popularity up to the prefix's last item
+    (included): what a live list, made when that item was folded, is shown for. Users are
+    scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once, and
+    every ``stride``-th of them takes part so that at most :data:`HELDOUT_CELLS` are judged.
     """
     empty = np.zeros(0, dtype=np.int64)
     out: dict[tuple[int, float, float], list[np.ndarray]] = {}
@@ -124,7 +141,8 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
         users = users[::stride]
         for s in range(0, len(users), step):
             for n in prefixes:
-                _judge(out, model, split, recent, users[s : s + step], n, days, weights, targets)
+                chunk = users[s : s + step]
+                _judge(out, model, split, recent, chunk, n, days, weights, targets, upcoming)
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
@@ -138,22 +156,27 @@ def _judge(  # noqa: PLR0917 - one step of heldout_grid, its loop variables
     days: Sequence[float],
     weights: Sequence[float],
     targets: int,
+    upcoming: bool,
 ) -> None:
     """:func:`heldout_grid` for ``users`` on their first ``n`` items: appends to ``out``."""
     base = standardise(model.score([split.train[u][:n] for u in users]))
     rows, items, moments = [], [], []
     for i, u in enumerate(users):
         seq = split.train[u]
-        for j in range(max(n, len(seq) - targets), len(seq)):
-            rows.append(i)
-            items.append(seq[j])
-            moments.append((u, recent.times[u][j]))
+        judged = range(n, n + targets) if upcoming else range(len(seq) - targets, len(seq))
+        for j in judged:
+            if n <= j < len(seq):
+                rows.append(i)
+                items.append(seq[j])
+                moments.append((u, recent.times[u][n - 1 if upcoming else j]))
     hist = [split.train[users[i]][:n] for i in rows]
     model_z = base[rows]
     goal = np.asarray(items, dtype=np.int64)
     out.setdefault((n, 0.0, 0.0), []).append(ndcg_per_user(target_ranks(model_z, hist, goal)))
     for d in days:
-        fresh = standardise(np.stack([recent.scores(u, t, d) for u, t in moments]))
+        fresh = standardise(
+            np.stack([recent.scores(u, t, d, inclusive=upcoming) for u, t in moments])
+        )
         for w in weights:
             ranks = target_ranks(model_z + w * fresh, hist, goal)
             out.setdefault((n, float(d), float(w)), []).append(ndcg_per_user(ranks))
@@ -165,21 +188,46 @@ def choose(
     days: Sequence[float],
     weights: Sequence[float],
     z: float = 2.0,
+    *,
+    guard: dict[tuple[int, float, float], np.ndarray] | None = None,
 ) -> TrendingChoice:
     """The ``(days, weight)`` with the largest mean relative NDCG@10 change over ``prefixes``,
     among the blends whose gain is at least ``z`` standard errors (per-pair changes, each
-    relative to its prefix's mean, pooled); weight 0 (no blend) when none is."""
+    relative to its prefix's mean, pooled) and, with a ``guard`` grid (the next items,
+    ``heldout_grid(upcoming=True)``), that lose no more than one standard error there on any
+    prefix: a blend that helps the later items must not cost the very next ones. Weight 0 (no
+    blend) when none qualifies."""
     best = TrendingChoice(days=0.0, weight=0.0, gain=0.0)
-    base = {n: max(float(grid[n, 0.0, 0.0].mean()), 1e-12) for n in prefixes}
     for d in days:
         for w in weights:
-            rows = {n: grid[n, float(d), float(w)] for n in prefixes}
-            gain = float(np.mean([rows[n].mean() / base[n] - 1.0 for n in prefixes]))
-            pairs = np.concatenate([(rows[n] - grid[n, 0.0, 0.0]) / base[n] for n in prefixes])
-            sure = pairs.mean() > z * pairs.std() / np.sqrt(max(len(pairs), 1))
-            if sure and gain > best.gain:
-                best = TrendingChoice(days=float(d), weight=float(w), gain=gain)
+            changes, sure = _changes(grid, prefixes, float(d), float(w), z)
+            gain = float(np.mean([c for c, _ in changes]))
+            ahead = None if guard is None else _changes(guard, prefixes, float(d), float(w), z)[0]
+            costs = ahead is not None and any(c < -se for c, se in ahead)
+            if sure and gain > best.gain and not costs:
+                next_gain = None if ahead is None else float(np.mean([c for c, _ in ahead]))
+                best = TrendingChoice(float(d), float(w), gain, next_gain)
     return best
+
+
+def _changes(
+    grid: dict[tuple[int, float, float], np.ndarray],
+    prefixes: Sequence[int],
+    d: float,
+    w: float,
+    z: float,
+) -> tuple[list[tuple[float, float]], bool]:
+    """A blend's relative change on each prefix with its standard error, and whether their mean
+    is ``z`` standard errors above zero (per-pair changes, each relative to its prefix's mean,
+    pooled)."""
+    base = {n: max(float(grid[n, 0.0, 0.0].mean()), 1e-12) for n in prefixes}
+    diffs = {n: (grid[n, d, w] - grid[n, 0.0, 0.0]) / base[n] for n in prefixes}
+    changes = [
+        (float(diffs[n].mean()), float(diffs[n].std() / np.sqrt(max(len(diffs[n]), 1))))
+        for n in prefixes
+    ]
+    pairs = np.concatenate(list(diffs.values()))
+    return changes, bool(pairs.mean() > z * pairs.std() / np.sqrt(max(len(pairs), 1)))
 
 
 def at_targets(

@@ -151,6 +151,32 @@ def test_choose_takes_recent_popularity_where_it_predicts_and_nothing_where_it_d
     assert choose(flat, (1, 2), (1.0,), (8.0,)).weight == 0.0
 
 
+def test_a_blend_that_costs_the_next_items_is_passed_over(
+    trend: tuple[Dataset, Split, RecentPopularity],
+) -> None:
+    _, split, recent = trend
+
+    def fit(part: Split) -> PopularityRanker:
+        return PopularityRanker().fit(part)
+
+    days, weights = (1.0, 30.0), (0.5, 2.0)
+    later = heldout_grid(split, recent, fit, (1, 2), days, weights, folds=3)
+    upcoming = heldout_grid(
+        split, recent, fit, (1, 2), days, weights, folds=3, targets=2, upcoming=True
+    )
+    for n in (1, 2):  # the next two items after the prefix of every user with 3+ items
+        expected = sum(min(2, len(s) - n) for s in split.train if len(s) >= 3)
+        assert len(upcoming[n, 0.0, 0.0]) == len(upcoming[n, 1.0, 2.0]) == expected
+    # At the prefix's last item, a day's fashion is yesterday's: it names the later items (each
+    # counted at its own moment) and misleads about the next one, the more the heavier.
+    assert choose(later, (1, 2), days, weights).weight == 2.0
+    for n in (1, 2):
+        assert upcoming[n, 1.0, 2.0].mean() < upcoming[n, 0.0, 0.0].mean()
+    guarded = choose(later, (1, 2), days, weights, guard=upcoming)
+    assert (guarded.days, guarded.weight) == (1.0, 0.5) and guarded.gain > 0.5
+    assert guarded.next_gain is not None and abs(guarded.next_gain) < 0.05
+
+
 def test_eval_reports_the_blend_chosen_on_held_out_users_and_leaves_full_histories_alone(
     trend: tuple[Dataset, Split, RecentPopularity], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,143 @@
+"""Cold start as served: the artifact's own scorer, given the counts the live system would hold.
+
+``recstream eval --cold-start`` measures the blend of recent popularity as the lab defines it
+(others' interactions in the 30 days up to the target's moment, blended into gen+ease). This
+script measures what users get instead: the served model (``load_recommender``: INT8 on a CPU,
+the artifact's retrieval and trending sections as configured) scores each test user's first 1, 2
+and 3 training items through :meth:`~inference.artifact.ArtifactRecommender.use_recent`, with
+the counts the stream worker keeps (one per user and item, on UTC days) summed over the
+artifact's window of whole days ending on the day of a moment, up to that moment:
+
+- ``target``: the moment of the user's next interaction (the protocol's test item), as eval does;
+- ``prefix``: the moment of the prefix's last item, when the list the user sees was regenerated
+  (if nothing refreshed it since).
+
+The user's own prefix items are in the counts (the fold counts them), none of their later ones
+(a user with a short history has none). Prints NDCG@10 per prefix without counts (what was
+served before) and with them, the change and the paired Wilcoxon p.
+
+``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.cold_start_served --dataset
+ml-100k --artifact <folder>`` (a signed artifact from ``recstream train`` on that dataset, with
+a ``"trending"`` section).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from inference.artifact import ArtifactRecommender, load_recommender
+from lab.datasets import load_dataset
+from lab.protocol import Split, leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.trending import PREFIXES, RecentPopularity
+from recstream.settings import CommonSettings
+from streams.trending import DAY_S, day_of
+
+
+def served_counts(
+    recent: RecentPopularity, split: Split, user: int, n: int, *, moment: float, days: int
+) -> dict[str, int]:
+    """The window's counts the live system holds at ``moment`` for ``user`` with their first
+    ``n`` items folded: everyone else's interactions on the window's days up to the moment, and
+    the user's own prefix items among them."""
+    since = (day_of(moment) - days + 1) * DAY_S
+    counts = recent.counts(user, since, moment, inclusive=True)
+    for j, item in enumerate(split.train[user][:n]):
+        if since <= recent.times[user][j] <= moment:
+            counts[item] += 1
+    return {split.item_ids[i]: int(counts[i]) for i in np.flatnonzero(counts)}
+
+
+def ndcg_of(
+    model: ArtifactRecommender,
+    split: Split,
+    hist: list[np.ndarray],
+    targets: np.ndarray,
+    counts: list[dict[str, int] | None],
+) -> np.ndarray:
+    """Per-user NDCG@10 of the served scores, each user scored with their own counts."""
+    out = []
+    for h, target, held in zip(hist, targets, counts, strict=True):
+        model.use_recent(held)
+        scores = model.score([h])
+        out.append(ndcg_per_user(target_ranks(scores, [h], np.asarray([target]))))
+    model.use_recent(None)
+    return np.concatenate(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="dataset name or folder")
+    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(args.dataset, CommonSettings().data_dir)
+    split = leave_one_out(ds)
+    recent = RecentPopularity(ds, split)
+    model = load_recommender(args.artifact)
+    if model.item_ids != split.item_ids:
+        raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
+    trend = model.trending
+    if not trend.active:
+        raise SystemExit(f"artifact {args.artifact} blends no recent popularity")
+    print(
+        f"{split.dataset}, {model.name} ({model.version}, {model.precision}): recent popularity "
+        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items; "
+        f"retrieval weight {model.retrieval.weight:g} under {model.retrieval.max_history}"
+    )
+    print(
+        "\n| history | users | test item: served before | counts at its moment | change | p "
+        "| counts at the prefix's last item | change | p | next item: served before "
+        "| counts at the prefix's last item | change | p |"
+    )
+    print("|---" * 13 + "|")
+    targets_all = split.targets("test")
+    for n in PREFIXES:
+        hist, rows = split.prefix_histories("test", n)
+        targets = targets_all[rows]
+        users = split.eval_users[rows]
+        before = ndcg_of(model, split, hist, targets, [None] * len(hist))
+        cells = []
+        # The moments: the test target's, and the prefix's last item's.
+        for last in (-1, n - 1):
+            held: list[dict[str, int] | None] = [
+                served_counts(
+                    recent, split, int(u), n, moment=recent.times[u][last], days=trend.days
+                )
+                for u in users
+            ]
+            after = ndcg_of(model, split, hist, targets, held)
+            p = significance(after, before)["wilcoxon_p"]
+            cells.append(f"{after.mean():.4f} | {after.mean() / before.mean() - 1:+.1%} | {p:.2g}")
+        # A new user's next item, from the counts when the prefix's list was made.
+        ok = [i for i, u in enumerate(users) if len(split.train[u]) > n]
+        nexts = np.asarray([split.train[users[i]][n] for i in ok])
+        short = [hist[i] for i in ok]
+        plain = ndcg_of(model, split, short, nexts, [None] * len(ok))
+        held = [
+            served_counts(
+                recent,
+                split,
+                int(users[i]),
+                n,
+                moment=recent.times[users[i]][n - 1],
+                days=trend.days,
+            )
+            for i in ok
+        ]
+        after = ndcg_of(model, split, short, nexts, held)
+        p = significance(after, plain)["wilcoxon_p"]
+        cells.append(
+            f"{plain.mean():.4f} | {after.mean():.4f} | {after.mean() / plain.mean() - 1:+.1%} "
+            f"| {p:.2g}"
+        )
+        print(f"| first {n} | {len(hist)} | {before.mean():.4f} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
