@@ -18,16 +18,12 @@ prefix item))`` (nothing after that moment, nothing of the user's own), for D in
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from bench.common import artifact_parser, cold_start_data
 from inference.artifact import load_recommender, read_item_index
 from inference.hybrid import standardise
-from lab.datasets import load_dataset
-from lab.protocol import leave_one_out, ndcg_per_user, target_ranks
-from lab.trending import RecentPopularity
-from recstream.settings import CommonSettings
+from lab.protocol import ndcg_per_user, target_ranks
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 RECENT_DAYS = (7, 30)
@@ -37,18 +33,10 @@ BATCH = 128
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="dataset name or folder")
-    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser = artifact_parser(__doc__ or "")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    ds = load_dataset(args.dataset, CommonSettings().data_dir)
-    split = leave_one_out(ds)
-    recent = RecentPopularity(ds, split)
+    split, recent = cold_start_data(args)
     model = load_recommender(args.artifact, retrieval=False)
     vectors = read_item_index(args.artifact).vectors(split.item_ids)
     counts = np.zeros(split.n_items)

@@ -23,15 +23,12 @@ a ``"trending"`` section).
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from bench.common import artifact_parser, cold_start_data
 from inference.artifact import ArtifactRecommender, load_recommender
-from lab.datasets import load_dataset
-from lab.protocol import Split, leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.protocol import Split, ndcg_per_user, significance, target_ranks
 from lab.trending import PREFIXES, RecentPopularity
-from recstream.settings import CommonSettings
 from streams.trending import DAY_S, day_of
 
 
@@ -67,18 +64,10 @@ def ndcg_of(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="dataset name or folder")
-    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser = artifact_parser(__doc__ or "")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    ds = load_dataset(args.dataset, CommonSettings().data_dir)
-    split = leave_one_out(ds)
-    recent = RecentPopularity(ds, split)
+    split, recent = cold_start_data(args)
     model = load_recommender(args.artifact)
     if model.item_ids != split.item_ids:
         raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")

@@ -19,26 +19,23 @@ ml-100k --artifact <folder>`` (a signed artifact from ``recstream train`` on tha
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from bench.common import artifact_parser, cold_start_data
 from inference.artifact import load_recommender
 from inference.hybrid import standardise
-from lab.datasets import load_dataset
-from lab.protocol import leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.protocol import ndcg_per_user, significance, target_ranks
 from lab.training import default_teacher
 from lab.trending import (
     DAY_S,
     DAYS,
     NEXT_ITEMS,
+    PREFIXES,
     WEIGHTS,
-    RecentPopularity,
     at_targets,
     choose,
     heldout_grid,
 )
-from recstream.settings import CommonSettings
 
 BATCH = 128
 
@@ -48,21 +45,13 @@ def _pct(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="dataset name or folder")
-    parser.add_argument("--artifact", required=True, help="folder written by `recstream train`")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser = artifact_parser(__doc__ or "")
     parser.add_argument("--folds", type=int, default=5, help="folds of held-out users")
     parser.add_argument("--targets", type=int, default=10, help="targets per held-out user")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    prefixes = (1, 2, 3)
-    ds = load_dataset(args.dataset, CommonSettings().data_dir)
-    split = leave_one_out(ds)
-    recent = RecentPopularity(ds, split)
+    prefixes = PREFIXES
+    split, recent = cold_start_data(args)
 
     fit = default_teacher(split)
     grid = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, args.targets)
