@@ -207,6 +207,7 @@ class RegenService:
                 refresh_s=settings.regen_trending_refresh_s,
             )
         self._recent_sent: dict[str, int] | None = None
+        self._recent_day: int | None = None  # the window's last day when it was last logged
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -326,8 +327,17 @@ class RegenService:
         (before the lists they are for are submitted)."""
         if self.recent is None or not self.recent.due():
             return
+        latest = self.recent.latest
         counts = self.recent.read()
         if counts is not None and counts != self._recent_sent:
+            if latest != self._recent_day:
+                log.info(
+                    "recent popularity: %d items counted in the %d days to day %s",
+                    len(counts),
+                    self.recent.days,
+                    latest,
+                )
+                self._recent_day = latest
             self.pool.set_recent(counts)
             self._recent_sent = counts
 
