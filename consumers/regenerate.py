@@ -141,9 +141,11 @@ class RecentCounts:
     """The recent-popularity counts of a ``days`` window, summed from the stream worker's
     per-day hashes (``Keys.trending``, ``streams.trending``) and kept.
 
-    The window ends on the latest event day the service has seen (:meth:`saw`, fed with each
-    change's ``trigger_ts``), so a replay of old events is served the popularity of its own time,
-    as live traffic is today's; a time more than a day ahead of the wall clock is not believed.
+    The window ends on the latest event day among the changes that arrived since the previous
+    read (:meth:`saw`, fed with each change's ``trigger_ts``; the window stays where it was when
+    none did), so a replay of old events is served the popularity of its own time, as live
+    traffic is today's, and a replay that went further before does not hold the window there; a
+    time more than a day ahead of the wall clock is not believed.
     The newest two days are read again every ``refresh_s``, older ones (settled: few events
     arrive that late) every ``settled_s``. When Redis cannot answer, the counts read before stay;
     when the ACL refuses them (a deployment that predates them), they are not asked again and
@@ -164,26 +166,30 @@ class RecentCounts:
         self.client, self.keys, self.days = client, keys, days
         self.refresh_s, self.settled_s = refresh_s, settled_s
         self.clock, self.wall = clock, wall
-        self.latest: int | None = None  # the latest event day seen
+        self.latest: int | None = None  # the window's last day, as of the latest read
+        self._arriving: int | None = None  # the latest day among the changes since that read
         self._held: dict[int, tuple[dict[str, int], float]] = {}  # day -> (counts, read at)
         self._read_at: float | None = None
         self.refused = False
 
     def saw(self, ts: datetime) -> None:
-        """A change of this event time arrived: the window ends on its day, if that is later."""
+        """A change of this event time arrived: the next read's window ends on its day, unless
+        another change since the previous read is later."""
         day = day_of(min(ts.timestamp(), self.wall() + DAY_S))
-        if self.latest is None or day > self.latest:
-            self.latest = day
+        if self._arriving is None or day > self._arriving:
+            self._arriving = day
 
     def due(self) -> bool:
         """Whether :meth:`read` would read anything now."""
-        if self.refused or self.latest is None or self.days <= 0:
+        if self.refused or self.days <= 0 or (self.latest is None and self._arriving is None):
             return False
         return self._read_at is None or self.clock() - self._read_at >= self.refresh_s
 
     def read(self) -> dict[str, int] | None:
         """The window's counts per item id, reading the days that are due; ``None`` when there
         is no window yet or Redis refused every read so far."""
+        if self._arriving is not None:
+            self.latest, self._arriving = self._arriving, None
         if self.latest is None or self.days <= 0:
             return None
         now = self.clock()
