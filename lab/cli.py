@@ -42,10 +42,6 @@ def _dataset(dataset: str) -> tuple[Any, Any]:
     return ds, leave_one_out(ds)
 
 
-def _split(dataset: str) -> Any:
-    return _dataset(dataset)[1]
-
-
 def _threads(threads: int) -> None:
     import torch
 
