@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,14 +81,12 @@ class ArtifactCatalog:
     """What a service needs from an artifact without loading the model: its catalog and popularity.
 
     ``popularity`` is the training popularity stored in ``items.json``: the pool's fallback, and
-    its head is the warm-up history. ``trending`` is the recent-popularity blend the model
-    serves: the window of live counts the service must hand it.
+    its head is the warm-up history.
     """
 
     version: str
     item_ids: list[str]
     popularity: Popularity
-    trending: TrendingConfig = field(default_factory=TrendingConfig)
 
 
 def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> ArtifactCatalog:
@@ -110,8 +108,7 @@ def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> Arti
         raise ArtifactError(f"{path} has a malformed config or vocabulary: {exc}") from exc
     if len(counts) != len(item_ids):
         raise ArtifactError(f"{path}: popularity does not match the vocabulary")
-    popularity = Popularity(dict(zip(item_ids, counts, strict=True)))
-    return ArtifactCatalog(version, item_ids, popularity, _trending_config(config, path))
+    return ArtifactCatalog(version, item_ids, Popularity(dict(zip(item_ids, counts, strict=True))))
 
 
 def read_item_index(folder: str | Path, trust: ArtifactTrust | None = None) -> ItemIndex:
@@ -427,9 +424,9 @@ class ArtifactRecommender:
         return out
 
 
-def _trending_config(config: Any, folder: Path) -> TrendingConfig:
+def _trending_config(config: dict[str, Any], folder: Path) -> TrendingConfig:
     """The served recent-popularity blend of a config (off without its section)."""
-    section = config.get("trending") if isinstance(config, dict) else None
+    section = config.get("trending")
     if section is None:
         return TrendingConfig()
     try:

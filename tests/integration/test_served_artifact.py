@@ -135,10 +135,9 @@ def test_cached_lists_are_the_artifacts_answer_for_the_folded_history(
 def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
     ns: Namespace, tmp_path: Path, trending_artifact: Path
 ) -> None:
-    catalog = read_catalog(trending_artifact)
-    assert catalog.trending.active and catalog.trending.below == 4
-    items = catalog.item_ids
     model = load_recommender(trending_artifact)
+    assert model.trending.active and model.trending.below == 4
+    items = model.item_ids
     # The item the crowd takes up today: one the model ranks low for the newcomer's history.
     newcomer = [items[0]]
     hot = model.recommend([newcomer], len(items))[0][-1][0]

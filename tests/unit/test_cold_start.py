@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.artifact import load_recommender, read_catalog
+from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError, InferenceError
 from inference.generative import GenConfig, GenScorer, ItemTransformer
 from inference.hybrid import blend
@@ -337,9 +337,8 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     )
     stored = json.loads((folder / "config.json").read_text())["trending"]
     assert stored == {"days": 30, "weight": 4.0, "below": 3, "heldout_gain": 0.5}
-    assert read_catalog(folder).trending == TrendingConfig(days=30, weight=4.0, below=3)
     rec = load_recommender(folder, device="cpu", quantize=False)
-    assert rec.recent_days == 30
+    assert rec.trending == TrendingConfig(days=30, weight=4.0, below=3) and rec.recent_days == 30
     hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6]), np.asarray([2, 4, 6, 8])]
     text = TextRetrieval(ItemIndex.build(split.item_ids, vectors), split.item_ids)
     retrieved = RetrievalBlend(hybrid, text, retrieval).score(hist)
