@@ -36,8 +36,8 @@ through a queue that the loop drains.
   (``inference.conversation.SessionRefiner``), published with ``source: "refined"``: the
   conversation steers the live stream until the session expires.
 - **Recent popularity**: when the served model blends it (``inference.trending``), the window
-  of the stream worker's per-day counts, ending on the latest day of the changes arriving, is
-  read every few
+  of the stream worker's per-day counts, ending on the most common day of the changes
+  arriving, is read every few
   seconds (:class:`consumers.regenerate.RecentCounts`) and handed to the pool's workers, so a
   user with a very short history gets what is popular now in their list.
 - **Reasons**: each item of a model's list carries ``because``, up to three of the user's history

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple
@@ -141,11 +141,12 @@ class RecentCounts:
     """The recent-popularity counts of a ``days`` window, summed from the stream worker's
     per-day hashes (``Keys.trending``, ``streams.trending``) and kept.
 
-    The window ends on the latest event day among the changes that arrived since the previous
-    read (:meth:`saw`, fed with each change's ``trigger_ts``; the window stays where it was when
-    none did), so a replay of old events is served the popularity of its own time, as live
-    traffic is today's, and a replay that went further before does not hold the window there; a
-    time more than a day ahead of the wall clock is not believed.
+    The window ends on the most common event day among the changes that arrived since the
+    previous read (the later one on a tie; :meth:`saw`, fed with each change's ``trigger_ts``;
+    the window stays where it was when none did), so a replay of old events is served the
+    popularity of its own time, as live traffic is today's, and a few changes of another time
+    among them (a conversation turn is stamped now) do not move it; a time more than a day ahead
+    of the wall clock is not believed.
     The newest two days are read again every ``refresh_s``, older ones (settled: few events
     arrive that late) every ``settled_s``. When Redis cannot answer, the counts read before stay;
     when the ACL refuses them (a deployment that predates them), they are not asked again and
@@ -167,29 +168,27 @@ class RecentCounts:
         self.refresh_s, self.settled_s = refresh_s, settled_s
         self.clock, self.wall = clock, wall
         self.latest: int | None = None  # the window's last day, as of the latest read
-        self._arriving: int | None = None  # the latest day among the changes since that read
+        self._arriving: Counter[int] = Counter()  # the days of the changes since that read
         self._held: dict[int, tuple[dict[str, int], float]] = {}  # day -> (counts, read at)
         self._read_at: float | None = None
         self.refused = False
 
     def saw(self, ts: datetime) -> None:
-        """A change of this event time arrived: the next read's window ends on its day, unless
-        another change since the previous read is later."""
-        day = day_of(min(ts.timestamp(), self.wall() + DAY_S))
-        if self._arriving is None or day > self._arriving:
-            self._arriving = day
+        """A change of this event time arrived: its day counts towards the next read's window."""
+        self._arriving[day_of(min(ts.timestamp(), self.wall() + DAY_S))] += 1
 
     def due(self) -> bool:
         """Whether :meth:`read` would read anything now."""
-        if self.refused or self.days <= 0 or (self.latest is None and self._arriving is None):
+        if self.refused or self.days <= 0 or (self.latest is None and not self._arriving):
             return False
         return self._read_at is None or self.clock() - self._read_at >= self.refresh_s
 
     def read(self) -> dict[str, int] | None:
         """The window's counts per item id, reading the days that are due; ``None`` when there
         is no window yet or Redis refused every read so far."""
-        if self._arriving is not None:
-            self.latest, self._arriving = self._arriving, None
+        if self._arriving:
+            self.latest = max(self._arriving.items(), key=lambda kv: (kv[1], kv[0]))[0]
+            self._arriving.clear()
         if self.latest is None or self.days <= 0:
             return None
         now = self.clock()

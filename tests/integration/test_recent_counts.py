@@ -30,7 +30,9 @@ def _at(day: int, hour: float = 12.0) -> datetime:
     return datetime.fromtimestamp(day * DAY_S + hour * 3600, UTC)
 
 
-def test_the_window_ends_on_the_latest_day_seen_and_is_read_again_on_time(ns: Namespace) -> None:
+def test_the_window_ends_on_the_arriving_changes_day_and_is_read_again_on_time(
+    ns: Namespace,
+) -> None:
     keys = Keys(ns.settings.key_prefix)
     client = redis_client(ns.settings)
     clock, wall = _Clock(), _Clock((TODAY + 1) * DAY_S)
@@ -65,8 +67,11 @@ def test_the_window_ends_on_the_latest_day_seen_and_is_read_again_on_time(ns: Na
         clock.now = 610.0
         window.read()
         assert window.latest == TODAY + 2
-        # Only older changes arriving (a replay of earlier events): the window follows them.
-        window.saw(_at(TODAY - 20))
+        # Mostly older changes arriving (a replay of earlier events, a conversation turn stamped
+        # now among them): the window follows the replay.
+        for _ in range(3):
+            window.saw(_at(TODAY - 20))
+        window.saw(_at(TODAY))
         clock.now = 615.0
         assert window.read() == {"a": 20, "old": 9} and window.latest == TODAY - 20
     finally:
