@@ -26,6 +26,7 @@ from inference.hybrid import standardise
 from inference.scoring import CatalogScorer
 from lab.datasets import Dataset
 from lab.protocol import Split, ndcg_per_user, target_ranks
+from streams.trending import DAY_S  # the day the stream worker counts by
 
 __all__ = [
     "DAYS",
@@ -40,7 +41,6 @@ __all__ = [
     "heldout_grid",
 ]
 
-DAY_S = 86_400.0
 PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and served to)
 # The blends :func:`heldout_grid` tries: window in days, weight of z(recent popularity).
 DAYS = (1.0, 3.0, 7.0, 30.0)
