@@ -62,6 +62,7 @@ from pydantic_core import to_json
 from api.conversation import (
     MAX_CONVERSATION_BODY,
     ConversationEngine,
+    RecentWindows,
     TurnRefused,
     load_attributes,
     parse_request,
@@ -119,6 +120,8 @@ REDIS: web.AppKey[redis.asyncio.Redis] = web.AppKey("redis", redis.asyncio.Redis
 # that runs their work.
 ENGINE: web.AppKey[ConversationEngine | None] = web.AppKey("conversation", ConversationEngine)
 MODEL_THREAD: web.AppKey[ThreadPoolExecutor] = web.AppKey("model_thread", ThreadPoolExecutor)
+# The recent-popularity counts short histories' turns rank with (None: the model blends none).
+RECENT: web.AppKey[RecentWindows | None] = web.AppKey("recent", RecentWindows)
 # The conversation's own Redis identity (principal ``converse``: the catalog and the user's
 # profile to read, the session to write), so the API's ``api`` user stays read-only on lists.
 CONVERSE = "converse"
@@ -489,6 +492,7 @@ def build_app(settings: ApiSettings) -> web.Application:
                 k=settings.api_default_k,
                 ttl_s=settings.api_conversation_ttl_s,
                 variant=settings.api_variant,
+                recent=request.app[RECENT],
             )
         except TurnRefused as refused:
             r = refused.refusal
@@ -511,14 +515,22 @@ def build_app(settings: ApiSettings) -> web.Application:
     async def connect(app: web.Application) -> None:
         app[REDIS] = async_redis_client(settings)
         app[MODEL_THREAD] = ThreadPoolExecutor(1, thread_name_prefix="conversation")
-        app[ENGINE] = None
+        app[ENGINE] = app[RECENT] = None
         folder = settings.api_conversation_model_dir
         if folder is not None:  # loaded before serving: a turn never waits for a model load
             app[CONVERSE_REDIS] = async_redis_client(settings, CONVERSE)
             attributes = await load_attributes(app[CONVERSE_REDIS], keys)
-            app[ENGINE] = await asyncio.get_running_loop().run_in_executor(
+            engine = await asyncio.get_running_loop().run_in_executor(
                 app[MODEL_THREAD], ConversationEngine.load, folder, attributes
             )
+            app[ENGINE] = engine
+            if engine.recent_days > 0:
+                app[RECENT] = RecentWindows(
+                    app[CONVERSE_REDIS],
+                    keys,
+                    engine.recent_days,
+                    refresh_s=settings.api_trending_refresh_s,
+                )
 
     async def disconnect(app: web.Application) -> None:
         nonlocal sink, notices

@@ -2,9 +2,11 @@
 
 The route reads the user's session (Redis, ``schemas.conversation.session_key``), understands the
 message (:class:`inference.conversation.RuleParser`), folds it into the session's constraints,
-ranks every unseen catalog item with the served artifact for the user's stored history, keeps
-what meets the constraints (:func:`inference.conversation.refine`), explains each item
-(:func:`inference.reasons.occlusion_reasons`), and writes the session back with its TTL, its turns
+ranks every unseen catalog item with the served artifact for the user's stored history (a
+history short enough gets recent popularity blended in, as the regeneration service does:
+:class:`RecentWindows`), keeps what meets the constraints (:func:`inference.conversation.refine`),
+explains each item (:func:`inference.reasons.occlusion_reasons`, and ``popular`` where recent
+popularity brought it in), and writes the session back with its TTL, its turns
 trimmed to the newest 1024 tokens. The regeneration service reads the same session, so the
 constraints keep steering the list the user's new events regenerate while the session lives.
 
@@ -18,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ import numpy as np
 import redis.asyncio
 from pydantic import ValidationError
 
+from api.metrics import TRENDING_FAILURES
 from consumers.regenerate import model_history
 from inference.conversation import (
     CatalogAttributes,
@@ -41,9 +47,9 @@ from inference.conversation import (
     refine,
     trim_turns,
 )
-from inference.reasons import occlusion_reasons
+from inference.reasons import ListReasons, occlusion_reasons
 from recstream.keys import Keys
-from schemas import ModelRef
+from schemas import ModelRef, PopularNow
 from schemas.conversation import (
     Constraints,
     ConversationReply,
@@ -55,10 +61,12 @@ from schemas.conversation import (
     session_key,
 )
 from streams.profile import read_profile_async
+from streams.trending import DAY_S, day_of, read_counts, sum_counts
 
 __all__ = [
     "MAX_CONVERSATION_BODY",
     "ConversationEngine",
+    "RecentWindows",
     "Refusal",
     "TurnRefused",
     "load_attributes",
@@ -130,6 +138,7 @@ class ConversationEngine:
         self.tokenizer = tokenizer
         self._vectors = vectors  # ItemIndex: item ids -> unit MiniLM vectors
         self.model = ModelRef(name=recommender.name, version=recommender.version)
+        self._recent: dict[str, int] | None = None  # the counts the model holds
 
     @classmethod
     def load(cls, folder: Path, attributes: CatalogAttributes) -> ConversationEngine:
@@ -150,6 +159,37 @@ class ConversationEngine:
     def vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         return np.asarray(self._vectors.vectors(item_ids), dtype=np.float32)
 
+    @property
+    def recent_days(self) -> int:
+        """The model's window of recent popularity, in days (0: it blends none)."""
+        days: int = self.recommender.recent_days
+        return days
+
+    def blends_recent(self, history: list[str]) -> bool:
+        """Whether this history's list gets recent popularity blended in (when counts exist)."""
+        applies: bool = self.recommender.trending.applies(len(self.recommender.to_indices(history)))
+        return applies
+
+    def popular(
+        self, history: list[str], constraints: Constraints, listed: list[str], k: int
+    ) -> dict[str, PopularNow]:
+        """The items of a refined list that recent popularity brought into it: those that the
+        same refinement of the ranking without the counts does not list, of those enough users
+        took up (``ArtifactRecommender.popular``'s rule, for a refined list). Runs a second
+        ranking, for a history the blend applies to only."""
+        counts = self._recent
+        users = self.recommender.recent_users(listed)
+        if counts is None or not users or not self.blends_recent(history):
+            return {}
+        self.use_recent(None)
+        try:
+            before = refine(self.ranked(history), constraints, self.attributes, k, self.vectors)
+        finally:
+            self.use_recent(counts)
+        kept = {item for item, _ in before}
+        brought = {item: n for item, n in users.items() if item not in kept}
+        return ListReasons({}, brought, self.recent_days).popular_now()
+
     def understand(self, message: str) -> Parsed:
         return self.parser.parse(message)
 
@@ -160,6 +200,14 @@ class ConversationEngine:
         )[0]
         return ranked
 
+    def use_recent(self, counts: dict[str, int] | None) -> None:
+        """The recent-popularity counts the next turns rank with (``None``: none), handed to the
+        model only when they are not the ones it holds. Call it on the model's thread, with the
+        turn it is for."""
+        if counts is not self._recent:
+            self.recommender.use_recent(counts)
+            self._recent = counts
+
     def turn(
         self,
         history: list[str],
@@ -167,12 +215,17 @@ class ConversationEngine:
         message: str,
         k: int,
         now: datetime,
+        *,
+        recent: dict[str, int] | None = None,
     ) -> TurnResult:
         parsed = self.understand(message)
         before = previous.constraints if previous is not None else Constraints()
         constraints = merge(before, parsed)
+        self.use_recent(recent)
         listed = refine(self.ranked(history), constraints, self.attributes, k, self.vectors)
-        reasons = occlusion_reasons(self.recommender, history, [i for i, _ in listed])
+        ids = [i for i, _ in listed]
+        reasons = occlusion_reasons(self.recommender, history, ids)
+        popular = self.popular(history, constraints, ids, k)
         items = [
             ExplainedItem(
                 item_id=item,
@@ -182,6 +235,7 @@ class ConversationEngine:
                     HistoryReason(item_id=h, title=self.attributes.title(h))
                     for h in reasons.get(item, [])
                 ],
+                popular=popular.get(item),
                 satisfies=describe(constraints, self.attributes, item),
             )
             for item, score in listed
@@ -194,6 +248,69 @@ class ConversationEngine:
             updated_at=now,
         )
         return TurnResult(session, items, parsed.reset)
+
+
+class RecentWindows:
+    """Recent popularity for conversation turns, as the regeneration service blends it into the
+    lists of short histories (``consumers.regenerate.RecentCounts``, ``inference.trending``).
+
+    A turn's window is the model's ``days`` ending on the day of the user's newest event (the
+    day the stream worker counted it by; a time more than a day past the wall clock is not
+    believed), summed from the per-day hashes (``streams.trending``). Each window is read again
+    after ``refresh_s``; the ``keep`` most recently asked are kept. When Redis cannot answer,
+    the window read before stays (none if there was none) and the failure is counted; when the
+    ACL refuses the counts (a deployment that predates them), they are not asked again and
+    turns rank without them.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        days: int,
+        *,
+        refresh_s: float = 5.0,
+        keep: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.client, self.keys, self.days = client, keys, days
+        self.refresh_s, self.keep = refresh_s, keep
+        self.clock, self.wall = clock, wall
+        self._held: OrderedDict[int, tuple[dict[str, int], float]] = OrderedDict()
+        self.refused = False
+
+    async def counts(self, newest: datetime) -> dict[str, int] | None:
+        """The counts per item id of the window ending on ``newest``'s day (the same object
+        while it is not read again); ``None`` when there are none to give."""
+        if self.refused or self.days <= 0:
+            return None
+        last = day_of(min(newest.timestamp(), self.wall() + DAY_S))
+        now = self.clock()
+        held = self._held.get(last)
+        if held is not None:
+            self._held.move_to_end(last)
+            if now - held[1] < self.refresh_s:
+                return held[0]
+        pipe = self.client.pipeline(transaction=False)
+        for day in range(last - self.days + 1, last + 1):
+            pipe.hgetall(self.keys.trending(day))
+        try:
+            raw = await pipe.execute()
+        except redis.exceptions.NoPermissionError:
+            log.warning("recent popularity is not read: this principal may not read its counts")
+            self.refused = True
+            return None
+        except redis.RedisError as exc:
+            TRENDING_FAILURES.inc()
+            log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
+            return held[0] if held is not None else None
+        total = sum_counts(read_counts(fields) for fields in raw)
+        self._held[last] = (total, now)
+        self._held.move_to_end(last)
+        while len(self._held) > self.keep:
+            self._held.popitem(last=False)
+        return total
 
 
 async def load_attributes(client: redis.asyncio.Redis, keys: Keys) -> CatalogAttributes:
@@ -218,8 +335,10 @@ async def run_turn(
     k: int,
     ttl_s: int,
     variant: str,
+    recent: RecentWindows | None = None,
 ) -> ConversationReply:
-    """One turn on the store: read the session and profile, refine, write the session back."""
+    """One turn on the store: read the session and profile (and, for a history short enough,
+    the recent-popularity counts of ``recent``), refine, write the session back."""
     key = session_key(keys, user_id)
     raw = await client.get(key)
     previous = parse_session(raw)
@@ -235,9 +354,12 @@ async def run_turn(
         previous = None  # a turn without a session id starts a new one
     profile = await read_profile_async(client, keys, user_id)
     history = model_history(profile) if profile is not None else []
+    counts = None
+    if recent is not None and profile is not None and engine.blends_recent(history):
+        counts = await recent.counts(profile.last_event_ts)
     now = datetime.now(UTC)
     result = await asyncio.get_running_loop().run_in_executor(
-        executor, engine.turn, history, previous, request.message, k, now
+        executor, partial(engine.turn, recent=counts), history, previous, request.message, k, now
     )
     await client.set(key, result.session.model_dump_json(), ex=ttl_s)
     return ConversationReply(

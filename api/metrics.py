@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-__all__ = ["EVENTS", "FALLBACKS", "LATENCY", "NOTICES", "REQUESTS"]
+__all__ = ["EVENTS", "FALLBACKS", "LATENCY", "NOTICES", "REQUESTS", "TRENDING_FAILURES"]
 
 REQUESTS = Counter("recs_api_requests_total", "HTTP requests answered.", ["route", "status"])
 LATENCY = Histogram(
@@ -31,4 +31,9 @@ NOTICES = Counter(
     "publishes the refined list), by outcome: sent (acknowledged by Kafka) or failed (the turn "
     "was answered all the same; the list is refined at the user's next change).",
     ["outcome"],
+)
+TRENDING_FAILURES = Counter(
+    "recs_api_trending_read_failures_total",
+    "Reads of the recent-popularity counts for a conversation turn that Redis did not answer "
+    "(the turn ranked with the window read before, or without one).",
 )

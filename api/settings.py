@@ -73,6 +73,13 @@ class ApiSettings(CommonSettings):
         le=7 * 24 * 3600,
         description="How long a conversation session lives after its last turn (seconds).",
     )
+    api_trending_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often a conversation turn's window of recent-popularity counts is read "
+        "again (seconds); only turns of histories short enough for the blend read it.",
+    )
     # Named like the stream worker's field, so one RECSTREAM_EVENT_MAX_FUTURE_S sets both and the
     # API never accepts an event that the fold would dead-letter for its ts.
     event_max_future_s: float = Field(

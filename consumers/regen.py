@@ -42,7 +42,9 @@ through a queue that the loop drains.
   user with a very short history gets what is popular now in their list.
 - **Reasons**: each item of a model's list carries ``because``, up to three of the user's history
   items behind it (the workers' ``inference.reasons.weight_reasons``, checked by the pool to be
-  the user's own), with their catalog titles (``consumers.regenerate.ItemTitles``).
+  the user's own), with their catalog titles (``consumers.regenerate.ItemTitles``); an item that
+  recent popularity brought into a short history's list also carries ``popular`` (how many users
+  took it up in the window).
 - **Shutdown**: :meth:`RegenService.stop` only sets a flag (signal-safe); the loop then pauses
   input, starts what waits, drains in-flight work, flushes the producer, commits and closes.
 """
@@ -485,7 +487,7 @@ class RegenService:
                 model=ModelRef(name=result.model_name, version=result.model_version),
                 source=result.source,
                 trigger_ts=running.trigger_ts,
-                because=result.because,
+                reasons=result.reasons,
             )
             if done.constraints is not None and result.source == "model":
                 recs = recs.model_copy(update={"source": "refined"})

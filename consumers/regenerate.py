@@ -29,10 +29,11 @@ from consumers.metrics import (
     REGEN_TRENDING_FAILURES,
     REGEN_TRENDING_ITEMS,
 )
+from inference.reasons import ListReasons
 from inference.recommender import Ranked
 from recstream.keys import Keys
 from schemas import HistoryReason, ModelRef, Profile, Recommendations, ScoredItem
-from streams.trending import DAY_S, day_of
+from streams.trending import DAY_S, day_of, read_counts, sum_counts
 
 __all__ = [
     "ItemTitles",
@@ -134,9 +135,6 @@ class ItemTitles:
         return read
 
 
-MAX_COUNT = 2**63 - 1  # HINCRBY's range: a larger "count" is nothing the stream worker wrote
-
-
 class RecentCounts:
     """The recent-popularity counts of a ``days`` window, summed from the stream worker's
     per-day hashes (``Keys.trending``, ``streams.trending``) and kept.
@@ -207,10 +205,7 @@ class RecentCounts:
             self._read_days(due, now)
         if not self._held:
             return None
-        total: dict[str, int] = {}
-        for counts, _ in self._held.values():
-            for item, n in counts.items():
-                total[item] = total.get(item, 0) + n
+        total = sum_counts(counts for counts, _ in self._held.values())
         REGEN_TRENDING_ITEMS.set(len(total))
         return total
 
@@ -229,15 +224,7 @@ class RecentCounts:
             log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
             return
         for day, fields in zip(days, raw, strict=True):
-            counts: dict[str, int] = {}
-            for item, value in (fields or {}).items():
-                try:
-                    n = int(value)
-                except (TypeError, ValueError):
-                    continue  # not a count: nothing the stream worker wrote
-                if 0 < n <= MAX_COUNT:
-                    counts[item.decode("utf-8", "replace")] = n
-            self._held[day] = (counts, now)
+            self._held[day] = (read_counts(fields), now)
 
 
 class RecsPublisher:
@@ -263,15 +250,21 @@ class RecsPublisher:
         model: ModelRef,
         source: Literal["model", "fallback"],
         trigger_ts: datetime,
-        because: Mapping[str, Sequence[str]] | None = None,
+        reasons: ListReasons | None = None,
     ) -> Recommendations:
-        """The public message for one user's list, generated now; ``because`` holds each item's
-        reasons (history item ids, largest contribution first)."""
-        reasons = self._reasons(ranked, because or {})
+        """The public message for one user's list, generated now; ``reasons`` holds why its items
+        are there (history item ids, largest contribution first; recent popularity)."""
+        because = self._reasons(ranked, reasons.history if reasons is not None else {})
+        popular = reasons.popular_now() if reasons is not None else {}
         return Recommendations(
             user_id=user_id,
             items=[
-                ScoredItem(item_id=item, score=score, because=reasons.get(item, []))
+                ScoredItem(
+                    item_id=item,
+                    score=score,
+                    because=because.get(item, []),
+                    popular=popular.get(item),
+                )
                 for item, score in ranked
             ],
             profile_version=profile_version,

@@ -29,7 +29,7 @@ quantization of every linear layer.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +51,8 @@ from inference.scoring import (
     top_k_unseen,
 )
 from inference.settings import ArtifactTrust
-from inference.trending import TrendingConfig, recent_vector
+from inference.trending import TrendingConfig, recent_counts
+from schemas.messages import POPULAR_MIN_USERS
 
 if TYPE_CHECKING:
     from inference.index import ItemIndex
@@ -319,6 +320,7 @@ class ArtifactRecommender:
                 self._retrieved = RetrievalBlend(_Mixed(self), text, chosen)
         self.trending = _trending_config(config, folder)
         self._recent: np.ndarray | None = None  # log(1 + count) per item, from use_recent
+        self._recent_counts: np.ndarray | None = None  # the counts themselves
         self.post: CatalogPost | None = None
         if post is not None and post.active:
             self.post = CatalogPost(self.item_ids, self._item_vectors(verified), post)
@@ -347,9 +349,13 @@ class ArtifactRecommender:
     def use_recent(self, counts: Mapping[str, float] | None) -> None:
         """Recent popularity from now on: interactions per item id in the artifact's window
         (``None``: none known, the blend is off); ignored when the artifact has no blend."""
-        if self.trending.active:
-            known = None if counts is None else recent_vector(counts, self.index, self.n_items)
-            self._recent = known
+        if not self.trending.active:
+            return
+        if counts is None:
+            self._recent = self._recent_counts = None
+            return
+        self._recent_counts = recent_counts(counts, self.index, self.n_items)
+        self._recent = np.log1p(self._recent_counts).astype(np.float32)
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
@@ -359,17 +365,22 @@ class ArtifactRecommender:
         retrieval serves the short histories left."""
         recent = self._recent
         trend = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
-        scorer = self._retrieved if self._retrieved is not None else _Mixed(self)
         if recent is None or not trend:
-            return scorer.score(histories)
+            return self._unblended(histories)
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         rest = sorted(set(range(len(histories))) - set(trend))
         if rest:
-            out[rest] = scorer.score([histories[r] for r in rest])
+            out[rest] = self._unblended([histories[r] for r in rest])
         base = self.model_score([histories[r] for r in trend])
         fresh = np.broadcast_to(recent, (len(trend), self.n_items))
         out[trend] = blend(base, fresh, self.trending.weight)
         return out
+
+    def _unblended(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """The scores without recent popularity: retrieval's blend where the artifact has it,
+        else the model's."""
+        scorer = self._retrieved if self._retrieved is not None else _Mixed(self)
+        return scorer.score(histories)
 
     def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """The model's catalog scores without retrieval: the fusion's, or the transformer's."""
@@ -422,6 +433,34 @@ class ArtifactRecommender:
         for item, reasons in zip(listed, weight_reasons(self, known, targets), strict=True):
             out[item] = [self.item_ids[r] for r in reasons]
         return out
+
+    def recent_users(self, items: Iterable[str]) -> dict[str, int]:
+        """How many users took each item up in the window, for the items at least
+        :data:`~schemas.messages.POPULAR_MIN_USERS` did (none while no counts were given)."""
+        counts = self._recent_counts
+        if counts is None:
+            return {}
+        positions = {item: self.index.get(item) for item in items}
+        return {
+            item: int(counts[pos])
+            for item, pos in positions.items()
+            if pos is not None and counts[pos] >= POPULAR_MIN_USERS
+        }
+
+    def popular(self, history: list[str], items: Sequence[str]) -> dict[str, int]:
+        """The items of a served list (``items``, best first) that recent popularity brought
+        into it, with the users who took each up in the window: for a history the blend applies
+        to, the listed items that the artifact without the counts (the scores it served before
+        they came: the model's, or retrieval's blend) would not have placed among as many unseen
+        items, of those :meth:`recent_users` names. Empty for any other history, and while no
+        counts were given."""
+        known = self.to_indices(history)
+        users = self.recent_users(items)
+        if not users or not self.trending.applies(len(known)):
+            return {}
+        top, _ = top_k_unseen(self._unblended([known]), [known], len(items))
+        listed_before = {self.item_ids[i] for i in top[0].tolist()}
+        return {item: n for item, n in users.items() if item not in listed_before}
 
 
 def _trending_config(config: dict[str, Any], folder: Path) -> TrendingConfig:

@@ -50,9 +50,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from inference.exceptions import InferenceError
-from inference.reasons import MAX_REASONS
+from inference.reasons import MAX_REASONS, ListReasons
 from inference.recommender import Recommender
 from inference.worker import worker_main
+from schemas.messages import POPULAR_MIN_USERS
 
 __all__ = [
     "PoolBrokenError",
@@ -158,9 +159,10 @@ class PoolResult:
     model_version: str
     latency_s: float
     reason: str | None = None  # why a fallback was used
-    because: dict[str, list[str]] = field(default_factory=dict)
-    """Per listed item, the history items (ids, largest contribution first) behind it, when the
-    model explains its lists (``inference.reasons``); items without any are left out."""
+    reasons: ListReasons = field(default_factory=lambda: ListReasons({}))
+    """Why the listed items are there, when the model explains its lists (``inference.reasons``):
+    the history items behind each (ids, largest contribution first; items without any are left
+    out) and the items recent popularity brought into the list."""
 
 
 @dataclass(eq=False)
@@ -627,18 +629,22 @@ class WorkerPool:
                 if req.future.done():  # timed out already and got the fallback
                     continue
                 items = self._validate(ranked, req)
-                because = self._validate_reasons(explained[n], req, items) if explained else {}
-                answers.append((req, items, because))
+                reasons = (
+                    self._validate_reasons(explained[n], req, items)
+                    if explained
+                    else ListReasons({})
+                )
+                answers.append((req, items, reasons))
         except Exception:  # an answer of the wrong shape: the batch gets the fallback
             log.exception("unreadable answer for a batch of %d", len(requests))
             for req in requests:
                 self._answer_fallback(req, "bad_answer")
             return
         now = time.monotonic()
-        for req, items, because in answers:
+        for req, items, reasons in answers:
             latency = now - req.submitted
             result = PoolResult(
-                items, "model", self.model_name, self.model_version, latency, because=because
+                items, "model", self.model_name, self.model_version, latency, reasons=reasons
             )
             if _settle(req.future, result):
                 LATENCY.observe(latency)
@@ -663,17 +669,26 @@ class WorkerPool:
 
     @staticmethod
     def _validate_reasons(
-        given: dict[str, list[str]], req: _Request, items: list[tuple[str, float]]
-    ) -> dict[str, list[str]]:
+        given: ListReasons, req: _Request, items: list[tuple[str, float]]
+    ) -> ListReasons:
         """The reasons of listed items only, each naming distinct items of the request's own
-        history (at most three): a reason is never another user's item or a stranger."""
+        history (at most three): a reason is never another user's item or a stranger. An item
+        is popular only with a whole count of at least the schema's minimum of users, over a
+        window of 1 to 366 days."""
         history = set(req.history)
         out: dict[str, list[str]] = {}
+        popular: dict[str, int] = {}
+        days = given.days if isinstance(given.days, int) and 1 <= given.days <= 366 else 0
         for item, _ in items:
-            reasons = list(dict.fromkeys(str(r) for r in given.get(item, ()) if r in history))
+            reasons = list(
+                dict.fromkeys(str(r) for r in given.history.get(item, ()) if r in history)
+            )
             if reasons:
                 out[item] = reasons[:MAX_REASONS]
-        return out
+            users = given.popular.get(item)
+            if days and isinstance(users, int) and users >= POPULAR_MIN_USERS:
+                popular[item] = users
+        return ListReasons(out, popular, days if popular else 0)
 
     def _answer_fallback(self, req: _Request, reason: str) -> None:
         if req.future.done():

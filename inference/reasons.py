@@ -15,17 +15,26 @@ Two attributions, both measured against the served scorer (``python -m bench.rea
   in the served ranking (docs/benchmarks.md, "Reasons").
 
 Items whose removal (occlusion) or share (weights) does not raise the score are no reason.
+
+A short history's list blends recent popularity in (``inference.trending``); an item that this
+brought into the list, one the artifact without the counts would not have listed, is *popular
+now* (``inference.artifact.ArtifactRecommender.popular``, with how many users took it up; at least
+``schemas.messages.POPULAR_MIN_USERS``, so no reason shows what one or two other users did).
+Faithful by construction: it is the counterfactual itself, at one more scoring of the history.
+Its history reasons stay: they are the model's share of its score.
+
 CPU work: run it in a worker, never on an event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from schemas.messages import MAX_REASONS
+from schemas.messages import MAX_REASONS, POPULAR_MIN_USERS, PopularNow
 
 if TYPE_CHECKING:  # the pool's parent imports this module and needs no scipy
     from inference.scoring import Attribution
@@ -37,6 +46,7 @@ __all__ = [
     "Attributable",
     "FusedScorer",
     "HistoryScorer",
+    "ListReasons",
     "explain_lists",
     "occlusion_reasons",
     "weight_reasons",
@@ -62,18 +72,49 @@ EXPLAINED = 100
 the regeneration service refines under a conversation's constraints."""
 
 
+@dataclass(frozen=True)
+class ListReasons:
+    """Why the items of one list were recommended.
+
+    ``history``: item -> the history item ids behind it, largest contribution first.
+    ``popular``: item -> how many users took it up in the last ``days`` days, for the items whose
+    recent popularity brought into the list
+    (``inference.artifact.ArtifactRecommender.popular``).
+    """
+
+    history: dict[str, list[str]]
+    popular: dict[str, int] = field(default_factory=dict)
+    days: int = 0
+
+    def popular_now(self) -> dict[str, PopularNow]:
+        """Each such item's ``popular`` reason as the wire says it (none below the schema's
+        minimum of users, or without a window)."""
+        if not 1 <= self.days <= 366:
+            return {}
+        return {
+            item: PopularNow(users=users, days=self.days)
+            for item, users in self.popular.items()
+            if users >= POPULAR_MIN_USERS
+        }
+
+
 def explain_lists(
     model: object, histories: Sequence[list[str]], lists: Sequence[Sequence[tuple[str, float]]]
-) -> list[dict[str, list[str]]] | None:
-    """Each list's reasons (item -> history item ids) for its first :data:`EXPLAINED` items,
-    from the model's ``explain(history, items)``; ``None`` for a model that cannot explain."""
+) -> list[ListReasons] | None:
+    """Each list's reasons for its first :data:`EXPLAINED` items, from the model's
+    ``explain(history, items)`` and, when it blends recent popularity, ``popular(history,
+    items)``; ``None`` for a model that cannot explain."""
     explain = getattr(model, "explain", None)
     if explain is None:
         return None
-    return [
-        explain(history, [item for item, _ in ranked[:EXPLAINED]])
-        for history, ranked in zip(histories, lists, strict=True)
-    ]
+    popular = getattr(model, "popular", None)
+    days = int(getattr(model, "recent_days", 0))
+    out = []
+    for history, ranked in zip(histories, lists, strict=True):
+        head = [item for item, _ in ranked[:EXPLAINED]]
+        lifted = popular(history, head) if popular is not None and days > 0 else {}
+        out.append(ListReasons(explain(history, head), lifted, days if lifted else 0))
+    return out
 
 
 @runtime_checkable

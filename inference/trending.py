@@ -10,6 +10,11 @@ and hands the counts to the worker pool, whose workers give them to the model
 count))`` (:func:`inference.hybrid.blend`); longer histories, and every history while no counts
 have arrived, get the model's scores unchanged.
 
+An item that the counts brought into a list (the list without them would not hold it) says so:
+its reason is that users took it up lately (``ScoredItem.popular``,
+``ArtifactRecommender.popular``). The read API's conversation turns blend the same counts, over
+the window ending on the day of the user's newest event (``api.conversation.RecentWindows``).
+
 ``days``, ``weight`` and ``below`` are chosen by the lab on users the model never saw
 (``lab.trending``) and stored in the artifact's ``"trending"`` config section.
 """
@@ -25,7 +30,7 @@ import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
 
-__all__ = ["TrendingConfig", "recent_vector"]
+__all__ = ["TrendingConfig", "recent_counts"]
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,12 @@ class TrendingConfig:
             raise ArtifactError(f"malformed trending section: {exc}") from exc
 
 
-def recent_vector(
+def recent_counts(
     counts: Mapping[str, float], index: Mapping[str, int], n_items: int
 ) -> np.ndarray:
-    """``log(1 + count)`` per catalog position; an id outside the catalog, and a count that is
-    not a finite number >= 0, are ignored (the counts come from another process)."""
-    out = np.zeros(n_items, dtype=np.float32)
+    """The count per catalog position (0 where none); an id outside the catalog, and a count
+    that is not a finite number >= 0, are ignored (the counts come from another process)."""
+    out = np.zeros(n_items, dtype=np.float64)
     for item, value in counts.items():
         pos = index.get(item)
         if pos is None or isinstance(value, bool) or not isinstance(value, int | float):
@@ -94,5 +99,5 @@ def recent_vector(
         except OverflowError:  # an int beyond any float: no count Redis could hold
             continue
         if math.isfinite(number) and number > 0:
-            out[pos] = math.log1p(number)
+            out[pos] = number
     return out

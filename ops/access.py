@@ -115,15 +115,16 @@ def rights(settings: CommonSettings) -> list[Rights]:
             redis=f"{keys(['recs'], read_only=True)} %R~{p}catalog:popular "
             "+@read +@connection -@dangerous",
         ),
-        # The read API's conversation turns (api.conversation): the catalog's attributes and the
-        # user's profile to read, the user's session to read and write, and a change notice for
-        # the version it read (the regeneration service refuses a version ahead of the stored
-        # one), so the refined list is published; nothing else.
+        # The read API's conversation turns (api.conversation): the catalog's attributes, the
+        # user's profile and the recent-popularity counts (no user in them) to read, the user's
+        # session to read and write, and a change notice for the version it read (the
+        # regeneration service refuses a version ahead of the stored one), so the refined list
+        # is published; nothing else.
         Rights(
             "converse",
             writes=(s.topic_profiles_changed,),
             redis=f"{keys(profile, read_only=True)} {keys([SESSION_KIND])} "
-            f"{catalog} +@read +@write +@connection -@dangerous",
+            f"{catalog} %R~{p}streams:trend:* +@read +@write +@connection -@dangerous",
         ),
         # Erasure (streams.erasure) reads the clickstream's end offsets, records the erasure,
         # deletes a user's keys under any prefix (live, rebuild namespaces) and removes the

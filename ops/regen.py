@@ -200,8 +200,8 @@ class RegenReplay:
                 stats.missing_profiles += len(chunk) - len(present)
                 histories = [model_history(p) for _, p in present]
                 ranked = self.recommender.recommend(histories, self.settings.replay_k)
-                reasons = explain_lists(self.recommender, histories, ranked) or [{}] * len(ranked)
-                for (user, profile), items, because in zip(present, ranked, reasons, strict=True):
+                explained = explain_lists(self.recommender, histories, ranked)
+                for n, ((user, profile), items) in enumerate(zip(present, ranked, strict=True)):
                     recs = publisher.build(
                         user,
                         items,
@@ -209,7 +209,7 @@ class RegenReplay:
                         model=self.model,
                         source="model",
                         trigger_ts=changes[user].trigger_ts,
-                        because=because,
+                        reasons=explained[n] if explained is not None else None,
                     )
                     publisher.publish(recs, on_delivery=delivered)
                     stats.published += 1

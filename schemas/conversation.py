@@ -18,7 +18,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from recstream.keys import Keys
 from schemas.events import Id
-from schemas.messages import MAX_REASONS, HistoryReason, ModelRef
+from schemas.messages import MAX_REASONS, HistoryReason, ModelRef, PopularNow
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
@@ -119,6 +119,7 @@ class ExplainedItem(_Frozen):
     score: float
     title: str = ""
     because: list[HistoryReason] = Field(default_factory=list, max_length=MAX_REASONS)
+    popular: PopularNow | None = None
     satisfies: list[str] = Field(default_factory=list)
 
 

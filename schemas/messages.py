@@ -58,6 +58,21 @@ class HistoryReason(_Frozen):
 
 MAX_REASONS = 3
 
+POPULAR_MIN_USERS = 5
+"""An item is said to be popular now only when at least this many users took it up in the
+window, so a reason never shows what one or two other users did."""
+
+
+class PopularNow(_Frozen):
+    """Recent popularity brought an item into the list: other users took it up lately."""
+
+    users: Annotated[int, Field(ge=POPULAR_MIN_USERS)] = Field(
+        description="Users who took the item up in the window (the stream worker's counts)."
+    )
+    days: Annotated[int, Field(ge=1, le=366)] = Field(
+        description="The window, in days, ending on the day of the user's newest events."
+    )
+
 
 class ScoredItem(_Frozen):
     item_id: Id
@@ -67,6 +82,11 @@ class ScoredItem(_Frozen):
         max_length=MAX_REASONS,
         description="Up to three of the user's history items that contributed most to this "
         "item, largest first (empty when the list's source cannot say: a fallback list).",
+    )
+    popular: PopularNow | None = Field(
+        None,
+        description="Set when recent popularity brought this item into the list: without it "
+        "the item would not be listed (a history of a few items only).",
     )
 
 

@@ -9,6 +9,7 @@ each test uses its own users, and the regeneration test its own topics and prefi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -22,28 +23,33 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio
 from aiohttp import ClientSession, web
 from confluent_kafka import Consumer, TopicPartition
 
 from api.app import SERVER_OPTIONS, build_app, served_openapi
+from api.conversation import RecentWindows
 from api.keys import add_key, new_key
+from api.metrics import TRENDING_FAILURES
 from api.settings import ApiSettings
 from consumers.regen import RegenService, build_pool
 from consumers.settings import RegenSettings
 from inference.artifact import load_recommender
 from inference.conversation import CatalogAttributes, refine
+from inference.trending import TrendingConfig
 from lab.datasets import Dataset, load_dataset
 from ops.catalog import load_catalog
 from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.security import async_redis_client, kafka_config, redis_client
 from recstream.settings import CommonSettings
-from schemas import ProfileChanged, ProfileChanges, Recommendations
+from schemas import PopularNow, ProfileChanged, ProfileChanges, Recommendations
 from schemas.api import Scope
 from schemas.conversation import Constraints, ConversationReply, Session, session_key
 from schemas.openapi import CONVERSATION_PATH
 from streams.erasure import Eraser
 from streams.fold import FoldParams, FoldScript
+from streams.trending import day_of
 from tests.api_contract import assert_conforms
 from tests.conftest import Namespace
 from tests.integration.conftest import train_tiny_artifact
@@ -63,12 +69,15 @@ def dataset(stack_ready: CommonSettings) -> Dataset:
     return load_dataset("ml-100k", stack_ready.data_dir)
 
 
-def _fold(settings: CommonSettings, user: str, items: list[str]) -> int:
-    """Fold one click per item into the user's profile (the stream worker's script)."""
+def _fold(settings: CommonSettings, user: str, items: list[str], *, counted: bool = False) -> int:
+    """Fold one click per item into the user's profile (the stream worker's script), on
+    1 January 2026; ``counted`` counts them into that day's recent popularity, as the live
+    worker does."""
 
     async def run() -> int:
         client = async_redis_client(settings)
-        script = FoldScript(client, settings.key_prefix, FoldParams())
+        params = FoldParams(trending_ttl_s=3600 if counted else 0)
+        script = FoldScript(client, settings.key_prefix, params)
         start = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
         events = [(f"e-{user}-{n}", item, start + n, 2.0) for n, item in enumerate(items)]
         try:
@@ -117,6 +126,18 @@ def api(
     dataset: Dataset,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Api]:
+    with _serving(stack_ready, indexed_artifact, dataset, tmp_path_factory) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _serving(
+    stack_ready: CommonSettings,
+    artifact: Path,
+    dataset: Dataset,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Api]:
+    """The app serving conversations with ``artifact``, on a key prefix of its own."""
     folder = tmp_path_factory.mktemp("conv-keys")
     keys = {}
     for name, scopes in (("converse", [Scope.CONVERSE]), ("read", [Scope.READ])):
@@ -127,7 +148,7 @@ def api(
         **stack_ready.model_dump(exclude={"key_prefix"}),
         key_prefix=f"test:conv-{uuid.uuid4().hex[:8]}:",
         api_keys_file=folder / "keys",
-        api_conversation_model_dir=indexed_artifact,
+        api_conversation_model_dir=artifact,
         api_conversation_ttl_s=TTL_S,
     )
     client = redis_client(settings)
@@ -477,3 +498,120 @@ def test_a_turn_announces_a_change_so_the_refined_list_is_published(
         assert (notice.user_id, notice.profile_version) == (user, version)
     finally:
         consumer.close()
+
+
+# Recent popularity ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trending_api(
+    stack_ready: CommonSettings, dataset: Dataset, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    blend = TrendingConfig(days=30, weight=16.0, below=4)
+    folder = tmp_path_factory.mktemp("conv-trending") / "gen"
+    artifact = train_tiny_artifact(folder, with_index=True, trending=blend)
+    with _serving(stack_ready, artifact, dataset, tmp_path_factory) as served:
+        yield served
+
+
+def test_a_short_historys_turn_ranks_with_what_is_popular_now_and_says_so(
+    trending_api: Api, dataset: Dataset
+) -> None:
+    api = trending_api
+    artifact = api.settings.api_conversation_model_dir
+    assert artifact is not None
+    model = load_recommender(artifact)
+    items = [i for i in model.item_ids if i in dataset.items]
+    attributes = CatalogAttributes(dataset.items.values())
+    no_horror = Constraints(exclude_genres=("Horror",))
+    run = uuid.uuid4().hex[:6]
+    newcomer = [items[0]]
+    # The crowd's item: the one the model ranks last for the newcomer among those allowed.
+    allowed = [
+        i
+        for i, _ in model.recommend([newcomer], model.n_items)[0]
+        if attributes.satisfies(i, no_horror)
+    ]
+    hot = allowed[-1]
+    crowd = {f"crowd-{run}-{n}": [hot, items[20 + n]] for n in range(6)}
+    for user, history in crowd.items():
+        _fold(api.settings, user, history, counted=True)
+    _fold(api.settings, f"new-{run}", newcomer)
+    status, body = api.post(f"new-{run}", {"message": "no horror please"})
+    assert status == 200, body
+    reply = ConversationReply.model_validate(body)
+    assert reply.items[0].item_id == hot, "the crowd's item heads a one-item history's list"
+    assert reply.items[0].popular == PopularNow(users=6, days=30)
+    # Exactly the model's answer given the crowd's counts, and its popular items.
+    model.use_recent(users_per_item(crowd))
+    index = _index(artifact)
+    ranked = model.recommend([newcomer], model.n_items)[0]
+    expected = refine(ranked, no_horror, attributes, 10, lambda ids: index.vectors(list(ids)))
+    assert [i.item_id for i in reply.items] == [i for i, _ in expected]
+    # Only the crowd's item is said to be popular: the counts brought it in, and the others
+    # were taken up by one user each.
+    assert [i.item_id for i in reply.items if i.popular] == [hot]
+    # Six items: the model's own list, with no item said to be popular.
+    veteran = items[40:46]
+    _fold(api.settings, f"veteran-{run}", veteran)
+    status, body = api.post(f"veteran-{run}", {"message": "no horror please"})
+    assert status == 200, body
+    reply = ConversationReply.model_validate(body)
+    plain = load_recommender(artifact)
+    ranked = plain.recommend([veteran], plain.n_items)[0]
+    expected = refine(ranked, no_horror, attributes, 10, lambda ids: index.vectors(list(ids)))
+    assert [i.item_id for i in reply.items] == [i for i, _ in expected]
+    assert not any(i.popular for i in reply.items)
+
+
+def users_per_item(histories: dict[str, list[str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for history in histories.values():
+        for item in set(history):
+            counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def test_recent_windows_sum_their_days_refresh_and_keep_the_last_on_failure(
+    ns: Namespace,
+) -> None:
+    keys = Keys(ns.settings.key_prefix)
+    noon = datetime(2026, 1, 10, 12, tzinfo=UTC).timestamp()
+    day = day_of(noon)
+    client = redis_client(ns.settings)
+    client.hset(keys.trending(day), mapping={"a": 3, "junk": "x", "neg": -2})
+    client.hset(keys.trending(day - 2), mapping={"a": 1, "b": 5})
+    client.hset(keys.trending(day - 3), mapping={"c": 9})  # outside a 3-day window
+    client.hset(keys.trending(day + 1), mapping={"d": 2})  # the next day
+    clock = [0.0]
+    unreachable = redis.asyncio.Redis(port=1, socket_connect_timeout=0.5)
+
+    async def run() -> None:
+        live = async_redis_client(ns.settings)
+        windows = RecentWindows(
+            live, keys, 3, refresh_s=5.0, keep=1, clock=lambda: clock[0], wall=lambda: noon
+        )
+        at = datetime.fromtimestamp(noon, UTC)
+        first = await windows.counts(at)
+        assert first == {"a": 4, "b": 5}
+        client.hincrby(keys.trending(day), "b", 2)
+        assert await windows.counts(at) is first  # read again only after refresh_s
+        clock[0] = 6.0
+        assert await windows.counts(at) == {"a": 4, "b": 7}
+        # A time days past the wall clock is believed only up to the next day.
+        ahead = await windows.counts(at + timedelta(days=9))
+        assert ahead == {"a": 3, "b": 2, "d": 2}
+        # Redis gone: the window read before stays (``keep`` 1: only the newest is held).
+        windows.client = unreachable
+        clock[0] = 12.0
+        before = TRENDING_FAILURES._value.get()
+        assert await windows.counts(at + timedelta(days=9)) == {"a": 3, "b": 2, "d": 2}
+        assert await windows.counts(at) is None
+        assert TRENDING_FAILURES._value.get() - before == 2
+        await live.aclose()
+        await unreachable.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        client.close()

@@ -272,7 +272,10 @@ def test_a_conversation_reads_the_profile_and_writes_only_the_session(secure: Se
         assert regen.get(session) == b"{}"  # its constraints steer the regenerated list
         admin.hset(keys.item("victim-film"), "genres", "Drama")  # constraints are attributes
         assert regen.hget(keys.item("victim-film"), "genres") == b"Drama"
+        admin.hset(keys.trending(20_000), "victim-film", 7)  # short histories' turns blend it
+        assert converse.hgetall(keys.trending(20_000)) == {b"victim-film": b"7"}
         for forged in (
+            lambda: converse.hincrby(keys.trending(20_000), "victim-film", 1000),
             lambda: converse.set(keys.recs("victim"), b"forged"),
             lambda: converse.hset(keys.profile("victim"), "version", 9),
             converse.flushall,

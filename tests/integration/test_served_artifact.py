@@ -27,7 +27,7 @@ from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.artifact import ArtifactRecommender, load_recommender, read_catalog
 from recstream.keys import Keys
 from recstream.security import redis_client
-from schemas import Recommendations
+from schemas import PopularNow, Recommendations
 from streams.profile import read_profile
 from tests.conftest import Namespace
 from tests.integration.streams_support import (
@@ -154,15 +154,25 @@ def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
         # The list was made with the crowd's counts, with or without the newcomer's own item
         # (counted right after the fold that announced the change): one of the two answers.
         answers = []
-        for held in (crowd_counts, trend_counts(ns.settings, now)):
+        helds = (crowd_counts, trend_counts(ns.settings, now))
+        for held in helds:
             model.use_recent(held)
             answers.append(model.recommend([newcomer], served.settings.regen_k)[0])
         recs = served.cached("newcomer")
         assert recs is not None and recs.source == "model"
         listed = [(i.item_id, pytest.approx(i.score, rel=1e-5)) for i in recs.items]
         assert listed in answers
+        model.use_recent(helds[answers.index(listed)])  # the counts the list was made with
         assert listed[0][0] == hot, "the crowd's item heads a one-item history's list"
+        # It says so: six users took it up in the model's window; an item the model put there
+        # does not.
+        assert recs.items[0].popular == PopularNow(users=6, days=model.trending.days)
+        assert {i.item_id for i in recs.items if i.popular} == set(
+            model.popular(newcomer, [i.item_id for i in recs.items])
+        )
         plain = load_recommender(trending_artifact)  # no counts given: the model alone
         assert hot not in [i for i, _ in plain.recommend([newcomer], 10)[0]]
         served.fold({"veteran": items[40:46]}, now + 120)
         served.assert_served(plain, "veteran")  # six items: no blend, whatever the counts
+        veteran = served.cached("veteran")
+        assert veteran is not None and not any(i.popular for i in veteran.items)

@@ -63,15 +63,23 @@ STRANGER = "someone-elses-item"
 
 class ExplainingRecommender(EchoRecommender):
     """An echo model that explains its lists, with reasons a pool must not pass on as they are:
-    an item outside the history, repeats, and more than three."""
+    an item outside the history, repeats, and more than three; and popular items of which only
+    the first is a count of users the wire may carry (the others: too few users, not a whole
+    number, a flag, an item not listed)."""
 
     name = "explaining"
+    recent_days = 7
 
     def explain(self, history: list[str], items: list[str]) -> dict[str, list[str]]:
         if "explain-boom" in history:
             raise ValueError("cannot explain")
         newest, oldest = history[-1], history[0]
         return {item: [newest, STRANGER, oldest, oldest, *history] for item in items}
+
+    def popular(self, history: list[str], items: list[str]) -> dict[str, Any]:
+        counts: list[Any] = [12, 2, 7.5, True]
+        listed = [i for i in items if i != BOGUS]
+        return {**dict(zip(listed, counts, strict=False)), STRANGER: 40}
 
 
 def make_explaining() -> ExplainingRecommender:

@@ -28,6 +28,7 @@ from lab.datasets import Dataset, Interaction, Item
 from lab.evaluate import RETRIEVED, cold_start, cold_start_table, run_eval
 from lab.hybrid import Hybrid, fit_retrieval
 from lab.protocol import Split, leave_one_out
+from schemas.messages import POPULAR_MIN_USERS
 from tests.unit.tamper import copy_artifact
 
 N_ITEMS = 24
@@ -362,6 +363,33 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     assert "i5" not in {item for item, _ in lists[1]}  # and is never a seen item
     rec.use_recent(None)
     np.testing.assert_allclose(rec.score(hist), retrieved, atol=1e-4)
+
+
+def test_popular_names_the_items_recent_popularity_brought_into_the_list(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    folder = tmp_path / "art"
+    config = TrendingConfig(days=7, weight=2.0, below=3)
+    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    history = ["i2"]
+    own = [item for item, _ in rec.recommend([history], N_ITEMS)[0]]  # the model's order
+    assert rec.popular(history, own) == {}  # no counts yet
+    # The model's favourite is counted least and its last most; one item under the minimum
+    # (listed or not, it is never said to be popular).
+    counts = {item: 5 + 10 * n for n, item in enumerate(own)}
+    counts[own[-2]] = POPULAR_MIN_USERS - 1
+    rec.use_recent(counts)
+    listed = [item for item, _ in rec.recommend([history], 10)[0]]
+    named = rec.popular(history, listed)
+    # Popular: what the counts brought into the ten, of what enough users took up.
+    brought = set(listed) - set(own[:10])
+    assert named == {item: counts[item] for item in brought if counts[item] >= POPULAR_MIN_USERS}
+    assert len(named) >= 3 and own[0] not in named
+    assert rec.recent_users([own[-2], own[-1], "not-in-the-catalog"]) == {own[-1]: counts[own[-1]]}
+    assert rec.popular(["i2", "i4", "i6"], listed) == {}  # too long for the blend
+    rec.use_recent(None)
+    assert rec.popular(history, listed) == {}
 
 
 def test_an_artifact_without_the_blend_ignores_counts_and_a_bad_section_is_refused(

@@ -283,16 +283,21 @@ def test_reasons_reach_the_caller_only_as_the_users_own_history() -> None:
         history = ["i3", "i9", "i5", "i7"]
         result = pool.submit(history, k=5).result(30)
         assert result.source == "model"
-        assert set(result.because) == {item for item, _ in result.items}
-        for reasons in result.because.values():
+        because = result.reasons.history
+        assert set(because) == {item for item, _ in result.items}
+        for reasons in because.values():
             # The stranger and the repeat are dropped; three at most, all from the history.
             assert reasons == ["i7", "i3", "i9"]
             assert STRANGER not in reasons
+        # Popular: only a whole count of at least the minimum of users, for a listed item.
+        assert result.reasons.popular == {result.items[0][0]: 12}
+        assert result.reasons.days == 7
         before = UNEXPLAINED._value.get()
         failed = pool.submit(["i1", "explain-boom"], k=5).result(30)
         assert failed.source == "model"  # the list stands without its reasons
         assert failed.items == expected(["i1", "explain-boom"], 5)
-        assert failed.because == {}
+        assert failed.reasons.history == {}
+        assert failed.reasons.popular == {}
         assert UNEXPLAINED._value.get() - before == 1
     finally:
         pool.close()
