@@ -10,9 +10,11 @@ who signs up is in no training data. This script holds a share of the dataset's 
 2. ``--artifact ART`` gives each held-out user's first 1, 2 and 3 items to that artifact's served
    scorer (INT8, its fusion, retrieval and trending sections), without recent popularity (what
    was served before the blend) and with the counts the live system holds when the list is made:
-   every user's items (held-out ones too; one per user and item) on the window's whole days up
-   to the prefix's last item, the user's own prefix among them (``streams.trending``). It judges
-   the next item, and the next three, with NDCG@10 and the paired Wilcoxon test.
+   every other user's items (held-out ones too; one per user and item) on the window's whole
+   days up to the prefix's last item, and the user's own prefix (``streams.trending``). It
+   judges the next item and the next three with NDCG@10 and the paired Wilcoxon test, and, as
+   ``recstream eval --cold-start`` does, the user's last item with the counts up to its own
+   moment (the user's items past the prefix left out of them).
 
 The same seed and share pick the same users in both steps.
 
@@ -30,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.small_shops import write_shop
-from lab.datasets import Dataset, load_dataset
+from lab.datasets import Dataset, Interaction, load_dataset
 from lab.protocol import ndcg_per_user, significance, target_ranks
-from lab.trending import PREFIXES
+from lab.trending import DAYS, PREFIXES, WEIGHTS
 from recstream.settings import CommonSettings
 from streams.trending import DAY_S, day_of
 
@@ -56,17 +58,22 @@ class Counts:
         self.items = [it.item_id for it in ordered]
         self.pairs = [(it.user_id, it.item_id) for it in ordered]
 
-    def window(self, moment: float, days: int) -> dict[str, int]:
-        """Users per item on the ``days`` whole UTC days ending on ``moment``'s day, up to it."""
+    def window(self, moment: float, days: int, user: str, own: list[Interaction]) -> dict[str, int]:
+        """Users per item on the ``days`` whole UTC days ending on ``moment``'s day, up to it:
+        everyone else's items, and of ``user``'s only ``own`` (the prefix their profile holds)."""
         since = (day_of(moment) - days + 1) * DAY_S
         lo = int(np.searchsorted(self.ts, since, side="left"))
         hi = int(np.searchsorted(self.ts, moment, side="right"))
         counts: dict[str, int] = {}
         seen: set[tuple[str, str]] = set()
         for n in range(lo, hi):
-            if self.pairs[n] not in seen:  # one per user and item, as the fold counts
-                seen.add(self.pairs[n])
+            pair = self.pairs[n]
+            if pair[0] != user and pair not in seen:  # one per user and item, as the fold counts
+                seen.add(pair)
                 counts[self.items[n]] = counts.get(self.items[n], 0) + 1
+        for it in own:
+            if since <= it.ts <= moment:
+                counts[it.item_id] = counts.get(it.item_id, 0) + 1
         return counts
 
 
@@ -79,6 +86,8 @@ def judge(scores: np.ndarray, prefix: np.ndarray, targets: list[int | None]) -> 
 
 def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     from inference.artifact import load_recommender
+    from inference.hybrid import blend
+    from inference.trending import recent_counts
 
     model = load_recommender(artifact)
     trend = model.trending
@@ -91,35 +100,67 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     )
     counts = Counts(ds)
     histories = ds.histories()
-    print(
-        "\n| history | users | next item: served before | with recent popularity | change | p "
-        "| next three: served before | with | change | p |"
-    )
-    print("|---" * 10 + "|")
+    served = (trend.days, trend.weight)
+    blends = sorted({served, *((int(d), w) for d in DAYS for w in WEIGHTS)})
+    # Per prefix: NDCG@10 of the next items and the last item per user, before and per blend.
+    before: dict[int, list[np.ndarray]] = {n: [] for n in PREFIXES}
+    after: dict[tuple[int, int, float], list[np.ndarray]] = {}
     for n in PREFIXES:
-        rows: list[tuple[np.ndarray, np.ndarray]] = []  # NDCG@10 of the next items, before/after
         for user in sorted(users):
             seq = histories[user]
-            if len(seq) < n + 1:
+            if len(seq) < n + NEXT + 1:
                 continue
             prefix = model.to_indices([it.item_id for it in seq[:n]])
             if len(prefix) < n:  # an item the artifact never saw: not this protocol's case
                 continue
             nexts = [model.index.get(it.item_id) for it in seq[n : n + NEXT]]
+            last = [model.index.get(seq[-1].item_id)]
             model.use_recent(None)
-            before = model.score([prefix])
-            model.use_recent(counts.window(seq[n - 1].ts, trend.days))
-            after = model.score([prefix])
-            rows.append((judge(before, prefix, nexts), judge(after, prefix, nexts)))
-        model.use_recent(None)
-        cells = []
-        for first_only in (True, False):
-            before = np.asarray([b[0] if first_only else b.mean() for b, _ in rows])
-            after = np.asarray([a[0] if first_only else a.mean() for _, a in rows])
-            p = significance(after, before)["wilcoxon_p"]
-            change = after.mean() / before.mean() - 1 if before.mean() else float("nan")
-            cells.append(f"{before.mean():.4f} | {after.mean():.4f} | {change:+.1%} | {p:.2g}")
-        print(f"| first {n} | {len(rows)} | {' | '.join(cells)} |")
+            plain = model.score([prefix])  # what was served without the counts
+            before[n].append(np.concatenate([judge(plain, prefix, t) for t in (nexts, last)]))
+            own = model.model_score([prefix])  # what the blend adds the counts to
+            for days in sorted({d for d, _ in blends}):
+                windows = [
+                    np.log1p(
+                        recent_counts(
+                            counts.window(at, days, user, seq[:n]), model.index, model.n_items
+                        )
+                    )[None, :]
+                    for at in (seq[n - 1].ts, seq[-1].ts - 1e-3)
+                ]
+                for weight in [w for d, w in blends if d == days]:
+                    judged = [
+                        judge(blend(own, window, weight), prefix, targets)
+                        for window, targets in zip(windows, (nexts, last), strict=True)
+                    ]
+                    after.setdefault((n, days, weight), []).append(np.concatenate(judged))
+    picks = {"next item": slice(0, 1), "next three": slice(0, NEXT), "last item": slice(NEXT, None)}
+
+    def change(n: int, days: int, weight: float, pick: slice) -> tuple[float, float, float]:
+        b = np.asarray([row[pick].mean() for row in before[n]])
+        a = np.asarray([row[pick].mean() for row in after[(n, days, weight)]])
+        gain = a.mean() / b.mean() - 1 if b.mean() else float("nan")
+        return b.mean(), gain, significance(a, b)["wilcoxon_p"]
+
+    print(
+        f"\nThe served blend ({served[0]} days, weight {served[1]:g}): NDCG@10 without the counts "
+        "(what was served before), change with them, paired Wilcoxon p"
+    )
+    print("\n| history | users | " + " | ".join(f"{k}: before | change | p" for k in picks) + " |")
+    print("|---" * (2 + 3 * len(picks)) + "|")
+    for n in PREFIXES:
+        cells = [change(n, *served, pick) for pick in picks.values()]
+        text = " | ".join(f"{b:.4f} | {g:+.1%} | {p:.2g}" for b, g, p in cells)
+        print(f"| first {n} | {len(before[n])} | {text} |")
+    print("\nEvery blend of the lab's grid: change on the first 1 / 2 / 3 items")
+    print("\n| days | weight | " + " | ".join(picks) + " |")
+    print("|---" * (2 + len(picks)) + "|")
+    for days, weight in blends:
+        cells = [
+            " / ".join(f"{change(n, days, weight, pick)[1]:+.1%}" for n in PREFIXES)
+            for pick in picks.values()
+        ]
+        print(f"| {days} | {weight:g} | {' | '.join(cells)} |")
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ On ML-100K with a trained artifact and the labelled requests of ``bench/data/ref
   of (request, user) whose test item meets the labelled constraints: the unrefined model's
   ranking restricted to the items that meet them, against the refined list;
 - **latency** of a refinement turn: ``ConversationEngine.turn`` (parse, rank every item, refine,
-  explain, trim) in process, and the whole HTTP turn on the real API and Redis (``--http``).
+  explain, trim) in process, and the whole HTTP turn on the real API and Redis (``--http``); for
+  an artifact that blends recent popularity, also turns of the users' first 1-3 items with the
+  counts of the dataset's last days (the blend, and the second ranking ``popular`` needs).
 
 Each parser is a row, beside ``oracle``: the labelled constraints themselves, which shows what
 refining costs independent of understanding. ``rules``; with ``--lm`` also ``lm`` (SmolLM2 by
@@ -347,9 +349,14 @@ def like_variants(
 
 
 def engine_latency(
-    engine: Any, histories: Sequence[list[str]], labels: Sequence[Label], n: int
+    engine: Any,
+    histories: Sequence[list[str]],
+    labels: Sequence[Label],
+    n: int,
+    recent: dict[str, int] | None = None,
 ) -> list[float]:
-    """Milliseconds per ``ConversationEngine.turn`` (every step of a turn but Redis)."""
+    """Milliseconds per ``ConversationEngine.turn`` (every step of a turn but Redis), with the
+    recent-popularity counts ``recent`` when given."""
     from datetime import UTC, datetime
 
     out = []
@@ -358,11 +365,29 @@ def engine_latency(
         message = labels[t % len(labels)].message
         started = time.perf_counter()
         result = engine.turn(
-            list(histories[t % len(histories)]), previous, message, 10, datetime.now(UTC)
+            list(histories[t % len(histories)]),
+            previous,
+            message,
+            10,
+            datetime.now(UTC),
+            recent=recent,
         )
         out.append((time.perf_counter() - started) * 1000)
         previous = result.session if t % 4 else None  # follow-ups and new sessions
     return out
+
+
+def latest_counts(dataset: Any, days: int) -> dict[str, int]:
+    """Users per item in the dataset's last ``days`` whole days, as the stream worker counts."""
+    from streams.trending import DAY_S, day_of
+
+    last = max(it.ts for it in dataset.interactions)
+    since = (day_of(last) - days + 1) * DAY_S
+    pairs = {(it.user_id, it.item_id) for it in dataset.interactions if it.ts >= since}
+    counts: dict[str, int] = {}
+    for _, item in pairs:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
 
 
 def http_latency(
@@ -562,6 +587,15 @@ def main() -> None:
         f"\nturn in process (parse, rank, refine, reasons, trim), {len(turns)} turns: "
         f"p50 {percentile(turns, 0.5):.1f} ms, p99 {percentile(turns, 0.99):.1f} ms"
     )
+    if engine.recent_days:
+        newcomers = [h[: 1 + t % 3] for t, h in enumerate(histories)]
+        counts = latest_counts(dataset, engine.recent_days)
+        turns = engine_latency(engine, newcomers, labels, args.turns, counts)
+        print(
+            f"turn in process, histories of 1-3 items with recent popularity ({len(counts)} items "
+            f"counted in the dataset's last {engine.recent_days} days), {len(turns)} turns: "
+            f"p50 {percentile(turns, 0.5):.1f} ms, p99 {percentile(turns, 0.99):.1f} ms"
+        )
     if args.http:
         timed = http_latency(args.artifact, histories, labels, args.turns)
         print(
