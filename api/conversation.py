@@ -61,7 +61,7 @@ from schemas.conversation import (
     session_key,
 )
 from streams.profile import read_profile_async
-from streams.trending import DAY_S, day_of, read_counts, sum_counts
+from streams.trending import DAY_S, Window, day_of, read_counts
 
 __all__ = [
     "MAX_CONVERSATION_BODY",
@@ -256,10 +256,11 @@ class RecentWindows:
 
     A turn's window is the model's ``days`` ending on the day of the user's newest event (the
     day the stream worker counted it by; a time more than a day past the wall clock is not
-    believed), summed from the per-day hashes (``streams.trending``). Each window is read again
-    after ``refresh_s``; the ``keep`` most recently asked are kept. When Redis cannot answer,
-    the window read before stays (none if there was none) and the failure is counted; when the
-    ACL refuses the counts (a deployment that predates them), they are not asked again and
+    believed), summed from the per-day hashes (``streams.trending``). A window's newest two
+    days are read again after ``refresh_s``, older ones after ``settled_s``
+    (``streams.trending.Window``); the ``keep`` windows asked last are kept. When Redis cannot
+    answer, what was read before stays (none if nothing was) and the failure is counted; when
+    the ACL refuses the counts (a deployment that predates them), they are not asked again and
     turns rank without them.
     """
 
@@ -270,47 +271,50 @@ class RecentWindows:
         days: int,
         *,
         refresh_s: float = 5.0,
+        settled_s: float = 600.0,
         keep: int = 4,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.client, self.keys, self.days = client, keys, days
-        self.refresh_s, self.keep = refresh_s, keep
+        self.refresh_s, self.settled_s, self.keep = refresh_s, settled_s, keep
         self.clock, self.wall = clock, wall
-        self._held: OrderedDict[int, tuple[dict[str, int], float]] = OrderedDict()
+        self._windows: OrderedDict[int, Window] = OrderedDict()  # by last day
         self.refused = False
 
     async def counts(self, newest: datetime) -> dict[str, int] | None:
         """The counts per item id of the window ending on ``newest``'s day (the same object
-        while it is not read again); ``None`` when there are none to give."""
+        while none of its days changed); ``None`` when there are none to give."""
         if self.refused or self.days <= 0:
             return None
         last = day_of(min(newest.timestamp(), self.wall() + DAY_S))
+        window = self._windows.get(last)
+        if window is None:
+            window = Window(self.days, refresh_s=self.refresh_s, settled_s=self.settled_s)
+            window.move(last)
+            self._windows[last] = window
+            while len(self._windows) > self.keep:
+                self._windows.popitem(last=False)
+        self._windows.move_to_end(last)
         now = self.clock()
-        held = self._held.get(last)
-        if held is not None:
-            self._held.move_to_end(last)
-            if now - held[1] < self.refresh_s:
-                return held[0]
-        pipe = self.client.pipeline(transaction=False)
-        for day in range(last - self.days + 1, last + 1):
-            pipe.hgetall(self.keys.trending(day))
-        try:
-            raw = await pipe.execute()
-        except redis.exceptions.NoPermissionError:
-            log.warning("recent popularity is not read: this principal may not read its counts")
-            self.refused = True
-            return None
-        except redis.RedisError as exc:
-            TRENDING_FAILURES.inc()
-            log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
-            return held[0] if held is not None else None
-        total = sum_counts(read_counts(fields) for fields in raw)
-        self._held[last] = (total, now)
-        self._held.move_to_end(last)
-        while len(self._held) > self.keep:
-            self._held.popitem(last=False)
-        return total
+        due = window.due(now)
+        if due:
+            pipe = self.client.pipeline(transaction=False)
+            for day in due:
+                pipe.hgetall(self.keys.trending(day))
+            try:
+                raw = await pipe.execute()
+            except redis.exceptions.NoPermissionError:
+                log.warning("recent popularity is not read: this principal may not read its counts")
+                self.refused = True
+                return None
+            except redis.RedisError as exc:
+                TRENDING_FAILURES.inc()
+                log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
+                return window.counts()
+            for day, fields in zip(due, raw, strict=True):
+                window.put(day, read_counts(fields), now)
+        return window.counts()
 
 
 async def load_attributes(client: redis.asyncio.Redis, keys: Keys) -> CatalogAttributes:

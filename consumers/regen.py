@@ -332,7 +332,7 @@ class RegenService:
             return
         counts = self.recent.read()
         latest = self.recent.latest
-        if counts is not None and counts != self._recent_sent:
+        if counts is not None and counts is not self._recent_sent:
             if latest != self._recent_day:
                 log.info(
                     "recent popularity: %d items counted in the %d days to day %s",

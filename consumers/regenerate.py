@@ -33,7 +33,7 @@ from inference.reasons import ListReasons
 from inference.recommender import Ranked
 from recstream.keys import Keys
 from schemas import HistoryReason, ModelRef, Profile, Recommendations, ScoredItem
-from streams.trending import DAY_S, day_of, read_counts, sum_counts
+from streams.trending import DAY_S, Window, day_of, read_counts
 
 __all__ = [
     "ItemTitles",
@@ -146,9 +146,10 @@ class RecentCounts:
     among them (a conversation turn is stamped now) do not move it; a time more than a day ahead
     of the wall clock is not believed.
     The newest two days are read again every ``refresh_s``, older ones (settled: few events
-    arrive that late) every ``settled_s``. When Redis cannot answer, the counts read before stay;
-    when the ACL refuses them (a deployment that predates them), they are not asked again and
-    the model serves without them.
+    arrive that late) every ``settled_s`` (``streams.trending.Window``, which keeps the window's
+    total as days are read, so a read costs the days read). When Redis cannot answer, the counts
+    read before stay; when the ACL refuses them (a deployment that predates them), they are not
+    asked again and the model serves without them.
     """
 
     def __init__(
@@ -167,7 +168,7 @@ class RecentCounts:
         self.clock, self.wall = clock, wall
         self.latest: int | None = None  # the window's last day, as of the latest read
         self._arriving: Counter[int] = Counter()  # the days of the changes since that read
-        self._held: dict[int, tuple[dict[str, int], float]] = {}  # day -> (counts, read at)
+        self._window = Window(days, refresh_s=refresh_s, settled_s=settled_s)
         self._read_at: float | None = None
         self.refused = False
 
@@ -191,22 +192,13 @@ class RecentCounts:
             return None
         now = self.clock()
         self._read_at = now
-        window = range(self.latest - self.days + 1, self.latest + 1)
-        for day in [d for d in self._held if d not in window]:
-            del self._held[day]
-        fresh = self.latest - 1  # this day and later are read every refresh_s
-        due = [
-            d
-            for d in window
-            if d not in self._held
-            or now - self._held[d][1] >= (self.refresh_s if d >= fresh else self.settled_s)
-        ]
+        self._window.move(self.latest)
+        due = self._window.due(now)
         if due and not self.refused:
             self._read_days(due, now)
-        if not self._held:
-            return None
-        total = sum_counts(counts for counts, _ in self._held.values())
-        REGEN_TRENDING_ITEMS.set(len(total))
+        total = self._window.counts()
+        if total is not None:
+            REGEN_TRENDING_ITEMS.set(len(total))
         return total
 
     def _read_days(self, days: list[int], now: float) -> None:
@@ -224,7 +216,7 @@ class RecentCounts:
             log.warning("recent-popularity counts unavailable, the last ones stay: %s", exc)
             return
         for day, fields in zip(days, raw, strict=True):
-            self._held[day] = (read_counts(fields), now)
+            self._window.put(day, read_counts(fields), now)
 
 
 class RecsPublisher:

@@ -77,9 +77,8 @@ class ListReasons:
     """Why the items of one list were recommended.
 
     ``history``: item -> the history item ids behind it, largest contribution first.
-    ``popular``: item -> how many users took it up in the last ``days`` days, for the items whose
-    recent popularity brought into the list
-    (``inference.artifact.ArtifactRecommender.popular``).
+    ``popular``: item -> how many users took it up in the last ``days`` days, for the items
+    recent popularity brought into the list (``inference.artifact.ArtifactRecommender.popular``).
     """
 
     history: dict[str, list[str]]

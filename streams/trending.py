@@ -17,9 +17,9 @@ sums the artifact's window of days and blends it into short histories' lists
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-__all__ = ["DAY_S", "MAX_COUNT", "day_of", "read_counts", "sum_counts"]
+__all__ = ["DAY_S", "MAX_COUNT", "Window", "day_of", "read_counts"]
 
 DAY_S = 86_400
 MAX_COUNT = 2**63 - 1  # HINCRBY's range: a larger "count" is nothing the stream worker wrote
@@ -44,10 +44,68 @@ def read_counts(fields: Mapping[bytes, bytes] | None) -> dict[str, int]:
     return counts
 
 
-def sum_counts(days: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """A window's counts: each item's sum over its days (:func:`read_counts`)."""
-    total: dict[str, int] = {}
-    for counts in days:
+class Window:
+    """A window of ``days`` whole days of counts as a reader keeps it (no I/O: the reader reads
+    the days :meth:`due` names and gives them to :meth:`put`).
+
+    It ends on :attr:`last` (:meth:`move`). Its newest two days are due again every
+    ``refresh_s`` (they still grow), older ones every ``settled_s`` (few events arrive that
+    late), a day never read at once. The total over its days is kept as they are put, so a
+    read costs the size of the days read, not of the window; :meth:`counts` hands out one
+    snapshot of it, the same object until a day changes.
+    """
+
+    def __init__(self, days: int, *, refresh_s: float, settled_s: float) -> None:
+        self.days, self.refresh_s, self.settled_s = days, refresh_s, settled_s
+        self.last: int | None = None
+        self._held: dict[int, tuple[dict[str, int], float]] = {}  # day -> (counts, read at)
+        self._total: dict[str, int] = {}
+        self._snapshot: dict[str, int] | None = None
+
+    def move(self, last: int) -> None:
+        """End the window on day ``last``; the days it no longer covers are dropped."""
+        self.last = last
+        for day in [d for d in self._held if not last - self.days < d <= last]:
+            self._add(self._held.pop(day)[0], -1)
+
+    def due(self, now: float) -> list[int]:
+        """The window's days to read (again) at ``now``."""
+        if self.last is None:
+            return []
+        fresh = self.last - 1  # this day and later still grow
+        return [
+            d
+            for d in range(self.last - self.days + 1, self.last + 1)
+            if d not in self._held
+            or now - self._held[d][1] >= (self.refresh_s if d >= fresh else self.settled_s)
+        ]
+
+    def put(self, day: int, counts: dict[str, int], now: float) -> None:
+        """Day ``day``'s counts as read at ``now`` (:func:`read_counts`), in place of the last."""
+        old = self._held.get(day)
+        if old is not None and old[0] == counts:  # unchanged: the snapshot stands
+            self._held[day] = (old[0], now)
+            return
+        if old is not None:
+            self._add(old[0], -1)
+        self._held[day] = (counts, now)
+        self._add(counts, 1)
+
+    def counts(self) -> dict[str, int] | None:
+        """Each item's sum over the window's days read so far; ``None`` when none was."""
+        if not self._held:
+            return None
+        if self._snapshot is None:
+            self._snapshot = dict(self._total)
+        return self._snapshot
+
+    def _add(self, counts: Mapping[str, int], sign: int) -> None:
+        if counts:
+            self._snapshot = None
+        total = self._total
         for item, n in counts.items():
-            total[item] = total.get(item, 0) + n
-    return total
+            left = total.get(item, 0) + sign * n
+            if left:
+                total[item] = left
+            else:
+                total.pop(item, None)

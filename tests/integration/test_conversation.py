@@ -595,15 +595,18 @@ def test_recent_windows_sum_their_days_refresh_and_keep_the_last_on_failure(
         first = await windows.counts(at)
         assert first == {"a": 4, "b": 5}
         client.hincrby(keys.trending(day), "b", 2)
+        client.hincrby(keys.trending(day - 2), "b", 100)  # a settled day
         assert await windows.counts(at) is first  # read again only after refresh_s
         clock[0] = 6.0
-        assert await windows.counts(at) == {"a": 4, "b": 7}
+        assert await windows.counts(at) == {"a": 4, "b": 7}  # the newest two days only
+        clock[0] = 601.0
+        assert await windows.counts(at) == {"a": 4, "b": 107}  # and after settled_s, all
         # A time days past the wall clock is believed only up to the next day.
         ahead = await windows.counts(at + timedelta(days=9))
         assert ahead == {"a": 3, "b": 2, "d": 2}
         # Redis gone: the window read before stays (``keep`` 1: only the newest is held).
         windows.client = unreachable
-        clock[0] = 12.0
+        clock[0] = 607.0
         before = TRENDING_FAILURES._value.get()
         assert await windows.counts(at + timedelta(days=9)) == {"a": 3, "b": 2, "d": 2}
         assert await windows.counts(at) is None
