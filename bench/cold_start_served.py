@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import artifact_parser, cold_start_data
-from inference.artifact import ArtifactRecommender, load_recommender
+from bench.common import artifact_parser, cold_start_data, trending_artifact
+from inference.artifact import ArtifactRecommender
 from lab.protocol import Split, ndcg_per_user, significance, target_ranks
 from lab.trending import PREFIXES, RecentPopularity
 from streams.trending import DAY_S, day_of
@@ -68,17 +68,8 @@ def main() -> None:
     args = parser.parse_args()
 
     split, recent = cold_start_data(args)
-    model = load_recommender(args.artifact)
-    if model.item_ids != split.item_ids:
-        raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
+    model = trending_artifact(args, split)
     trend = model.trending
-    if not trend.active:
-        raise SystemExit(f"artifact {args.artifact} blends no recent popularity")
-    print(
-        f"{split.dataset}, {model.name} ({model.version}, {model.precision}): recent popularity "
-        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items; "
-        f"retrieval weight {model.retrieval.weight:g} under {model.retrieval.max_history}"
-    )
     print(
         "\n| history | users | test item: served before | counts at its moment | change | p "
         "| counts at the prefix's last item | change | p | next item: served before "

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from inference.artifact import ArtifactRecommender
     from lab.protocol import Split
     from lab.trending import RecentPopularity
 
-__all__ = ["artifact_parser", "cold_start_data", "percentile"]
+__all__ = ["artifact_parser", "cold_start_data", "percentile", "trending_artifact"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -43,3 +44,22 @@ def cold_start_data(args: argparse.Namespace) -> tuple[Split, RecentPopularity]:
     ds = load_dataset(args.dataset, CommonSettings().data_dir)
     split = leave_one_out(ds)
     return split, RecentPopularity(ds, split)
+
+
+def trending_artifact(args: argparse.Namespace, split: Split) -> ArtifactRecommender:
+    """``--artifact`` loaded as the workers load it, refused unless it was trained on ``split``'s
+    dataset and blends recent popularity; prints what it serves."""
+    from inference.artifact import load_recommender
+
+    model = load_recommender(args.artifact)
+    if model.item_ids != split.item_ids:
+        raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
+    trend = model.trending
+    if not trend.active:
+        raise SystemExit(f"artifact {args.artifact} blends no recent popularity")
+    print(
+        f"{split.dataset}, {model.name} ({model.version}, {model.precision}): recent popularity "
+        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items; "
+        f"retrieval weight {model.retrieval.weight:g} under {model.retrieval.max_history}"
+    )
+    return model

@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.cold_start_served import served_counts
-from bench.common import artifact_parser, cold_start_data
-from inference.artifact import load_recommender
+from bench.common import artifact_parser, cold_start_data, trending_artifact
 from inference.scoring import top_k_unseen
 from lab.trending import PREFIXES
 
@@ -33,16 +32,8 @@ def main() -> None:
     parser = artifact_parser(__doc__ or "")
     args = parser.parse_args()
     split, recent = cold_start_data(args)
-    model = load_recommender(args.artifact)
-    if model.item_ids != split.item_ids:
-        raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
+    model = trending_artifact(args, split)
     trend = model.trending
-    if not trend.active:
-        raise SystemExit(f"artifact {args.artifact} blends no recent popularity")
-    print(
-        f"{split.dataset}, {model.name} ({model.version}, {model.precision}): recent popularity "
-        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items"
-    )
     print(
         "\n| history | users | listed | brought in by the counts | named popular | their place "
         "without the counts (median, mean) | users who took them up (median) | lists with one |"

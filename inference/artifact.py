@@ -321,6 +321,7 @@ class ArtifactRecommender:
         self.trending = _trending_config(config, folder)
         self._recent: np.ndarray | None = None  # log(1 + count) per item, from use_recent
         self._recent_counts: np.ndarray | None = None  # the counts themselves
+        self._blended_bases: dict[bytes, np.ndarray] = {}  # the last blend's model scores
         self.post: CatalogPost | None = None
         if post is not None and post.active:
             self.post = CatalogPost(self.item_ids, self._item_vectors(verified), post)
@@ -372,6 +373,8 @@ class ArtifactRecommender:
         if rest:
             out[rest] = self._unblended([histories[r] for r in rest])
         base = self.model_score([histories[r] for r in trend])
+        # Kept for popular(), which scores these short histories without the counts next.
+        self._blended_bases = {histories[r].tobytes(): base[i] for i, r in enumerate(trend)}
         fresh = np.broadcast_to(recent, (len(trend), self.n_items))
         out[trend] = blend(base, fresh, self.trending.weight)
         return out
@@ -384,6 +387,11 @@ class ArtifactRecommender:
 
     def model_score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """The model's catalog scores without retrieval: the fusion's, or the transformer's."""
+        if (
+            len(histories) == 1
+            and (kept := self._blended_bases.get(histories[0].tobytes())) is not None
+        ):
+            return kept[None, :].copy()  # a function of the history alone, scored just before
         if self.weights == {"gen": 1.0}:
             return self.scorer.score(histories)
         parts = {
