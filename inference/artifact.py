@@ -374,7 +374,7 @@ class ArtifactRecommender:
             out[rest] = self._unblended([histories[r] for r in rest])
         base = self.model_score([histories[r] for r in trend])
         # Kept for popular(), which scores these short histories without the counts next.
-        self._blended_bases = {histories[r].tobytes(): base[i] for i, r in enumerate(trend)}
+        self._blended_bases = {_key(histories[r]): base[i] for i, r in enumerate(trend)}
         fresh = np.broadcast_to(recent, (len(trend), self.n_items))
         out[trend] = blend(base, fresh, self.trending.weight)
         return out
@@ -389,7 +389,7 @@ class ArtifactRecommender:
         """The model's catalog scores without retrieval: the fusion's, or the transformer's."""
         if (
             len(histories) == 1
-            and (kept := self._blended_bases.get(histories[0].tobytes())) is not None
+            and (kept := self._blended_bases.get(_key(histories[0]))) is not None
         ):
             return kept[None, :].copy()  # a function of the history alone, scored just before
         if self.weights == {"gen": 1.0}:
@@ -469,6 +469,11 @@ class ArtifactRecommender:
         top, _ = top_k_unseen(self._unblended([known]), [known], len(items))
         listed_before = {self.item_ids[i] for i in top[0].tolist()}
         return {item: n for item, n in users.items() if item not in listed_before}
+
+
+def _key(history: np.ndarray) -> bytes:
+    """A history's catalog indices as bytes of one width, whatever array holds them."""
+    return np.asarray(history, dtype=np.int64).tobytes()
 
 
 def _trending_config(config: dict[str, Any], folder: Path) -> TrendingConfig:

@@ -388,6 +388,13 @@ def test_popular_names_the_items_recent_popularity_brought_into_the_list(
     assert len(named) >= 3 and own[0] not in named
     assert rec.recent_users([own[-2], own[-1], "not-in-the-catalog"]) == {own[-1]: counts[own[-1]]}
     assert rec.popular(["i2", "i4", "i6"], listed) == {}  # too long for the blend
+    # The blend's model scores, kept for popular(), are given back for that history only,
+    # whatever array holds it: int32 [2, 0] has the bytes of int64 [2].
+    plain = load_recommender(folder, device="cpu", quantize=False)
+    (at,) = rec.to_indices(history).tolist()
+    rec.score([np.asarray([at])])
+    for h in (np.asarray([at]), np.asarray([at], np.int32), np.asarray([at, 0], np.int32)):
+        np.testing.assert_allclose(rec.model_score([h]), plain.model_score([h]), atol=1e-5)
     rec.use_recent(None)
     assert rec.popular(history, listed) == {}
 
