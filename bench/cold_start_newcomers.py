@@ -10,8 +10,8 @@ who signs up is in no training data. This script holds a share of the dataset's 
 2. ``--artifact ART`` gives each held-out user's first 1, 2 and 3 items to that artifact's served
    scorer (INT8, its fusion, retrieval and trending sections), without recent popularity (what
    was served before the blend) and with the counts the live system holds when the list is made:
-   every other user's items (held-out ones too; one per user and item) on the window's whole
-   days up to the prefix's last item, and the user's own prefix (``streams.trending``). It
+   every other user's items (held-out ones too) on the window's whole days up to the prefix's
+   last item, and the user's own prefix (``bench.cold_start_served.served_counts``). It
    judges the next item and the next three with NDCG@10 and the paired Wilcoxon test, and, as
    ``recstream eval --cold-start`` does, the user's last item with the counts up to its own
    moment (the user's items past the prefix left out of them).
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cold_start_served import served_counts
 from bench.small_shops import write_shop
-from lab.datasets import Dataset, Interaction, load_dataset
-from lab.protocol import ndcg_per_user, significance, target_ranks
-from lab.trending import DAYS, PREFIXES, WEIGHTS
+from lab.datasets import Dataset, load_dataset
+from lab.protocol import leave_one_out, ndcg_per_user, significance, target_ranks
+from lab.trending import DAYS, PREFIXES, WEIGHTS, RecentPopularity
 from recstream.settings import CommonSettings
-from streams.trending import DAY_S, day_of
 
 NEXT = 3  # the items after the prefix that are judged
 
@@ -47,34 +47,6 @@ def held_out(ds: Dataset, share: float, seed: int) -> set[str]:
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(users), size=round(share * len(users)), replace=False)
     return {users[i] for i in picked}
-
-
-class Counts:
-    """Everyone's items in time order, to count a window as the stream worker does."""
-
-    def __init__(self, ds: Dataset) -> None:
-        ordered = sorted(ds.interactions, key=lambda it: it.ts)
-        self.ts = np.asarray([it.ts for it in ordered])
-        self.items = [it.item_id for it in ordered]
-        self.pairs = [(it.user_id, it.item_id) for it in ordered]
-
-    def window(self, moment: float, days: int, user: str, own: list[Interaction]) -> dict[str, int]:
-        """Users per item on the ``days`` whole UTC days ending on ``moment``'s day, up to it:
-        everyone else's items, and of ``user``'s only ``own`` (the prefix their profile holds)."""
-        since = (day_of(moment) - days + 1) * DAY_S
-        lo = int(np.searchsorted(self.ts, since, side="left"))
-        hi = int(np.searchsorted(self.ts, moment, side="right"))
-        counts: dict[str, int] = {}
-        seen: set[tuple[str, str]] = set()
-        for n in range(lo, hi):
-            pair = self.pairs[n]
-            if pair[0] != user and pair not in seen:  # one per user and item, as the fold counts
-                seen.add(pair)
-                counts[self.items[n]] = counts.get(self.items[n], 0) + 1
-        for it in own:
-            if since <= it.ts <= moment:
-                counts[it.item_id] = counts.get(it.item_id, 0) + 1
-        return counts
 
 
 def judge(scores: np.ndarray, prefix: np.ndarray, targets: list[int | None]) -> np.ndarray:
@@ -98,7 +70,9 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
         f"{model.precision}) trained without them: recent popularity {trend.days} days, weight "
         f"{trend.weight:g}, histories under {trend.below} items"
     )
-    counts = Counts(ds)
+    split = leave_one_out(ds)  # the lab's view of every user, to count windows as served
+    recent = RecentPopularity(ds, split)
+    position = {u: i for i, u in enumerate(split.user_ids)}
     histories = ds.histories()
     served = (trend.days, trend.weight)
     blends = sorted({served, *((int(d), w) for d in DAYS for w in WEIGHTS)})
@@ -107,8 +81,8 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     after: dict[tuple[int, int, float], list[np.ndarray]] = {}
     for n in PREFIXES:
         for user in sorted(users):
-            seq = histories[user]
-            if len(seq) < n + NEXT + 1:
+            seq, u = histories[user], position.get(user)
+            if u is None or len(seq) < n + NEXT + 1:
                 continue
             prefix = model.to_indices([it.item_id for it in seq[:n]])
             if len(prefix) < n:  # an item the artifact never saw: not this protocol's case
@@ -121,12 +95,11 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
             own = model.model_score([prefix])  # what the blend adds the counts to
             for days in sorted({d for d, _ in blends}):
                 windows = [
-                    np.log1p(
-                        recent_counts(
-                            counts.window(at, days, user, seq[:n]), model.index, model.n_items
-                        )
-                    )[None, :]
-                    for at in (seq[n - 1].ts, seq[-1].ts - 1e-3)
+                    np.log1p(recent_counts(held, model.index, model.n_items))[None, :]
+                    for held in (
+                        served_counts(recent, split, u, n, moment=at, days=days)
+                        for at in (seq[n - 1].ts, seq[-1].ts - 1e-3)
+                    )
                 ]
                 for weight in [w for d, w in blends if d == days]:
                     judged = [

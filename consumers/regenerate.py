@@ -164,7 +164,7 @@ class RecentCounts:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.client, self.keys, self.days = client, keys, days
-        self.refresh_s, self.settled_s = refresh_s, settled_s
+        self.refresh_s = refresh_s
         self.clock, self.wall = clock, wall
         self.latest: int | None = None  # the window's last day, as of the latest read
         self._arriving: Counter[int] = Counter()  # the days of the changes since that read

@@ -53,6 +53,7 @@ from streams.trending import day_of
 from tests.api_contract import assert_conforms
 from tests.conftest import Namespace
 from tests.integration.conftest import train_tiny_artifact
+from tests.integration.streams_support import users_per_item
 
 pytestmark = pytest.mark.integration
 
@@ -543,7 +544,9 @@ def test_a_short_historys_turn_ranks_with_what_is_popular_now_and_says_so(
     assert reply.items[0].item_id == hot, "the crowd's item heads a one-item history's list"
     assert reply.items[0].popular == PopularNow(users=6, days=30)
     # Exactly the model's answer given the crowd's counts, and its popular items.
-    model.use_recent(users_per_item(crowd))
+    model.use_recent(
+        users_per_item({"user_id": u, "item_id": i} for u, h in crowd.items() for i in h)
+    )
     index = _index(artifact)
     ranked = model.recommend([newcomer], model.n_items)[0]
     expected = refine(ranked, no_horror, attributes, 10, lambda ids: index.vectors(list(ids)))
@@ -562,14 +565,6 @@ def test_a_short_historys_turn_ranks_with_what_is_popular_now_and_says_so(
     expected = refine(ranked, no_horror, attributes, 10, lambda ids: index.vectors(list(ids)))
     assert [i.item_id for i in reply.items] == [i for i, _ in expected]
     assert not any(i.popular for i in reply.items)
-
-
-def users_per_item(histories: dict[str, list[str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for history in histories.values():
-        for item in set(history):
-            counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 def test_recent_windows_sum_their_days_refresh_and_keep_the_last_on_failure(
