@@ -58,7 +58,7 @@ def main() -> None:
     upcoming = heldout_grid(
         split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, NEXT_ITEMS, upcoming=True
     )
-    pick = choose(grid, prefixes, DAYS, WEIGHTS, guard=upcoming)
+    pick = choose(grid, prefixes, DAYS, WEIGHTS, guards=(upcoming,))
     base = {n: grid[n, 0.0, 0.0] for n in prefixes}
     ahead = {n: upcoming[n, 0.0, 0.0] for n in prefixes}
     print(

@@ -37,9 +37,10 @@ __all__ = ["TrendingConfig", "recent_counts"]
 class TrendingConfig:
     """How much recent popularity counts, over how many days, and for histories under ``below``.
 
-    ``weight`` 0 or ``below`` 0 turns it off. ``gain`` and ``next_gain`` are the held-out mean
-    NDCG@10 changes the lab chose the blend by, on later items and on the next ones (for the
-    record only).
+    ``weight`` 0 or ``below`` 0 turns it off. ``gain``, ``next_gain`` and ``served_next_gain``
+    are the held-out mean NDCG@10 changes the lab chose the blend by: on later items and on the
+    next ones, judged with EASE, and on the next ones judged with the served model fitted
+    without those users (for the record only).
     """
 
     days: int = 0
@@ -47,6 +48,7 @@ class TrendingConfig:
     below: int = 0
     gain: float | None = None
     next_gain: float | None = None
+    served_next_gain: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and self.weight >= 0.0):
@@ -70,6 +72,8 @@ class TrendingConfig:
             out["heldout_gain"] = self.gain
         if self.next_gain is not None:
             out["heldout_next_gain"] = self.next_gain
+        if self.served_next_gain is not None:
+            out["heldout_served_next_gain"] = self.served_next_gain
         return out
 
     @classmethod

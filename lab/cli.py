@@ -354,7 +354,19 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
         log["fusion"] = mixed.summary()
         log["baselines"] = _baseline_params(mixed)
     retrieval = _fit_retrieval(split, mixed, text) if mixed is not None and with_index else None
-    trending = _fit_trending(ds, split, mixed, plan.ease_max_items) if mixed is not None else None
+    trending = None
+    if mixed is not None:
+        judge = _Judge(
+            cfg,
+            text,
+            negatives=plan.negatives,
+            teacher=teacher,
+            epochs=max(1, int(log["best_epoch"])),
+            seconds=min(plan.judge_s, float(log["train_seconds"])),
+            progress=progress,
+        )
+        trending = _fit_trending(ds, split, mixed, plan.ease_max_items, judge)
+        log["trending_judge"] = judge.record
     phases["fits"] = time.monotonic() - mark
     log["plan"] = {**plan.to_json(), "gen_budget_s": round(gen_budget_s, 1)}
     # Saving is timed as well but cannot be recorded in the file it writes; it is printed.
@@ -411,10 +423,11 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
     return chosen
 
 
-def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int) -> Any:
+def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int, judge: Any) -> Any:
     """The recent-popularity blend of short histories, chosen on held-out users with EASE's
     settings of the fusion (or tuned now when the fusion has no EASE): the largest gain on their
-    later items that costs nothing on their next ones (``lab.evaluate.choose_trending``)."""
+    later items that costs nothing on their next ones, judged with EASE and with the served
+    fusion fitted without one fold's users (its transformer trained again by ``judge``)."""
     from inference.trending import TrendingConfig
     from lab.evaluate import baseline, choose_trending
     from lab.trending import PREFIXES, RecentPopularity
@@ -422,14 +435,84 @@ def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int) -> Any:
     ease = fusion.components.get("ease")
     if ease is None:
         ease = baseline("ease", split, say=click.echo, ease_max_items=ease_max_items)
-    _, choice = choose_trending(split, RecentPopularity(ds, split), ease, PREFIXES, click.echo)
+    served = None if judge.seconds <= 0 else (lambda part: fusion.refitted(part, judge))
+    _, choice = choose_trending(
+        split, RecentPopularity(ds, split), ease, PREFIXES, click.echo, served=served
+    )
+    gains = choice.next_gains
     return TrendingConfig(
         days=round(choice.days),
         weight=choice.weight,
         below=max(PREFIXES) + 1,
         gain=choice.gain,
-        next_gain=choice.next_gain,
+        next_gain=gains[0] if gains else None,
+        served_next_gain=gains[1] if len(gains) > 1 else None,
     )
+
+
+class _Judge:
+    """Trains the transformer again, as ``recstream train`` did, on a split whose held-out users
+    (those left without training items) are out of validation too: the served model's stand-in
+    for users it never saw. At most ``epochs`` (the served transformer's best) and ``seconds``;
+    ``record`` says what it did, for ``training.json``."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        text: Any,
+        *,
+        negatives: int,
+        teacher: Any,
+        epochs: int,
+        seconds: float,
+        progress: bool,
+    ) -> None:
+        self.cfg, self.text, self.negatives, self.teacher = cfg, text, negatives, teacher
+        self.epochs, self.seconds, self.progress = epochs, seconds, progress
+        self.record: dict[str, Any] = {
+            "trained": False,  # the served fusion may have no transformer to train again
+            "max_epochs": epochs,
+            "max_seconds": round(seconds, 1),
+        }
+
+    def __call__(self, part: Any) -> Any:
+        from dataclasses import replace
+
+        import numpy as np
+
+        from inference.generative import GenScorer
+        from lab.training import train_gen
+
+        out = np.asarray([len(s) == 0 for s in part.train])
+        seen = replace(
+            part,
+            valid_target=np.where(out, -1, part.valid_target),
+            test_target=np.where(out, -1, part.test_target),
+        )
+        cfg = replace(self.cfg, epochs=self.epochs)
+        click.echo(
+            f"recent popularity: training the transformer again without {int(out.sum()):,} "
+            f"users to judge the blend as served (up to {self.epochs} epochs, {self.seconds:.0f}s)"
+        )
+        model, log = train_gen(
+            seen,
+            cfg,
+            text_embeddings=self.text,
+            time_budget_s=self.seconds,
+            negatives=self.negatives,
+            teacher=self.teacher,
+            progress=self.progress,
+            say=click.echo,
+        )
+        self.record.update(
+            trained=True,
+            users_held_out=int(out.sum()),
+            epochs_run=log["epochs_run"],
+            best_epoch=log["best_epoch"],
+            valid_ndcg=round(float(log["valid_ndcg@10"]), 4),
+            seconds=round(float(log["train_seconds"]), 1),
+        )
+        return GenScorer(model, cfg)
 
 
 def _has_text(split: Any) -> bool:

@@ -720,25 +720,46 @@ def _cold_start_report(
     return out
 
 
-def choose_trending(
+def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the call
     split: Split,
     recent: RecentPopularity,
     ease: Ranker,
     prefixes: Sequence[int],
     say: Callable[[str], None],
+    served: Callable[[Split], CatalogScorer] | None = None,
 ) -> tuple[RecentPopularity, TrendingChoice]:
-    """The recent-popularity blend chosen on held-out users, with ``ease``'s settings."""
+    """The recent-popularity blend chosen on held-out users, with ``ease``'s settings: the
+    largest gain on their later items that costs EASE nothing on their next ones, nor, with
+    ``served`` (which fits the served model without a fold's users), the served model on one
+    fold's next items."""
     from lab.training import ease_teacher
     from lab.trending import DAYS, NEXT_ITEMS, WEIGHTS, choose, heldout_grid
 
     assert isinstance(ease, EASE)
     fit = ease_teacher(ease.params())
     later = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS)
-    upcoming = heldout_grid(
-        split, recent, fit, prefixes, DAYS, WEIGHTS, targets=NEXT_ITEMS, upcoming=True
+    guards = [
+        heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, targets=NEXT_ITEMS, upcoming=True)
+    ]
+    if served is not None:
+        guards.append(
+            heldout_grid(
+                split,
+                recent,
+                served,
+                prefixes,
+                DAYS,
+                WEIGHTS,
+                targets=NEXT_ITEMS,
+                upcoming=True,
+                judged_folds=1,
+            )
+        )
+    choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards)
+    ahead = "".join(
+        f", the next items {gain:+.1%} ({judge})"
+        for gain, judge in zip(choice.next_gains, ("EASE", "served"), strict=False)
     )
-    choice = choose(later, prefixes, DAYS, WEIGHTS, guard=upcoming)
-    ahead = "" if choice.next_gain is None else f", the next items {choice.next_gain:+.1%}"
     say(
         f"recent popularity: {choice.days:g} days, weight {choice.weight:g} below "
         f"{max(prefixes) + 1} items (held-out users, mean change {choice.gain:+.1%}{ahead})"

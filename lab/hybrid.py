@@ -9,7 +9,7 @@ the grid, so the hybrid falls back to a single component when mixing does not he
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,24 @@ class Fusion(Ranker):
             if w > 0.0 and n in self.components
         }
         return fuse(parts, self.weights)
+
+    def refitted(self, part: Split, gen: Callable[[Split], CatalogScorer]) -> Fusion:
+        """This fusion fitted again on ``part`` with its weights unchanged: each weighted
+        baseline with its own settings (``params()``), the transformer by ``gen``. What
+        :func:`lab.trending.heldout_grid` judges as the served model on users it never saw."""
+        parts: dict[str, CatalogScorer] = {}
+        for name, weight in self.weights.items():
+            if weight <= 0.0:
+                continue
+            if name == "gen":
+                parts[name] = gen(part)
+                continue
+            component = self.components.get(name)
+            if not isinstance(component, Ranker):
+                raise TypeError(f"{name} cannot be fitted again: not a lab baseline")
+            settings = component.params() if hasattr(component, "params") else {}
+            parts[name] = type(component)(**settings).fit(part)
+        return Fusion(parts, self.weights)
 
     def summary(self) -> dict[str, Any]:
         """What the fit chose and saw: the weights, validation NDCG@10 and the search trace."""

@@ -66,6 +66,10 @@ FUSION_JUDGED = 40  # weight sets the fusion's coordinate ascent judges, typical
 MIN_GEN_SECONDS = 60.0  # the transformer gets at least this much whatever the estimate
 TRENDING_FOLDS = 5  # lab.trending.heldout_grid's folds and targets, as `recstream train` runs it
 TRENDING_TARGETS = 10
+# The recent-popularity blend is also judged with the served model fitted without one fold's
+# users: its transformer is trained a second time, on the other folds' users. With an overall
+# budget that second training gets this share of the transformer's time, taken from the first.
+JUDGE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,9 @@ class TrainingPlan:
 
     ``budget_s`` is the whole run's budget (``None``: the preset plan, whose transformer cap is
     ``gen_s`` and whose fits are not counted against it). ``gen_s`` is the transformer's share
-    as planned; with a budget it trains until ``budget_s - fit_s`` seconds after the start.
+    as planned; with a budget it trains until ``budget_s - fit_s - judge_s`` seconds after the
+    start. ``judge_s`` caps the second training of the transformer that judges the
+    recent-popularity blend as served (0: none); it never trains longer than the first did.
     """
 
     budget_s: float | None
@@ -85,6 +91,7 @@ class TrainingPlan:
     ease_max_items: int
     negatives: int
     source: str  # "preset", "budget" or "given" (the transformer's minutes set on the command line)
+    judge_s: float = 0.0
 
     @property
     def search_s(self) -> float:
@@ -94,7 +101,7 @@ class TrainingPlan:
         """Seconds the transformer may train when it starts ``elapsed_s`` into the run."""
         if self.budget_s is None or self.source == "given":
             return self.gen_s
-        return max(MIN_GEN_SECONDS, self.budget_s - self.fit_s - elapsed_s)
+        return max(MIN_GEN_SECONDS, self.budget_s - self.fit_s - self.judge_s - elapsed_s)
 
     def to_json(self) -> dict[str, Any]:
         fields = {**asdict(self), "search_s": self.search_s}
@@ -110,7 +117,8 @@ class TrainingPlan:
         return (
             f"plan ({self.source}): {total}; search {self.search_cf_s:.0f}s CF + "
             f"{self.search_gen_s:.0f}s transformer trials, transformer "
-            f"{self.gen_s:.0f}s, fits after it ~{self.fit_s:.0f}s; EASE on "
+            f"{self.gen_s:.0f}s, fits after it ~{self.fit_s:.0f}s (and up to "
+            f"{self.judge_s:.0f}s training it again to judge recent popularity); EASE on "
             f"{self.ease_max_items:,} items; sampled negatives {self.negatives}"
         )
 
@@ -169,15 +177,17 @@ def plan_training(
     if budget_minutes is None and preset:
         items = ease_max_items if ease_max_items is not None else ease_bound(split.n_items)
         cf_s, gen_search_s = _search_shares(split, (tune_minutes or 0.0) * 60, negatives, hybrid)
+        gen_s = (gen_minutes if gen_minutes is not None else PRESET_GEN_MINUTES) * 60
         return TrainingPlan(
             budget_s=None,
             search_cf_s=cf_s,
             search_gen_s=gen_search_s,
-            gen_s=(gen_minutes if gen_minutes is not None else PRESET_GEN_MINUTES) * 60,
+            gen_s=gen_s,
             fit_s=estimate_fit_seconds(split, items) if hybrid else 0.0,
             ease_max_items=items,
             negatives=negatives,
             source="preset" if gen_minutes is None else "given",
+            judge_s=gen_s if hybrid else 0.0,
         )
     budget_s = (budget_minutes if budget_minutes is not None else BUDGET_MINUTES) * 60
     if tune_minutes is not None:
@@ -195,8 +205,11 @@ def plan_training(
     fit_s = estimate_fit_seconds(split, items, grids=search_s == 0) if hybrid else 0.0
     if gen_minutes is not None:
         gen_s, source = gen_minutes * 60, "given"
+        judge_s = gen_s
     else:
-        gen_s, source = max(MIN_GEN_SECONDS, budget_s - search_s - fit_s), "budget"
+        both = max(MIN_GEN_SECONDS, budget_s - search_s - fit_s)
+        judge_s = JUDGE_SHARE * both if hybrid else 0.0
+        gen_s, source = max(MIN_GEN_SECONDS, both - judge_s), "budget"
     return TrainingPlan(
         budget_s=budget_s,
         search_cf_s=cf_s,
@@ -206,6 +219,7 @@ def plan_training(
         ease_max_items=items,
         negatives=negatives,
         source=source,
+        judge_s=judge_s if hybrid else 0.0,
     )
 
 

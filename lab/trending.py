@@ -93,12 +93,18 @@ class RecentPopularity:
 @dataclass(frozen=True)
 class TrendingChoice:
     """The blend :func:`choose` picked and its mean relative NDCG@10 change over the prefixes:
-    on the later targets (``gain``) and on the next items (``next_gain``, when judged)."""
+    on the later targets (``gain``) and on the next items by each guard (``next_gains``, in the
+    order :func:`choose` was given them)."""
 
     days: float
     weight: float
     gain: float
-    next_gain: float | None = None
+    next_gains: tuple[float, ...] = ()
+
+    @property
+    def next_gain(self) -> float | None:
+        """The first guard's change on the next items (``None`` without a guard)."""
+        return self.next_gains[0] if self.next_gains else None
 
 
 def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
@@ -112,6 +118,7 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     targets: int = 10,
     *,
     upcoming: bool = False,
+    judged_folds: int | None = None,
 ) -> dict[tuple[int, float, float], np.ndarray]:
     """NDCG@10 per (held-out user, target) for the model alone (``days`` = ``weight`` = 0) and
     for each blend, keyed ``(n, days, weight)``.
@@ -124,6 +131,8 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     (included): what a live list, made when that item was folded, is shown for. Users are
     scored a few at a time, so a large catalog holds at most :data:`CELLS` scores at once, and
     every ``stride``-th of them takes part so that at most :data:`HELDOUT_CELLS` are judged.
+    ``judged_folds`` (default: all) judges only the first few folds, for a model too costly to
+    fit ``folds`` times (the served fusion, whose transformer is trained again per fold).
     """
     empty = np.zeros(0, dtype=np.int64)
     out: dict[tuple[int, float, float], list[np.ndarray]] = {}
@@ -132,7 +141,7 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     eligible = sum(len(seq) >= need for seq in split.train)
     judged = max(1, HELDOUT_CELLS // (targets * max(split.n_items, 1)))
     stride = max(1, -(-eligible // judged))
-    for f in range(folds):
+    for f in range(folds if judged_folds is None else min(judged_folds, folds)):
         part = replace(
             split, train=[empty if u % folds == f else s for u, s in enumerate(split.train)]
         )
@@ -189,24 +198,24 @@ def choose(
     weights: Sequence[float],
     z: float = 2.0,
     *,
-    guard: dict[tuple[int, float, float], np.ndarray] | None = None,
+    guards: Sequence[dict[tuple[int, float, float], np.ndarray]] = (),
 ) -> TrendingChoice:
     """The ``(days, weight)`` with the largest mean relative NDCG@10 change over ``prefixes``,
     among the blends whose gain is at least ``z`` standard errors (per-pair changes, each
-    relative to its prefix's mean, pooled) and, with a ``guard`` grid (the next items,
-    ``heldout_grid(upcoming=True)``), that lose no more than one standard error there on any
-    prefix: a blend that helps the later items must not cost the very next ones. Weight 0 (no
-    blend) when none qualifies."""
+    relative to its prefix's mean, pooled) and that, by every ``guards`` grid (the next items,
+    ``heldout_grid(upcoming=True)``, e.g. of EASE and of the served model), lose no more than
+    one standard error on any prefix: a blend that helps the later items must not cost the very
+    next ones. Weight 0 (no blend) when none qualifies."""
     best = TrendingChoice(days=0.0, weight=0.0, gain=0.0)
     for d in days:
         for w in weights:
             changes, sure = _changes(grid, prefixes, float(d), float(w), z)
             gain = float(np.mean([c for c, _ in changes]))
-            ahead = None if guard is None else _changes(guard, prefixes, float(d), float(w), z)[0]
-            costs = ahead is not None and any(c < -se for c, se in ahead)
+            ahead = [_changes(g, prefixes, float(d), float(w), z)[0] for g in guards]
+            costs = any(c < -se for each in ahead for c, se in each)
             if sure and gain > best.gain and not costs:
-                next_gain = None if ahead is None else float(np.mean([c for c, _ in ahead]))
-                best = TrendingChoice(float(d), float(w), gain, next_gain)
+                next_gains = tuple(float(np.mean([c for c, _ in each])) for each in ahead)
+                best = TrendingChoice(float(d), float(w), gain, next_gains)
     return best
 
 

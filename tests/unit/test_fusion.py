@@ -118,3 +118,36 @@ def _unsigned():  # type: ignore[no-untyped-def]
     from inference.settings import ArtifactTrust
 
     return ArtifactTrust().model_copy(update={"allow_unsigned": True})
+
+
+def test_a_refitted_fusion_keeps_its_weights_and_settings_and_sees_only_the_part(
+    walk: tuple[Split, dict[str, object]],
+) -> None:
+    """What judges recent popularity as served: the same fusion fitted on fewer users."""
+    from dataclasses import replace
+
+    split, parts = walk
+    weights = {"gen": 0.4, "ease": 0.3, "itemknn": 0.0, "pop": 0.3}
+    fusion = Fusion(parts, weights)  # type: ignore[arg-type]
+    empty = np.zeros(0, dtype=np.int64)
+    part = replace(split, train=[empty if u % 2 else s for u, s in enumerate(split.train)])
+    given: list[Split] = []
+
+    def gen(fold: Split) -> object:
+        given.append(fold)
+        return parts["gen"]
+
+    again = fusion.refitted(part, gen)  # type: ignore[arg-type]
+    assert given == [part]
+    assert again.weights == weights and again.name == fusion.name
+    assert set(again.components) == {"gen", "ease", "pop"}  # a weight of 0 is not fitted
+    ease, before = again.components["ease"], parts["ease"]
+    assert isinstance(ease, EASE) and isinstance(before, EASE)
+    assert ease is not before and ease.params() == before.params()
+    pop = again.components["pop"]
+    assert isinstance(pop, PopularityRanker)
+    counts = np.bincount(np.concatenate(part.train), minlength=split.n_items)
+    assert np.array_equal(pop.counts, counts.astype(np.float32))
+    # EASE learnt from the part only: the held-out users' items change its scores.
+    hist = split.histories("valid")[:5]
+    assert not np.allclose(ease.score(hist), before.score(hist))

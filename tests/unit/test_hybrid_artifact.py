@@ -257,9 +257,50 @@ def test_train_command_writes_the_hybrid_unless_told_not_to(tmp_path: Path, hybr
         assert trending["days"] in (0, *(round(d) for d in DAYS))
         assert (rec.trending.days, rec.trending.weight) == (trending["days"], trending["weight"])
         assert "recent popularity:" in result.output
+        # It was judged with the served fusion as well: its transformer trained again without
+        # a fold's users, no longer than the first training.
+        # (Here a one-epoch transformer is not served, so it is not trained again.)
+        judge = json.loads((out / "training.json").read_text())["trending_judge"]
+        assert judge["trained"] is (weights["gen"] > 0) is False
+        assert judge["max_epochs"] == 1
+        assert ("training the transformer again" in result.output) is judge["trained"]
     else:
         assert "hybrid" not in config and "trending" not in config
         assert rec.name == "gen"
+
+
+def test_the_judge_trains_the_transformer_again_without_the_held_out_users(
+    split: Split, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The served model's stand-in for recent popularity's held-out users: trained as the
+    served transformer was, on the other users only, none of the held-out ones validating it."""
+    from dataclasses import replace
+
+    from inference.generative import GenConfig, GenScorer
+    from lab import training
+    from lab.cli import _Judge
+
+    seen: list[Split] = []
+    real = training.train_gen
+
+    def spy(part: Split, cfg: GenConfig, **kwargs: object) -> object:
+        seen.append(part)
+        return real(part, cfg, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "train_gen", spy)
+    cfg = GenConfig(hidden=16, layers=1, heads=2, ffn=32, max_len=8, epochs=50, patience=50)
+    judge = _Judge(cfg, None, negatives=0, teacher=None, epochs=2, seconds=60.0, progress=False)
+    empty = np.zeros(0, dtype=np.int64)
+    part = replace(split, train=[empty if u % 5 == 0 else s for u, s in enumerate(split.train)])
+    scorer = judge(part)
+    assert isinstance(scorer, GenScorer) and scorer.model.cfg.n_items == split.n_items
+    (trained,) = seen
+    held = np.arange(len(split.train)) % 5 == 0
+    assert (trained.valid_target[held] == -1).all() and (trained.test_target[held] == -1).all()
+    assert np.array_equal(trained.valid_target[~held], split.valid_target[~held])
+    assert judge.record["trained"] and judge.record["users_held_out"] == held.sum()
+    assert judge.record["epochs_run"] == 2  # the served transformer's epochs, not its config's
+    assert cfg.epochs == 50  # the served settings are not changed
 
 
 def test_each_file_is_opened_once_and_loaded_from_the_verified_bytes(

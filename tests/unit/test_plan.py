@@ -10,6 +10,7 @@ from lab.plan import (
     BUDGET_MINUTES,
     EASE_ARRAYS,
     EASE_MEMORY_BYTES,
+    JUDGE_SHARE,
     MIN_GEN_SECONDS,
     PRESET_GEN_MINUTES,
     SEARCH_SHARE,
@@ -36,8 +37,10 @@ def test_a_named_set_keeps_its_preset_plan(split: Split) -> None:
     assert plan.source == "preset"
     assert plan.budget_s is None
     assert plan.search_s == 0.0
-    assert plan.gen_s == PRESET_GEN_MINUTES * 60
+    assert plan.gen_s == plan.judge_s == PRESET_GEN_MINUTES * 60
     assert plan.gen_deadline(elapsed_s=500.0) == PRESET_GEN_MINUTES * 60
+    # Without the hybrid there is no recent-popularity blend to judge.
+    assert plan_training(split, preset=True, hybrid=False).judge_s == 0.0
     assert plan.ease_max_items == split.n_items  # a small catalog stays exact
     assert plan.negatives == 0
 
@@ -46,9 +49,12 @@ def test_a_dataset_without_preset_shares_one_budget(split: Split) -> None:
     plan = plan_training(split, preset=False)
     assert plan.budget_s == BUDGET_MINUTES * 60
     assert 0 < plan.search_s <= SEARCH_SHARE * plan.budget_s
-    assert plan.search_s + plan.gen_s + plan.fit_s == pytest.approx(plan.budget_s)
-    # Time the search leaves unused goes to the transformer; the fits keep their reserve.
-    assert plan.gen_deadline(elapsed_s=10.0) == pytest.approx(plan.budget_s - plan.fit_s - 10.0)
+    assert plan.search_s + plan.gen_s + plan.judge_s + plan.fit_s == pytest.approx(plan.budget_s)
+    # The transformer's second training (judging recent popularity as served) takes its share.
+    assert plan.judge_s == pytest.approx(JUDGE_SHARE * (plan.gen_s + plan.judge_s))
+    # Time the search leaves unused goes to the transformer; the fits and the judge keep theirs.
+    deadline = plan.budget_s - plan.fit_s - plan.judge_s - 10.0
+    assert plan.gen_deadline(elapsed_s=10.0) == pytest.approx(deadline)
     assert plan.gen_deadline(elapsed_s=plan.budget_s) == MIN_GEN_SECONDS
     record = plan.to_json()
     assert record["source"] == "budget"
@@ -93,4 +99,8 @@ def test_transformer_trials_too_short_to_say_anything_leave_their_time_to_traini
     tight = plan_training(split, preset=False)
     assert tight.search_gen_s == 0.0
     assert tight.search_cf_s == roomy.search_cf_s
-    assert tight.gen_s == pytest.approx(roomy.gen_s + roomy.search_gen_s)
+    # The time goes to the transformer's two trainings, in their shares.
+    assert tight.gen_s + tight.judge_s == pytest.approx(
+        roomy.gen_s + roomy.judge_s + roomy.search_gen_s
+    )
+    assert tight.gen_s > roomy.gen_s

@@ -172,9 +172,50 @@ def test_a_blend_that_costs_the_next_items_is_passed_over(
     assert choose(later, (1, 2), days, weights).weight == 2.0
     for n in (1, 2):
         assert upcoming[n, 1.0, 2.0].mean() < upcoming[n, 0.0, 0.0].mean()
-    guarded = choose(later, (1, 2), days, weights, guard=upcoming)
+    guarded = choose(later, (1, 2), days, weights, guards=(upcoming,))
     assert (guarded.days, guarded.weight) == (1.0, 0.5) and guarded.gain > 0.5
     assert guarded.next_gain is not None and abs(guarded.next_gain) < 0.05
+
+
+def test_every_guard_can_pass_a_blend_over_and_one_fold_can_be_judged_alone(
+    trend: tuple[Dataset, Split, RecentPopularity],
+) -> None:
+    """The served model's guard is judged on one fold (its transformer is trained again per
+    fold): only that fold's users take part, and a blend it says costs the next items is
+    passed over even where EASE's guard lets it through."""
+    _, split, recent = trend
+    fitted: list[int] = []
+
+    def fit(part: Split) -> PopularityRanker:
+        fitted.append(sum(len(s) == 0 for s in part.train))
+        return PopularityRanker().fit(part)
+
+    days, weights = (1.0, 30.0), (0.5, 2.0)
+    later = heldout_grid(split, recent, fit, (1, 2), days, weights, folds=3)
+    upcoming = heldout_grid(
+        split, recent, fit, (1, 2), days, weights, folds=3, targets=2, upcoming=True
+    )
+    fitted.clear()
+    one = heldout_grid(
+        split, recent, fit, (1, 2), days, weights, folds=3, targets=2, upcoming=True,
+        judged_folds=1,
+    )  # fmt: skip
+    assert fitted == [sum(1 for u in range(len(split.train)) if u % 3 == 0)]
+    for n in (1, 2):  # fold 0's users only, each with the next two items after the prefix
+        expected = sum(min(2, len(s) - n) for s in split.train[::3] if len(s) >= 3)
+        assert len(one[n, 0.0, 0.0]) == len(one[n, 1.0, 0.5]) == expected
+
+    first = choose(later, (1, 2), days, weights, guards=(upcoming, one))
+    assert (first.days, first.weight) == (1.0, 0.5) and len(first.next_gains) == 2
+    assert first.next_gain == first.next_gains[0]
+    # A served model that loses the next items under that blend rules it out; the pick falls
+    # back to the next best blend both guards let through, or to none.
+    costly = dict(one)
+    for n in (1, 2):
+        costly[n, 1.0, 0.5] = costly[n, 0.0, 0.0] - 0.5
+    second = choose(later, (1, 2), days, weights, guards=(upcoming, costly))
+    assert (second.days, second.weight) != (1.0, 0.5)
+    assert second.gain <= first.gain
 
 
 def test_eval_reports_the_blend_chosen_on_held_out_users_and_leaves_full_histories_alone(
