@@ -733,7 +733,7 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
     ``served`` (which fits the served model without a fold's users), the served model on one
     fold's next items."""
     from lab.training import ease_teacher
-    from lab.trending import DAYS, NEXT_ITEMS, WEIGHTS, choose, heldout_grid
+    from lab.trending import DAYS, NEXT_ITEMS, WEIGHTS, choose, heldout_grid, prefix_changes
 
     assert isinstance(ease, EASE)
     fit = ease_teacher(ease.params())
@@ -756,6 +756,15 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
             )
         )
     choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards)
+    alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1])
+    if len(guards) > 1 and (alone.days, alone.weight) != (choice.days, choice.weight):
+        there = prefix_changes(guards[1], prefixes, alone.days, alone.weight)
+        say(
+            f"recent popularity: EASE's guard alone would keep {alone.days:g} days, weight "
+            f"{alone.weight:g}; the served model's next items there: "
+            + " / ".join(f"{c:+.1%} (se {se:.1%})" for c, se in there)
+            + f" on the first {' / '.join(map(str, prefixes))} items"
+        )
     ahead = "".join(
         f", the next items {gain:+.1%} ({judge})"
         for gain, judge in zip(choice.next_gains, ("EASE", "served"), strict=False)

@@ -11,10 +11,12 @@ fusion's weights, retrieval, the recent-popularity blend chosen on held-out user
   epochs (a large catalog on CPU), in which case the transformer keeps its preset and its share
   goes to its training; the fits after the transformer are estimated from the catalog and the
   validation users and reserved, and the transformer trains until the budget less that reserve
-  is spent (so whatever an earlier phase leaves unused goes to it);
+  is spent (so whatever an earlier phase leaves unused goes to it), less :data:`JUDGE_SHARE` of
+  its time, which trains it a second time without a fold of users to judge the recent-popularity
+  blend as it is served;
 - the named MovieLens sets keep the plan their presets were chosen with: no search, the
   transformer capped at :data:`PRESET_GEN_MINUTES` (early stopping usually ends it sooner), EASE
-  exact (their catalogs are under the bound);
+  exact (their catalogs are under the bound); its second training may take as long as its first;
 - EASE is solved for at most :func:`ease_bound` items: its dense inverse must fit in
   :data:`EASE_MEMORY_BYTES` and the inverses the fits need must fit in the reserve.
 

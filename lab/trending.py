@@ -39,6 +39,7 @@ __all__ = [
     "at_targets",
     "choose",
     "heldout_grid",
+    "prefix_changes",
 ]
 
 PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and served to)
@@ -217,6 +218,17 @@ def choose(
                 next_gains = tuple(float(np.mean([c for c, _ in each])) for each in ahead)
                 best = TrendingChoice(float(d), float(w), gain, next_gains)
     return best
+
+
+def prefix_changes(
+    grid: dict[tuple[int, float, float], np.ndarray],
+    prefixes: Sequence[int],
+    days: float,
+    weight: float,
+) -> list[tuple[float, float]]:
+    """A blend's mean relative NDCG@10 change on each prefix of ``grid``, with its standard
+    error (what :func:`choose`'s guards compare)."""
+    return _changes(grid, prefixes, float(days), float(weight), 0.0)[0]
 
 
 def _changes(
