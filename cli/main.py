@@ -107,7 +107,13 @@ def stack_status(as_json: bool) -> None:
 )
 @click.option("--rate", default=20.0, show_default=True, help="Replayed events per second.")
 @click.option("--limit", type=int, help="Stop the replay after this many events.")
-@click.option("--train-minutes", default=5.0, show_default=True, help="Training budget.")
+@click.option(
+    "--train-minutes",
+    default=5.0,
+    show_default=True,
+    help="The transformer's training minutes (its second training, which judges the "
+    "recent-popularity blend, takes at most as long again).",
+)
 @click.option("--duration-s", type=float, help="Stop by itself after this many seconds.")
 def demo(  # noqa: PLR0917 - one parameter per click option
     dataset: str,

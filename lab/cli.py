@@ -106,7 +106,8 @@ def gen_settings(pairs: Sequence[str]) -> dict[str, Any]:
     type=click.FloatRange(min=0.0),
     default=None,
     help="The transformer's own minutes (the best epoch so far is kept), instead of its share "
-    "of the plan.",
+    "of the plan; its second training, which judges the recent-popularity blend, takes at most "
+    "as long again.",
 )
 @click.option("--hidden", type=int, default=None, help="Hidden size of the transformer.")
 @click.option("--layers", type=int, default=None, help="Transformer layers.")
