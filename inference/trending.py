@@ -83,7 +83,18 @@ class TrendingConfig:
             days = section["days"]
             if not isinstance(days, int) or isinstance(days, bool):
                 raise TypeError(f"days must be a whole number, not {days!r}")
-            return cls(days=days, weight=float(section["weight"]), below=int(section["below"]))
+            record = {
+                field: float(section[key])
+                for field, key in (
+                    ("gain", "heldout_gain"),
+                    ("next_gain", "heldout_next_gain"),
+                    ("served_next_gain", "heldout_served_next_gain"),
+                )
+                if section.get(key) is not None
+            }
+            return cls(
+                days=days, weight=float(section["weight"]), below=int(section["below"]), **record
+            )
         except (KeyError, TypeError, ValueError, InferenceError) as exc:
             raise ArtifactError(f"malformed trending section: {exc}") from exc
 

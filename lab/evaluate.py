@@ -568,7 +568,19 @@ def run_eval(
         if cold_start_prefixes:
             trending = None
             if recent is not None:
-                trending = choose_trending(split, recent, ease, cold_start_prefixes, say)
+                served_blends = _artifact_blends(artifacts)
+                if served_blends is None:
+                    _, choice = choose_trending(split, recent, ease, cold_start_prefixes, say)
+                    below = max(cold_start_prefixes) + 1
+                    served_blends = [(choice, below) for _ in hybrids]
+                else:
+                    say(
+                        "recent popularity: each artifact's own blend, "
+                        + "; ".join(
+                            f"{c.days:g} days, weight {c.weight:g}" for c, _ in served_blends
+                        )
+                    )
+                trending = (recent, served_blends)
             report["_cold_start"] = _cold_start_report(
                 hybrids,
                 split,
@@ -656,11 +668,12 @@ def _cold_start_report(
     prefixes: Sequence[int],
     chosen: RetrievalConfig | None,
     *,
-    trending: tuple[RecentPopularity, TrendingChoice] | None = None,
+    trending: tuple[RecentPopularity, list[tuple[TrendingChoice, int]]] | None = None,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """gen+ease with and without retrieval (and with recent popularity, given ``trending``)
-    under the cold-start protocol, averaged over seeds."""
+    """gen+ease with and without retrieval (and with recent popularity, given ``trending``: the
+    counts and, per seed, the blend and the history length it applies below) under the
+    cold-start protocol, averaged over seeds."""
     from inference.index import ItemIndex
     from lab.hybrid import fit_retrieval
 
@@ -670,7 +683,7 @@ def _cold_start_report(
     runs: list[dict[str, dict[str, Any]]] = []
     users: list[dict[str, dict[str, np.ndarray]]] = []
     configs = []
-    for seed, hybrid in hybrids:
+    for n, (seed, hybrid) in enumerate(hybrids):
         config = chosen if chosen is not None else fit_retrieval(hybrid, text, split)
         configs.append({"seed": seed, **config.to_json()})
         say(
@@ -680,9 +693,10 @@ def _cold_start_report(
         variants = {"gen+ease": hybrid, RETRIEVED: RetrievalBlend(hybrid, text, config)}
         rows, per_user = cold_start(variants, split, prefixes)
         if trending is not None:
-            recent, choice = trending
+            recent, blends = trending
+            choice, below = blends[n]
             blended, blended_users = trending_cold_start(
-                hybrid, split, prefixes, recent, choice, below=max(prefixes) + 1
+                hybrid, split, prefixes, recent, choice, below=below
             )
             for label, row in blended.items():
                 if row:
@@ -692,7 +706,10 @@ def _cold_start_report(
         users.append(per_user)
     out: dict[str, Any] = {"prefixes": list(prefixes), "retrieval": configs, "rows": {}}
     if trending is not None:
-        out["trending"] = {**asdict(trending[1]), "below": max(prefixes) + 1}
+        out["trending"] = [
+            {"seed": seed, **asdict(choice), "below": below}
+            for (seed, _), (choice, below) in zip(hybrids, trending[1], strict=True)
+        ]
     for label, row in runs[0].items():
         merged: dict[str, Any] = {}
         for name in row:
@@ -718,6 +735,23 @@ def _cold_start_report(
                     merged[key] = sig
         out["rows"][label] = merged
     return out
+
+
+def _artifact_blends(artifacts: Sequence[Path]) -> list[tuple[TrendingChoice, int]] | None:
+    """Each artifact's served recent-popularity blend (what ``recstream train`` chose, with the
+    history length it applies below), or ``None`` when there are no artifacts or one has no
+    ``"trending"`` section (trained without the hybrid, or before the blend existed)."""
+    from inference.artifact import load_recommender
+
+    out = []
+    for path in artifacts:
+        config = load_recommender(path, hybrid=False, retrieval=False).trending
+        if not config.below:
+            return None
+        gains = tuple(g for g in (config.next_gain, config.served_next_gain) if g is not None)
+        choice = TrendingChoice(float(config.days), config.weight, config.gain or 0.0, gains)
+        out.append((choice, config.below))
+    return out or None
 
 
 def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the call

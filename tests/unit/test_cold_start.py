@@ -339,7 +339,7 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     stored = json.loads((folder / "config.json").read_text())["trending"]
     assert stored == {"days": 30, "weight": 4.0, "below": 3, "heldout_gain": 0.5}
     rec = load_recommender(folder, device="cpu", quantize=False)
-    assert rec.trending == TrendingConfig(days=30, weight=4.0, below=3) and rec.recent_days == 30
+    assert rec.trending == config and rec.recent_days == 30  # the record read back too
     hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6]), np.asarray([2, 4, 6, 8])]
     text = TextRetrieval(ItemIndex.build(split.item_ids, vectors), split.item_ids)
     retrieved = RetrievalBlend(hybrid, text, retrieval).score(hist)
@@ -363,6 +363,31 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     assert "i5" not in {item for item, _ in lists[1]}  # and is never a seen item
     rec.use_recent(None)
     np.testing.assert_allclose(rec.score(hist), retrieved, atol=1e-4)
+
+
+def test_eval_takes_each_artifacts_own_blend_and_chooses_only_without_one(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    """`recstream eval --cold-start --artifact ...` judges the blend each artifact serves (what
+    its training chose, both guards included), not one chosen again by the lab."""
+    from lab.evaluate import _artifact_blends
+
+    guarded = TrendingConfig(30, 2.0, 4, gain=0.09, next_gain=0.04, served_next_gain=0.01)
+    configs = [guarded, TrendingConfig(days=7, weight=1.0, below=4, gain=0.06), None]
+    folders = []
+    for n, config in enumerate(configs):
+        folders.append(tmp_path / f"art{n}")
+        save_artifact(
+            folders[-1], gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config
+        )
+    blends = _artifact_blends(folders[:2])
+    assert blends is not None
+    assert [(c.days, c.weight, c.gain, c.next_gains, below) for c, below in blends] == [
+        (30.0, 2.0, 0.09, (0.04, 0.01), 4),
+        (7.0, 1.0, 0.06, (), 4),
+    ]
+    # An artifact without the section (or none at all): the lab chooses, for every seed alike.
+    assert _artifact_blends(folders) is None and _artifact_blends([]) is None
 
 
 def test_popular_names_the_items_recent_popularity_brought_into_the_list(
