@@ -635,7 +635,8 @@ def _fit_fusion(
     metavar="N,N,...",
     help="Also run the cold-start protocol: each test user's history cut to their first N "
     "training items (e.g. 1,2,3), same targets; gen+ease alone, with retrieval, and with recent "
-    "popularity (the blend chosen on held-out users).",
+    "popularity (each --artifact's own blend; without artifacts, one chosen here on held-out "
+    "users with EASE).",
 )
 @click.option(
     "--retrieval-weight",
