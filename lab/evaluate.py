@@ -458,8 +458,9 @@ def run_eval(
     ``cold_start_prefixes`` adds the cold-start protocol (:func:`cold_start`) for gen+ease with
     and without retrieval (its weight and threshold fitted on validation per seed, or
     ``retrieval`` when given), in the report's ``"_cold_start"``; with ``recent`` (the
-    dataset's interaction times) also gen+ease blended with recent popularity, the blend chosen
-    on held-out users (:func:`lab.trending.heldout_grid`, EASE with its settings here).
+    dataset's interaction times) also gen+ease blended with recent popularity: each artifact's
+    own blend (what its training chose with both guards), else one chosen here on held-out users
+    (:func:`lab.trending.heldout_grid`, EASE with its settings here).
     """
     unknown = [m for m in models if m not in MODELS]
     if unknown:
