@@ -284,7 +284,8 @@ def check_artifact(ctx: Context) -> Check:
             "model",
             "warn",
             f"no trained model in {folder}",
-            f"the demo trains one on its first run (about 5 min), or {train}",
+            "the demo trains one on its first run (up to about twice --train-minutes, 5 by "
+            f"default), or {train}",
         )
     trust = ArtifactTrust()
     demo_key = ctx.stack.dir / "artifact-keys" / "artifact-signing.pub"
