@@ -64,6 +64,7 @@ __all__ = [
     "load_recommender",
     "read_catalog",
     "read_item_index",
+    "read_trending",
 ]
 
 ARTIFACT_FORMAT = 1
@@ -118,6 +119,22 @@ def read_item_index(folder: str | Path, trust: ArtifactTrust | None = None) -> I
     if not path.is_dir():
         raise ArtifactError(f"artifact folder {path} does not exist")
     return _item_index(verify_manifest(path, trust))
+
+
+def read_trending(folder: str | Path, trust: ArtifactTrust | None = None) -> TrendingConfig:
+    """Verify the artifact and read its served recent-popularity blend (no torch; off without
+    its section)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder {path} does not exist")
+    verified = verify_manifest(path, trust)
+    try:
+        config = json.loads(verified.read(CONFIG_FILE))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} has a malformed config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} has a malformed config: not an object")
+    return _trending_config(config, path)
 
 
 def _item_index(verified: VerifiedArtifact) -> ItemIndex:

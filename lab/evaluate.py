@@ -742,11 +742,11 @@ def _artifact_blends(artifacts: Sequence[Path]) -> list[tuple[TrendingChoice, in
     """Each artifact's served recent-popularity blend (what ``recstream train`` chose, with the
     history length it applies below), or ``None`` when there are no artifacts or one has no
     ``"trending"`` section (trained without the hybrid, or before the blend existed)."""
-    from inference.artifact import load_recommender
+    from inference.artifact import read_trending
 
     out = []
     for path in artifacts:
-        config = load_recommender(path, hybrid=False, retrieval=False).trending
+        config = read_trending(path)
         if not config.below:
             return None
         gains = tuple(g for g in (config.next_gain, config.served_next_gain) if g is not None)
@@ -791,15 +791,16 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
             )
         )
     choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards)
-    alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1])
-    if len(guards) > 1 and (alone.days, alone.weight) != (choice.days, choice.weight):
-        there = prefix_changes(guards[1], prefixes, alone.days, alone.weight)
-        say(
-            f"recent popularity: EASE's guard alone would keep {alone.days:g} days, weight "
-            f"{alone.weight:g}; the served model's next items there: "
-            + " / ".join(f"{c:+.1%} (se {se:.1%})" for c, se in there)
-            + f" on the first {' / '.join(map(str, prefixes))} items"
-        )
+    if len(guards) > 1:
+        alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1])
+        if (alone.days, alone.weight) != (choice.days, choice.weight):
+            there = prefix_changes(guards[1], prefixes, alone.days, alone.weight)
+            say(
+                f"recent popularity: EASE's guard alone would keep {alone.days:g} days, weight "
+                f"{alone.weight:g}; the served model's next items there: "
+                + " / ".join(f"{c:+.1%} (se {se:.1%})" for c, se in there)
+                + f" on the first {' / '.join(map(str, prefixes))} items"
+            )
     ahead = "".join(
         f", the next items {gain:+.1%} ({judge})"
         for gain, judge in zip(choice.next_gains, ("EASE", "served"), strict=False)
