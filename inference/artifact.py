@@ -91,15 +91,21 @@ class ArtifactCatalog:
     popularity: Popularity
 
 
+def _verified(folder: str | Path, trust: ArtifactTrust | None) -> VerifiedArtifact:
+    """The artifact folder, verified (its manifest, signature and every file's hash)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ArtifactError(f"artifact folder {path} does not exist")
+    return verify_manifest(path, trust)
+
+
 def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> ArtifactCatalog:
     """Verify the artifact and read its vocabulary and training popularity (no torch).
 
     ``trust`` (the verify keys, whether unsigned is allowed) defaults to the environment's.
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise ArtifactError(f"artifact folder {path} does not exist")
-    verified = verify_manifest(path, trust)
+    verified = _verified(folder, trust)
+    path = verified.folder
     try:
         config = json.loads(verified.read(CONFIG_FILE))
         items = json.loads(verified.read(ITEMS_FILE))
@@ -115,19 +121,14 @@ def read_catalog(folder: str | Path, trust: ArtifactTrust | None = None) -> Arti
 
 def read_item_index(folder: str | Path, trust: ArtifactTrust | None = None) -> ItemIndex:
     """Verify the artifact and build its FAISS item index from the verified bytes (no torch)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise ArtifactError(f"artifact folder {path} does not exist")
-    return _item_index(verify_manifest(path, trust))
+    return _item_index(_verified(folder, trust))
 
 
 def read_trending(folder: str | Path, trust: ArtifactTrust | None = None) -> TrendingConfig:
     """Verify the artifact and read its served recent-popularity blend (no torch; off without
     its section)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise ArtifactError(f"artifact folder {path} does not exist")
-    verified = verify_manifest(path, trust)
+    verified = _verified(folder, trust)
+    path = verified.folder
     try:
         config = json.loads(verified.read(CONFIG_FILE))
     except (OSError, ValueError) as exc:
