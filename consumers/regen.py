@@ -331,16 +331,18 @@ class RegenService:
         if self.recent is None or not self.recent.due():
             return
         counts = self.recent.read()
+        if counts is None:
+            return
         latest = self.recent.latest
-        if counts is not None and counts is not self._recent_sent:
-            if latest != self._recent_day:
-                log.info(
-                    "recent popularity: %d items counted in the %d days to day %s",
-                    len(counts),
-                    self.recent.days,
-                    latest,
-                )
-                self._recent_day = latest
+        if latest != self._recent_day:  # each move is logged, onto empty days too
+            log.info(
+                "recent popularity: %d items counted in the %d days to day %s",
+                len(counts),
+                self.recent.days,
+                latest,
+            )
+            self._recent_day = latest
+        if counts is not self._recent_sent:
             self.pool.set_recent(counts)
             self._recent_sent = counts
 
