@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inference.trending import TrendingConfig
@@ -46,7 +48,6 @@ def train_tiny_artifact(
     session's key; ``with_index`` adds the MiniLM item index (retrieval, private embeddings),
     ``with_ease`` serves it mixed half and half with EASE (a model whose lists have reasons),
     ``trending`` blends recent popularity into short histories' lists."""
-    from inference.embeddings import catalog_vectors
     from inference.generative import GenConfig, GenScorer
     from lab.artifact import save_artifact
     from lab.baselines import EASE
@@ -62,7 +63,7 @@ def train_tiny_artifact(
     split = leave_one_out(Dataset("ml-100k-head", kept, full.items, dict(full.sha256)))
     cfg = GenConfig(hidden=16, layers=1, heads=2, ffn=32, max_len=20, batch_size=64, epochs=1)
     model, log = train_gen(split, cfg, progress=False, say=lambda _: None)
-    vectors = catalog_vectors(split.item_ids, full.items) if with_index else None
+    vectors = _vectors(tuple(split.item_ids)) if with_index else None
     hybrid = None
     if with_ease:
         ease = EASE(lam=100.0, decay=0.9, beta=0.3, markov_last=3).fit(split)
@@ -72,6 +73,20 @@ def train_tiny_artifact(
         folder, model, split, dict(log), text_embeddings=vectors, hybrid=hybrid, trending=trending
     )
     return folder
+
+
+@functools.cache
+def _vectors(item_ids: tuple[str, ...]) -> np.ndarray:
+    """The MiniLM item vectors of ``item_ids`` (ML-100K's titles), encoded once per session:
+    the artifacts with an index share them (encoding is most of their training's time)."""
+    from inference.embeddings import catalog_vectors
+    from lab.datasets import load_dataset
+    from recstream.settings import CommonSettings
+
+    items = load_dataset("ml-100k", CommonSettings().data_dir).items
+    vectors = catalog_vectors(list(item_ids), items)
+    vectors.flags.writeable = False  # shared: no artifact may change another's
+    return vectors
 
 
 @pytest.fixture(scope="session")

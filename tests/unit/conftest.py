@@ -1,11 +1,14 @@
 """Fixtures the conversation tests share: the ML-100K catalog's attributes and the rule parser
-over them (one of each per test module, as before they were shared)."""
+over them (one of each per test module, as before they were shared), and SmolLM2's tokenizer
+(one per session: it takes seconds to read from the model file)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from inference.conversation import CatalogAttributes, RuleParser
+from inference.conversation import CatalogAttributes, RuleParser, load_tokenizer
 from lab.datasets import load_dataset
 from recstream.settings import CommonSettings
 
@@ -19,3 +22,8 @@ def attributes() -> CatalogAttributes:
 @pytest.fixture(scope="module")
 def parser(attributes: CatalogAttributes) -> RuleParser:
     return RuleParser(attributes)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return load_tokenizer()

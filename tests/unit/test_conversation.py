@@ -19,7 +19,6 @@ from inference.conversation import (
     Parsed,
     RuleParser,
     describe,
-    load_tokenizer,
     merge,
     refine,
     trim_turns,
@@ -186,11 +185,6 @@ def test_a_like_title_pulls_similar_items_up_and_is_never_listed_itself() -> Non
     assert "0" not in served
     assert served[: LIKE_RULE.keep] == [str(n) for n in range(1, LIKE_RULE.keep + 1)]
     assert "15" in served and served == sorted(served, key=int)  # the list in model order
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return load_tokenizer()
 
 
 def test_the_session_keeps_the_newest_1024_tokens(tokenizer: Any) -> None:

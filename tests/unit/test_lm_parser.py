@@ -11,15 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.conversation import CatalogAttributes, Parsed, RuleParser, load_tokenizer
+from inference.conversation import CatalogAttributes, Parsed, RuleParser
 from lab.lm_parser import LMParser, combine, display_title
 from schemas.conversation import Constraints
 from tests.unit.test_conversation import _WORDS, _like
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return load_tokenizer()
 
 
 def test_display_titles_read_as_people_write_them() -> None:

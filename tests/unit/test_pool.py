@@ -278,7 +278,9 @@ def test_reasons_reach_the_caller_only_as_the_users_own_history() -> None:
     from inference.pool import UNEXPLAINED
     from tests.unit.pool_models import STRANGER, make_explaining
 
-    pool = WorkerPool(make_explaining, FALLBACK, CATALOG, PoolConfig(workers=1)).start()
+    pool = WorkerPool(
+        make_explaining, FALLBACK, CATALOG, PoolConfig(workers=1, request_timeout_s=60)
+    ).start()
     try:
         history = ["i3", "i9", "i5", "i7"]
         result = pool.submit(history, k=5).result(30)
@@ -304,7 +306,9 @@ def test_reasons_reach_the_caller_only_as_the_users_own_history() -> None:
 
 
 def test_recent_counts_reach_every_worker_before_its_next_batch_and_a_replacement() -> None:
-    pool = WorkerPool(make_recent_echo, FALLBACK, CATALOG, PoolConfig(workers=1)).start()
+    pool = WorkerPool(
+        make_recent_echo, FALLBACK, CATALOG, PoolConfig(workers=1, request_timeout_s=60)
+    ).start()
     try:
         assert pool.recent_days == 7  # what the model blends: what the caller must count
 
