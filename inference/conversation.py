@@ -394,6 +394,9 @@ _GENRE_WORDS: dict[str, tuple[str, ...]] = {
         "thrilling",
         "edge of my seat",
         "tense",
+        "spy",
+        "spies",
+        "espionage",
     ),
     "war": ("war", "wars", "wartime", "military", "soldiers", "ww2", "wwii", "world war"),
     "western": ("western", "westerns", "cowboy", "cowboys", "wild west"),
@@ -419,6 +422,10 @@ _NEGATIONS = (
     "dislike",
     "dont",
     "don t",
+    "isnt",
+    "arent",
+    "wasnt",
+    "werent",
     "never",
     "none",
     "less",
@@ -440,7 +447,9 @@ _NEGATION = re.compile(r"\b(" + "|".join(re.escape(n) for n in _NEGATIONS) + r")
 _RESET = re.compile(
     r"\b(forget (that|it|this|all|everything|what i said)|start (over|again|afresh)|"
     r"from scratch|scratch that|never ?mind|reset|clear (that|it|everything|all)|"
-    r"new search|something completely different|let s start over|begin again)\b"
+    r"new search|something completely different|let s start over|begin again|start fresh|"
+    r"fresh start|clean slate|try again|scrap (that|this|it|all|everything)|"
+    r"ditch (that|this|all|everything))\b"
 )
 _LIKE = re.compile(
     r"\b(?:(more like|something like|anything like|stuff like|movies like|films like|similar to|"
@@ -476,6 +485,32 @@ _DECADE = re.compile(
     r"\b(early|mid|late)?\s*(?:(1[89]\d0|20[0-2]0)s|(\d0)s|(twenties|thirties|forties|fifties|"
     r"sixties|seventies|eighties|nineties))\b"
 )
+_DECADE_JOIN = re.compile(r"\s*(?:or|and|to|through|thru|till|until|into)\s+(?:the\s+)?")
+
+
+def _decade_start(m: re.Match[str]) -> int:
+    """The first year of the decade a :data:`_DECADE` match names."""
+    _, full, short, word = m.groups()
+    if full:
+        return int(full)
+    if word:
+        return _NUMBER_WORDS[word]
+    return (2000 if short == "00" else 1900) + int(short)
+
+
+def _decade_span(m: re.Match[str]) -> tuple[int, int]:
+    """The years a :data:`_DECADE` match names, its early / mid / late part included."""
+    start = _decade_start(m)
+    part = m.group(1)
+    if part == "early":
+        return start, start + 3
+    if part == "mid":
+        return start + 3, start + 6
+    if part == "late":
+        return start + 6, start + 9
+    return start, start + 9
+
+
 _YEAR = r"(1[89]\d\d|20[0-2]\d)"
 _BETWEEN = re.compile(rf"\b(?:between|from)\s+{_YEAR}\s+(?:and|to|till|until)\s+{_YEAR}\b")
 _SPAN = re.compile(rf"\b{_YEAR}\s*(?:-|to|through|thru)\s*{_YEAR}\b")
@@ -565,6 +600,9 @@ class RuleParser:
         raw = _ascii(message)
         text = fold(raw)
         reset = bool(_RESET.search(text))
+        if reset:  # the words that start over say nothing else ("start fresh" is no "new")
+            raw = _RESET.sub(" ", raw)
+            text = fold(raw)
         like, raw = self._like(text, raw)
         # "anything but X" negates X; "but" elsewhere ends a clause.
         raw = re.sub(r"\b(anything|everything|whatever|all)\s+but\b", r"\1 except", raw)
@@ -639,14 +677,21 @@ class RuleParser:
             return self._decade(m, text, clauses)
         lo: int | None = None
         hi: int | None = None
+        # A negated bound is the other side of it: "nothing from before 1990" is from 1990 on,
+        # "nothing newer than 1990" up to 1990.
         if m := _BEFORE.search(text):
             hi = int(m.group(1)) - 1
+            if self._negated(_BEFORE, clauses):
+                lo, hi = hi + 1, None
         if m := _NOT_AFTER.search(text):
             hi = int(m.group(1) or m.group(2))
         if m := _AFTER.search(text):
             year = int(next(g for g in m.groups() if g))
             exclusive = m.group(0).startswith(("after", "post", "newer", "later"))
-            lo = year + exclusive
+            if self._negated(_AFTER, clauses):
+                hi = year + exclusive - 1
+            else:
+                lo = year + exclusive
         if lo is None and hi is None and (m := _IN_YEAR.search(text)):
             year = int(m.group(1)) if m.group(1) else 1900 + int(m.group(2))
             return year, year
@@ -654,16 +699,23 @@ class RuleParser:
             return lo, hi
         return self._era(text)
 
+    def _negated(self, bound: re.Pattern[str], clauses: Sequence[str]) -> bool:
+        """Whether a clause negates its ``bound``: a negation among the three words before it,
+        and no genre after the negation ("nothing from before 1990"; not "no horror before
+        1990", which negates the genre)."""
+        for clause in clauses:
+            if (found := bound.search(clause)) is None:
+                continue
+            before = " ".join(clause[: found.start()].split()[-3:])
+            negations = list(_NEGATION.finditer(before))
+            if negations and not self._genre_re.search(before[negations[-1].end() :]):
+                return True
+        return False
+
     def _decade(
         self, m: re.Match[str], text: str, clauses: Sequence[str]
     ) -> tuple[int | None, int | None]:
-        part, full, short, word = m.groups()
-        if full:
-            start = int(full)
-        elif word:
-            start = _NUMBER_WORDS[word]
-        else:
-            start = (2000 if short == "00" else 1900) + int(short)
+        start = _decade_start(m)
         if any((d := _DECADE.search(c)) and _NEGATION.search(c[: d.start()]) for c in clauses):
             # "nothing from the 80s": one range cannot say "not in a range", so the side of
             # it that the catalog has more items on is kept.
@@ -674,13 +726,13 @@ class RuleParser:
             return None, start + 9
         if _OR_LATER.search(text[m.end() :]):
             return start, None
-        lo, hi = start, start + 9
-        if part == "early":
-            hi = start + 3
-        elif part == "mid":
-            lo, hi = start + 3, start + 6
-        elif part == "late":
-            lo = start + 6
+        lo, hi = _decade_span(m)
+        # "the sixties or seventies", "late 60s to early 70s": both and the years between.
+        if (join := _DECADE_JOIN.match(text, m.end())) and (
+            second := _DECADE.match(text, join.end())
+        ):
+            lo2, hi2 = _decade_span(second)
+            lo, hi = min(lo, lo2), max(hi, hi2)
         return lo, hi
 
     def _era(self, text: str) -> tuple[int | None, int | None]:

@@ -70,6 +70,44 @@ def test_the_issue_examples_parse_to_catalog_constraints(
     assert parsed == Parsed(reset, Constraints(**expected, like=like))
 
 
+@pytest.mark.parametrize(
+    ("message", "reset", "expected"),
+    [
+        # A negated bound is the other side of it, never an empty range.
+        ("nothing newer than 1990", False, {"year_max": 1990}),
+        ("I don't want anything after 1995", False, {"year_max": 1995}),
+        (
+            "a crime movie, but nothing from before 1990",
+            False,
+            {"genres": ("Crime",), "year_min": 1990},
+        ),
+        ("no horror before 1990", False, {"exclude_genres": ("Horror",), "year_max": 1989}),
+        ("not older than 1990", False, {"year_min": 1990}),
+        # Two decades, and the years between.
+        (
+            "westerns from the sixties or seventies",
+            False,
+            {"genres": ("Western",), "year_min": 1960, "year_max": 1979},
+        ),
+        ("late 60s to early 70s", False, {"year_min": 1966, "year_max": 1973}),
+        (
+            "anything animated that isn't meant for children?",
+            False,
+            {"genres": ("Animation",), "exclude_genres": ("Children",)},
+        ),
+        ("a spy film", False, {"genres": ("Thriller",)}),
+        # Starting over in other words; they ask for nothing themselves ("fresh" is no "new").
+        ("start fresh", True, {}),
+        ("scrap all that", True, {}),
+        ("try again: documentaries", True, {"genres": ("Documentary",)}),
+    ],
+)
+def test_negated_bounds_two_decades_and_other_ways_to_start_over(
+    parser: RuleParser, message: str, reset: bool, expected: dict[str, Any]
+) -> None:
+    assert parser.parse(message) == Parsed(reset, Constraints(**expected))
+
+
 def test_follow_ups_refine_the_previous_turn_and_a_reset_starts_over(parser: RuleParser) -> None:
     constraints = Constraints()
     for message in ("no horror please", "something from the 90s", "funnier"):
