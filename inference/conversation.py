@@ -700,16 +700,16 @@ class RuleParser:
         return self._era(text)
 
     def _negated(self, bound: re.Pattern[str], clauses: Sequence[str]) -> bool:
-        """Whether a clause negates its ``bound``: a negation among the three words before it,
-        and no genre after the negation ("nothing from before 1990"; not "no horror before
-        1990", which negates the genre)."""
+        """Whether the first clause that states ``bound`` (the one the message's first match is
+        in) negates it: a negation among the three words before it, and no genre after the
+        negation ("nothing from before 1990"; not "no horror before 1990", which negates the
+        genre)."""
         for clause in clauses:
             if (found := bound.search(clause)) is None:
                 continue
             before = " ".join(clause[: found.start()].split()[-3:])
             negations = list(_NEGATION.finditer(before))
-            if negations and not self._genre_re.search(before[negations[-1].end() :]):
-                return True
+            return bool(negations) and not self._genre_re.search(before[negations[-1].end() :])
         return False
 
     def _decade(
