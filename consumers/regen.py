@@ -312,7 +312,10 @@ class RegenService:
             self._dead_letter(where, refused.reason, refused.detail)
             return
         self._records[where] = (message, change.profile_version)
-        if self.recent is not None:
+        if self.recent is not None and change.changes.new_items:
+            # Only a change that brought items in says which day's counts grow: a conversation
+            # turn is stamped when it was said, and a replay's stale turns must not pull the
+            # window away from the events being folded.
             self.recent.saw(change.trigger_ts)
         fresh = self.coalescer.add(
             change.user_id,

@@ -12,9 +12,11 @@ handed to the workers) shows up as a different list.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ from consumers.regen import RegenService, build_pool
 from consumers.regenerate import model_history
 from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.artifact import ArtifactRecommender, load_recommender, read_catalog
+from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.security import redis_client
-from schemas import PopularNow, Recommendations
+from schemas import PopularNow, ProfileChanged, ProfileChanges, Recommendations
 from streams.profile import read_profile
+from streams.trending import DAY_S, day_of
 from tests.conftest import Namespace
 from tests.integration.streams_support import (
     Worker,
@@ -132,8 +136,25 @@ def test_cached_lists_are_the_artifacts_answer_for_the_folded_history(
             served.assert_served(model, user)
 
 
+def _turns(settings: RegenSettings, user: str, n: int, when: float) -> None:
+    """``n`` conversation-turn notices of ``user`` stamped ``when``: changes with no new item."""
+    producer = idempotent_producer(settings)
+    for k in range(n):
+        change = ProfileChanged(
+            user_id=user,
+            profile_version=1,
+            changes=ProfileChanges(new_items=[], events=1),
+            event_id=f"turn-{user}-{k}",
+            trigger_ts=datetime.fromtimestamp(when, UTC),
+        )
+        producer.produce(
+            settings.topic_profiles_changed, key=user.encode(), value=change.model_dump_json()
+        )
+    assert producer.flush(10) == 0
+
+
 def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
-    ns: Namespace, tmp_path: Path, trending_artifact: Path
+    ns: Namespace, tmp_path: Path, trending_artifact: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = load_recommender(trending_artifact)
     assert model.trending.active and model.trending.below == 4
@@ -150,7 +171,13 @@ def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
             {"user_id": u, "item_id": i} for u, h in crowd.items() for i in h
         )
         time.sleep(0.5)  # past a refresh: the service holds every crowd count
+        # Turns stamped tomorrow (a replay's stale ones, say) outnumber the newcomer's change:
+        # they bring no item, so the window stays on the day the items are counted.
+        caplog.set_level(logging.INFO, logger="consumers.regen")
+        _turns(served.settings, "talker", 20, now + DAY_S)
         served.fold({"newcomer": newcomer}, now + 60)
+        moves = [r.getMessage() for r in caplog.records if "recent popularity" in r.getMessage()]
+        assert not any(m.endswith(f"day {day_of(now + DAY_S)}") for m in moves), moves
         # The list was made with the crowd's counts, with or without the newcomer's own item
         # (counted right after the fold that announced the change): one of the two answers.
         answers = []
