@@ -62,11 +62,16 @@ def event(
     return body
 
 
-def produce(settings: CommonSettings, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+def produce(
+    settings: CommonSettings,
+    records: Iterable[tuple[bytes | None, bytes]],
+    topic: str | None = None,
+) -> int:
+    """Deliver ``records`` (key, value) to ``topic`` (default: the clickstream)."""
     producer = idempotent_producer(settings)
     count = 0
     for key, value in records:
-        producer.produce(settings.topic_clickstream, key=key, value=value)
+        producer.produce(topic or settings.topic_clickstream, key=key, value=value)
         count += 1
     assert producer.flush(30) == 0, "records not delivered"
     return count

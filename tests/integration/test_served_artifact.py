@@ -27,7 +27,6 @@ from consumers.regen import RegenService, build_pool
 from consumers.regenerate import model_history
 from consumers.settings import CacheWriterSettings, RegenSettings
 from inference.artifact import ArtifactRecommender, load_recommender, read_catalog
-from recstream.kafka import idempotent_producer
 from recstream.keys import Keys
 from recstream.security import redis_client
 from schemas import PopularNow, ProfileChanged, ProfileChanges, Recommendations
@@ -38,6 +37,7 @@ from tests.integration.streams_support import (
     Worker,
     counts,
     event,
+    produce,
     produce_events,
     trend_counts,
     users_per_item,
@@ -138,19 +138,18 @@ def test_cached_lists_are_the_artifacts_answer_for_the_folded_history(
 
 def _turns(settings: RegenSettings, user: str, n: int, when: float) -> None:
     """``n`` conversation-turn notices of ``user`` stamped ``when``: changes with no new item."""
-    producer = idempotent_producer(settings)
-    for k in range(n):
-        change = ProfileChanged(
+    changes = (
+        ProfileChanged(
             user_id=user,
             profile_version=1,
             changes=ProfileChanges(new_items=[], events=1),
             event_id=f"turn-{user}-{k}",
             trigger_ts=datetime.fromtimestamp(when, UTC),
         )
-        producer.produce(
-            settings.topic_profiles_changed, key=user.encode(), value=change.model_dump_json()
-        )
-    assert producer.flush(10) == 0
+        for k in range(n)
+    )
+    records = ((user.encode(), c.model_dump_json().encode()) for c in changes)
+    produce(settings, records, settings.topic_profiles_changed)
 
 
 def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
