@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cli.supervise import Child, free_port, http_ok
+from cli.supervise import Child, ChildFailedError, free_port, http_ok
 from tests.conftest import Namespace
 
 pytestmark = pytest.mark.integration
 
 
 def _healthy(port: int) -> bool:
-    return http_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=2)()
+    # The regeneration service pings its model workers for up to 2 s before it answers.
+    return http_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=5)()
 
 
 def test_run_starts_the_pipeline_and_stops_it_cleanly(
@@ -49,15 +50,21 @@ def test_run_starts_the_pipeline_and_stops_it_cleanly(
     # No per-service flags: each service reads its own variables from the one environment.
     command = [sys.executable, "-m", "cli", "run"]
     run = Child.spawn("run", command, tmp_path / "run.log", env)
-    ports = (api, regen, cache)
+    ports = {"api": api, "regen": regen, "cache-writer": cache}
     try:
-        run.wait_healthy(lambda: all(_healthy(port) for port in ports), timeout_s=50)
+        # Four services start at once; beside another test worker on two cores, the regeneration
+        # pool's model workers alone can take most of a minute. A wait ends as soon as all answer.
+        try:
+            run.wait_healthy(lambda: all(_healthy(port) for port in ports.values()), timeout_s=120)
+        except ChildFailedError as failed:
+            silent = [name for name, port in ports.items() if not _healthy(port)]
+            raise AssertionError(f"not answering /healthz: {silent}") from failed
         first = _pid_of("cache-writer", run.log_tail(100_000))
         os.kill(first, signal.SIGKILL)
         # It comes back as a new process that answers its health check again.
         run.wait_healthy(
             lambda: _pid_of("cache-writer", run.log_tail(100_000)) != first and _healthy(cache),
-            timeout_s=50,
+            timeout_s=120,
         )
         assert "cache-writer exited with status -9 (crash 1" in run.log_tail(100_000)
         run.signal(signal.SIGINT)
