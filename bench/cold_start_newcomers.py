@@ -35,7 +35,7 @@ from bench.cold_start_served import served_counts
 from bench.small_shops import write_shop
 from lab.datasets import Dataset, load_dataset
 from lab.protocol import leave_one_out, ndcg_per_user, significance, target_ranks
-from lab.trending import DAYS, PREFIXES, WEIGHTS, RecentPopularity
+from lab.trending import DAYS, PREFIXES, SCALE, WEIGHTS, RecentPopularity
 from recstream.settings import CommonSettings
 
 NEXT = 3  # the items after the prefix that are judged
@@ -58,8 +58,7 @@ def judge(scores: np.ndarray, prefix: np.ndarray, targets: list[int | None]) -> 
 
 def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     from inference.artifact import load_recommender
-    from inference.hybrid import blend
-    from inference.trending import recent_counts
+    from inference.trending import blend_recent, recent_counts
 
     model = load_recommender(artifact)
     trend = model.trending
@@ -68,7 +67,7 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     print(
         f"{ds.name}: {len(users)} held-out users; {model.name} ({model.version}, "
         f"{model.precision}) trained without them: recent popularity {trend.days} days, weight "
-        f"{trend.weight:g}, histories under {trend.below} items"
+        f"{trend.weight:g} on scale {trend.scale!r}, histories under {trend.below} items"
     )
     split = leave_one_out(ds)  # the lab's view of every user, to count windows as served
     recent = RecentPopularity(ds, split)
@@ -102,8 +101,10 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
                     )
                 ]
                 for weight in [w for d, w in blends if d == days]:
+                    # The artifact's own blend on its scale; the rest of the grid on the lab's.
+                    scale = trend.scale if (days, weight) == served else SCALE
                     judged = [
-                        judge(blend(own, window, weight), prefix, targets)
+                        judge(blend_recent(own, window, weight, scale), prefix, targets)
                         for window, targets in zip(windows, (nexts, last), strict=True)
                     ]
                     after.setdefault((n, days, weight), []).append(np.concatenate(judged))

@@ -1,14 +1,15 @@
 """How loud recent popularity is against the model, on one dataset's newcomers.
 
-The served blend for a short history is ``z(model) + weight * z(log(1 + count))``
-(:func:`inference.hybrid.blend`), each part standardised over the whole catalog. Where few
-items were taken up in the window (a sparse dataset, a short window), the counts' z-scores of
-those few items are far larger than the model's best, so one weight means a much stronger blend
-on one dataset than on another. For each window of :data:`DAYS` days before each test user's
-first item (the cold-start moment; nothing of the user's own), this prints the median number of
-items counted, the share of empty windows, and the median of the highest and of the tenth
-highest z-score; with ``--artifact``, the same two z-scores of the served model's scores for the
-one-item histories.
+Artifacts trained before the ``"top"`` scale serve ``z(model) + weight * z(log(1 + count))``
+(:func:`inference.trending.blend_recent`, scale ``"z"``), each part standardised over the whole
+catalog. Where few items were taken up in the window (a sparse dataset, a short window), the
+counts' z-scores of those few items are far larger than the model's best, so one weight means a
+much stronger blend on one dataset than on another: why the counts are now divided by the
+window's largest instead (scale ``"top"``, 0 to 1 on any catalog). For each window of
+:data:`DAYS` days before each test user's first item (the cold-start moment; nothing of the
+user's own), this prints the median number of items counted, the share of empty windows, and the
+median of the highest and of the tenth highest z-score; with ``--artifact``, the same two
+z-scores of the served model's scores for the one-item histories.
 
 ``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.trending_scale --dataset
 ml-latest-small [--artifact <folder>] [--users 300]``

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
-from inference.hybrid import blend, fuse
+from inference.hybrid import fuse
 from inference.integrity import VerifiedArtifact, verify_manifest
 from inference.popularity import Popularity
 from inference.postprocess import CatalogPost, PostConfig
@@ -51,7 +51,7 @@ from inference.scoring import (
     top_k_unseen,
 )
 from inference.settings import ArtifactTrust
-from inference.trending import TrendingConfig, recent_counts
+from inference.trending import TrendingConfig, blend_recent, recent_counts
 from schemas.messages import POPULAR_MIN_USERS
 
 if TYPE_CHECKING:
@@ -380,7 +380,7 @@ class ArtifactRecommender:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
         with recent popularity or retrieval blended in for the short ones when the artifact
         carries them. A history short enough for recent popularity (once counts were given) gets
-        the blend the lab measured, ``z(model) + weight * z(recent)``, in place of retrieval's;
+        the blend the lab measured (``inference.trending.blend_recent``), in place of retrieval's;
         retrieval serves the short histories left."""
         recent = self._recent
         trend = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
@@ -393,8 +393,7 @@ class ArtifactRecommender:
         base = self.model_score([histories[r] for r in trend])
         # Kept for popular(), which scores these short histories without the counts next.
         self._blended_bases = {_key(histories[r]): base[i] for i, r in enumerate(trend)}
-        fresh = np.broadcast_to(recent, (len(trend), self.n_items))
-        out[trend] = blend(base, fresh, self.trending.weight)
+        out[trend] = blend_recent(base, recent[None, :], self.trending.weight, self.trending.scale)
         return out
 
     def _unblended(self, histories: Sequence[np.ndarray]) -> np.ndarray:

@@ -6,9 +6,18 @@ day, each item that enters a user's profile for the first time (``streams.trendi
 regeneration service sums the artifact's window of days (``consumers.regenerate.RecentCounts``)
 and hands the counts to the worker pool, whose workers give them to the model
 (:meth:`inference.artifact.ArtifactRecommender.use_recent`). For a history shorter than
-``below`` items (and not empty) the served scores are then ``z(model) + weight * z(log(1 +
-count))`` (:func:`inference.hybrid.blend`); longer histories, and every history while no counts
-have arrived, get the model's scores unchanged.
+``below`` items (and not empty) the served scores are then ``z(model) + weight * recent``
+(:func:`blend_recent`); longer histories, and every history while no counts have arrived, get
+the model's scores unchanged.
+
+``recent`` is ``log(1 + count) / log(1 + top count)`` (``scale`` ``"top"``): from 0 for an item
+nobody took up lately to 1 for the window's most taken-up item, so ``weight`` is the lift, in
+standard deviations of the model's scores, of what is most popular now, on any catalog. Artifacts
+trained before it have ``"z"``: ``log(1 + count)`` standardised over the whole catalog. On a
+window that counts few of many items (ml-latest-small's month counts about 240 of 9,700) that
+puts each counted item 9 to 12 standard deviations up, far above the model's best, whatever
+their counts (``bench/trending_scale.py``); the lab could then find no weight that helps
+without costing a newcomer's next items (docs/models.md, "Recent popularity").
 
 An item that the counts brought into a list (the list without them would not hold it) says so:
 its reason is that users took it up lately (``ScoredItem.popular``,
@@ -29,23 +38,28 @@ from typing import Any
 import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
+from inference.hybrid import standardise
 
-__all__ = ["TrendingConfig", "recent_counts"]
+__all__ = ["SCALES", "TrendingConfig", "blend_recent", "recent_counts", "recent_feature"]
+
+SCALES = ("top", "z")  # how log(1 + count) is put on the model's scale; the first is trained
 
 
 @dataclass(frozen=True)
 class TrendingConfig:
     """How much recent popularity counts, over how many days, and for histories under ``below``.
 
-    ``weight`` 0 or ``below`` 0 turns it off. ``gain``, ``next_gain`` and ``served_next_gain``
-    are the held-out mean NDCG@10 changes the lab chose the blend by: on later items and on the
-    next ones, judged with EASE, and on the next ones judged with the served model fitted
-    without those users (for the record only).
+    ``weight`` 0 or ``below`` 0 turns it off. ``scale`` is how the counts meet the model's
+    scores (:func:`recent_feature`). ``gain``, ``next_gain`` and ``served_next_gain`` are the
+    held-out mean NDCG@10 changes the lab chose the blend by: on later items and on the next
+    ones, judged with EASE, and on the next ones judged with the served model fitted without
+    those users (for the record only).
     """
 
     days: int = 0
     weight: float = 0.0
     below: int = 0
+    scale: str = SCALES[0]
     gain: float | None = None
     next_gain: float | None = None
     served_next_gain: float | None = None
@@ -57,6 +71,8 @@ class TrendingConfig:
             raise InferenceError(f"trending days {self.days}, below {self.below}: out of range")
         if self.weight > 0.0 and self.below > 0 and self.days == 0:
             raise InferenceError("an active trending blend needs a window of at least one day")
+        if self.scale not in SCALES:
+            raise InferenceError(f"trending scale {self.scale!r} is not one of {SCALES}")
 
     @property
     def active(self) -> bool:
@@ -67,7 +83,12 @@ class TrendingConfig:
         return self.active and 0 < history_length < self.below
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"days": self.days, "weight": self.weight, "below": self.below}
+        out: dict[str, Any] = {
+            "days": self.days,
+            "weight": self.weight,
+            "below": self.below,
+            "scale": self.scale,
+        }
         if self.gain is not None:
             out["heldout_gain"] = self.gain
         if self.next_gain is not None:
@@ -78,11 +99,15 @@ class TrendingConfig:
 
     @classmethod
     def from_json(cls, section: Any) -> TrendingConfig:
-        """The config of an artifact's ``"trending"`` section (else :class:`ArtifactError`)."""
+        """The config of an artifact's ``"trending"`` section (else :class:`ArtifactError`); one
+        without ``"scale"`` was trained with ``"z"``."""
         try:
             days = section["days"]
             if not isinstance(days, int) or isinstance(days, bool):
                 raise TypeError(f"days must be a whole number, not {days!r}")
+            scale = section.get("scale", "z")
+            if not isinstance(scale, str):
+                raise TypeError(f"scale must be a string, not {scale!r}")
             record = {
                 field: float(section[key])
                 for field, key in (
@@ -93,7 +118,11 @@ class TrendingConfig:
                 if section.get(key) is not None
             }
             return cls(
-                days=days, weight=float(section["weight"]), below=int(section["below"]), **record
+                days=days,
+                weight=float(section["weight"]),
+                below=int(section["below"]),
+                scale=scale,
+                **record,
             )
         except (KeyError, TypeError, ValueError, InferenceError) as exc:
             raise ArtifactError(f"malformed trending section: {exc}") from exc
@@ -116,3 +145,24 @@ def recent_counts(
         if math.isfinite(number) and number > 0:
             out[pos] = number
     return out
+
+
+def recent_feature(logs: np.ndarray, scale: str) -> np.ndarray:
+    """Rows of ``log(1 + count)`` per catalog item put on the scale ``weight`` multiplies: each
+    row over its largest value (``"top"``: 0 to 1, a row without counts stays 0), or
+    standardised over the catalog (``"z"``)."""
+    rows = np.asarray(logs, dtype=np.float64)
+    if scale == "z":
+        return standardise(rows)
+    if scale != "top":
+        raise InferenceError(f"trending scale {scale!r} is not one of {SCALES}")
+    top = rows.max(axis=-1, keepdims=True)
+    out: np.ndarray = rows / np.where(top > 0.0, top, 1.0)
+    return out
+
+
+def blend_recent(base: np.ndarray, logs: np.ndarray, weight: float, scale: str) -> np.ndarray:
+    """``z(base) + weight * recent_feature(logs, scale)``: the model's score rows with recent
+    popularity added (``logs``: one row for all, or one per row of ``base``)."""
+    z = standardise(np.asarray(base, dtype=np.float32))
+    return (z + weight * recent_feature(logs, scale)).astype(np.float32)

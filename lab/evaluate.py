@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from inference.exceptions import InferenceError
-from inference.hybrid import blend
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
+from inference.trending import blend_recent
 from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
     METRIC_KEYS,
@@ -329,7 +329,7 @@ def trending_cold_start(
     batch_size: int = 256,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """:func:`cold_start` for ``model`` blended with recent popularity up to each target's
-    moment (``z(model) + weight * z(recent)``, :mod:`lab.trending`) on histories shorter than
+    moment (:func:`inference.trending.blend_recent`, :mod:`lab.trending`) on histories shorter than
     ``below`` items; longer ones keep the model's scores. Returns, per prefix and ``"full"``,
     HR@10, NDCG@10 and user count, and the per-user NDCG@10."""
     targets = split.targets(stage)
@@ -346,7 +346,7 @@ def trending_cold_start(
             short = np.fromiter((len(h) < below for h in chunk), dtype=bool, count=len(chunk))
             if choice.weight > 0 and short.any():
                 fresh = at_targets(recent, split, stage, at[short], choice.days)
-                scores[short] = blend(scores[short], fresh, choice.weight)
+                scores[short] = blend_recent(scores[short], fresh, choice.weight, choice.scale)
             ranks.append(_checked_ranks(TRENDING, scores, chunk, targets[at], split.n_items)[0])
         rank = np.concatenate(ranks)
         metrics = metrics_from_ranks(rank)
@@ -750,7 +750,9 @@ def _artifact_blends(artifacts: Sequence[Path]) -> list[tuple[TrendingChoice, in
         if not config.below:
             return None
         gains = tuple(g for g in (config.next_gain, config.served_next_gain) if g is not None)
-        choice = TrendingChoice(float(config.days), config.weight, config.gain or 0.0, gains)
+        choice = TrendingChoice(
+            float(config.days), config.weight, config.gain or 0.0, gains, config.scale
+        )
         out.append((choice, config.below))
     return out or None
 

@@ -3,7 +3,9 @@
 Recent popularity ("trending") is what a live system can count and the models do not see: other
 users' interactions with each item in the ``days`` before a moment, ``log(1 + count)``. For a
 user with a very short history it is blended into the model's scores as
-``z(model) + weight * z(recent)`` (:func:`inference.hybrid.standardise` per row).
+``z(model) + weight * recent``, ``recent`` being ``log(1 + count)`` over the window's largest
+(:func:`inference.trending.blend_recent`, scale ``"top"``): the weight is the lift of the most
+taken-up item in standard deviations of the model's scores, on any catalog.
 
 Choosing ``days`` and ``weight`` on the leave-one-out validation prefixes does not work: one
 target per user makes a prefix's NDCG@10 too noisy to tell +10 % from nothing, and the model has
@@ -24,6 +26,7 @@ import numpy as np
 
 from inference.hybrid import standardise
 from inference.scoring import CatalogScorer
+from inference.trending import SCALES, recent_feature
 from lab.datasets import Dataset
 from lab.protocol import Split, ndcg_per_user, target_ranks
 from streams.trending import DAY_S  # the day the stream worker counts by
@@ -33,6 +36,7 @@ __all__ = [
     "DAY_S",
     "NEXT_ITEMS",
     "PREFIXES",
+    "SCALE",
     "WEIGHTS",
     "RecentPopularity",
     "TrendingChoice",
@@ -43,9 +47,11 @@ __all__ = [
 ]
 
 PREFIXES = (1, 2, 3)  # the cold-start histories a blend is chosen for (and served to)
-# The blends :func:`heldout_grid` tries: window in days, weight of z(recent popularity).
+# The blends :func:`heldout_grid` tries: window in days, weight of recent popularity (the most
+# taken-up item's lift in standard deviations of the model's scores).
 DAYS = (1.0, 3.0, 7.0, 30.0)
-WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+SCALE = SCALES[0]  # what the lab chooses blends with, and training writes
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
 NEXT_ITEMS = 3  # the next items a blend must not cost (heldout_grid(upcoming=True))
 # Held-out users x targets x items judged per prefix and blend, at most: every user of ML-100K
@@ -101,6 +107,7 @@ class TrendingChoice:
     weight: float
     gain: float
     next_gains: tuple[float, ...] = ()
+    scale: str = SCALE
 
     @property
     def next_gain(self) -> float | None:
@@ -184,8 +191,8 @@ def _judge(  # noqa: PLR0917 - one step of heldout_grid, its loop variables
     goal = np.asarray(items, dtype=np.int64)
     out.setdefault((n, 0.0, 0.0), []).append(ndcg_per_user(target_ranks(model_z, hist, goal)))
     for d in days:
-        fresh = standardise(
-            np.stack([recent.scores(u, t, d, inclusive=upcoming) for u, t in moments])
+        fresh = recent_feature(
+            np.stack([recent.scores(u, t, d, inclusive=upcoming) for u, t in moments]), SCALE
         )
         for w in weights:
             ranks = target_ranks(model_z + w * fresh, hist, goal)

@@ -17,7 +17,7 @@ import torch
 from inference.artifact import load_recommender
 from inference.exceptions import ArtifactError, InferenceError
 from inference.generative import GenConfig, GenScorer, ItemTransformer
-from inference.hybrid import blend
+from inference.hybrid import blend, standardise
 from inference.index import ItemIndex
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import top_k_unseen
@@ -29,7 +29,7 @@ from lab.evaluate import RETRIEVED, cold_start, cold_start_table, run_eval
 from lab.hybrid import Hybrid, fit_retrieval
 from lab.protocol import Split, leave_one_out
 from schemas.messages import POPULAR_MIN_USERS
-from tests.unit.tamper import copy_artifact
+from tests.unit.tamper import copy_artifact, resealed
 
 N_ITEMS = 24
 DIM = 8
@@ -337,7 +337,7 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
         trending=config,
     )
     stored = json.loads((folder / "config.json").read_text())["trending"]
-    assert stored == {"days": 30, "weight": 4.0, "below": 3, "heldout_gain": 0.5}
+    assert stored == {"days": 30, "weight": 4.0, "below": 3, "scale": "top", "heldout_gain": 0.5}
     rec = load_recommender(folder, device="cpu", quantize=False)
     assert rec.trending == config and rec.recent_days == 30  # the record read back too
     hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6]), np.asarray([2, 4, 6, 8])]
@@ -353,8 +353,10 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     recent[split.item_index["i9"]] = np.log1p(3)
     served = rec.score(hist)
     # Under 3 items: the measured blend of the model and recent popularity, in place of
-    # retrieval's; 3 items: retrieval's; 4: the model's own.
-    expected = blend(hybrid.score(hist[:2]), np.stack([recent, recent]), 4.0)
+    # retrieval's; 3 items: retrieval's; 4: the model's own. The most taken-up item is lifted
+    # by the weight, in standard deviations of the model's scores; the others by their share of
+    # its log(1 + count).
+    expected = standardise(hybrid.score(hist[:2])) + 4.0 * recent / np.log1p(40)
     np.testing.assert_allclose(served[:2], expected, atol=1e-4)
     np.testing.assert_allclose(served[2], retrieved[2], atol=1e-4)
     np.testing.assert_allclose(served[3], hybrid.score(hist)[3], atol=1e-5)
@@ -363,6 +365,31 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
     assert "i5" not in {item for item, _ in lists[1]}  # and is never a seen item
     rec.use_recent(None)
     np.testing.assert_allclose(rec.score(hist), retrieved, atol=1e-4)
+
+
+def test_an_artifact_trained_before_the_top_scale_serves_the_blend_it_was_chosen_with(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    """A ``"trending"`` section without ``"scale"`` was chosen with the counts standardised over
+    the catalog: it keeps that blend (its weight means nothing on the other scale)."""
+    folder = tmp_path / "art"
+    config = TrendingConfig(days=7, weight=2.0, below=3)
+    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
+    sections = json.loads((folder / "config.json").read_text())
+    del sections["trending"]["scale"]
+    legacy = resealed(folder, tmp_path / "legacy", sections)
+    rec = load_recommender(legacy, device="cpu", quantize=False)
+    assert rec.trending == TrendingConfig(days=7, weight=2.0, below=3, scale="z")
+    rec.use_recent({"i5": 40, "i9": 3})
+    recent = np.zeros(split.n_items)
+    recent[split.item_index["i5"]], recent[split.item_index["i9"]] = np.log1p(40), np.log1p(3)
+    hist = [np.asarray([2])]
+    expected = standardise(hybrid.score(hist)) + 2.0 * standardise(recent[None, :])
+    np.testing.assert_allclose(rec.score(hist), expected, atol=1e-4)
+    # A scale it does not know is refused, not served some other way.
+    sections["trending"]["scale"] = "log"
+    with pytest.raises(ArtifactError, match="scale"):
+        load_recommender(resealed(folder, tmp_path / "odd", sections), device="cpu")
 
 
 def test_eval_takes_each_artifacts_own_blend_and_chooses_only_without_one(
@@ -394,7 +421,7 @@ def test_popular_names_the_items_recent_popularity_brought_into_the_list(
     tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
 ) -> None:
     folder = tmp_path / "art"
-    config = TrendingConfig(days=7, weight=2.0, below=3)
+    config = TrendingConfig(days=7, weight=8.0, below=3)
     save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
     rec = load_recommender(folder, device="cpu", quantize=False)
     history = ["i2"]

@@ -159,21 +159,21 @@ def test_a_blend_that_costs_the_next_items_is_passed_over(
     def fit(part: Split) -> PopularityRanker:
         return PopularityRanker().fit(part)
 
-    days, weights = (1.0, 30.0), (0.5, 2.0)
+    days, weights = (1.0, 30.0), (3.0, 12.0)
     later = heldout_grid(split, recent, fit, (1, 2), days, weights, folds=3)
     upcoming = heldout_grid(
         split, recent, fit, (1, 2), days, weights, folds=3, targets=2, upcoming=True
     )
     for n in (1, 2):  # the next two items after the prefix of every user with 3+ items
         expected = sum(min(2, len(s) - n) for s in split.train if len(s) >= 3)
-        assert len(upcoming[n, 0.0, 0.0]) == len(upcoming[n, 1.0, 2.0]) == expected
+        assert len(upcoming[n, 0.0, 0.0]) == len(upcoming[n, 1.0, 12.0]) == expected
     # At the prefix's last item, a day's fashion is yesterday's: it names the later items (each
     # counted at its own moment) and misleads about the next one, the more the heavier.
-    assert choose(later, (1, 2), days, weights).weight == 2.0
+    assert choose(later, (1, 2), days, weights).weight == 12.0
     for n in (1, 2):
-        assert upcoming[n, 1.0, 2.0].mean() < upcoming[n, 0.0, 0.0].mean()
+        assert upcoming[n, 1.0, 12.0].mean() < upcoming[n, 0.0, 0.0].mean()
     guarded = choose(later, (1, 2), days, weights, guards=(upcoming,))
-    assert (guarded.days, guarded.weight) == (1.0, 0.5) and guarded.gain > 0.5
+    assert (guarded.days, guarded.weight) == (1.0, 3.0) and guarded.gain > 0.5
     assert guarded.next_gain is not None and abs(guarded.next_gain) < 0.05
 
 
@@ -190,7 +190,7 @@ def test_every_guard_can_pass_a_blend_over_and_one_fold_can_be_judged_alone(
         fitted.append(sum(len(s) == 0 for s in part.train))
         return PopularityRanker().fit(part)
 
-    days, weights = (1.0, 30.0), (0.5, 2.0)
+    days, weights = (1.0, 30.0), (3.0, 12.0)
     later = heldout_grid(split, recent, fit, (1, 2), days, weights, folds=3)
     upcoming = heldout_grid(
         split, recent, fit, (1, 2), days, weights, folds=3, targets=2, upcoming=True
@@ -203,18 +203,18 @@ def test_every_guard_can_pass_a_blend_over_and_one_fold_can_be_judged_alone(
     assert fitted == [sum(1 for u in range(len(split.train)) if u % 3 == 0)]
     for n in (1, 2):  # fold 0's users only, each with the next two items after the prefix
         expected = sum(min(2, len(s) - n) for s in split.train[::3] if len(s) >= 3)
-        assert len(one[n, 0.0, 0.0]) == len(one[n, 1.0, 0.5]) == expected
+        assert len(one[n, 0.0, 0.0]) == len(one[n, 1.0, 3.0]) == expected
 
     first = choose(later, (1, 2), days, weights, guards=(upcoming, one))
-    assert (first.days, first.weight) == (1.0, 0.5) and len(first.next_gains) == 2
+    assert (first.days, first.weight) == (1.0, 3.0) and len(first.next_gains) == 2
     assert first.next_gain == first.next_gains[0]
     # A served model that loses the next items under that blend rules it out; the pick falls
     # back to the next best blend both guards let through, or to none.
     costly = dict(one)
     for n in (1, 2):
-        costly[n, 1.0, 0.5] = costly[n, 0.0, 0.0] - 0.5
+        costly[n, 1.0, 3.0] = costly[n, 0.0, 0.0] - 0.5
     second = choose(later, (1, 2), days, weights, guards=(upcoming, costly))
-    assert (second.days, second.weight) != (1.0, 0.5)
+    assert (second.days, second.weight) != (1.0, 3.0)
     assert second.gain <= first.gain
 
 
