@@ -73,11 +73,12 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     recent = RecentPopularity(ds, split)
     position = {u: i for i, u in enumerate(split.user_ids)}
     histories = ds.histories()
-    served = (trend.days, trend.weight)
-    blends = sorted({served, *((int(d), w) for d in DAYS for w in WEIGHTS)})
+    # The artifact's own blend on its scale, and the lab's grid on the lab's.
+    served = (trend.days, trend.weight, trend.scale)
+    blends = sorted({served, *((int(d), w, SCALE) for d in DAYS for w in WEIGHTS)})
     # Per prefix: NDCG@10 of the next items and the last item per user, before and per blend.
     before: dict[int, list[np.ndarray]] = {n: [] for n in PREFIXES}
-    after: dict[tuple[int, int, float], list[np.ndarray]] = {}
+    after: dict[tuple[int, int, float, str], list[np.ndarray]] = {}
     for n in PREFIXES:
         for user in sorted(users):
             seq, u = histories[user], position.get(user)
@@ -92,7 +93,7 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
             plain = model.score([prefix])  # what was served without the counts
             before[n].append(np.concatenate([judge(plain, prefix, t) for t in (nexts, last)]))
             own = model.model_score([prefix])  # what the blend adds the counts to
-            for days in sorted({d for d, _ in blends}):
+            for days in sorted({d for d, _, _ in blends}):
                 windows = [
                     np.log1p(recent_counts(held, model.index, model.n_items))[None, :]
                     for held in (
@@ -100,25 +101,25 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
                         for at in (seq[n - 1].ts, seq[-1].ts - 1e-3)
                     )
                 ]
-                for weight in [w for d, w in blends if d == days]:
-                    # The artifact's own blend on its scale; the rest of the grid on the lab's.
-                    scale = trend.scale if (days, weight) == served else SCALE
+                for weight, scale in [(w, c) for d, w, c in blends if d == days]:
                     judged = [
                         judge(blend_recent(own, window, weight, scale), prefix, targets)
                         for window, targets in zip(windows, (nexts, last), strict=True)
                     ]
-                    after.setdefault((n, days, weight), []).append(np.concatenate(judged))
+                    after.setdefault((n, days, weight, scale), []).append(np.concatenate(judged))
     picks = {"next item": slice(0, 1), "next three": slice(0, NEXT), "last item": slice(NEXT, None)}
 
-    def change(n: int, days: int, weight: float, pick: slice) -> tuple[float, float, float]:
+    def change(
+        n: int, days: int, weight: float, scale: str, pick: slice
+    ) -> tuple[float, float, float]:
         b = np.asarray([row[pick].mean() for row in before[n]])
-        a = np.asarray([row[pick].mean() for row in after[(n, days, weight)]])
+        a = np.asarray([row[pick].mean() for row in after[(n, days, weight, scale)]])
         gain = a.mean() / b.mean() - 1 if b.mean() else float("nan")
         return b.mean(), gain, significance(a, b)["wilcoxon_p"]
 
     print(
-        f"\nThe served blend ({served[0]} days, weight {served[1]:g}): NDCG@10 without the counts "
-        "(what was served before), change with them, paired Wilcoxon p"
+        f"\nThe served blend ({served[0]} days, weight {served[1]:g}, scale {served[2]!r}): "
+        "NDCG@10 without the counts (what was served before), change with them, paired Wilcoxon p"
     )
     print("\n| history | users | " + " | ".join(f"{k}: before | change | p" for k in picks) + " |")
     print("|---" * (2 + 3 * len(picks)) + "|")
@@ -126,15 +127,15 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
         cells = [change(n, *served, pick) for pick in picks.values()]
         text = " | ".join(f"{b:.4f} | {g:+.1%} | {p:.2g}" for b, g, p in cells)
         print(f"| first {n} | {len(before[n])} | {text} |")
-    print("\nEvery blend of the lab's grid: change on the first 1 / 2 / 3 items")
-    print("\n| days | weight | " + " | ".join(picks) + " |")
-    print("|---" * (2 + len(picks)) + "|")
-    for days, weight in blends:
+    print("\nThe served blend and the lab's grid: change on the first 1 / 2 / 3 items")
+    print("\n| days | weight | scale | " + " | ".join(picks) + " |")
+    print("|---" * (3 + len(picks)) + "|")
+    for days, weight, scale in blends:
         cells = [
-            " / ".join(f"{change(n, days, weight, pick)[1]:+.1%}" for n in PREFIXES)
+            " / ".join(f"{change(n, days, weight, scale, pick)[1]:+.1%}" for n in PREFIXES)
             for pick in picks.values()
         ]
-        print(f"| {days} | {weight:g} | {' | '.join(cells)} |")
+        print(f"| {days} | {weight:g} | {scale} | {' | '.join(cells)} |")
 
 
 def main() -> None:
