@@ -578,7 +578,8 @@ def run_eval(
                     say(
                         "recent popularity: each artifact's own blend, "
                         + "; ".join(
-                            f"{c.days:g} days, weight {c.weight:g}" for c, _ in served_blends
+                            f"{c.days:g} days, weight {c.weight:g} ({c.scale})"
+                            for c, _ in served_blends
                         )
                     )
                 trending = (recent, served_blends)
