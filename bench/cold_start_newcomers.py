@@ -62,12 +62,15 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
 
     model = load_recommender(artifact)
     trend = model.trending
-    if not trend.active:
-        raise SystemExit(f"artifact {artifact} blends no recent popularity")
+    served_blend = (
+        f"recent popularity {trend.days} days, weight {trend.weight:g} on scale {trend.scale!r}, "
+        f"histories under {trend.below} items"
+        if trend.active
+        else "no recent popularity (its training found no blend; the lab's grid is judged)"
+    )
     print(
         f"{ds.name}: {len(users)} held-out users; {model.name} ({model.version}, "
-        f"{model.precision}) trained without them: recent popularity {trend.days} days, weight "
-        f"{trend.weight:g} on scale {trend.scale!r}, histories under {trend.below} items"
+        f"{model.precision}) trained without them: {served_blend}"
     )
     split = leave_one_out(ds)  # the lab's view of every user, to count windows as served
     recent = RecentPopularity(ds, split)
@@ -75,7 +78,8 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     histories = ds.histories()
     # The artifact's own blend on its scale, and the lab's grid on the lab's.
     served = (trend.days, trend.weight, trend.scale)
-    blends = sorted({served, *((int(d), w, SCALE) for d in DAYS for w in WEIGHTS)})
+    grid = {(int(d), w, SCALE) for d in DAYS for w in WEIGHTS}
+    blends = sorted(grid | {served} if trend.active else grid)
     # Per prefix: NDCG@10 of the next items and the last item per user, before and per blend.
     before: dict[int, list[np.ndarray]] = {n: [] for n in PREFIXES}
     after: dict[tuple[int, int, float, str], list[np.ndarray]] = {}
@@ -117,16 +121,19 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
         gain = a.mean() / b.mean() - 1 if b.mean() else float("nan")
         return b.mean(), gain, significance(a, b)["wilcoxon_p"]
 
-    print(
-        f"\nThe served blend ({served[0]} days, weight {served[1]:g}, scale {served[2]!r}): "
-        "NDCG@10 without the counts (what was served before), change with them, paired Wilcoxon p"
-    )
-    print("\n| history | users | " + " | ".join(f"{k}: before | change | p" for k in picks) + " |")
-    print("|---" * (2 + 3 * len(picks)) + "|")
-    for n in PREFIXES:
-        cells = [change(n, *served, pick) for pick in picks.values()]
-        text = " | ".join(f"{b:.4f} | {g:+.1%} | {p:.2g}" for b, g, p in cells)
-        print(f"| first {n} | {len(before[n])} | {text} |")
+    if trend.active:
+        print(
+            f"\nThe served blend ({served[0]} days, weight {served[1]:g}, scale {served[2]!r}): "
+            "NDCG@10 without the counts (what was served before), change with them, paired "
+            "Wilcoxon p"
+        )
+        head = " | ".join(f"{k}: before | change | p" for k in picks)
+        print(f"\n| history | users | {head} |")
+        print("|---" * (2 + 3 * len(picks)) + "|")
+        for n in PREFIXES:
+            cells = [change(n, *served, pick) for pick in picks.values()]
+            text = " | ".join(f"{b:.4f} | {g:+.1%} | {p:.2g}" for b, g, p in cells)
+            print(f"| first {n} | {len(before[n])} | {text} |")
     print("\nThe served blend and the lab's grid: change on the first 1 / 2 / 3 items")
     print("\n| days | weight | scale | " + " | ".join(picks) + " |")
     print("|---" * (3 + len(picks)) + "|")
