@@ -16,8 +16,8 @@ standard deviations of the model's scores, of what is most popular now, on any c
 trained before it have ``"z"``: ``log(1 + count)`` standardised over the whole catalog. On a
 window that counts few of many items (ml-latest-small's month counts about 240 of 9,700) that
 puts each counted item 9 to 12 standard deviations up, far above the model's best, whatever
-their counts (``bench/trending_scale.py``); the lab could then find no weight that helps
-without costing a newcomer's next items (docs/models.md, "Recent popularity").
+their counts (``bench/trending_scale.py``): one weight meant a far stronger blend there than
+on ML-100K (docs/models.md, "One scale for every catalog").
 
 An item that the counts brought into a list (the list without them would not hold it) says so:
 its reason is that users took it up lately (``ScoredItem.popular``,
