@@ -58,7 +58,7 @@ def judge(scores: np.ndarray, prefix: np.ndarray, targets: list[int | None]) -> 
 
 def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     from inference.artifact import load_recommender
-    from inference.trending import blend_recent, recent_counts
+    from inference.trending import blend_recent, recent_counts, recent_feature
 
     model = load_recommender(artifact)
     trend = model.trending
@@ -105,10 +105,12 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
                         for at in (seq[n - 1].ts, seq[-1].ts - 1e-3)
                     )
                 ]
-                for weight, scale in [(w, c) for d, w, c in blends if d == days]:
+                here = [(w, c) for d, w, c in blends if d == days]
+                scaled = {c: [recent_feature(w, c) for w in windows] for _, c in here}
+                for weight, scale in here:
                     judged = [
-                        judge(blend_recent(own, window, weight, scale), prefix, targets)
-                        for window, targets in zip(windows, (nexts, last), strict=True)
+                        judge(blend_recent(own, feature, weight), prefix, targets)
+                        for feature, targets in zip(scaled[scale], (nexts, last), strict=True)
                     ]
                     after.setdefault((n, days, weight, scale), []).append(np.concatenate(judged))
     picks = {"next item": slice(0, 1), "next three": slice(0, NEXT), "last item": slice(NEXT, None)}

@@ -51,7 +51,7 @@ from inference.scoring import (
     top_k_unseen,
 )
 from inference.settings import ArtifactTrust
-from inference.trending import TrendingConfig, blend_recent, recent_counts
+from inference.trending import TrendingConfig, blend_recent, recent_counts, recent_feature
 from schemas.messages import POPULAR_MIN_USERS
 
 if TYPE_CHECKING:
@@ -337,7 +337,8 @@ class ArtifactRecommender:
                 self.retrieval = chosen
                 self._retrieved = RetrievalBlend(_Mixed(self), text, chosen)
         self.trending = _trending_config(config, folder)
-        self._recent: np.ndarray | None = None  # log(1 + count) per item, from use_recent
+        # What the blend adds, per item (inference.trending.recent_feature), from use_recent.
+        self._recent: np.ndarray | None = None
         self._recent_counts: np.ndarray | None = None  # the counts themselves
         self._blended_bases: dict[bytes, np.ndarray] = {}  # the last blend's model scores
         self.post: CatalogPost | None = None
@@ -374,7 +375,8 @@ class ArtifactRecommender:
             self._recent = self._recent_counts = None
             return
         self._recent_counts = recent_counts(counts, self.index, self.n_items)
-        self._recent = np.log1p(self._recent_counts).astype(np.float32)
+        logs = np.log1p(self._recent_counts)[None, :]
+        self._recent = recent_feature(logs, self.trending.scale).astype(np.float32)
 
     def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
@@ -393,7 +395,7 @@ class ArtifactRecommender:
         base = self.model_score([histories[r] for r in trend])
         # Kept for popular(), which scores these short histories without the counts next.
         self._blended_bases = {_key(histories[r]): base[i] for i, r in enumerate(trend)}
-        out[trend] = blend_recent(base, recent[None, :], self.trending.weight, self.trending.scale)
+        out[trend] = blend_recent(base, recent, self.trending.weight)
         return out
 
     def _unblended(self, histories: Sequence[np.ndarray]) -> np.ndarray:

@@ -161,8 +161,8 @@ def recent_feature(logs: np.ndarray, scale: str) -> np.ndarray:
     return out
 
 
-def blend_recent(base: np.ndarray, logs: np.ndarray, weight: float, scale: str) -> np.ndarray:
-    """``z(base) + weight * recent_feature(logs, scale)``: the model's score rows with recent
-    popularity added (``logs``: one row for all, or one per row of ``base``)."""
+def blend_recent(base: np.ndarray, recent: np.ndarray, weight: float) -> np.ndarray:
+    """``z(base) + weight * recent``: the model's score rows with recent popularity added
+    (``recent``: :func:`recent_feature`'s rows, one for all or one per row of ``base``)."""
     z = standardise(np.asarray(base, dtype=np.float32))
-    return (z + weight * recent_feature(logs, scale)).astype(np.float32)
+    return (z + weight * recent).astype(np.float32)

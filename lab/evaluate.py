@@ -20,7 +20,7 @@ from inference.exceptions import InferenceError
 from inference.postprocess import CatalogPost, PostConfig
 from inference.retrieval import RetrievalBlend, RetrievalConfig, TextRetrieval
 from inference.scoring import CatalogScorer, top_k_unseen
-from inference.trending import blend_recent
+from inference.trending import blend_recent, recent_feature
 from lab.baselines import EASE, ItemKNN, PopularityRanker, Ranker, tune
 from lab.protocol import (
     METRIC_KEYS,
@@ -345,8 +345,10 @@ def trending_cold_start(
             scores = model.score(chunk)
             short = np.fromiter((len(h) < below for h in chunk), dtype=bool, count=len(chunk))
             if choice.weight > 0 and short.any():
-                fresh = at_targets(recent, split, stage, at[short], choice.days)
-                scores[short] = blend_recent(scores[short], fresh, choice.weight, choice.scale)
+                fresh = recent_feature(
+                    at_targets(recent, split, stage, at[short], choice.days), choice.scale
+                )
+                scores[short] = blend_recent(scores[short], fresh, choice.weight)
             ranks.append(_checked_ranks(TRENDING, scores, chunk, targets[at], split.n_items)[0])
         rank = np.concatenate(ranks)
         metrics = metrics_from_ranks(rank)

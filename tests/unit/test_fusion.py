@@ -17,6 +17,7 @@ from lab.artifact import save_artifact
 from lab.baselines import EASE, ItemKNN, PopularityRanker
 from lab.hybrid import Fusion
 from lab.protocol import Split, metrics_from_ranks, target_ranks
+from tests.unit.tamper import resealed
 from tests.unit.test_hybrid import _Noise, _Oracle
 from tests.unit.test_hybrid import _split as _cycle_split
 from tests.unit.test_hybrid_artifact import N_ITEMS
@@ -102,16 +103,11 @@ def test_a_fusion_without_the_transformer_serves_cf_only_and_bad_weights_are_ref
     np.testing.assert_allclose(rec.score(hist), fusion.score(hist), rtol=0, atol=1e-5)
     # A weight outside [0, 1] in the config is refused (here with the manifest re-written, as an
     # attacker holding the signing key could; the signature check is tested elsewhere).
-    from inference.integrity import write_manifest
-
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["hybrid"]["fusion"]["itemknn"] = 7.0
-    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    reserved = {"files", "manifest_version"}
-    write_manifest(folder, {k: v for k, v in manifest.items() if k not in reserved})
+    changed = resealed(folder, tmp_path / "changed", config)
     with pytest.raises(ArtifactError, match="fusion"):
-        load_recommender(folder, device="cpu", quantize=False, trust=_unsigned())
+        load_recommender(changed, device="cpu", quantize=False, trust=_unsigned())
 
 
 def _unsigned():  # type: ignore[no-untyped-def]
