@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -21,7 +23,29 @@ from ops.exceptions import ReplayError
 from recstream.security import kafka_config
 from recstream.settings import CommonSettings
 
-__all__ = ["PartitionRange", "TopicReader"]
+__all__ = ["PartitionRange", "TopicReader", "retrying"]
+
+RETRY_PAUSE_S = 0.2
+# A partition between leaders (as just after a topic is created) answers with these for a moment.
+TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], timeout_s: float) -> T:
+    """``call()``, tried again while it fails with an error Kafka calls retriable or one of
+    :data:`TRANSIENT` and ``timeout_s`` has not passed; the last error is raised."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in TRANSIENT
+            )
+            if not retriable or time.monotonic() + RETRY_PAUSE_S > deadline:
+                raise
+            time.sleep(RETRY_PAUSE_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +105,12 @@ class TopicReader:
         out: dict[int, tuple[int, int]] = {}
         for p in self.partitions():
             try:
-                low, high = self.consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=self.timeout_s
+                ask = partial(
+                    self.consumer.get_watermark_offsets,
+                    TopicPartition(self.topic, p),
+                    timeout=self.timeout_s,
                 )
+                low, high = retrying(ask, self.timeout_s)
             except KafkaException as exc:
                 raise ReplayError(f"cannot read offsets of {self.topic}/{p}: {exc}") from exc
             out[p] = (int(low), int(high))
@@ -94,7 +121,10 @@ class TopicReader:
         ms = int(when.timestamp() * 1000)
         query = [TopicPartition(self.topic, p, ms) for p in sorted(highs)]
         try:
-            found = self.consumer.offsets_for_times(query, timeout=self.timeout_s)
+            found = retrying(
+                lambda: self.consumer.offsets_for_times(query, timeout=self.timeout_s),
+                self.timeout_s,
+            )
         except KafkaException as exc:
             raise ReplayError(f"offsets-for-times failed on {self.topic}: {exc}") from exc
         # -1: no record at or after the time, i.e. the slice starts (or ends) at the end.
