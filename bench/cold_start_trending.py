@@ -24,14 +24,17 @@ import numpy as np
 from bench.common import artifact_parser, cold_start_data
 from inference.artifact import load_recommender
 from inference.hybrid import standardise
+from lab.evaluate import describe_blend
 from lab.protocol import ndcg_per_user, significance, target_ranks
 from lab.training import default_teacher
 from lab.trending import (
     DAY_S,
     DAYS,
+    IDLES,
     NEXT_ITEMS,
     PREFIXES,
     WEIGHTS,
+    Cell,
     at_targets,
     choose,
     heldout_grid,
@@ -54,13 +57,24 @@ def main() -> None:
     split, recent = cold_start_data(args)
 
     fit = default_teacher(split)
-    grid = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, args.targets)
-    upcoming = heldout_grid(
-        split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, NEXT_ITEMS, upcoming=True
+    grid = heldout_grid(
+        split, recent, fit, prefixes, DAYS, WEIGHTS, args.folds, args.targets, idles=IDLES
     )
-    pick = choose(grid, prefixes, DAYS, WEIGHTS, guards=(upcoming,))
-    base = {n: grid[n, 0.0, 0.0] for n in prefixes}
-    ahead = {n: upcoming[n, 0.0, 0.0] for n in prefixes}
+    upcoming = heldout_grid(
+        split,
+        recent,
+        fit,
+        prefixes,
+        DAYS,
+        WEIGHTS,
+        args.folds,
+        NEXT_ITEMS,
+        upcoming=True,
+        idles=IDLES,
+    )
+    pick = choose(grid, prefixes, DAYS, WEIGHTS, guards=(upcoming,), idles=IDLES)
+    base = {n: grid[n, 0.0, 0.0, 0.0] for n in prefixes}
+    ahead = {n: upcoming[n, 0.0, 0.0, 0.0] for n in prefixes}
     print(
         f"{split.dataset}: held-out users ({args.folds} folds, EASE fitted without each), "
         f"first 1 / 2 / 3 items -> each user's last {args.targets} training items; "
@@ -72,26 +86,30 @@ def main() -> None:
         + " / ".join(f"{ahead[n].mean():.4f}" for n in prefixes)
     )
 
-    def cells(table: dict[tuple[int, float, float], np.ndarray], d: float, w: float) -> str:
+    def cells(table: dict[Cell, np.ndarray], cell: tuple[float, float, float]) -> str:
         out = []
         for n in prefixes:
-            alone = table[n, 0.0, 0.0]
-            diff = table[n, d, w] - alone
+            alone = table[n, 0.0, 0.0, 0.0]
+            diff = table[(n, *cell)] - alone
             se = diff.std() / np.sqrt(len(diff)) / alone.mean()
-            out.append(f"{table[n, d, w].mean() / alone.mean() - 1:+.1%} ± {se:.1%}")
+            out.append(f"{table[(n, *cell)].mean() / alone.mean() - 1:+.1%} ± {se:.1%}")
         return " / ".join(out)
 
-    print("\n| days | weight | held-out change 1 / 2 / 3 (± s.e.) | mean | next items 1 / 2 / 3 |")
-    print("|---|---|---|---|---|")
-    for d in DAYS:
-        for w in WEIGHTS:
-            mean = np.mean([grid[n, d, w].mean() / base[n].mean() - 1 for n in prefixes])
-            later, soon = cells(grid, d, w), cells(upcoming, d, w)
-            print(f"| {d:g} | {w:g} | {later} | {mean:+.1%} | {soon} |")
+    print(
+        "\n| away (h) | days | weight | held-out change 1 / 2 / 3 (± s.e.) | mean "
+        "| next items 1 / 2 / 3 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for idle in IDLES:
+        for d in DAYS:
+            for w in WEIGHTS:
+                cell = (d, w, idle)
+                mean = np.mean([grid[(n, *cell)].mean() / base[n].mean() - 1 for n in prefixes])
+                later, soon = cells(grid, cell), cells(upcoming, cell)
+                print(f"| {idle / 3600:g} | {d:g} | {w:g} | {later} | {mean:+.1%} | {soon} |")
     print(
         f"\nheld-out pick (no next-items prefix lower by more than its standard error): "
-        f"{pick.days:g} days, weight {pick.weight:g} (mean {pick.gain:+.1%}, next items "
-        f"{pick.next_gain or 0.0:+.1%})"
+        f"{describe_blend(pick)} (mean {pick.gain:+.1%}, next items {pick.next_gain or 0.0:+.1%})"
     )
 
     # How far the protocol's test target lies after the last item of the longest prefix.

@@ -24,7 +24,15 @@ its reason is that users took it up lately (``ScoredItem.popular``,
 ``ArtifactRecommender.popular``). The read API's conversation turns blend the same counts, over
 the window ending on the day of the user's newest event (``api.conversation.RecentWindows``).
 
-``days``, ``weight`` and ``below`` are chosen by the lab on users the model never saw
+A blend with ``idle_s`` set is for returning users only: a list made as the user's events are
+folded gets the model alone (what they do next is what the model predicts best; the blend would
+cost it, docs/models.md "The next items"), and once they have been idle ``idle_s`` seconds the
+regeneration service makes their list again with the counts of that moment, then once a day
+(:data:`REFRESH_EVERY_S`) while the window moves, for up to :data:`REFRESH_HORIZON_S` after their
+newest event (:func:`refresh_moment`; ``consumers.regen``). ``idle_s`` 0 blends every list of a
+short history, as artifacts trained before it do.
+
+``days``, ``weight``, ``below`` and ``idle_s`` are chosen by the lab on users the model never saw
 (``lab.trending``) and stored in the artifact's ``"trending"`` config section.
 """
 
@@ -39,10 +47,25 @@ import numpy as np
 
 from inference.exceptions import ArtifactError, InferenceError
 from inference.hybrid import standardise
+from streams.trending import DAY_S
 
-__all__ = ["SCALES", "TrendingConfig", "blend_recent", "recent_counts", "recent_feature"]
+__all__ = [
+    "REFRESH_EVERY_S",
+    "REFRESH_HORIZON_S",
+    "SCALES",
+    "TrendingConfig",
+    "blend_recent",
+    "recent_counts",
+    "recent_feature",
+    "refresh_moment",
+]
 
 SCALES = ("top", "z")  # how log(1 + count) is put on the model's scale; the first is trained
+# A returning user's list is made again this often while they stay away (the counts are kept
+# per day), and not after this long past their newest event.
+REFRESH_EVERY_S = DAY_S
+REFRESH_HORIZON_S = 90 * DAY_S
+MAX_IDLE_S = 30 * DAY_S
 
 
 @dataclass(frozen=True)
@@ -50,16 +73,18 @@ class TrendingConfig:
     """How much recent popularity counts, over how many days, and for histories under ``below``.
 
     ``weight`` 0 or ``below`` 0 turns it off. ``scale`` is how the counts meet the model's
-    scores (:func:`recent_feature`). ``gain``, ``next_gain`` and ``served_next_gain`` are the
-    held-out mean NDCG@10 changes the lab chose the blend by: on later items and on the next
-    ones, judged with EASE, and on the next ones judged with the served model fitted without
-    those users (for the record only).
+    scores (:func:`recent_feature`). ``idle_s`` > 0 serves it only to lists made again for a user
+    idle that long (:func:`refresh_moment`); 0 to every list of a short history. ``gain``,
+    ``next_gain`` and ``served_next_gain`` are the held-out mean NDCG@10 changes the lab chose
+    the blend by: on later items and on the next ones, judged with EASE, and on the next ones
+    judged with the served model fitted without those users (for the record only).
     """
 
     days: int = 0
     weight: float = 0.0
     below: int = 0
     scale: str = SCALES[0]
+    idle_s: int = 0
     gain: float | None = None
     next_gain: float | None = None
     served_next_gain: float | None = None
@@ -73,14 +98,23 @@ class TrendingConfig:
             raise InferenceError("an active trending blend needs a window of at least one day")
         if self.scale not in SCALES:
             raise InferenceError(f"trending scale {self.scale!r} is not one of {SCALES}")
+        if not 0 <= self.idle_s <= MAX_IDLE_S:
+            raise InferenceError(f"trending idle_s {self.idle_s} is not within 0..{MAX_IDLE_S}")
 
     @property
     def active(self) -> bool:
         return self.weight > 0.0 and self.below > 0
 
-    def applies(self, history_length: int) -> bool:
-        """Whether a history of this many known items gets the blend (an empty one never does)."""
-        return self.active and 0 < history_length < self.below
+    def applies(self, history_length: int, returning: bool = False) -> bool:
+        """Whether a history of this many known items gets the blend (an empty one never does),
+        in a list made as its events are folded or, ``returning``, made again for a user idle
+        ``idle_s`` since (:func:`refresh_moment`)."""
+        return self.active and 0 < history_length < self.below and (returning or not self.idle_s)
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether returning users' lists are made again for the blend (``idle_s`` > 0)."""
+        return self.active and self.idle_s > 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -88,6 +122,7 @@ class TrendingConfig:
             "weight": self.weight,
             "below": self.below,
             "scale": self.scale,
+            "idle_s": self.idle_s,
         }
         if self.gain is not None:
             out["heldout_gain"] = self.gain
@@ -100,7 +135,7 @@ class TrendingConfig:
     @classmethod
     def from_json(cls, section: Any) -> TrendingConfig:
         """The config of an artifact's ``"trending"`` section (else :class:`ArtifactError`); one
-        without ``"scale"`` was trained with ``"z"``."""
+        without ``"scale"`` was trained with ``"z"``, one without ``"idle_s"`` blends every list."""
         try:
             days = section["days"]
             if not isinstance(days, int) or isinstance(days, bool):
@@ -108,6 +143,9 @@ class TrendingConfig:
             scale = section.get("scale", "z")
             if not isinstance(scale, str):
                 raise TypeError(f"scale must be a string, not {scale!r}")
+            idle_s = section.get("idle_s", 0)
+            if not isinstance(idle_s, int) or isinstance(idle_s, bool):
+                raise TypeError(f"idle_s must be a whole number, not {idle_s!r}")
             record = {
                 field: float(section[key])
                 for field, key in (
@@ -122,10 +160,23 @@ class TrendingConfig:
                 weight=float(section["weight"]),
                 below=int(section["below"]),
                 scale=scale,
+                idle_s=idle_s,
                 **record,
             )
         except (KeyError, TypeError, ValueError, InferenceError) as exc:
             raise ArtifactError(f"malformed trending section: {exc}") from exc
+
+
+def refresh_moment(last: float, at: float, idle_s: float) -> float | None:
+    """When the list a user sees at ``at`` was last made again, for a user whose newest event
+    was at ``last`` (seconds): first ``idle_s`` after it, then every :data:`REFRESH_EVERY_S`,
+    none later than :data:`REFRESH_HORIZON_S` after it. ``None`` while the list made at ``last``
+    still stands (``at`` within ``idle_s`` of it), and always for ``idle_s`` 0."""
+    if idle_s <= 0 or at - last < idle_s:
+        return None
+    last_step = (REFRESH_HORIZON_S - idle_s) // REFRESH_EVERY_S
+    steps = min((at - last - idle_s) // REFRESH_EVERY_S, max(last_step, 0))
+    return float(last + idle_s + steps * REFRESH_EVERY_S)
 
 
 def recent_counts(

@@ -366,8 +366,10 @@ def train_cmd(  # noqa: PLR0917 (click passes every option)
             seconds=min(plan.judge_s, float(log["train_seconds"])),
             progress=progress,
         )
-        trending = _fit_trending(ds, split, mixed, plan.ease_max_items, judge)
+        grid: list[dict[str, Any]] = []
+        trending = _fit_trending(ds, split, mixed, plan.ease_max_items, judge, grid)
         log["trending_judge"] = judge.record
+        log["trending_grid"] = grid
     phases["fits"] = time.monotonic() - mark
     log["plan"] = {**plan.to_json(), "gen_budget_s": round(gen_budget_s, 1)}
     # Saving is timed as well but cannot be recorded in the file it writes; it is printed.
@@ -424,11 +426,14 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
     return chosen
 
 
-def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int, judge: Any) -> Any:
+def _fit_trending(  # noqa: PLR0917 - the training's parts, all named at the call
+    ds: Any, split: Any, fusion: Any, ease_max_items: int, judge: Any, grid: list[Any]
+) -> Any:
     """The recent-popularity blend of short histories, chosen on held-out users with EASE's
     settings of the fusion (or tuned now when the fusion has no EASE): the largest gain on their
     later items that costs nothing on their next ones, judged with EASE and with the served
-    fusion fitted without one fold's users (its transformer trained again by ``judge``)."""
+    fusion fitted without one fold's users (its transformer trained again by ``judge``). Every
+    blend's changes go to ``grid``."""
     from inference.trending import TrendingConfig
     from lab.evaluate import baseline, choose_trending
     from lab.trending import PREFIXES, RecentPopularity
@@ -438,13 +443,14 @@ def _fit_trending(ds: Any, split: Any, fusion: Any, ease_max_items: int, judge: 
         ease = baseline("ease", split, say=click.echo, ease_max_items=ease_max_items)
     served = None if judge.seconds <= 0 else (lambda part: fusion.refitted(part, judge))
     _, choice = choose_trending(
-        split, RecentPopularity(ds, split), ease, PREFIXES, click.echo, served=served
+        split, RecentPopularity(ds, split), ease, PREFIXES, click.echo, served=served, record=grid
     )
     gains = choice.next_gains
     return TrendingConfig(
         days=round(choice.days),
         weight=choice.weight,
         below=max(PREFIXES) + 1,
+        idle_s=round(choice.idle),
         gain=choice.gain,
         next_gain=gains[0] if gains else None,
         served_next_gain=gains[1] if len(gains) > 1 else None,

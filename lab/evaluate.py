@@ -33,7 +33,7 @@ from lab.protocol import (
     significance,
     target_ranks,
 )
-from lab.trending import RecentPopularity, TrendingChoice, at_targets
+from lab.trending import Cell, RecentPopularity, TrendingChoice, at_targets, prefix_changes
 
 __all__ = [
     "BASELINES",
@@ -44,6 +44,7 @@ __all__ = [
     "choose_trending",
     "cold_start",
     "cold_start_table",
+    "describe_blend",
     "evaluate",
     "evaluate_together",
     "gen_preset",
@@ -51,6 +52,7 @@ __all__ = [
     "significance",
     "table",
     "trending_cold_start",
+    "trending_grid",
 ]
 
 BASELINES = ("pop", "itemknn", "ease")
@@ -345,9 +347,10 @@ def trending_cold_start(
             scores = model.score(chunk)
             short = np.fromiter((len(h) < below for h in chunk), dtype=bool, count=len(chunk))
             if choice.weight > 0 and short.any():
-                fresh = recent_feature(
-                    at_targets(recent, split, stage, at[short], choice.days), choice.scale
+                counted = at_targets(
+                    recent, split, stage, at[short], choice.days, choice.idle, int(label)
                 )
+                fresh = recent_feature(counted, choice.scale)
                 scores[short] = blend_recent(scores[short], fresh, choice.weight)
             ranks.append(_checked_ranks(TRENDING, scores, chunk, targets[at], split.n_items)[0])
         rank = np.concatenate(ranks)
@@ -579,10 +582,7 @@ def run_eval(
                 else:
                     say(
                         "recent popularity: each artifact's own blend, "
-                        + "; ".join(
-                            f"{c.days:g} days, weight {c.weight:g} ({c.scale})"
-                            for c, _ in served_blends
-                        )
+                        + "; ".join(f"{describe_blend(c)} ({c.scale})" for c, _ in served_blends)
                     )
                 trending = (recent, served_blends)
             report["_cold_start"] = _cold_start_report(
@@ -754,7 +754,12 @@ def _artifact_blends(artifacts: Sequence[Path]) -> list[tuple[TrendingChoice, in
             return None
         gains = tuple(g for g in (config.next_gain, config.served_next_gain) if g is not None)
         choice = TrendingChoice(
-            float(config.days), config.weight, config.gain or 0.0, gains, config.scale
+            float(config.days),
+            config.weight,
+            config.gain or 0.0,
+            gains,
+            config.scale,
+            float(config.idle_s),
         )
         out.append((choice, config.below))
     return out or None
@@ -767,54 +772,95 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
     prefixes: Sequence[int],
     say: Callable[[str], None],
     served: Callable[[Split], CatalogScorer] | None = None,
+    record: list[dict[str, Any]] | None = None,
 ) -> tuple[RecentPopularity, TrendingChoice]:
     """The recent-popularity blend chosen on held-out users, with ``ease``'s settings: the
     largest gain on their later items that costs EASE nothing on their next ones, nor, with
     ``served`` (which fits the served model without a fold's users), the served model on one
-    fold's next items."""
+    fold's next items; for every list of a short history or only for returning users
+    (:data:`lab.trending.IDLES`). ``record`` gets every blend's changes (:func:`trending_grid`)."""
     from lab.training import ease_teacher
-    from lab.trending import DAYS, NEXT_ITEMS, WEIGHTS, choose, heldout_grid, prefix_changes
+    from lab.trending import DAYS, IDLES, NEXT_ITEMS, WEIGHTS, choose, heldout_grid
 
     assert isinstance(ease, EASE)
     fit = ease_teacher(ease.params())
-    later = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS)
-    guards = [
-        heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, targets=NEXT_ITEMS, upcoming=True)
-    ]
-    if served is not None:
-        guards.append(
-            heldout_grid(
-                split,
-                recent,
-                served,
-                prefixes,
-                DAYS,
-                WEIGHTS,
-                targets=NEXT_ITEMS,
-                upcoming=True,
-                judged_folds=1,
-            )
+    later = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, idles=IDLES)
+
+    def upcoming(model: Callable[[Split], CatalogScorer], folds: int | None) -> dict[Cell, Any]:
+        return heldout_grid(
+            split,
+            recent,
+            model,
+            prefixes,
+            DAYS,
+            WEIGHTS,
+            targets=NEXT_ITEMS,
+            upcoming=True,
+            judged_folds=folds,
+            idles=IDLES,
         )
-    choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards)
+
+    guards = [upcoming(fit, None)]
+    if served is not None:
+        guards.append(upcoming(served, 1))
+    choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards, idles=IDLES)
+    if record is not None:
+        record.extend(trending_grid(later, guards, prefixes, (DAYS, WEIGHTS, IDLES)))
     if len(guards) > 1:
-        alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1])
-        if (alone.days, alone.weight) != (choice.days, choice.weight):
-            there = prefix_changes(guards[1], prefixes, alone.days, alone.weight)
+        alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1], idles=IDLES)
+        if (alone.days, alone.weight, alone.idle) != (choice.days, choice.weight, choice.idle):
+            there = prefix_changes(guards[1], prefixes, alone.days, alone.weight, alone.idle)
             say(
-                f"recent popularity: EASE's guard alone would keep {alone.days:g} days, weight "
-                f"{alone.weight:g}; the served model's next items there: "
+                f"recent popularity: EASE's guard alone would keep {describe_blend(alone)}; "
+                "the served model's next items there: "
                 + " / ".join(f"{c:+.1%} (se {se:.1%})" for c, se in there)
                 + f" on the first {' / '.join(map(str, prefixes))} items"
             )
-    ahead = "".join(
+    nexts = "".join(
         f", the next items {gain:+.1%} ({judge})"
         for gain, judge in zip(choice.next_gains, ("EASE", "served"), strict=False)
     )
     say(
-        f"recent popularity: {choice.days:g} days, weight {choice.weight:g} below "
-        f"{max(prefixes) + 1} items (held-out users, mean change {choice.gain:+.1%}{ahead})"
+        f"recent popularity: {describe_blend(choice)} below {max(prefixes) + 1} items "
+        f"(held-out users, mean change {choice.gain:+.1%}{nexts})"
     )
     return recent, choice
+
+
+def describe_blend(choice: TrendingChoice) -> str:
+    """A blend in words: its window, weight and whom it is served to."""
+    whom = f", to users away {choice.idle / 3600:g} h or more" if choice.idle else ""
+    return f"{choice.days:g} days, weight {choice.weight:g}{whom}"
+
+
+def trending_grid(
+    later: dict[Cell, np.ndarray],
+    guards: Sequence[dict[Cell, np.ndarray]],
+    prefixes: Sequence[int],
+    axes: tuple[Sequence[float], Sequence[float], Sequence[float]],
+) -> list[dict[str, Any]]:
+    """Every blend of a held-out grid with its mean change on the later items and, by each guard,
+    on the next ones, per prefix (what :func:`lab.trending.choose` chose among, for
+    ``training.json``)."""
+    out = []
+    days, weights, idles = axes
+    for idle in idles:
+        for d in days:
+            for w in weights:
+                cell = (float(d), float(w), float(idle))
+                out.append(
+                    {
+                        "days": cell[0],
+                        "weight": cell[1],
+                        "idle_s": cell[2],
+                        "later": [round(c, 4) for c, _ in prefix_changes(later, prefixes, *cell)],
+                        "next": [
+                            [round(c, 4) for c, _ in prefix_changes(g, prefixes, *cell)]
+                            for g in guards
+                        ],
+                    }
+                )
+    return out
 
 
 def cold_start_table(section: dict[str, Any]) -> str:

@@ -337,7 +337,14 @@ def test_artifact_blends_the_recent_counts_it_is_given_into_short_histories_only
         trending=config,
     )
     stored = json.loads((folder / "config.json").read_text())["trending"]
-    assert stored == {"days": 30, "weight": 4.0, "below": 3, "scale": "top", "heldout_gain": 0.5}
+    assert stored == {
+        "days": 30,
+        "weight": 4.0,
+        "below": 3,
+        "scale": "top",
+        "idle_s": 0,
+        "heldout_gain": 0.5,
+    }
     rec = load_recommender(folder, device="cpu", quantize=False)
     assert rec.trending == config and rec.recent_days == 30  # the record read back too
     hist = [np.asarray([2]), np.asarray([2, 4]), np.asarray([2, 4, 6]), np.asarray([2, 4, 6, 8])]

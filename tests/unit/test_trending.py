@@ -119,7 +119,7 @@ def test_heldout_grid_fits_without_each_fold_and_takes_the_last_training_items(
         expected = sum(
             len(s) - max(n, len(s) - targets) for s in split.train if len(s) >= 3
         )  # users with at least max(prefixes) + 1 training items, targets after the prefix
-        assert len(grid[n, 0.0, 0.0]) == len(grid[n, 1.0, 1.0]) == expected
+        assert len(grid[n, 0.0, 0.0, 0.0]) == len(grid[n, 1.0, 1.0, 0.0]) == expected
 
 
 def test_choose_takes_recent_popularity_where_it_predicts_and_nothing_where_it_does_not(
@@ -135,7 +135,7 @@ def test_choose_takes_recent_popularity_where_it_predicts_and_nothing_where_it_d
     pick = choose(grid, (1, 2), days, weights)
     assert pick.weight > 0 and pick.days == 1.0 and pick.gain > 0.5
     for n in (1, 2):  # fashion a day old names the target; popularity over all time does not
-        assert grid[n, 1.0, pick.weight].mean() > 2 * grid[n, 0.0, 0.0].mean()
+        assert grid[n, 1.0, pick.weight, 0.0].mean() > 2 * grid[n, 0.0, 0.0, 0.0].mean()
 
     # The same people, the fashion shuffled in time: recent popularity no longer names targets.
     rng = np.random.default_rng(1)
@@ -166,12 +166,12 @@ def test_a_blend_that_costs_the_next_items_is_passed_over(
     )
     for n in (1, 2):  # the next two items after the prefix of every user with 3+ items
         expected = sum(min(2, len(s) - n) for s in split.train if len(s) >= 3)
-        assert len(upcoming[n, 0.0, 0.0]) == len(upcoming[n, 1.0, 12.0]) == expected
+        assert len(upcoming[n, 0.0, 0.0, 0.0]) == len(upcoming[n, 1.0, 12.0, 0.0]) == expected
     # At the prefix's last item, a day's fashion is yesterday's: it names the later items (each
     # counted at its own moment) and misleads about the next one, the more the heavier.
     assert choose(later, (1, 2), days, weights).weight == 12.0
     for n in (1, 2):
-        assert upcoming[n, 1.0, 12.0].mean() < upcoming[n, 0.0, 0.0].mean()
+        assert upcoming[n, 1.0, 12.0, 0.0].mean() < upcoming[n, 0.0, 0.0, 0.0].mean()
     guarded = choose(later, (1, 2), days, weights, guards=(upcoming,))
     assert (guarded.days, guarded.weight) == (1.0, 3.0) and guarded.gain > 0.5
     assert guarded.next_gain is not None and abs(guarded.next_gain) < 0.05
@@ -203,7 +203,7 @@ def test_every_guard_can_pass_a_blend_over_and_one_fold_can_be_judged_alone(
     assert fitted == [sum(1 for u in range(len(split.train)) if u % 3 == 0)]
     for n in (1, 2):  # fold 0's users only, each with the next two items after the prefix
         expected = sum(min(2, len(s) - n) for s in split.train[::3] if len(s) >= 3)
-        assert len(one[n, 0.0, 0.0]) == len(one[n, 1.0, 3.0]) == expected
+        assert len(one[n, 0.0, 0.0, 0.0]) == len(one[n, 1.0, 3.0, 0.0]) == expected
 
     first = choose(later, (1, 2), days, weights, guards=(upcoming, one))
     assert (first.days, first.weight) == (1.0, 3.0) and len(first.next_gains) == 2
@@ -212,7 +212,7 @@ def test_every_guard_can_pass_a_blend_over_and_one_fold_can_be_judged_alone(
     # back to the next best blend both guards let through, or to none.
     costly = dict(one)
     for n in (1, 2):
-        costly[n, 1.0, 3.0] = costly[n, 0.0, 0.0] - 0.5
+        costly[n, 1.0, 3.0, 0.0] = costly[n, 0.0, 0.0, 0.0] - 0.5
     second = choose(later, (1, 2), days, weights, guards=(upcoming, costly))
     assert (second.days, second.weight) != (1.0, 3.0)
     assert second.gain <= first.gain
