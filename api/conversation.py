@@ -165,13 +165,26 @@ class ConversationEngine:
         days: int = self.recommender.recent_days
         return days
 
-    def blends_recent(self, history: list[str]) -> bool:
-        """Whether this history's list gets recent popularity blended in (when counts exist)."""
-        applies: bool = self.recommender.trending.applies(len(self.recommender.to_indices(history)))
+    def blends_recent(self, history: list[str], returning: bool = False) -> bool:
+        """Whether this history's list gets recent popularity blended in (when counts exist);
+        ``returning``: its user has been away as long as the blend asks (:meth:`returning`)."""
+        known = len(self.recommender.to_indices(history))
+        applies: bool = self.recommender.trending.applies(known, returning)
         return applies
 
+    def returning(self, newest: datetime, now: datetime) -> bool:
+        """Whether a user whose newest event is ``newest`` has been away long enough at ``now``
+        for a blend served to returning users only (``TrendingConfig.idle_s``)."""
+        idle = self.recommender.trending.idle_s
+        return bool(idle) and (now - newest).total_seconds() >= idle
+
     def popular(
-        self, history: list[str], constraints: Constraints, listed: list[str], k: int
+        self,
+        history: list[str],
+        constraints: Constraints,
+        listed: list[str],
+        k: int,
+        returning: bool = False,
     ) -> dict[str, PopularNow]:
         """The items of a refined list that recent popularity brought into it: those that the
         same refinement of the ranking without the counts does not list, of those enough users
@@ -179,11 +192,12 @@ class ConversationEngine:
         ranking, for a history the blend applies to only."""
         counts = self._recent
         users = self.recommender.recent_users(listed)
-        if counts is None or not users or not self.blends_recent(history):
+        if counts is None or not users or not self.blends_recent(history, returning):
             return {}
         self.use_recent(None)
         try:
-            before = refine(self.ranked(history), constraints, self.attributes, k, self.vectors)
+            ranked = self.ranked(history, returning)
+            before = refine(ranked, constraints, self.attributes, k, self.vectors)
         finally:
             self.use_recent(counts)
         kept = {item for item, _ in before}
@@ -193,11 +207,16 @@ class ConversationEngine:
     def understand(self, message: str) -> Parsed:
         return self.parser.parse(message)
 
-    def ranked(self, history: list[str]) -> list[tuple[str, float]]:
-        """Every unseen item the model ranks, best first."""
-        ranked: list[tuple[str, float]] = self.recommender.recommend(
-            [history], self.recommender.n_items
-        )[0]
+    def ranked(self, history: list[str], returning: bool = False) -> list[tuple[str, float]]:
+        """Every unseen item the model ranks, best first (``returning``: for a user who has
+        been away, :meth:`returning`)."""
+        everything = self.recommender.n_items
+        if returning:
+            ranked: list[tuple[str, float]] = self.recommender.recommend(
+                [history], everything, returning=[True]
+            )[0]
+        else:
+            ranked = self.recommender.recommend([history], everything)[0]
         return ranked
 
     def use_recent(self, counts: dict[str, int] | None) -> None:
@@ -217,15 +236,17 @@ class ConversationEngine:
         now: datetime,
         *,
         recent: dict[str, int] | None = None,
+        returning: bool = False,
     ) -> TurnResult:
         parsed = self.understand(message)
         before = previous.constraints if previous is not None else Constraints()
         constraints = merge(before, parsed)
         self.use_recent(recent)
-        listed = refine(self.ranked(history), constraints, self.attributes, k, self.vectors)
+        ranked = self.ranked(history, returning)
+        listed = refine(ranked, constraints, self.attributes, k, self.vectors)
         ids = [i for i, _ in listed]
         reasons = occlusion_reasons(self.recommender, history, ids)
-        popular = self.popular(history, constraints, ids, k)
+        popular = self.popular(history, constraints, ids, k, returning)
         items = [
             ExplainedItem(
                 item_id=item,
@@ -358,12 +379,16 @@ async def run_turn(
         previous = None  # a turn without a session id starts a new one
     profile = await read_profile_async(client, keys, user_id)
     history = model_history(profile) if profile is not None else []
-    counts = None
-    if recent is not None and profile is not None and engine.blends_recent(history):
-        counts = await recent.counts(profile.last_event_ts)
     now = datetime.now(UTC)
+    # A user away as long as a returning users' blend asks gets the counts of now; any other
+    # the window of their newest event, as the regeneration service made their list.
+    back = profile is not None and engine.returning(profile.last_event_ts, now)
+    counts = None
+    if recent is not None and profile is not None and engine.blends_recent(history, back):
+        counts = await recent.counts(now if back else profile.last_event_ts)
+    turn = partial(engine.turn, recent=counts, returning=back)
     result = await asyncio.get_running_loop().run_in_executor(
-        executor, partial(engine.turn, recent=counts), history, previous, request.message, k, now
+        executor, turn, history, previous, request.message, k, now
     )
     await client.set(key, result.session.model_dump_json(), ex=ttl_s)
     return ConversationReply(

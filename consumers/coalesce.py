@@ -39,6 +39,9 @@ class Pending:
     changes: int = 0
     received: float = 0.0  # monotonic time the first of these changes was consumed
     origin_ts: float | None = None  # newest triggering record's produce time (epoch s), if known
+    # For a list made again for a user who has been away, with no change behind it: when it was
+    # due (event time, epoch s; consumers.returning). None once a change joins it.
+    returning: float | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class InFlight:
     changes: int = 0
     received: float = 0.0
     origin_ts: float | None = None
+    returning: bool = False  # made again for a user who has been away, no change behind it
 
 
 def _newest(a: float | None, b: float | None) -> float | None:
@@ -100,6 +104,18 @@ class Coalescer:
         entry.origin_ts = _newest(entry.origin_ts, origin_ts)
         entry.positions.append(position)
         entry.changes += 1
+        entry.returning = None  # a change: the list is made as it is folded
+        return True
+
+    def refresh(self, user_id: str, due: float, trigger_ts: datetime, now: float) -> bool:
+        """Queue a list made again for a user who has been away (``due``: when it was due, event
+        time); False when the user already has work waiting or running, whose list comes
+        anyway."""
+        if user_id in self.pending or user_id in self.inflight:
+            return False
+        self.pending[user_id] = Pending(
+            user_id, 0, trigger_ts, due=now, received=now, returning=due
+        )
         return True
 
     def next_due(self) -> float | None:
@@ -134,6 +150,8 @@ class Coalescer:
         current.trigger_ts = max(current.trigger_ts, entry.trigger_ts)
         current.origin_ts = _newest(current.origin_ts, entry.origin_ts)
         current.received = min(current.received, entry.received)
+        if entry.positions or current.positions:
+            current.returning = None
 
     def start(self, entry: Pending, read_version: int) -> InFlight:
         """Mark a regeneration as running on the profile version it read."""
@@ -145,6 +163,7 @@ class Coalescer:
             entry.changes,
             received=entry.received,
             origin_ts=entry.origin_ts,
+            returning=entry.returning is not None,
         )
         self.inflight[entry.user_id] = running
         # Changes that arrived meanwhile and that this read already covers ride along.

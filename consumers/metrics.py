@@ -50,6 +50,7 @@ __all__ = [
     "REGEN_PUBLISHED",
     "REGEN_PUBLISH_ERRORS",
     "REGEN_REGENERATIONS",
+    "REGEN_RETURNING",
     "REGEN_TITLE_FAILURES",
     "REGEN_TRENDING_FAILURES",
     "REGEN_TRENDING_ITEMS",
@@ -80,6 +81,12 @@ REGEN_REGENERATIONS = Counter(
     "recs_regen_regenerations_total", "Recommendation lists computed.", ["source"]
 )
 REGEN_PUBLISHED = Counter("recs_regen_published_total", "Lists delivered to the output topic.")
+REGEN_RETURNING = Counter(
+    "recs_regen_returning_total",
+    "Returning users' lists: scheduled, made again (published) or dropped (the history grew, "
+    "the profile is gone, the refresh horizon passed).",
+    ["outcome"],
+)
 REGEN_PUBLISH_ERRORS = Counter(
     "recs_regen_publish_errors_total", "Lists the broker did not accept (offsets kept open)."
 )

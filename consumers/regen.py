@@ -39,7 +39,11 @@ through a queue that the loop drains.
   of the stream worker's per-day counts, ending on the most common day of the changes
   arriving, is read every few
   seconds (:class:`consumers.regenerate.RecentCounts`) and handed to the pool's workers, so a
-  user with a very short history gets what is popular now in their list.
+  user with a very short history gets what is popular now in their list. A blend for returning
+  users only (``TrendingConfig.idle_s``) is left out of the lists made as events are folded;
+  the service makes a short history's list again once its user has been away that long, then
+  daily (:mod:`consumers.returning`), and publishes it like any other (no change behind it, so
+  no offset and no freshness sample: ``recs_regen_returning_total``).
 - **Reasons**: each item of a model's list carries ``because``, up to three of the user's history
   items behind it (the workers' ``inference.reasons.weight_reasons``, checked by the pool to be
   the user's own), with their catalog titles (``consumers.regenerate.ItemTitles``); an item that
@@ -58,6 +62,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -81,6 +86,7 @@ from consumers.metrics import (
     REGEN_PUBLISH_ERRORS,
     REGEN_PUBLISHED,
     REGEN_REGENERATIONS,
+    REGEN_RETURNING,
     origin_ts,
 )
 from consumers.regenerate import (
@@ -91,6 +97,7 @@ from consumers.regenerate import (
     RecsPublisher,
     model_history,
 )
+from consumers.returning import ReturningUsers
 from consumers.settings import RegenSettings
 from inference.conversation import SessionRefiner, parse_session, read_catalog_attributes
 from inference.exceptions import InferenceError
@@ -211,6 +218,15 @@ class RegenService:
             )
         self._recent_sent: dict[str, int] | None = None
         self._recent_day: int | None = None  # the window's last day when it was last logged
+        # Returning users' lists, when the blend is for them only (consumers.returning), and
+        # the clock they are due by: the newest event time seen (epoch s).
+        self.returning: ReturningUsers | None = None
+        if self.recent is not None and pool.recent_idle_s > 0:
+            self.returning = ReturningUsers(
+                self.redis, self.keys, pool.recent_idle_s, pool.recent_below
+            )
+        self._event_clock: float | None = None
+        self._swept_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -280,6 +296,7 @@ class RegenService:
             self._accept(message, now)
         self._publish_finished()
         self._refresh_recent()
+        self._claim_returning(now, flush)
         self._start_due(now, flush)
         self._backpressure()
         self.producer.poll(0)
@@ -317,6 +334,9 @@ class RegenService:
             # turn is stamped when it was said, and a replay's stale turns must not pull the
             # window away from the events being folded.
             self.recent.saw(change.trigger_ts)
+            # The same for the clock returning users are due by, never ahead of the wall's.
+            seen = min(change.trigger_ts.timestamp(), time.time())
+            self._event_clock = max(self._event_clock or seen, seen)
         fresh = self.coalescer.add(
             change.user_id,
             change.profile_version,
@@ -349,10 +369,64 @@ class RegenService:
             self.pool.set_recent(counts)
             self._recent_sent = counts
 
+    def _claim_returning(self, now: float, flush: bool) -> None:
+        """Queue the returning users whose lists are due by the event clock (at most every
+        ``regen_returning_poll_s``, and as many as the pool has room for)."""
+        if self.returning is None or self._event_clock is None or flush:
+            return
+        if now - self._swept_at < self.settings.regen_returning_poll_s:
+            return
+        self._swept_at = now
+        room = self.pool.capacity - len(self.coalescer)
+        if room <= 0 or now < self._redis_retry_at:
+            return
+        try:
+            claimed = self.returning.claim(self._event_clock, room)
+        except redis.RedisError as exc:  # the next sweep asks again; nothing was claimed
+            log.warning("returning users: the schedule could not be read: %s", exc)
+            return
+        for user, due in claimed:
+            self.coalescer.refresh(user, due, datetime.fromtimestamp(due, UTC), now)
+
     def _start_due(self, now: float, flush: bool) -> None:
         room = self.pool.capacity
         if room <= 0 or now < self._redis_retry_at:
             return
+        scheduled: list[tuple[str, float]] = []
+        try:
+            self._start_entries(now, room, flush, scheduled)
+        finally:
+            self._schedule_returning(scheduled)
+
+    def _schedule_returning(self, users: list[tuple[str, float]]) -> None:
+        """(Re)set the returning-user schedule of the short histories just regenerated."""
+        if self.returning is None or not users:
+            return
+        try:
+            REGEN_RETURNING.labels("scheduled").inc(self.returning.schedule(users))
+        except redis.RedisError as exc:  # their next change schedules them again
+            log.warning("returning users: %d could not be scheduled: %s", len(users), exc)
+
+    def _returning_dropped(self, entry: Pending, profile: Profile | None, length: int) -> bool:
+        """For a returning user's entry: whether the user is dropped from the schedule instead
+        (no profile, a history the blend no longer applies to, the horizon passed)."""
+        assert self.returning is not None and entry.returning is not None
+        if (
+            profile is not None
+            and self.returning.wanted(length)
+            and not self.returning.expired(entry.returning, profile.last_event_ts.timestamp())
+        ):
+            return False
+        try:
+            self.returning.drop([entry.user_id])
+        except redis.RedisError as exc:  # claimed a day on: asked again then
+            log.warning("returning users: could not drop one: %s", exc)
+        REGEN_RETURNING.labels("dropped").inc()
+        return True
+
+    def _start_entries(
+        self, now: float, room: int, flush: bool, scheduled: list[tuple[str, float]]
+    ) -> None:
         for entry in self.coalescer.take_due(now, room, flush=flush):
             try:
                 profile, session = self._read_user(entry.user_id)
@@ -364,6 +438,12 @@ class RegenService:
                 self._redis_unavailable(exc, now)
                 return
             self._redis_down_since = None
+            history = [] if profile is None else model_history(profile)
+            if entry.returning is not None:
+                if self._returning_dropped(entry, profile, len(history)):
+                    continue
+                assert profile is not None
+                entry.trigger_ts = profile.last_event_ts  # the event the list follows
             if profile is None:
                 REGEN_MISSING_PROFILE.inc()
                 for where in entry.positions:
@@ -372,12 +452,15 @@ class RegenService:
             if not self._refuse_ahead(entry, profile.version):
                 continue
             k = self.settings.regen_k if constraints is None else SessionRefiner.ALL_ITEMS
+            again = entry.returning is not None
             try:
-                future = self.pool.submit(model_history(profile), k)
+                future = self.pool.submit(history, k, returning=again)
             except PoolSaturatedError:
                 self.coalescer.put_back(entry)
                 break
             self._started(entry, profile.version, future, constraints)
+            if not again and self.returning is not None and self.returning.wanted(len(history)):
+                scheduled.append((entry.user_id, profile.last_event_ts.timestamp()))
 
     def _read_user(self, user_id: str) -> tuple[Profile | None, Session | None]:
         """The user's profile and live conversation session, in one round trip."""
@@ -501,6 +584,9 @@ class RegenService:
 
     def _published(self, running: InFlight) -> None:
         REGEN_PUBLISHED.inc()
+        if running.returning:  # no change behind it: nothing to time or account for
+            REGEN_RETURNING.labels("published").inc()
+            return
         REGEN_LATENCY.observe(max(time.monotonic() - running.received, 0.0))
         REGEN_FRESHNESS.observe(max(time.time() - running.trigger_ts.timestamp(), 0.0))
         # One change made the list; the others it answers were coalesced into it.

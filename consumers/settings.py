@@ -43,6 +43,12 @@ class RegenSettings(CommonSettings):
         description="Seconds between reads of today's and yesterday's recent-popularity counts "
         "(older days of the window are read again every ten minutes).",
     )
+    regen_returning_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between looks for returning users whose lists are due to be made "
+        "again (when the served blend of recent popularity is for returning users only).",
+    )
     regen_variant: str = Field(
         "default", min_length=1, max_length=64, description="A/B variant name."
     )

@@ -378,14 +378,28 @@ class ArtifactRecommender:
         logs = np.log1p(self._recent_counts)[None, :]
         self._recent = recent_feature(logs, self.trending.scale).astype(np.float32)
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    @property
+    def refreshes(self) -> bool:
+        """Whether returning users' lists are made again to get recent popularity
+        (``TrendingConfig.refreshes``): then :meth:`recommend` takes ``returning``."""
+        return self.trending.refreshes
+
+    def score(
+        self, histories: Sequence[np.ndarray], returning: Sequence[bool] | None = None
+    ) -> np.ndarray:
         """Catalog scores of non-empty index histories: the hybrid's mix, or the transformer's,
         with recent popularity or retrieval blended in for the short ones when the artifact
         carries them. A history short enough for recent popularity (once counts were given) gets
-        the blend the lab measured (``inference.trending.blend_recent``), in place of retrieval's;
-        retrieval serves the short histories left."""
+        the blend the lab measured (``inference.trending.blend_recent``), in place of retrieval's,
+        in every list or, for an artifact whose blend is for returning users, in the lists made
+        again for them (``returning``, per history); retrieval serves the short histories left."""
         recent = self._recent
-        trend = [r for r, h in enumerate(histories) if self.trending.applies(len(h))]
+        again = returning if returning is not None else [False] * len(histories)
+        trend = [
+            r
+            for r, (h, back) in enumerate(zip(histories, again, strict=True))
+            if self.trending.applies(len(h), back)
+        ]
         if recent is None or not trend:
             return self._unblended(histories)
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
@@ -420,8 +434,11 @@ class ArtifactRecommender:
         }
         return fuse(parts, self.weights)
 
-    def recommend(self, histories: list[list[str]], k: int) -> list[list[tuple[str, float]]]:
-        """Top ``k`` catalog items per history (oldest→newest ids), seen items excluded.
+    def recommend(
+        self, histories: list[list[str]], k: int, returning: Sequence[bool] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Top ``k`` catalog items per history (oldest→newest ids), seen items excluded;
+        ``returning`` says which lists are made again for a user who has been away (:meth:`score`).
 
         A history with no known item gets the training popularity ranking.
         """
@@ -430,7 +447,8 @@ class ArtifactRecommender:
         rows = [r for r, h in enumerate(known) if len(h)]
         scores = np.tile(self._popularity, (len(histories), 1))
         if rows:
-            scores[rows] = self.score([known[r] for r in rows])
+            again = None if returning is None else [bool(returning[r]) for r in rows]
+            scores[rows] = self.score([known[r] for r in rows], again)
         picked: list[tuple[Sequence[int], Sequence[float]]]
         if self.post is None:
             top, vals = top_k_unseen(scores, known, k)
@@ -474,16 +492,18 @@ class ArtifactRecommender:
             if pos is not None and counts[pos] >= POPULAR_MIN_USERS
         }
 
-    def popular(self, history: list[str], items: Sequence[str]) -> dict[str, int]:
+    def popular(
+        self, history: list[str], items: Sequence[str], returning: bool = False
+    ) -> dict[str, int]:
         """The items of a served list (``items``, best first) that recent popularity brought
         into it, with the users who took each up in the window: for a history the blend applies
         to, the listed items that the artifact without the counts (the scores it served before
         they came: the model's, or retrieval's blend) would not have placed among as many unseen
         items, of those :meth:`recent_users` names. Empty for any other history, and while no
-        counts were given."""
+        counts were given. ``returning``: the list was made again for a user who has been away."""
         known = self.to_indices(history)
         users = self.recent_users(items)
-        if not users or not self.trending.applies(len(known)):
+        if not users or not self.trending.applies(len(known), returning):
             return {}
         top, _ = top_k_unseen(self._unblended([known]), [known], len(items))
         listed_before = {self.item_ids[i] for i in top[0].tolist()}

@@ -173,6 +173,7 @@ class _Request:
     submitted: float
     deadline: float
     attempts: int = 0
+    returning: bool = False  # made again for a user who has been away (inference.trending)
 
 
 @dataclass(eq=False)
@@ -254,8 +255,12 @@ class WorkerPool:
         self.model_name = "unknown"
         self.model_version = "unknown"
         # Days of recent popularity the model blends (its ``recent_days``; 0: none): what the
-        # caller should hand it with set_recent.
+        # caller should hand it with set_recent. When the blend is for returning users only,
+        # how long they must have been away and the history length it stops at (0: for every
+        # list of a short history; the caller then makes no list again).
         self.recent_days = 0
+        self.recent_idle_s = 0
+        self.recent_below = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -275,6 +280,8 @@ class WorkerPool:
         self.model_name = str(first.get("model", "unknown"))
         self.model_version = str(first.get("version", "unknown"))
         self.recent_days = int(first.get("recent_days", 0))
+        self.recent_idle_s = int(first.get("recent_idle_s", 0))
+        self.recent_below = int(first.get("recent_below", 0))
         WORKERS_READY.set(len(self._workers))
         self._later = list(range(together, self._n_workers))
         self._start_next()  # later ones: by the I/O thread, as each is ready
@@ -373,8 +380,12 @@ class WorkerPool:
 
     # -- the public surface ----------------------------------------------------------------
 
-    def submit(self, history: list[str], k: int = 10) -> Future[PoolResult]:
-        """Queue one history (item ids, oldest → newest); raises PoolSaturatedError when full."""
+    def submit(
+        self, history: list[str], k: int = 10, *, returning: bool = False
+    ) -> Future[PoolResult]:
+        """Queue one history (item ids, oldest → newest); raises PoolSaturatedError when full.
+        ``returning``: the list is made again for a user who has been away ``recent_idle_s``,
+        which a model whose recent popularity is for returning users blends it into."""
         if self._stopping:
             raise PoolClosedError("the pool is shutting down")
         now = time.monotonic()
@@ -384,6 +395,7 @@ class WorkerPool:
             future=Future(),
             submitted=now,
             deadline=now + self.config.request_timeout_s,
+            returning=returning,
         )
         with self._lock:
             # Checked under the lock that a dying I/O thread takes to drain the queue, so no
@@ -784,6 +796,11 @@ class WorkerPool:
                     if worker.recent != self._recent[0]:
                         worker.send(("recent", self._recent[1]))
                         worker.recent = self._recent[0]
-                    worker.send(("batch", batch_id, [r.history for r in batch], k))
+                    histories = [r.history for r in batch]
+                    if any(r.returning for r in batch):
+                        flags = [r.returning for r in batch]
+                        worker.send(("batch", batch_id, histories, k, flags))
+                    else:
+                        worker.send(("batch", batch_id, histories, k))
                 except OSError:  # died between checks: its sentinel fires next round
                     continue

@@ -98,20 +98,27 @@ class ListReasons:
 
 
 def explain_lists(
-    model: object, histories: Sequence[list[str]], lists: Sequence[Sequence[tuple[str, float]]]
+    model: object,
+    histories: Sequence[list[str]],
+    lists: Sequence[Sequence[tuple[str, float]]],
+    returning: Sequence[bool] | None = None,
 ) -> list[ListReasons] | None:
     """Each list's reasons for its first :data:`EXPLAINED` items, from the model's
     ``explain(history, items)`` and, when it blends recent popularity, ``popular(history,
-    items)``; ``None`` for a model that cannot explain."""
+    items)`` (with ``returning=True`` for a list made again for a user who has been away);
+    ``None`` for a model that cannot explain."""
     explain = getattr(model, "explain", None)
     if explain is None:
         return None
     popular = getattr(model, "popular", None)
     days = int(getattr(model, "recent_days", 0))
     out = []
-    for history, ranked in zip(histories, lists, strict=True):
+    again = returning if returning is not None else [False] * len(histories)
+    for history, ranked, back in zip(histories, lists, again, strict=True):
         head = [item for item, _ in ranked[:EXPLAINED]]
-        lifted = popular(history, head) if popular is not None and days > 0 else {}
+        lifted: dict[str, int] = {}
+        if popular is not None and days > 0:
+            lifted = popular(history, head, returning=True) if back else popular(history, head)
         out.append(ListReasons(explain(history, head), lifted, days if lifted else 0))
     return out
 

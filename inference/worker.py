@@ -4,7 +4,10 @@ A worker is started by :class:`inference.pool.WorkerPool` with the ``spawn`` sta
 torch's thread pool, loads its recommender once, warms it up with a real batch, answers a ready
 message, and then serves messages from its pipe until told to stop:
 
-- ``("batch", batch_id, histories, k)`` → ``("result", batch_id, lists, reasons, error)`` or
+- ``("batch", batch_id, histories, k)`` or ``("batch", batch_id, histories, k, returning)``
+  (per history, whether the list is made again for a user who has been away: the model's
+  ``recommend(..., returning=...)``, ``inference.trending``) → ``("result", batch_id, lists,
+  reasons, error)`` or
   ``("error", batch_id, text)`` when the model raised. ``reasons`` holds, per list, the reasons
   of its head when the model can explain (``inference.reasons.explain_lists``), else ``None``;
   ``error`` is the traceback when explaining raised (the lists stand, without reasons), else
@@ -115,6 +118,10 @@ def worker_main(
     info["model"] = getattr(model, "name", type(model).__name__)
     info["version"] = str(getattr(model, "version", "1"))
     info["recent_days"] = int(getattr(model, "recent_days", 0))
+    trending = getattr(model, "trending", None)
+    if getattr(model, "refreshes", False) and trending is not None:
+        info["recent_idle_s"] = int(trending.idle_s)
+        info["recent_below"] = int(trending.below)
     info["warmup_s"] = time.perf_counter() - started
     conn.send(("ready", info))
     while True:
@@ -136,14 +143,18 @@ def worker_main(
                 except Exception:  # the model keeps the counts it had; a crash would only repeat
                     traceback.print_exc(limit=5)
             continue
-        _, batch_id, histories, k = message
+        _, batch_id, histories, k, *rest = message
+        returning = rest[0] if rest else None
         try:
-            lists = model.recommend(histories, k)
+            if returning is None:
+                lists = model.recommend(histories, k)
+            else:
+                lists = model.recommend(histories, k, returning=returning)  # type: ignore[call-arg]
         except Exception:  # reported per batch so the parent can fall back for those requests
             conn.send(("error", batch_id, traceback.format_exc(limit=5)))
             continue
         try:
-            reasons, error = explain_lists(model, histories, lists), None
+            reasons, error = explain_lists(model, histories, lists, returning), None
         except Exception:  # the lists stand without their reasons
             reasons, error = None, traceback.format_exc(limit=5)
         conn.send(("result", batch_id, lists, reasons, error))

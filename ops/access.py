@@ -33,6 +33,12 @@ __all__ = ["Rights", "apply_kafka", "redis_acl_file", "rights"]
 # SCRIPT LOAD; Redis checks each key a script touches against the caller's patterns), never
 # the dangerous ones (KEYS, FLUSHALL, CONFIG, DEBUG, ...) nor flushing or killing scripts.
 _READ = "+@read +@transaction +@connection -@dangerous"
+# Reads, and writes where a key pattern allows them, but no key-space commands (DEL, EXPIRE,
+# RENAME, ...): the regeneration service only adds to and takes from its schedule.
+_SCHEDULE = (
+    "+@read +@write -@keyspace +@scripting +@transaction +@connection -@dangerous "
+    "-script|flush -script|kill"
+)
 _WRITE = (
     "+@read +@write +@keyspace +@scripting +@transaction +@connection -@dangerous "
     "-script|flush -script|kill"
@@ -89,9 +95,10 @@ def rights(settings: CommonSettings) -> list[Rights]:
             groups=(regen.regen_group_id,),
             # The user's conversation session too, and the catalog's attributes: a session's
             # constraints steer the regenerated list; the stream worker's recent-popularity
-            # counts (no user in them), blended into short histories' lists.
+            # counts (no user in them), blended into short histories' lists. The one key it
+            # writes: the schedule of returning users' lists (consumers.returning).
             redis=f"{keys((*profile, SESSION_KIND), read_only=True)} {catalog} "
-            f"%R~{p}streams:trend:* {_READ}",
+            f"%R~{p}streams:trend:* ~{p}regen:returning {_SCHEDULE}",
         ),
         Rights(
             "cache",
@@ -133,7 +140,7 @@ def rights(settings: CommonSettings) -> list[Rights]:
             "eraser",
             reads=(s.topic_clickstream,),
             writes=(s.topic_users_erased,),
-            redis=f"~*u:{{*}}:* ~{p}streams:*:pending:* {_WRITE}",
+            redis=f"~*u:{{*}}:* ~{p}streams:*:pending:* ~{p}regen:returning {_WRITE}",
         ),
     ]
 

@@ -162,6 +162,12 @@ class Keys:
         """What :meth:`trending` puts before the day (the fold script appends it)."""
         return f"{self.prefix}streams:trend:"
 
+    def returning(self) -> str:
+        """Sorted set user id -> when the regeneration service makes the user's list again for
+        their return (event time, epoch seconds; ``consumers.returning``). Erasure removes the
+        user from it."""
+        return f"{self.prefix}regen:returning"
+
     def pending_changes(self, group: str, topic: str, partition: int) -> str:
         """Hash user -> change notice decided by ``group``'s fold, until Kafka has it (JSON)."""
         return f"{self.prefix}streams:{escape(group)}:pending:{escape(topic)}:{int(partition)}"

@@ -14,7 +14,10 @@
    in progress, atomically: a fold that runs after it skips the erased history
    (``streams/fold.lua``), one that ran before it had its keys deleted;
 4. a second SCAN deletes what a rebuild folded between the first SCAN and the script, and the
-   user's change notices still pending in the stream worker's hashes are removed.
+   user's change notices still pending in the stream worker's hashes are removed, and the user
+   is taken out of the returning users' schedule (``Keys.returning``; a regeneration that read
+   the profile just before may put them back, and the service drops them when they come due and
+   have no profile).
 
 Erasing twice, or a user nobody knows, is harmless: the second record has later watermarks and
 deletes nothing. New events after the erasure start a new profile. The keyed output topics
@@ -114,6 +117,8 @@ class ErasureReport:
     """The key prefixes (namespaces) where an erasure marker was written."""
     pending_removed: int = 0
     """Change notices of the user removed from the stream worker's pending hashes."""
+    unscheduled: bool = False
+    """Whether the user was taken out of the returning users' schedule (``consumers.returning``)."""
 
     def receipt(self) -> ErasureReceipt:
         return ErasureReceipt(
@@ -190,7 +195,8 @@ def erase_user(
         )
         deleted.update(_text(k) for k in reply)
     pending = _forget_pending(client, live, user_id)
-    return ErasureReport(record, sorted(deleted), prefixes, pending)
+    unscheduled = bool(client.zrem(live.returning(), user_id))
+    return ErasureReport(record, sorted(deleted), prefixes, pending, unscheduled)
 
 
 def export_user(client: redis.Redis, keys: Keys, user_id: str) -> UserExport:

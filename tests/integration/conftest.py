@@ -101,5 +101,12 @@ def trending_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def returning_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    blend = TrendingConfig(days=30, weight=16.0, below=4, idle_s=3_600)
+    folder = tmp_path_factory.mktemp("returning-artifact") / "gen"
+    return train_tiny_artifact(folder, trending=blend)
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_artifact(tmp_path_factory.mktemp("tiny-artifact") / "gen")

@@ -35,6 +35,7 @@ def test_the_eraser_erases_and_exports_and_the_api_principal_cannot(secure: Secu
             admin.hset(rebuild.profile(user), "version", "1")
         admin.hset(rebuild.replay_state(), "phase", "folding")
         admin.hset(keys.pending_changes("g", s.topic_clickstream, 0), "gone", b"[1, null]")
+        admin.zadd(keys.returning(), {"gone": 1.0, "kept": 2.0})  # lists to make again
 
         # The API's credentials reach no topic: nothing is recorded, so nothing is deleted.
         with Eraser(s, principal="api") as api, pytest.raises(ErasureFailed):
@@ -49,6 +50,7 @@ def test_the_eraser_erases_and_exports_and_the_api_principal_cannot(secure: Secu
         left = {k.decode() for k in admin.scan_iter(match="*{gone}*")}
         assert left == {keys.erased("gone"), rebuild.erased("gone")}
         assert admin.hget(keys.pending_changes("g", s.topic_clickstream, 0), "gone") is None
+        assert admin.zrange(keys.returning(), 0, -1) == [b"kept"]  # the user's id is gone
         assert admin.exists(keys.profile("kept"), rebuild.profile("kept")) == 2
         # The stream worker's principal reads the record and the marker the fold checks.
         group = f"{StreamsSettings().streams_app_id}-erasures"  # as the worker reads it

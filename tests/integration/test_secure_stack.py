@@ -290,6 +290,32 @@ def test_a_conversation_reads_the_profile_and_writes_only_the_session(secure: Se
             client.close()
 
 
+def test_the_regeneration_service_writes_only_the_returning_users_schedule(secure: Secure) -> None:
+    from consumers.returning import ReturningUsers
+
+    s = secure.settings
+    keys = Keys(s.key_prefix)
+    admin, regen = redis_client(s, "admin"), redis_client(s, "regen")
+    try:
+        admin.hset(keys.profile("victim"), mapping={"version": 1})
+        schedule = ReturningUsers(regen, keys, idle_s=3600, below=4)
+        assert schedule.schedule([("victim", 1000.0)]) == 1
+        assert schedule.claim(clock=5000.0, limit=10) == [("victim", 4600.0)]  # the script runs
+        assert schedule.drop(["victim"]) == 1
+        for forged in (
+            lambda: regen.hset(keys.profile("victim"), "version", 9),
+            lambda: regen.zadd(keys.seen("victim"), {"e": 1.0}),
+            lambda: regen.delete(keys.returning()),
+            regen.flushall,
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forged()
+        assert admin.hget(keys.profile("victim"), "version") == b"1"
+    finally:
+        for client in (admin, regen):
+            client.close()
+
+
 # -- the pipeline, end to end ---------------------------------------------------------------------
 
 

@@ -202,3 +202,64 @@ def test_a_new_user_gets_what_is_popular_now_and_a_longer_history_does_not(
         served.assert_served(plain, "veteran")  # six items: no blend, whatever the counts
         veteran = served.cached("veteran")
         assert veteran is not None and not any(i.popular for i in veteran.items)
+
+
+def test_a_returning_newcomers_list_is_made_again_with_what_is_popular_then(
+    ns: Namespace, tmp_path: Path, returning_artifact: Path
+) -> None:
+    """A blend for returning users only: the list made as the newcomer's event is folded is the
+    model's alone; once the service's clock (the newest event time it has seen) is an hour past
+    that event, the list is made again with the crowd's counts, under the same profile version,
+    and the user is due again a day later. A longer history is never scheduled."""
+    model = load_recommender(returning_artifact)
+    assert model.refreshes and model.trending.idle_s == 3600 and model.trending.below == 4
+    items = model.item_ids
+    newcomer = [items[0]]
+    hot = model.recommend([newcomer], len(items))[0][-1][0]
+    crowd = {f"crowd-{n}": [hot, items[20 + n]] for n in range(6)}
+    start = (day_of(time.time()) - 3) * DAY_S + 3_600.0  # one UTC day holds every event here
+    keys = Keys(ns.settings.key_prefix)
+    with _serving(
+        ns, tmp_path, returning_artifact, regen_trending_refresh_s=0.2, regen_returning_poll_s=0.2
+    ) as served:
+        served.fold(crowd, start)
+        time.sleep(0.5)  # past a refresh: the service holds every crowd count
+        served.fold({"newcomer": newcomer}, start + 60)
+        plain = load_recommender(returning_artifact)  # no counts: the model alone
+        first = served.assert_served(plain, "newcomer")
+        assert hot not in first
+        assert served.client.zscore(keys.returning(), "newcomer") == start + 60 + 3_600
+        served.fold({"veteran": items[40:46]}, start + 120)
+        assert served.client.zscore(keys.returning(), "veteran") is None  # six items
+        before = served.cached("newcomer")
+        assert before is not None
+
+        # Another user's event two hours on moves the clock past the newcomer's hour.
+        served.fold({"passer-by": [items[30]]}, start + 7_200)
+
+        def remade() -> bool:
+            recs = served.cached("newcomer")
+            return recs is not None and recs.items[0].item_id == hot
+
+        wait_for(remade, "the newcomer's list made again", 60)
+        recs = served.cached("newcomer")
+        assert recs is not None and recs.source == "model"
+        assert recs.profile_version == before.profile_version
+        assert recs.items[0].popular == PopularNow(users=6, days=model.trending.days)
+        # Made with the day's counts, with or without the passer-by's item (counted as its
+        # change was announced, and read within the refresh): one of the two answers.
+        day = trend_counts(ns.settings, start)
+        answers = []
+        for held in (day, {i: n for i, n in day.items() if i != items[30]}):
+            model.use_recent(held)
+            again = model.recommend([newcomer], served.settings.regen_k, returning=[True])[0]
+            answers.append([item for item, _ in again])
+        assert [i.item_id for i in recs.items] in answers
+        wait_for(
+            lambda: (
+                served.client.zscore(keys.returning(), "newcomer") == start + 60 + 3_600 + DAY_S
+            ),
+            "the newcomer due again a day later",
+        )
+        veteran = served.cached("veteran")
+        assert veteran is not None and not any(i.popular for i in veteran.items)

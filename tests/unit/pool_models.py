@@ -107,3 +107,31 @@ class RecentEcho:
 
 def make_recent_echo() -> RecentEcho:
     return RecentEcho()
+
+
+class _Blend:
+    """What a returning users' blend tells the worker: how long away, below how many items."""
+
+    idle_s = 3600
+    below = 4
+
+
+class ReturningEcho(RecentEcho):
+    """A recent-popularity echo whose counts are for lists made again for returning users only:
+    a list made as events are folded is the echo model's, a returning one lists the counts."""
+
+    name = "returning-echo"
+    refreshes = True
+    trending = _Blend()
+
+    def recommend(
+        self, histories: list[list[str]], k: int, returning: list[bool] | None = None
+    ) -> list[list[tuple[str, float]]]:
+        counted = super().recommend(histories, k)
+        flags = returning if returning is not None else [False] * len(histories)
+        rows = zip(histories, counted, flags, strict=True)
+        return [c if back else expected(h, k) for h, c, back in rows]
+
+
+def make_returning_echo() -> ReturningEcho:
+    return ReturningEcho()

@@ -399,6 +399,39 @@ def test_an_artifact_trained_before_the_top_scale_serves_the_blend_it_was_chosen
         load_recommender(resealed(folder, tmp_path / "odd", sections), device="cpu")
 
 
+def test_a_blend_for_returning_users_reaches_only_the_lists_made_again_for_them(
+    tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
+) -> None:
+    """With ``idle_s`` the lists made as events are folded are the model's alone; a list made
+    again for a user who has been away (``returning``) gets the blend, and says which items it
+    brought in."""
+    from inference.reasons import explain_lists
+
+    folder = tmp_path / "art"
+    config = TrendingConfig(days=7, weight=8.0, below=3, idle_s=3600)
+    save_artifact(folder, gen[0], split, {}, hybrid=hybrid, cf_top_k=N_ITEMS, trending=config)
+    rec = load_recommender(folder, device="cpu", quantize=False)
+    assert rec.trending == config and rec.refreshes and rec.recent_days == 7
+    own = [item for item, _ in rec.recommend([["i2"]], N_ITEMS)[0]]
+    rec.use_recent({item: 5 + 10 * n for n, item in enumerate(own)})  # the model's last most
+    hist = [np.asarray([2]), np.asarray([2]), np.asarray([2, 4, 6])]
+    served = rec.score(hist, returning=[False, True, True])
+    plain = hybrid.score(hist)
+    np.testing.assert_allclose(served[0], plain[0], atol=1e-5)  # as folded: the model alone
+    np.testing.assert_allclose(served[2], plain[2], atol=1e-5)  # too long for the blend
+    assert not np.allclose(standardise(plain[1:2])[0], served[1], atol=1e-3)
+    np.testing.assert_allclose(rec.score(hist[:1]), plain[:1], atol=1e-5)  # no flags: folded
+    folded, back = rec.recommend([["i2"], ["i2"]], 10, returning=[False, True])
+    assert [i for i, _ in folded] == own[:10] and [i for i, _ in back] != own[:10]
+    listed = [i for i, _ in back]
+    assert rec.popular(["i2"], listed) == {}  # as folded, nothing was brought in
+    brought = rec.popular(["i2"], listed, returning=True)
+    assert brought and set(brought) <= set(listed) - set(own[:10])
+    reasons = explain_lists(rec, [["i2"], ["i2"]], [folded, back], [False, True])
+    assert reasons is not None
+    assert reasons[0].popular == {} and reasons[1].popular == brought
+
+
 def test_eval_takes_each_artifacts_own_blend_and_chooses_only_without_one(
     tmp_path: Path, split: Split, gen: tuple[ItemTransformer, GenScorer], hybrid: Hybrid
 ) -> None:

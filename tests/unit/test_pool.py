@@ -20,7 +20,14 @@ from inference.pool import (
     WorkerPool,
 )
 from inference.popularity import Popularity
-from tests.unit.pool_models import BOGUS, CATALOG, expected, make_echo, make_recent_echo
+from tests.unit.pool_models import (
+    BOGUS,
+    CATALOG,
+    expected,
+    make_echo,
+    make_recent_echo,
+    make_returning_echo,
+)
 
 FALLBACK = Popularity({item: 100 - n for n, item in enumerate(CATALOG)})
 
@@ -334,3 +341,25 @@ def test_recent_counts_reach_every_worker_before_its_next_batch_and_a_replacemen
         assert listed() == []
     finally:
         pool.close(timeout=5)
+
+
+def test_a_list_made_again_for_a_returning_user_reaches_the_model_as_one() -> None:
+    pool = WorkerPool(
+        make_returning_echo, FALLBACK, CATALOG, PoolConfig(workers=1, max_wait_ms=50)
+    ).start()
+    try:
+        # What the regeneration service schedules by: the model's idle time and history bound.
+        assert (pool.recent_days, pool.recent_idle_s, pool.recent_below) == (7, 3600, 4)
+        pool.set_recent({"i3": 5, "i1": 9})
+        # One batch holding both kinds: each list is made as its request asked.
+        folded = pool.submit(["i0"], k=5)
+        back = pool.submit(["i0"], k=5, returning=True)
+        assert folded.result(30).items == expected(["i0"], 5)
+        assert [item for item, _ in back.result(30).items] == ["i1", "i3"]
+    finally:
+        pool.close(timeout=5)
+    plain = WorkerPool(make_recent_echo, FALLBACK, CATALOG, PoolConfig(workers=1)).start()
+    try:  # a blend for every list: nothing to make again
+        assert (plain.recent_idle_s, plain.recent_below) == (0, 0)
+    finally:
+        plain.close(timeout=5)
