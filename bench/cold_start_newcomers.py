@@ -65,6 +65,12 @@ def measure(ds: Dataset, users: set[str], artifact: Path) -> None:
     served_blend = (
         f"recent popularity {trend.days} days, weight {trend.weight:g} on scale {trend.scale!r}, "
         f"histories under {trend.below} items"
+        + (
+            f" (served to users away {trend.idle_s} s or more; judged here on every list, as "
+            "if they were: bench/cold_start_served.py judges it as served)"
+            if trend.idle_s
+            else ""
+        )
         if trend.active
         else "no recent popularity (its training found no blend; the lab's grid is judged)"
     )

@@ -59,7 +59,8 @@ def trending_artifact(args: argparse.Namespace, split: Split) -> ArtifactRecomme
         raise SystemExit(f"artifact {args.artifact} blends no recent popularity")
     print(
         f"{split.dataset}, {model.name} ({model.version}, {model.precision}): recent popularity "
-        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items; "
-        f"retrieval weight {model.retrieval.weight:g} under {model.retrieval.max_history}"
+        f"{trend.days} days, weight {trend.weight:g}, histories under {trend.below} items"
+        + (f", users away {trend.idle_s} s or more; " if trend.idle_s else "; ")
+        + f"retrieval weight {model.retrieval.weight:g} under {model.retrieval.max_history}"
     )
     return model
