@@ -382,6 +382,9 @@ class RegenService:
             return
         try:
             claimed = self.returning.claim(self._event_clock, room)
+        except redis.exceptions.NoPermissionError:
+            self._returning_refused()
+            return
         except redis.RedisError as exc:  # the next sweep asks again; nothing was claimed
             log.warning("returning users: the schedule could not be read: %s", exc)
             return
@@ -404,13 +407,23 @@ class RegenService:
             return
         try:
             REGEN_RETURNING.labels("scheduled").inc(self.returning.schedule(users))
+        except redis.exceptions.NoPermissionError:
+            self._returning_refused()
         except redis.RedisError as exc:  # their next change schedules them again
             log.warning("returning users: %d could not be scheduled: %s", len(users), exc)
+
+    def _returning_refused(self) -> None:
+        """A deployment whose ACL predates the schedule: lists are made as events are folded
+        only (the model's alone), rather than the service failing on every change."""
+        log.warning("returning users' lists are not made again: this principal may not write")
+        self.returning = None
 
     def _returning_dropped(self, entry: Pending, profile: Profile | None, length: int) -> bool:
         """For a returning user's entry: whether the user is dropped from the schedule instead
         (no profile, a history the blend no longer applies to, the horizon passed)."""
-        assert self.returning is not None and entry.returning is not None
+        assert entry.returning is not None
+        if self.returning is None:  # refused since it was claimed
+            return True
         if (
             profile is not None
             and self.returning.wanted(length)
