@@ -210,13 +210,9 @@ class ConversationEngine:
     def ranked(self, history: list[str], returning: bool = False) -> list[tuple[str, float]]:
         """Every unseen item the model ranks, best first (``returning``: for a user who has
         been away, :meth:`returning`)."""
-        everything = self.recommender.n_items
-        if returning:
-            ranked: list[tuple[str, float]] = self.recommender.recommend(
-                [history], everything, returning=[True]
-            )[0]
-        else:
-            ranked = self.recommender.recommend([history], everything)[0]
+        ranked: list[tuple[str, float]] = self.recommender.recommend(
+            [history], self.recommender.n_items, returning=[returning]
+        )[0]
         return ranked
 
     def use_recent(self, counts: dict[str, int] | None) -> None:

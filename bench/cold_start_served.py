@@ -87,7 +87,6 @@ def main() -> None:
     )
     print("|---" * 13 + "|")
     targets_all = split.targets("test")
-    blended = [True]  # the first table gives every list the blend, at the moments it names
     served_rows = []
     for n in PREFIXES:
         hist, rows = split.prefix_histories("test", n)
@@ -103,7 +102,7 @@ def main() -> None:
                 )
                 for u in users
             ]
-            after = ndcg_of(model, split, hist, targets, held, returning=blended * len(hist))
+            after = ndcg_of(model, split, hist, targets, held, returning=[True] * len(hist))
             p = significance(after, before)["wilcoxon_p"]
             cells.append(f"{after.mean():.4f} | {after.mean() / before.mean() - 1:+.1%} | {p:.2g}")
         # A new user's next item, from the counts when the prefix's list was made.
@@ -122,7 +121,7 @@ def main() -> None:
             )
             for i in ok
         ]
-        after = ndcg_of(model, split, short, nexts, held, returning=blended * len(ok))
+        after = ndcg_of(model, split, short, nexts, held, returning=[True] * len(ok))
         p = significance(after, plain)["wilcoxon_p"]
         cells.append(
             f"{plain.mean():.4f} | {after.mean():.4f} | {after.mean() / plain.mean() - 1:+.1%} "

@@ -11,41 +11,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from ops.exceptions import ReplayError
+from recstream.kafka import retrying
 from recstream.security import kafka_config
 from recstream.settings import CommonSettings
 
-__all__ = ["PartitionRange", "TopicReader", "retrying"]
-
-RETRY_PAUSE_S = 0.2
-# A partition between leaders (as just after a topic is created) answers with these for a moment.
-TRANSIENT = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
-T = TypeVar("T")
-
-
-def retrying(call: Callable[[], T], timeout_s: float) -> T:
-    """``call()``, tried again while it fails with an error Kafka calls retriable or one of
-    :data:`TRANSIENT` and ``timeout_s`` has not passed; the last error is raised."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            retriable = isinstance(error, KafkaError) and (
-                error.retriable() or error.code() in TRANSIENT
-            )
-            if not retriable or time.monotonic() + RETRY_PAUSE_S > deadline:
-                raise
-            time.sleep(RETRY_PAUSE_S)
+__all__ = ["PartitionRange", "TopicReader"]
 
 
 @dataclass(frozen=True, slots=True)

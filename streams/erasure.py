@@ -51,7 +51,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from pydantic import TypeAdapter, ValidationError
 
 from recstream import security
-from recstream.kafka import idempotent_producer
+from recstream.kafka import idempotent_producer, transient
 from recstream.keys import Keys
 from recstream.settings import CommonSettings
 from schemas.conversation import SESSION_KIND, session_key
@@ -389,24 +389,9 @@ def _highs(
                 for p in sorted(info.partitions)
             }
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            retriable = isinstance(error, KafkaError) and (
-                error.retriable() or error.code() in _LEADERLESS
-            )
-            if not retriable or time.monotonic() > deadline:
+            if not transient(exc) or time.monotonic() > deadline:
                 raise ErasureFailed(f"cannot read the end offsets of {topic!r}: {exc}") from exc
             time.sleep(0.2)
-
-
-_LEADERLESS = frozenset(
-    {
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-    }
-)
 
 
 def _publish(producer: Producer, topic: str, key: str, value: bytes, timeout_s: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from ops.topics import retrying
+from recstream.kafka import retrying
 
 
 def _failing(code: int, times: int) -> tuple[list[int], object]:
