@@ -40,7 +40,9 @@ __all__ = [
     "DAYS",
     "DAY_S",
     "IDLES",
+    "LATER_ITEMS",
     "NEXT_ITEMS",
+    "NEXT_TOLERANCE",
     "PREFIXES",
     "SCALE",
     "WEIGHTS",
@@ -48,6 +50,7 @@ __all__ = [
     "TrendingChoice",
     "at_targets",
     "choose",
+    "fitted_once",
     "heldout_grid",
     "prefix_changes",
 ]
@@ -61,7 +64,11 @@ WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 IDLES = (0.0, 3_600.0, float(DAY_S))
 SCALE = SCALES[0]  # what the lab chooses blends with, and training writes
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
+LATER_ITEMS = 10  # the later items a blend is judged on (each user's last training items)
 NEXT_ITEMS = 3  # the next items a blend must not cost (heldout_grid(upcoming=True))
+# A loss on the next items that :func:`choose`'s guards let pass whatever its standard error: one
+# target of a few hundred moving down a few places, too small to protect anyone from.
+NEXT_TOLERANCE = 0.01
 # Held-out users x targets x items judged per prefix and blend, at most: every user of ML-100K
 # (16 M) and ml-latest-small (59 M); a larger set judges an evenly spaced share of its users.
 HELDOUT_CELLS = 60_000_000
@@ -135,7 +142,7 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     days: Sequence[float],
     weights: Sequence[float],
     folds: int = 5,
-    targets: int = 10,
+    targets: int = LATER_ITEMS,
     *,
     upcoming: bool = False,
     judged_folds: int | None = None,
@@ -256,9 +263,11 @@ def choose(
     among the blends whose gain is at least ``z`` standard errors (per-pair changes, each
     relative to its prefix's mean, pooled) and that, by every ``guards`` grid (the next items,
     ``heldout_grid(upcoming=True)``, e.g. of EASE and of the served model), lose no more than
-    one standard error on any prefix: a blend that helps the later items must not cost the very
-    next ones. Weight 0 (no blend) when none qualifies; of equal gains, the first of ``idles``
-    (serving every list needs no remaking)."""
+    one standard error, or :data:`NEXT_TOLERANCE`, on any prefix: a blend that helps the later
+    items must not cost the very next ones. (A returning users' blend changes only the few next
+    items that come after a break; with one of them a place lower, the loss is its own standard
+    error, however small.) Weight 0 (no blend) when none qualifies; of equal gains, the first
+    of ``idles`` (serving every list needs no remaking)."""
     best = TrendingChoice(days=0.0, weight=0.0, gain=0.0)
     for idle in idles:
         for d in days:
@@ -267,11 +276,25 @@ def choose(
                 changes, sure = _changes(grid, prefixes, *cell, z)
                 gain = float(np.mean([c for c, _ in changes]))
                 ahead = [_changes(g, prefixes, *cell, z)[0] for g in guards]
-                costs = any(c < -se for each in ahead for c, se in each)
+                costs = any(c < -max(se, NEXT_TOLERANCE) for each in ahead for c, se in each)
                 if sure and gain > best.gain and not costs:
                     next_gains = tuple(float(np.mean([c for c, _ in each])) for each in ahead)
                     best = TrendingChoice(*cell[:2], gain, next_gains, idle=cell[2])
     return best
+
+
+def fitted_once(fit: Callable[[Split], CatalogScorer]) -> Callable[[Split], CatalogScorer]:
+    """``fit``, remembered per fold (the users ``part`` leaves without training items): one
+    fold's model, costly to fit (the served fusion's transformer), judges several grids."""
+    models: dict[bytes, CatalogScorer] = {}
+
+    def once(part: Split) -> CatalogScorer:
+        key = np.flatnonzero([len(s) == 0 for s in part.train]).tobytes()
+        if key not in models:
+            models[key] = fit(part)
+        return models[key]
+
+    return once
 
 
 def prefix_changes(
