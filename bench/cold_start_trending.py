@@ -5,13 +5,16 @@
    their last ten training items, recent popularity counted up to each target's moment, and
    their next three items, recent popularity counted up to the prefix's last item. Prints every
    blend's relative NDCG@10 change on both (with its standard error over the pairs) and the one
-   :func:`lab.trending.choose` picks (no loss on the next items beyond a standard error).
+   :func:`lab.trending.choose` picks by EASE (no loss on the next items beyond a standard error
+   or 1 %; training judges the later items by the served model instead).
 2. How long after the longest prefix the protocol's test target comes.
 3. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
    eval --cold-start`` (each test user's first 1, 2, 3 training items, the user's last
-   interaction as the target), alone and blended with recent popularity up to the target's
-   moment: the pick, then every blend of the grid, on the test and (for comparison) the
-   leave-one-out validation prefixes, with the paired Wilcoxon p on test.
+   interaction as the target), alone and blended with recent popularity: the pick, then every
+   blend of the grid, on the test and (for comparison) the leave-one-out validation prefixes,
+   with the paired Wilcoxon p on test. A blend of every list counts up to the target's moment;
+   one for returning users only reaches the users away that long, with the counts of their
+   list's last remaking (:func:`lab.trending.at_targets`).
 
 ``RECSTREAM_ARTIFACT_VERIFY_KEY_FILE=... nice python -m bench.cold_start_trending --dataset
 ml-100k --artifact <folder>`` (a signed artifact from ``recstream train`` on that dataset).
@@ -24,6 +27,7 @@ import numpy as np
 from bench.common import artifact_parser, cold_start_data
 from inference.artifact import load_recommender
 from inference.hybrid import standardise
+from inference.trending import recent_feature
 from lab.evaluate import describe_blend
 from lab.protocol import ndcg_per_user, significance, target_ranks
 from lab.training import default_teacher
@@ -33,6 +37,7 @@ from lab.trending import (
     IDLES,
     NEXT_ITEMS,
     PREFIXES,
+    SCALE,
     WEIGHTS,
     Cell,
     at_targets,
@@ -128,7 +133,7 @@ def main() -> None:
     model = load_recommender(args.artifact, retrieval=False)
     if model.item_ids != split.item_ids:
         raise SystemExit(f"artifact {args.artifact} was not trained on {split.dataset}")
-    ndcg: dict[tuple[str, int, float, float], np.ndarray] = {}
+    ndcg: dict[tuple[str, int, float, float, float], np.ndarray] = {}
     for stage in ("valid", "test"):
         for n in prefixes:
             hist, rows = split.prefix_histories(stage, n)
@@ -137,46 +142,54 @@ def main() -> None:
                 [model.model_score(hist[s : s + BATCH]) for s in range(0, len(hist), BATCH)]
             )
             model_z = standardise(scores)
-            ndcg[stage, n, 0.0, 0.0] = ndcg_per_user(target_ranks(model_z, hist, targets))
-            for d in DAYS:
-                fresh = standardise(at_targets(recent, split, stage, rows, d))
-                for w in WEIGHTS:
-                    ranks = target_ranks(model_z + w * fresh, hist, targets)
-                    ndcg[stage, n, d, w] = ndcg_per_user(ranks)
+            ndcg[stage, n, 0.0, 0.0, 0.0] = ndcg_per_user(target_ranks(model_z, hist, targets))
+            for idle in IDLES:
+                for d in DAYS:
+                    counted = at_targets(recent, split, stage, rows, d, idle, prefix=n)
+                    fresh = recent_feature(counted, SCALE)
+                    for w in WEIGHTS:
+                        ranks = target_ranks(model_z + w * fresh, hist, targets)
+                        ndcg[stage, n, d, w, idle] = ndcg_per_user(ranks)
 
-    def change(stage: str, d: float, w: float) -> list[float]:
-        return [ndcg[stage, n, d, w].mean() / ndcg[stage, n, 0.0, 0.0].mean() - 1 for n in prefixes]
-
-    def p_values(d: float, w: float) -> str:
-        return " / ".join(
-            f"{significance(ndcg['test', n, d, w], ndcg['test', n, 0.0, 0.0])['wilcoxon_p']:.2g}"
+    def change(stage: str, cell: tuple[float, float, float]) -> list[float]:
+        return [
+            ndcg[(stage, n, *cell)].mean() / ndcg[stage, n, 0.0, 0.0, 0.0].mean() - 1
             for n in prefixes
-        )
+        ]
+
+    def p_values(cell: tuple[float, float, float]) -> str:
+        tests = [
+            significance(ndcg[("test", n, *cell)], ndcg["test", n, 0.0, 0.0, 0.0]) for n in prefixes
+        ]
+        return " / ".join(f"{t['wilcoxon_p']:.2g}" for t in tests)
 
     print(
         f"\n{model.name} ({model.version}) on the protocol's prefixes, NDCG@10 alone: "
         + "; ".join(
-            f"{stage} " + " / ".join(f"{ndcg[stage, n, 0.0, 0.0].mean():.4f}" for n in prefixes)
+            f"{stage} "
+            + " / ".join(f"{ndcg[stage, n, 0.0, 0.0, 0.0].mean():.4f}" for n in prefixes)
             for stage in ("valid", "test")
         )
     )
     if pick.weight > 0:
-        with_pick = " / ".join(
-            f"{ndcg['test', n, pick.days, pick.weight].mean():.4f}" for n in prefixes
-        )
-        gains = _pct(change("test", pick.days, pick.weight))
+        chosen = (pick.days, pick.weight, pick.idle)
+        with_pick = " / ".join(f"{ndcg[('test', n, *chosen)].mean():.4f}" for n in prefixes)
         print(
-            f"the held-out pick on test: {with_pick} ({gains}, "
-            f"Wilcoxon p {p_values(pick.days, pick.weight)})"
+            f"the held-out pick on test: {with_pick} ({_pct(change('test', chosen))}, "
+            f"Wilcoxon p {p_values(chosen)})"
         )
-    print("\n| days | weight | leave-one-out valid 1 / 2 / 3 | test 1 / 2 / 3 | test p |")
-    print("|---|---|---|---|---|")
-    for d in DAYS:
-        for w in WEIGHTS:
-            print(
-                f"| {d:g} | {w:g} | {_pct(change('valid', d, w))} | {_pct(change('test', d, w))}"
-                f" | {p_values(d, w)} |"
-            )
+    print(
+        "\n| away (h) | days | weight | leave-one-out valid 1 / 2 / 3 | test 1 / 2 / 3 | test p |"
+    )
+    print("|---|---|---|---|---|---|")
+    for idle in IDLES:
+        for d in DAYS:
+            for w in WEIGHTS:
+                cell = (d, w, idle)
+                print(
+                    f"| {idle / 3600:g} | {d:g} | {w:g} | {_pct(change('valid', cell))} "
+                    f"| {_pct(change('test', cell))} | {p_values(cell)} |"
+                )
 
 
 if __name__ == "__main__":
