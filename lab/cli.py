@@ -429,11 +429,11 @@ def _fit_retrieval(split: Any, mixed: Any, text: Any) -> Any:
 def _fit_trending(  # noqa: PLR0917 - the training's parts, all named at the call
     ds: Any, split: Any, fusion: Any, ease_max_items: int, judge: Any, grid: list[Any]
 ) -> Any:
-    """The recent-popularity blend of short histories, chosen on held-out users: the largest
-    gain on their later items, judged by the served fusion fitted without one fold's users (its
-    transformer trained again by ``judge``; by EASE with the fusion's settings, or tuned now,
-    when ``judge`` has no time), that costs nothing on their next ones by EASE and by that
-    fusion. Every blend's changes go to ``grid``."""
+    """The recent-popularity blend of short histories, chosen on held-out users with EASE's
+    settings of the fusion (or tuned now when the fusion has no EASE): the largest gain on their
+    later items that costs nothing on their next ones, judged with EASE and with the served
+    fusion fitted without one fold's users (its transformer trained again by ``judge``). Every
+    blend's changes go to ``grid``."""
     from inference.trending import TrendingConfig
     from lab.evaluate import baseline, choose_trending
     from lab.trending import PREFIXES, RecentPopularity

@@ -774,62 +774,47 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
     served: Callable[[Split], CatalogScorer] | None = None,
     record: list[dict[str, Any]] | None = None,
 ) -> tuple[RecentPopularity, TrendingChoice]:
-    """The recent-popularity blend chosen on held-out users: the largest gain on their later
-    items that costs nothing on their next ones, for every list of a short history or only for
-    returning users (:data:`lab.trending.IDLES`).
-
-    The later items are judged by the served model when ``served`` is given (it fits the served
-    model without a fold's users; one fold is judged), else by EASE with ``ease``'s settings
-    (every fold). The weight is a lift in standard deviations of the model's own scores, and
-    models differ in shape: EASE's top items stand far above the rest, the fusion's do not, so a
-    weight that barely reorders EASE's list can replace the fusion's. The next items are guarded
-    by EASE and, with ``served``, by the served model too. ``record`` gets every blend's
-    changes (:func:`trending_grid`)."""
+    """The recent-popularity blend chosen on held-out users, with ``ease``'s settings: the
+    largest gain on their later items that costs EASE nothing on their next ones, nor, with
+    ``served`` (which fits the served model without a fold's users), the served model on one
+    fold's next items; for every list of a short history or only for returning users
+    (:data:`lab.trending.IDLES`). ``record`` gets every blend's changes (:func:`trending_grid`)."""
     from lab.training import ease_teacher
-    from lab.trending import (
-        DAYS,
-        IDLES,
-        LATER_ITEMS,
-        NEXT_ITEMS,
-        WEIGHTS,
-        choose,
-        fitted_once,
-        heldout_grid,
-    )
+    from lab.trending import DAYS, IDLES, NEXT_ITEMS, WEIGHTS, choose, heldout_grid
 
     assert isinstance(ease, EASE)
     fit = ease_teacher(ease.params())
-    judges: list[tuple[Callable[[Split], CatalogScorer], int | None]] = [(fit, None)]
+    later = heldout_grid(split, recent, fit, prefixes, DAYS, WEIGHTS, idles=IDLES)
+
+    def upcoming(model: Callable[[Split], CatalogScorer], folds: int | None) -> dict[Cell, Any]:
+        return heldout_grid(
+            split,
+            recent,
+            model,
+            prefixes,
+            DAYS,
+            WEIGHTS,
+            targets=NEXT_ITEMS,
+            upcoming=True,
+            judged_folds=folds,
+            idles=IDLES,
+        )
+
+    guards = [upcoming(fit, None)]
     if served is not None:
-        judges.append((fitted_once(served), 1))
-
-    def judged(upcoming: bool) -> list[dict[Cell, Any]]:
-        return [
-            heldout_grid(
-                split,
-                recent,
-                model,
-                prefixes,
-                DAYS,
-                WEIGHTS,
-                targets=NEXT_ITEMS if upcoming else LATER_ITEMS,
-                upcoming=upcoming,
-                judged_folds=folds,
-                idles=IDLES,
-            )
-            for model, folds in judges
-        ]
-
-    later, guards = judged(upcoming=False), judged(upcoming=True)
-    choice = choose(later[-1], prefixes, DAYS, WEIGHTS, guards=guards, idles=IDLES)
+        guards.append(upcoming(served, 1))
+    choice = choose(later, prefixes, DAYS, WEIGHTS, guards=guards, idles=IDLES)
     if record is not None:
         record.extend(trending_grid(later, guards, prefixes, (DAYS, WEIGHTS, IDLES)))
-    if len(later) > 1:
-        by_ease = choose(later[0], prefixes, DAYS, WEIGHTS, guards=guards, idles=IDLES)
-        if describe_blend(by_ease) != describe_blend(choice):
+    if len(guards) > 1:
+        alone = choose(later, prefixes, DAYS, WEIGHTS, guards=guards[:1], idles=IDLES)
+        if (alone.days, alone.weight, alone.idle) != (choice.days, choice.weight, choice.idle):
+            there = prefix_changes(guards[1], prefixes, alone.days, alone.weight, alone.idle)
             say(
-                f"recent popularity: judged by EASE's later items, the pick would be "
-                f"{describe_blend(by_ease)} (mean change {by_ease.gain:+.1%} there)"
+                f"recent popularity: EASE's guard alone would keep {describe_blend(alone)}; "
+                "the served model's next items there: "
+                + " / ".join(f"{c:+.1%} (se {se:.1%})" for c, se in there)
+                + f" on the first {' / '.join(map(str, prefixes))} items"
             )
     nexts = "".join(
         f", the next items {gain:+.1%} ({judge})"
@@ -837,8 +822,7 @@ def choose_trending(  # noqa: PLR0917 - the protocol's parts, all named at the c
     )
     say(
         f"recent popularity: {describe_blend(choice)} below {max(prefixes) + 1} items "
-        f"(held-out users, {'served model' if len(later) > 1 else 'EASE'}, mean change "
-        f"{choice.gain:+.1%}{nexts})"
+        f"(held-out users, mean change {choice.gain:+.1%}{nexts})"
     )
     return recent, choice
 
@@ -850,14 +834,14 @@ def describe_blend(choice: TrendingChoice) -> str:
 
 
 def trending_grid(
-    later: Sequence[dict[Cell, np.ndarray]],
+    later: dict[Cell, np.ndarray],
     guards: Sequence[dict[Cell, np.ndarray]],
     prefixes: Sequence[int],
     axes: tuple[Sequence[float], Sequence[float], Sequence[float]],
 ) -> list[dict[str, Any]]:
-    """Every blend of the held-out grids with its mean change, per prefix, on the later items and
-    on the next ones, by each judge (EASE, then the served model when it judged; what
-    :func:`lab.trending.choose` chose among, for ``training.json``)."""
+    """Every blend of a held-out grid with its mean change on the later items and, by each guard,
+    on the next ones, per prefix (what :func:`lab.trending.choose` chose among, for
+    ``training.json``)."""
     out = []
     days, weights, idles = axes
     for idle in idles:
@@ -869,10 +853,7 @@ def trending_grid(
                         "days": cell[0],
                         "weight": cell[1],
                         "idle_s": cell[2],
-                        "later": [
-                            [round(c, 4) for c, _ in prefix_changes(g, prefixes, *cell)]
-                            for g in later
-                        ],
+                        "later": [round(c, 4) for c, _ in prefix_changes(later, prefixes, *cell)],
                         "next": [
                             [round(c, 4) for c, _ in prefix_changes(g, prefixes, *cell)]
                             for g in guards

@@ -40,7 +40,6 @@ __all__ = [
     "DAYS",
     "DAY_S",
     "IDLES",
-    "LATER_ITEMS",
     "NEXT_ITEMS",
     "NEXT_TOLERANCE",
     "PREFIXES",
@@ -50,7 +49,6 @@ __all__ = [
     "TrendingChoice",
     "at_targets",
     "choose",
-    "fitted_once",
     "heldout_grid",
     "prefix_changes",
 ]
@@ -64,7 +62,6 @@ WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 IDLES = (0.0, 3_600.0, float(DAY_S))
 SCALE = SCALES[0]  # what the lab chooses blends with, and training writes
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
-LATER_ITEMS = 10  # the later items a blend is judged on (each user's last training items)
 NEXT_ITEMS = 3  # the next items a blend must not cost (heldout_grid(upcoming=True))
 # A loss on the next items that :func:`choose`'s guards let pass whatever its standard error: one
 # target of a few hundred moving down a few places, too small to protect anyone from.
@@ -142,7 +139,7 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     days: Sequence[float],
     weights: Sequence[float],
     folds: int = 5,
-    targets: int = LATER_ITEMS,
+    targets: int = 10,
     *,
     upcoming: bool = False,
     judged_folds: int | None = None,
@@ -281,20 +278,6 @@ def choose(
                     next_gains = tuple(float(np.mean([c for c, _ in each])) for each in ahead)
                     best = TrendingChoice(*cell[:2], gain, next_gains, idle=cell[2])
     return best
-
-
-def fitted_once(fit: Callable[[Split], CatalogScorer]) -> Callable[[Split], CatalogScorer]:
-    """``fit``, remembered per fold (the users ``part`` leaves without training items): one
-    fold's model, costly to fit (the served fusion's transformer), judges several grids."""
-    models: dict[bytes, CatalogScorer] = {}
-
-    def once(part: Split) -> CatalogScorer:
-        key = np.flatnonzero([len(s) == 0 for s in part.train]).tobytes()
-        if key not in models:
-            models[key] = fit(part)
-        return models[key]
-
-    return once
 
 
 def prefix_changes(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 import pytest
@@ -317,47 +316,3 @@ def test_a_guard_passes_a_loss_of_one_target_a_place_lower_but_not_a_real_cost()
         lower[:30] -= 0.2  # a tenth of the next items lose
         costly[n, 7.0, 8.0, 3600.0] = lower
     assert choose(later, (1, 2), (7.0,), (8.0,), guards=(costly,), idles=(3600.0,)).weight == 0
-
-
-def test_training_judges_the_later_items_by_the_served_model_fitted_once(
-    trend: tuple[Dataset, Split, RecentPopularity],
-) -> None:
-    """With a served model, the later items are judged by it (one fold, fitted once for both
-    of its grids) and the pick is the one its grid gives; EASE still guards the next items and
-    both judges' changes are recorded."""
-    from lab.baselines import EASE
-    from lab.evaluate import choose_trending
-    from lab.training import ease_teacher
-    from lab.trending import DAYS, IDLES, NEXT_ITEMS, WEIGHTS, Cell
-
-    _, split, recent = trend
-    ease = EASE(lam=100.0).fit(split)
-    fitted: list[int] = []
-
-    def served(part: Split) -> PopularityRanker:
-        fitted.append(sum(len(s) == 0 for s in part.train))
-        return PopularityRanker().fit(part)
-
-    said: list[str] = []
-    record: list[dict[str, object]] = []
-    _, choice = choose_trending(split, recent, ease, (1, 2), said.append, served, record)
-    assert fitted == [sum(1 for u in range(len(split.train)) if u % 5 == 0)]  # one fold, once
-
-    def grid(fit: object, targets: int, upcoming: bool, folds: int | None) -> dict[Cell, Any]:
-        return heldout_grid(
-            split, recent, fit, (1, 2), DAYS, WEIGHTS, targets=targets,  # type: ignore[arg-type]
-            upcoming=upcoming, judged_folds=folds, idles=IDLES,
-        )  # fmt: skip
-
-    popular = PopularityRanker().fit
-    ease_fit = ease_teacher(ease.params())
-    guards = (grid(ease_fit, NEXT_ITEMS, True, None), grid(popular, NEXT_ITEMS, True, 1))
-    by_served = choose(grid(popular, 10, False, 1), (1, 2), DAYS, WEIGHTS, guards=guards,
-                       idles=IDLES)  # fmt: skip
-    by_ease = choose(grid(ease_fit, 10, False, None), (1, 2), DAYS, WEIGHTS, guards=guards,
-                     idles=IDLES)  # fmt: skip
-    assert choice == by_served and choice.weight > 0 and len(choice.next_gains) == 2
-    assert choice.gain != by_ease.gain  # the served model's held-out users, not EASE's
-    assert len(record) == len(DAYS) * len(WEIGHTS) * len(IDLES)
-    assert all(len(r["later"]) == 2 and len(r["next"]) == 2 for r in record)  # type: ignore[arg-type]
-    assert "served model" in said[-1]
