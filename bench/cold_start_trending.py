@@ -5,8 +5,8 @@
    their last ten training items, recent popularity counted up to each target's moment, and
    their next three items, recent popularity counted up to the prefix's last item. Prints every
    blend's relative NDCG@10 change on both (with its standard error over the pairs) and the one
-   :func:`lab.trending.choose` picks by EASE (no loss on the next items beyond a standard error
-   or 1 %; training judges the later items by the served model instead).
+   :func:`lab.trending.choose` picks (no loss on the next items beyond a standard error or 1 %;
+   training adds the served model's guard).
 2. How long after the longest prefix the protocol's test target comes.
 3. The artifact's model (its served scorer without retrieval) on the protocol of ``recstream
    eval --cold-start`` (each test user's first 1, 2, 3 training items, the user's last
