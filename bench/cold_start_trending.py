@@ -113,7 +113,7 @@ def main() -> None:
                 later, soon = cells(grid, cell), cells(upcoming, cell)
                 print(f"| {idle / 3600:g} | {d:g} | {w:g} | {later} | {mean:+.1%} | {soon} |")
     print(
-        f"\nheld-out pick (no next-items prefix lower by more than its standard error): "
+        f"\nheld-out pick (no next-items prefix lower by more than its standard error and 1 %): "
         f"{describe_blend(pick)} (mean {pick.gain:+.1%}, next items {pick.next_gain or 0.0:+.1%})"
     )
 
