@@ -46,6 +46,14 @@ from lab.trending import (
 )
 
 BATCH = 128
+# Every blend of the grid, (days, weight, idle), in the order the tables print them.
+BLENDS = [(d, w, idle) for idle in IDLES for d in DAYS for w in WEIGHTS]
+
+
+def _blend(cell: tuple[float, float, float]) -> str:
+    """A blend's first three table cells: away (hours), days, weight."""
+    d, w, idle = cell
+    return f"{idle / 3600:g} | {d:g} | {w:g}"
 
 
 def _pct(values: list[float]) -> str:
@@ -105,13 +113,10 @@ def main() -> None:
         "| next items 1 / 2 / 3 |"
     )
     print("|---|---|---|---|---|---|")
-    for idle in IDLES:
-        for d in DAYS:
-            for w in WEIGHTS:
-                cell = (d, w, idle)
-                mean = np.mean([grid[(n, *cell)].mean() / base[n].mean() - 1 for n in prefixes])
-                later, soon = cells(grid, cell), cells(upcoming, cell)
-                print(f"| {idle / 3600:g} | {d:g} | {w:g} | {later} | {mean:+.1%} | {soon} |")
+    for cell in BLENDS:
+        mean = np.mean([grid[(n, *cell)].mean() / base[n].mean() - 1 for n in prefixes])
+        later, soon = cells(grid, cell), cells(upcoming, cell)
+        print(f"| {_blend(cell)} | {later} | {mean:+.1%} | {soon} |")
     print(
         f"\nheld-out pick (no next-items prefix lower by more than its standard error and 1 %): "
         f"{describe_blend(pick)} (mean {pick.gain:+.1%}, next items {pick.next_gain or 0.0:+.1%})"
@@ -182,14 +187,11 @@ def main() -> None:
         "\n| away (h) | days | weight | leave-one-out valid 1 / 2 / 3 | test 1 / 2 / 3 | test p |"
     )
     print("|---|---|---|---|---|---|")
-    for idle in IDLES:
-        for d in DAYS:
-            for w in WEIGHTS:
-                cell = (d, w, idle)
-                print(
-                    f"| {idle / 3600:g} | {d:g} | {w:g} | {_pct(change('valid', cell))} "
-                    f"| {_pct(change('test', cell))} | {p_values(cell)} |"
-                )
+    for cell in BLENDS:
+        print(
+            f"| {_blend(cell)} | {_pct(change('valid', cell))} | {_pct(change('test', cell))} "
+            f"| {p_values(cell)} |"
+        )
 
 
 if __name__ == "__main__":
