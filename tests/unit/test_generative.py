@@ -50,7 +50,6 @@ def small_split() -> Split:
 
 @pytest.fixture(scope="session")
 def trained(small_split: Split) -> tuple[ItemTransformer, GenConfig, dict[str, object]]:
-    torch.set_num_threads(2)
     cfg = GenConfig(
         hidden=32, layers=1, heads=2, ffn=64, max_len=30, batch_size=32, epochs=4, lr=5e-3
     )
