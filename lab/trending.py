@@ -62,6 +62,7 @@ WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 IDLES = (0.0, 3_600.0, float(DAY_S))
 SCALE = SCALES[0]  # what the lab chooses blends with, and training writes
 CELLS = 4_000_000  # scores held at once by heldout_grid (rows x items)
+LATER_ITEMS = 10  # the later items a blend is judged on (each user's last training items)
 NEXT_ITEMS = 3  # the next items a blend must not cost (heldout_grid(upcoming=True))
 # A loss on the next items that :func:`choose`'s guards let pass whatever its standard error: one
 # target of a few hundred moving down a few places, too small to protect anyone from.
@@ -139,7 +140,7 @@ def heldout_grid(  # noqa: PLR0917 - the protocol's knobs, all named at the call
     days: Sequence[float],
     weights: Sequence[float],
     folds: int = 5,
-    targets: int = 10,
+    targets: int = LATER_ITEMS,
     *,
     upcoming: bool = False,
     judged_folds: int | None = None,
